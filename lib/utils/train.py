@@ -1,0 +1,114 @@
+"""The one training loop and the one validation loop of the project.
+
+The search's short fine-tune, finetune.py and pretrain.py all call these
+(torchvision-reference style ``train_one_epoch`` / ``evaluate``).
+"""
+import contextlib
+import math
+
+import torch
+
+from .distributed import is_distributed
+from .meters import AverageMeter, accuracy
+
+
+def _bar(desc, n, enabled):
+    if not enabled:
+        return None
+    from progress.bar import Bar  # writes only when stderr is a terminal
+    return Bar(desc or "progress", max=n, suffix="%(index)d/%(max)d %(elapsed_td)s eta %(eta_td)s")
+
+
+def _autocast(device, enabled):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _reduce(meters, device):
+    """Turn the per-rank meters into global averages under torchrun."""
+    if not is_distributed():
+        return {k: m.avg for k, m in meters.items()}
+    t = torch.tensor([[m.sum, m.count] for m in meters.values()], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(meters)}
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_hook=None,
+                    lr_fn=None, max_batches=None, progress=True, desc="", amp=False, scaler=None):
+    """One pass over ``loader``; returns dict(loss, top1, top5, nonfinite, batches).
+
+    ``lr_fn(batch_index, n_batches)`` (optional) sets the learning rate before each
+    step; ``step_hook()`` runs after every optimizer step (K-Means centroid sharing).
+    A NaN/inf loss stops the epoch early with ``nonfinite=True`` instead of raising,
+    so a search episode can be scored rather than crash.
+    """
+    model.train()
+    meters = {k: AverageMeter() for k in ("loss", "top1", "top5")}
+    n = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = _bar(desc or f"train {epoch}", n, progress)
+    nonfinite, done = False, 0
+    for i, (images, target) in enumerate(loader):
+        if i >= n:
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if lr_fn is not None:
+            lr_fn(i, n)
+        with _autocast(device, amp):
+            output = model(images)
+            loss = criterion(output, target)
+        if not math.isfinite(loss.item()):
+            nonfinite = True
+            break
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if step_hook is not None:
+            step_hook()
+        top1, top5 = accuracy(output.float(), target, (1, 5))
+        bs = images.size(0)
+        meters["loss"].update(loss.item(), bs)
+        meters["top1"].update(top1, bs)
+        meters["top5"].update(top5, bs)
+        done += 1
+        if bar is not None:
+            bar.next()
+    if bar is not None:
+        bar.finish()
+    stats = _reduce(meters, device)
+    stats.update(nonfinite=nonfinite, batches=done)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion, device, progress=True, desc="", max_batches=None, amp=False):
+    """Top-1/top-5 accuracy (%) and mean loss of ``model`` on ``loader``."""
+    model.eval()
+    meters = {k: AverageMeter() for k in ("loss", "top1", "top5")}
+    n = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = _bar(desc or "eval", n, progress)
+    for i, (images, target) in enumerate(loader):
+        if i >= n:
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            output = model(images)
+            loss = criterion(output, target)
+        top1, top5 = accuracy(output.float(), target, (1, 5))
+        bs = images.size(0)
+        meters["loss"].update(loss.item(), bs)
+        meters["top1"].update(top1, bs)
+        meters["top5"].update(top5, bs)
+        if bar is not None:
+            bar.next()
+    if bar is not None:
+        bar.finish()
+    return _reduce(meters, device)

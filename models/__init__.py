@@ -1,0 +1,6 @@
+"""Network definitions and the registry (``get_model``, ``list_models``)."""
+from . import mobilenet, mobilenetv2, resnet  # noqa: F401  (register the constructors)
+from .registry import (default_pretrained_path, float_twin, get_model, list_models,
+                       register_model)
+
+__all__ = ["get_model", "list_models", "register_model", "default_pretrained_path", "float_twin"]

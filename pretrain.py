@@ -1,0 +1,164 @@
+"""Full-precision training of any registry model on any supported dataset.
+
+Makes the "pretrained" model the search starts from when no checkpoint can be
+downloaded (the embedded default: a reduced-width MobileNet-V2 on mnist5k).
+SGD + cosine schedule, TensorBoard + log.txt, checkpoint/resume, runs under
+``torchrun`` (DDP; rank 0 writes).
+
+    python pretrain.py --arch mobilenetv2 --dataset mnist5k
+    torchrun --nproc_per_node 2 pretrain.py --arch mobilenetv2 --dataset mnist5k --device cpu
+"""
+import argparse
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from lib.utils.data_utils import dataset_defaults, get_dataset, list_datasets
+from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.errors import UserError, run_cli
+from lib.utils.logger import Logger, setup_logging
+from lib.utils.train import evaluate, train_one_epoch
+from models import default_pretrained_path, get_model, list_models
+
+log = logging.getLogger("pretrain")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Full-precision training (HAQ's pretrained models)")
+    p.add_argument("-a", "--arch", default="mobilenetv2", choices=list_models(),
+                   help="model to train")
+    p.add_argument("--dataset", default="mnist5k",
+                   help=f"{', '.join(list_datasets())} or an ImageFolder root")
+    p.add_argument("--dataset_root", default=None, help="dataset folder (default data/<dataset>)")
+    p.add_argument("--width_mult", type=float, default=None,
+                   help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("-b", "--batch_size", type=int, default=64, help="per process")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=4e-5)
+    p.add_argument("--warmup_epochs", type=float, default=0.5)
+    p.add_argument("-j", "--workers", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--output", default=None,
+                   help="checkpoint path (default checkpoints/pretrained/<arch>_<dataset>.pth.tar)")
+    p.add_argument("--resume", action="store_true", help="continue from --output if it exists")
+    p.add_argument("--seed", type=int, default=2019)
+    p.add_argument("--train_subset", type=int, default=None,
+                   help="use only the first N images of each split (smoke tests)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars (shown only on a terminal)")
+    return p
+
+
+def cosine_lr(base_lr, warmup, total):
+    """lr at fractional epoch e: linear warmup, then cosine decay to 0."""
+    def lr_at(e):
+        if e < warmup:
+            return base_lr * (e + 1e-3) / warmup
+        return 0.5 * base_lr * (1 + math.cos(math.pi * (e - warmup) / max(total - warmup, 1e-8)))
+    return lr_at
+
+
+def ranks_agree(model, device):
+    """True when every rank holds the same weights (checked once per run under torchrun)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.state_dict().values()
+                      if p.is_floating_point()]).to(device)
+    ref = flat.clone()
+    torch.distributed.broadcast(ref, 0)
+    diff = torch.tensor([float((flat - ref).abs().max())], device=device)
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    return diff.item() == 0.0
+
+
+def main(argv=None):
+    args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    device, rank, world = init_distributed(args.device)
+    setup_logging(rank=rank)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    info = dataset_defaults(args.dataset, args.dataset_root)
+    width = args.width_mult if args.width_mult is not None else info.width_mult
+    if "mobilenet" not in args.arch:
+        width = None
+    model_kwargs = dict(num_classes=info.num_classes, input_size=info.input_size, width_mult=width)
+    model = get_model(args.arch, **model_kwargs).to(device)
+    train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
+                                              args.dataset_root, distributed=is_distributed(),
+                                              train_subset=args.train_subset, val_batch_size=256)
+    output = args.output or default_pretrained_path(args.arch, args.dataset)
+    log_dir = output.replace(".pth.tar", "") + "_log"
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.wd, nesterov=True)
+    start_epoch, best_acc = 0, 0.0
+    if args.resume and os.path.isfile(output):
+        ckpt = load_checkpoint(output)
+        load_state_dict(model, ckpt["state_dict"], source=output)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_acc = ckpt["epoch"], ckpt.get("best_acc", 0.0)
+        log.info("resumed from %s at epoch %d", output, start_epoch)
+    elif args.resume:
+        raise UserError(f"--resume given but '{output}' does not exist; expected a checkpoint "
+                        "written by an earlier pretrain.py run")
+    net = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
+    criterion = nn.CrossEntropyLoss()
+    lr_at = cosine_lr(args.lr, args.warmup_epochs, args.epochs)
+    writer = logger = None
+    if rank == 0:
+        from tensorboardX import SummaryWriter
+        os.makedirs(log_dir, exist_ok=True)
+        writer = SummaryWriter(log_dir)
+        logger = Logger(os.path.join(log_dir, "log.txt"),
+                        ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"],
+                        resume=args.resume)
+    start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        if is_distributed():
+            train_loader.sampler.set_epoch(epoch)
+
+        def set_lr(i, n, epoch=epoch):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(epoch + i / n)
+
+        tr = train_one_epoch(net, train_loader, criterion, optimizer, device, epoch, lr_fn=set_lr,
+                             progress=args.progress and rank == 0)
+        if tr["nonfinite"]:
+            raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "
+                            "smaller --lr")
+        va = evaluate(net, val_loader, criterion, device, progress=args.progress and rank == 0)
+        best_acc = max(best_acc, va["top1"])
+        if rank == 0:
+            lr = optimizer.param_groups[0]["lr"]
+            log.info("epoch %d/%d  lr %.4f  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f "
+                     "top5 %.2f  (%.0fs)", epoch + 1, args.epochs, lr, tr["loss"], tr["top1"],
+                     va["loss"], va["top1"], va["top5"], time.time() - start)
+            logger.append([epoch + 1, lr, tr["loss"], tr["top1"], va["loss"], va["top1"], va["top5"]])
+            for k, v in (("train/loss", tr["loss"]), ("train/top1", tr["top1"]), ("val/loss", va["loss"]),
+                         ("val/top1", va["top1"]), ("val/top5", va["top5"]), ("lr", lr)):
+                writer.add_scalar(k, v, epoch + 1)
+            save_checkpoint({"state_dict": model.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                             "acc": va["top1"], "optimizer": optimizer.state_dict(),
+                             "arch": args.arch, "dataset": args.dataset,
+                             "model_kwargs": model_kwargs}, output)
+    if is_distributed():
+        agree = ranks_agree(model, device)
+        if rank == 0:
+            log.info("weights %s on %d ranks", "identical" if agree else "DIFFER", world)
+    if rank == 0:
+        writer.close()
+        logger.close()
+        log.info("wrote %s (val top1 %.2f, %.0fs)", output, best_acc, time.time() - start)
+    cleanup()
+    return output
+
+
+if __name__ == "__main__":
+    run_cli(main)
