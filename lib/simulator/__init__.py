@@ -1,0 +1,52 @@
+"""Hardware cost models and lookup tables for HAQ's hardware-aware search (DESIGN.md section 5).
+
+HAQ (Wang et al., CVPR 2019) budgets the search on *direct* hardware feedback:
+the latency or energy of each layer at each (weight bits, activation bits) pair
+on the target accelerator, read from a lookup table. This package builds those
+tables for any model from analytic models of the paper's targets.
+
+Public API (what lib/env and the CLIs import):
+
+Shapes (``shapes.py``)
+    ``LayerShape``                 GEMM view (M, K, N, groups) and element counts of a layer.
+    ``extract_layer_shapes(model, input_size, batch=1, linear=False)``
+                                   one LayerShape per quantizable layer, policy order.
+Hardware (``hardware.py``)
+    ``bismo_edge()``, ``bismo_cloud()``, ``bitfusion()``  preset configs (docstrings
+                                   state every parameter and assumption);
+    ``HARDWARE`` (name -> preset), ``get_hardware(name_or_config)``;
+    ``layer_cost(shape, w, a, hw) -> LayerCost`` (compute/memory cycles, ms, mJ, bound).
+    BISMO models latency only (and size, which is hardware-independent); asking
+    it for energy is a UserError that points to ``bitfusion``.
+Tables (``tables.py``)
+    ``build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, batch=1)``
+                                   -> ndarray (n_layers, max_bit, max_bit), [layer, w-1, a-1];
+    ``get_table(arch, dataset, hardware, metric, batch, model=None, input_size=None, ...)``
+                                   cached in lookup_tables/ as
+                                   {arch}_{dataset}_batch{B}_{hardware}_{metric}_table.npy;
+    ``load_user_table(path, n_layers, max_bit=8)``  a measured table (``--cost_table``);
+    ``UNITS``: latency in ms, energy in mJ, size in bits (cycles: ``LayerCost.cycles``).
+Costs (``costs.py``)
+    ``SizeCost(n_weights_per_layer, float_bit=32)``  K-Means mode, policy = [bits, ...];
+    ``TableCost(table, min_bit=2, max_bit=8, float_bit=8, metric='latency')``
+                                   linear mode, policy = [[w, a], ...], a == -1 costed at 8;
+    both have ``__call__(policy)``, ``reference()``, ``min_cost(...)``, ``unit`` and
+    ``to_human(value) -> (number, unit)`` (bits are shown as MB = 2^20 bytes).
+
+CLI: ``python -m lib.simulator --arch ARCH --dataset DATASET --hardware H --metric M [--batch B]``.
+"""
+from lib.simulator.costs import SizeCost, TableCost, to_human
+from lib.simulator.hardware import (HARDWARE, BismoConfig, BitFusionConfig, LayerCost,
+                                    bismo_cloud, bismo_edge, bitfusion, get_hardware,
+                                    layer_cost)
+from lib.simulator.shapes import LayerShape, extract_layer_shapes
+from lib.simulator.tables import (METRICS, UNITS, build_table, get_table, load_user_table,
+                                  table_path)
+
+__all__ = [
+    "LayerShape", "extract_layer_shapes",
+    "HARDWARE", "BismoConfig", "BitFusionConfig", "LayerCost", "bismo_edge", "bismo_cloud",
+    "bitfusion", "get_hardware", "layer_cost",
+    "METRICS", "UNITS", "build_table", "get_table", "load_user_table", "table_path",
+    "SizeCost", "TableCost", "to_human",
+]
