@@ -1,0 +1,265 @@
+"""The search environment shared by both quantization modes (HAQ section 3, DESIGN.md section 3).
+
+An episode is one pass over the quantizable layers. At every step the agent
+gives an action in [0, 1]; the environment turns it into a bit width
+(:func:`action_to_bits`), and after the last step it
+
+1. applies the mode's pins (linear mode: first layer [8, -1], last [8, 8]),
+2. enforces the budget (:meth:`QuantizeEnv.action_wall`, "limit action space"
+   in the paper, section 3.3),
+3. restores the pretrained weights, applies the policy, fine-tunes shortly and
+   validates (the mode's :meth:`QuantizeEnv.evaluate_policy`),
+4. returns the reward ``R = lambda * (acc_quant - acc_origin)`` with
+   lambda = 0.1 (paper eq. 4 and the released code).
+
+The base class owns layer discovery, the state embedding, action -> bits, the
+budget wall and the reward; a mode subclass only says how many actions a layer
+takes, how a policy is applied to the model, and what a policy costs. Nothing
+here knows about the agent: the CLI passes numpy states to it and actions back.
+"""
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lib.simulator.shapes import extract_layer_shapes
+from lib.utils.errors import UserError
+from lib.utils.layers import quantizable_layers
+
+log = logging.getLogger(__name__)
+
+REWARD_SCALE = 0.1   # lambda of the paper's reward (eq. 4)
+
+
+@dataclass
+class EnvConfig:
+    """What the search's budget and action space are (the rl_quantize.py flags)."""
+    preserve_ratio: float = 0.1
+    min_bit: int = 1
+    max_bit: int = 8
+    float_bit: int = 32
+    input_size: int = 224        # for tracing the feature-map sizes of the state
+    use_top5: bool = False       # reward on top-5 instead of top-1
+    seed: int = 234              # seeds the env's own generator (K-Means seeding)
+
+
+def action_to_bits(action, min_bit, max_bit):
+    """Map a in [0, 1] to bits = round(lb + a * (rb - lb)), lb = min_bit - 0.5, rb = max_bit + 0.5.
+
+    Every bit width gets an interval of the same length 1 / (max_bit - min_bit + 1)
+    of [0, 1]. ``floor(x + 0.5)`` rounds halves up (Python's ``round`` would send
+    a = 0 to min_bit - 1 by rounding half to even) and a = 1 lands on max_bit + 1,
+    so the result is clipped to [min_bit, max_bit].
+    """
+    a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
+    lb, rb = min_bit - 0.5, max_bit + 0.5
+    bits = math.floor(lb + a * (rb - lb) + 0.5)
+    return int(min(max(bits, min_bit), max_bit))
+
+
+def normalize_columns(features):
+    """Min-max normalise each column over the layers (released HAQ's embedding).
+
+    A constant column carries no information; it is kept as is when already in
+    [0, 1] (layer-type, stride 1) and otherwise clipped into [0, 1], so every state
+    value lies in [0, 1] whatever the model.
+    """
+    x = np.asarray(features, dtype=np.float64).copy()
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    for j in range(x.shape[1]):
+        if hi[j] > lo[j]:
+            x[:, j] = (x[:, j] - lo[j]) / (hi[j] - lo[j])
+        else:
+            x[:, j] = np.clip(x[:, j], 0.0, 1.0)
+    return x
+
+
+def layer_features(shapes):
+    """The 8 static values per layer: [is_depthwise, c_in, c_out, stride, kernel, #weights, h*w, index].
+
+    ``shapes`` are lib.simulator LayerShape records (traced at the search's input
+    size). A fully-connected row has type 0, stride 0, kernel 1, and its in/out
+    features as channels (DESIGN.md section 3).
+    """
+    rows = []
+    for i, s in enumerate(shapes):
+        if s.kind == "linear":
+            rows.append([0.0, s.in_channels, s.out_channels, 0.0, 1.0, s.n_weights,
+                         s.in_h * s.in_w, i])
+        else:
+            depthwise = float(s.in_channels == s.groups)
+            rows.append([depthwise, s.in_channels, s.out_channels, s.stride[0], s.kernel[0],
+                         s.n_weights, s.in_h * s.in_w, i])
+    return np.asarray(rows, dtype=np.float64)
+
+
+class QuantizeEnv:
+    """Base environment: one episode = one action per step over the quantizable layers.
+
+    ``model``: the network, already holding its pretrained weights (they are
+    copied now and restored before every evaluation). ``evaluator``: an object
+    with ``validate(model) -> dict(top1, top5, ...)`` and ``finetune(model,
+    step_hook=None) -> dict(top1, top5, nonfinite, ...)`` (see
+    :class:`lib.env.evaluator.ShortFinetune`); tests may pass a stub.
+    Subclasses set ``linear`` and ``actions_per_layer`` and implement
+    :meth:`policy_from_bits`, :meth:`cost`, :meth:`reference_cost` and
+    :meth:`evaluate_policy`.
+    """
+
+    linear = False
+    actions_per_layer = 1
+
+    def __init__(self, model, evaluator, config):
+        self.model = model
+        self.evaluator = evaluator
+        self.cfg = config
+        if not 1 <= config.min_bit <= config.max_bit:
+            raise UserError(f"--min_bit {config.min_bit} / --max_bit {config.max_bit}: "
+                            "expected 1 <= min_bit <= max_bit")
+        if not 0 < config.preserve_ratio:
+            raise UserError(f"--preserve_ratio {config.preserve_ratio}: expected a positive ratio")
+        self.layers = quantizable_layers(model, linear=self.linear)
+        if not self.layers:
+            kind = "QConv2d/QLinear" if self.linear else "Conv2d/Linear"
+            raise UserError(f"the model has no {kind} layers to quantize")
+        self.layer_names = [name for name, _ in self.layers]
+        self.shapes = extract_layer_shapes(model, config.input_size, batch=1, linear=self.linear)
+        self.static_features = normalize_columns(layer_features(self.shapes))
+        # A copy of the pretrained weights: every episode starts from it.
+        self.pretrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.rng = np.random.default_rng(config.seed)
+        self.n_steps = len(self.layers) * self.actions_per_layer
+        self.state_dim = self.static_features.shape[1] + self.actions_per_layer
+        self.pins = {}               # step index -> fixed bits (linear mode)
+        self.org_acc = None
+        self._bits = []
+
+    # ------------------------------------------------------- mode interface
+    def policy_from_bits(self, flat_bits):
+        """Turn one bit width per step into the mode's policy (list of ints, or of [w, a])."""
+        raise NotImplementedError
+
+    def cost(self, policy):
+        raise NotImplementedError
+
+    def reference_cost(self):
+        raise NotImplementedError
+
+    def evaluate_policy(self, policy):
+        """Apply ``policy`` to the (restored) model, fine-tune, validate; return the metrics dict."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- budget
+    def budget(self):
+        return self.cfg.preserve_ratio * self.reference_cost()
+
+    def min_bits(self):
+        """The cheapest reachable step bits: every free step at min_bit, pins kept."""
+        return [self.pins.get(i, self.cfg.min_bit) for i in range(self.n_steps)]
+
+    def min_cost_ratio(self):
+        return self.cost(self.policy_from_bits(self.min_bits())) / self.reference_cost()
+
+    def check_budget(self):
+        """Refuse a budget no policy can meet (UserError naming the smallest reachable ratio)."""
+        smallest = self.min_cost_ratio()
+        if self.cfg.preserve_ratio < smallest - 1e-12:
+            raise UserError(
+                f"--preserve_ratio {self.cfg.preserve_ratio} is unreachable: with every layer at "
+                f"--min_bit {self.cfg.min_bit} the cost ratio is {smallest:.4f}; expected a "
+                f"preserve ratio >= {math.ceil(smallest * 1e4) / 1e4:.4f}")
+
+    def action_wall(self, flat_bits):
+        """Lower bits one step at a time, last step first, until within budget (paper 3.3).
+
+        Sweeps from the last step backwards (linear mode: a layer's activation bits
+        before its weight bits), skipping pinned steps and steps at min_bit, and
+        repeats until ``cost <= preserve_ratio * reference`` or nothing can go lower.
+        """
+        bits = list(flat_bits)
+        target = self.budget()
+        while self.cost(self.policy_from_bits(bits)) > target:
+            lowered = False
+            for i in reversed(range(self.n_steps)):
+                if i in self.pins or bits[i] <= self.cfg.min_bit:
+                    continue
+                bits[i] -= 1
+                lowered = True
+                if self.cost(self.policy_from_bits(bits)) <= target:
+                    return bits
+            if not lowered:
+                break
+        return bits
+
+    # ------------------------------------------------------------- episodes
+    def embed(self, step, prev_bits):
+        """State of ``step``: the layer's 8 static values, previous bits / max_bit, [is_weight]."""
+        layer = step // self.actions_per_layer
+        row = list(self.static_features[layer]) + [prev_bits / self.cfg.max_bit]
+        if self.actions_per_layer == 2:
+            row.append(1.0 if step % 2 == 0 else 0.0)
+        return np.asarray(row, dtype=np.float32)
+
+    def reset(self):
+        """Start an episode; returns the first state (the 'previous' action counts as max_bit)."""
+        self._bits = []
+        return self.embed(0, self.cfg.max_bit)
+
+    def step(self, action):
+        """Take one action; returns ``(next_state, reward, done, info)``.
+
+        Intermediate steps have reward 0; the last returns the episode's reward, and
+        ``info`` holds the evaluated policy, its accuracy and cost.
+        """
+        if len(self._bits) >= self.n_steps:
+            raise RuntimeError("episode is over; call reset()")
+        bits = action_to_bits(action, self.cfg.min_bit, self.cfg.max_bit)
+        self._bits.append(bits)
+        step = len(self._bits)
+        if step < self.n_steps:
+            return self.embed(step, bits), 0.0, False, {"bits": bits}
+        info = self.finish_episode(self._bits)
+        # The terminal transition's next state is never bootstrapped from (done = True).
+        return self.embed(self.n_steps - 1, bits), info["reward"], True, info
+
+    def finish_episode(self, raw_bits):
+        """Pins, wall, evaluation and reward of a complete episode's bits."""
+        bits = list(raw_bits)
+        for i, b in self.pins.items():
+            bits[i] = b
+        bits = self.action_wall(bits)
+        policy = self.policy_from_bits(bits)
+        metrics = self.evaluate_policy(policy)
+        acc = metrics["top5" if self.cfg.use_top5 else "top1"]
+        cost = self.cost(policy)
+        return {"policy": policy, "raw_bits": list(raw_bits), "accuracy": acc,
+                "reward": self.reward(acc), "cost": cost,
+                "cost_ratio": cost / self.reference_cost(),
+                "nonfinite": bool(metrics.get("nonfinite", False)), "metrics": metrics}
+
+    def reward(self, acc):
+        """R = 0.1 * (acc - acc_original) (paper eq. 4), accuracies in percent."""
+        if self.org_acc is None:
+            raise RuntimeError("call measure_original() before scoring an episode")
+        return REWARD_SCALE * (acc - self.org_acc)
+
+    # ------------------------------------------------------------- weights
+    def restore_weights(self):
+        """Put the pretrained weights back (start of every evaluation)."""
+        self.model.load_state_dict(self.pretrained_state)
+
+    def measure_original(self):
+        """Accuracy of the unquantized model on the search's validation subset."""
+        self.restore_weights()
+        metrics = self.evaluator.validate(self.model)
+        self.org_acc = metrics["top5" if self.cfg.use_top5 else "top1"]
+        return self.org_acc
+
+    def state_dict(self):
+        """What a resumed search needs from the env (its generator and acc_original)."""
+        return {"rng": self.rng.bit_generator.state, "org_acc": self.org_acc}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+        self.org_acc = state["org_acc"]

@@ -1,0 +1,89 @@
+"""The short fine-tune + validation that scores one search episode (DESIGN.md section 3).
+
+After a policy is applied, the model is fine-tuned for ``finetune_epoch`` epochs
+(1 in the paper) over the search's training subset with SGD (momentum 0.9,
+weight decay 4e-5, lr ``finetune_lr * finetune_gamma ** epoch``) and validated on
+the search's held-out validation subset. Both passes are the project's one
+training loop and one validation loop (lib.utils.train).
+"""
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lib.utils.train import evaluate, train_one_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    finetune_flag: bool = True
+    finetune_epoch: int = 1
+    finetune_lr: float = 1e-3
+    finetune_gamma: float = 0.8
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    max_train_batches: int = None   # cap per epoch (benchmarks, smoke runs)
+    progress: bool = False
+
+
+class ShortFinetune:
+    """Scores a quantized model: optional short fine-tune, then validation.
+
+    ``finetune(model, step_hook)`` returns the validation metrics of the best
+    epoch (released K-Means behaviour; identical to the last one at 1 epoch) plus
+    ``nonfinite`` when a NaN/inf loss cut the fine-tune short. A fine-tune that
+    left non-finite weights scores 0% (the worst reward) instead of crashing.
+    """
+
+    def __init__(self, train_loader, val_loader, device, config=None):
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.device = torch.device(device)
+        self.cfg = config or FinetuneConfig()
+        self.criterion = nn.CrossEntropyLoss()
+        self.timings = {"finetune": 0.0, "validate": 0.0}   # seconds, for bench/episode_bench.py
+
+    def validate(self, model):
+        start = time.perf_counter()
+        metrics = evaluate(model, self.val_loader, self.criterion, self.device,
+                           progress=self.cfg.progress, desc="search val")
+        self.timings["validate"] += time.perf_counter() - start
+        return metrics
+
+    def finetune(self, model, step_hook=None):
+        """Fine-tune (when enabled) and validate; returns dict(top1, top5, loss, nonfinite)."""
+        if not self.cfg.finetune_flag:
+            return dict(self.validate(model), nonfinite=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.cfg.finetune_lr, momentum=self.cfg.momentum,
+                                    weight_decay=self.cfg.weight_decay)
+        best, nonfinite = None, False
+        for epoch in range(self.cfg.finetune_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = self.cfg.finetune_lr * self.cfg.finetune_gamma ** epoch
+            start = time.perf_counter()
+            stats = train_one_epoch(model, self.train_loader, self.criterion, optimizer,
+                                    self.device, epoch=epoch, step_hook=step_hook,
+                                    max_batches=self.cfg.max_train_batches,
+                                    progress=self.cfg.progress, desc="search finetune")
+            self.timings["finetune"] += time.perf_counter() - start
+            nonfinite = nonfinite or stats["nonfinite"]
+            if not _finite_weights(model):
+                log.warning("fine-tune left non-finite weights; scoring the episode as 0%%")
+                return {"top1": 0.0, "top5": 0.0, "loss": math.inf, "nonfinite": True}
+            metrics = self.validate(model)
+            if best is None or metrics["top1"] > best["top1"]:
+                best = metrics
+            if stats["nonfinite"]:
+                log.warning("non-finite loss during the search fine-tune; scoring the accuracy "
+                            "reached so far")
+                break
+        return dict(best, nonfinite=nonfinite)
+
+
+def _finite_weights(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())

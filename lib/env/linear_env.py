@@ -1,0 +1,70 @@
+"""Linear / latency-or-energy mode of the search (HAQ sections 4.1-4.2).
+
+Two actions per QConv2d/QLinear layer: weight bits, then activation bits (the
+state's last column says which). A policy ``[[w, a], ...]`` is applied by
+setting each layer's fake-quantization widths and calibrating the ranges on one
+training batch, then fine-tuned. Cost comes from a hardware lookup table
+(lib.simulator.TableCost: ``sum(table[i, w_i - 1, a_i - 1])`` against the
+all-8-bit policy). As in the released code the first layer is pinned to 8-bit
+weights with an unquantized input (the image is already 8-bit) and the last
+layer to w8a8; the budget wall never lowers them.
+"""
+import logging
+import time
+
+from lib.quantize.linear import calibrate
+from lib.quantize.policy import apply_linear_policy
+
+from .base import QuantizeEnv
+
+log = logging.getLogger(__name__)
+
+PIN_BIT = 8          # first/last layers keep 8 bits
+UNQUANTIZED = -1     # the first layer's input (the image)
+
+
+class LinearQuantizeEnv(QuantizeEnv):
+    """Linear weight + activation quantization under a latency/energy budget.
+
+    ``cost_model``: a callable ``policy -> cost`` with ``reference()`` (the all-8-bit
+    cost), e.g. ``lib.simulator.costs.TableCost``. ``calib_loader``: batches for
+    calibration (the search's training subset). ``device``: where calibration runs.
+    """
+
+    linear = True
+    actions_per_layer = 2
+
+    def __init__(self, model, evaluator, config, cost_model, calib_loader, device):
+        super().__init__(model, evaluator, config)
+        self.cost_model = cost_model
+        self.calib_loader, self.device = calib_loader, device
+        n = len(self.layers)
+        self.pins = {0: PIN_BIT, 1: UNQUANTIZED}
+        if n > 1:
+            self.pins.update({2 * n - 2: PIN_BIT, 2 * n - 1: PIN_BIT})
+        self.timings = {"quantize": 0.0}
+
+    def policy_from_bits(self, flat_bits):
+        return [[int(flat_bits[2 * i]), int(flat_bits[2 * i + 1])] for i in range(len(self.layers))]
+
+    def cost(self, policy):
+        return self.cost_model(policy)
+
+    def reference_cost(self):
+        return self.cost_model.reference()
+
+    def evaluate_policy(self, policy):
+        self.restore_weights()
+        start = time.perf_counter()
+        apply_linear_policy(self.model, policy)
+        calibrate(self.model, self.calib_loader, self.device)
+        self.timings["quantize"] += time.perf_counter() - start
+        return self.evaluator.finetune(self.model)
+
+    def unquantize(self):
+        """Back to float (w_bit = a_bit = -1 everywhere), e.g. to measure acc_original."""
+        apply_linear_policy(self.model, [[UNQUANTIZED, UNQUANTIZED]] * len(self.layers))
+
+    def measure_original(self):
+        self.unquantize()
+        return super().measure_original()

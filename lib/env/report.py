@@ -1,0 +1,94 @@
+"""What a search leaves in its output folder besides its state: strategy.json and the plots.
+
+``strategy.json`` follows DESIGN.md section 9 (layer names from
+``named_modules()``, the policy in the same order) and is written atomically.
+The plots are the paper's figure style: per-layer bits of the best policy as bars
+(weights, and activations in linear mode), and accuracy against cost ratio of
+every episode with the best one marked.
+"""
+import logging
+
+from lib.utils.checkpoint import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def strategy_record(best, layer_names, meta):
+    """The strategy.json dict of ``best`` (an episode's info) plus search metadata ``meta``."""
+    record = {"arch": meta["arch"], "mode": meta["mode"], "metric": meta["metric"],
+              "hardware": meta.get("hardware"), "preserve_ratio": meta["preserve_ratio"],
+              "cost_ratio": round(float(best["cost_ratio"]), 6),
+              "accuracy": round(float(best["accuracy"]), 4), "episode": int(best["episode"]),
+              "layers": list(layer_names), "strategy": best["policy"]}
+    # Extra context (finetune.py needs only the fields above).
+    for key in ("dataset", "width_mult", "min_bit", "max_bit", "original_accuracy"):
+        if key in meta:
+            record[key] = meta[key]
+    record["reward"] = round(float(best["reward"]), 6)
+    record["cost"] = float(best["cost"])
+    return record
+
+
+def write_strategy(path, best, layer_names, meta):
+    atomic_write_json(path, strategy_record(best, layer_names, meta))
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # files only; never needs a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_policy(path, policy, layer_names, title=""):
+    """Bars of weight (and activation) bits per layer, the paper's Fig. 3/4 style."""
+    plt = _pyplot()
+    linear = bool(policy) and isinstance(policy[0], (list, tuple))
+    n = len(policy)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2), 3.6))
+    idx = list(range(n))
+    if linear:
+        w = [p[0] for p in policy]
+        a = [max(p[1], 0) for p in policy]   # -1 (unquantized input) drawn as no bar
+        ax.bar([i - 0.2 for i in idx], w, width=0.4, label="weight bits", color="#1f77b4")
+        ax.bar([i + 0.2 for i in idx], a, width=0.4, label="activation bits", color="#ff7f0e")
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.bar(idx, policy, width=0.7, label="weight bits", color="#1f77b4")
+    ax.set_xlabel("layer (model.modules() order)")
+    ax.set_ylabel("bits")
+    ax.set_xlim(-1, n)
+    ax.set_ylim(0, max(max(p) if linear else p for p in policy) + 1)
+    ax.set_title(title, fontsize=9)
+    if n <= 60:
+        ax.set_xticks(idx)
+        ax.set_xticklabels([str(i) for i in idx], fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log.debug("wrote %s (%d layers: %s ... )", path, n, ", ".join(layer_names[:2]))
+
+
+def plot_history(path, history, best_episode, warmup, preserve_ratio, metric):
+    """Accuracy vs cost ratio of every episode; warmup (random) episodes, learned ones, the best."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    rand = [h for h in history if h["episode"] < warmup]
+    learned = [h for h in history if h["episode"] >= warmup]
+    if rand:
+        ax.scatter([h["cost_ratio"] for h in rand], [h["accuracy"] for h in rand], s=12,
+                   c="#999999", label="warmup (random)")
+    if learned:
+        ax.scatter([h["cost_ratio"] for h in learned], [h["accuracy"] for h in learned], s=12,
+                   c=[h["episode"] for h in learned], cmap="viridis", label="DDPG")
+    best = [h for h in history if h["episode"] == best_episode]
+    if best:
+        ax.scatter([best[0]["cost_ratio"]], [best[0]["accuracy"]], s=120, marker="*",
+                   c="#d62728", label=f"best (episode {best_episode})", zorder=3)
+    ax.axvline(preserve_ratio, color="#d62728", lw=0.8, ls="--", label="budget")
+    ax.set_xlabel(f"{metric} / reference")
+    ax.set_ylabel("accuracy after the short fine-tune (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

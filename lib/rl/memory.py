@@ -1,0 +1,70 @@
+"""Replay memory for the DDPG agent: a fixed-size ring buffer of transitions.
+
+HAQ stores every transition of an episode with the episode's final reward
+(DESIGN.md section 3), so a transition is ``(state, action, reward, next_state,
+terminal)`` and the buffer holds ``rmsize * n_steps`` of them (128 per layer in the
+released settings). When full, the oldest transition is overwritten.
+
+Everything is a numpy array so the memory can be saved with the search state and
+restored exactly (``state_dict`` / ``load_state_dict``).
+"""
+import numpy as np
+
+
+class ReplayMemory:
+    """Ring buffer of ``capacity`` transitions with ``state_dim``-dim states."""
+
+    def __init__(self, capacity, state_dim, action_dim=1):
+        if capacity < 1:
+            raise ValueError(f"replay memory capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self.states = np.zeros((self.capacity, state_dim), dtype=np.float32)
+        self.actions = np.zeros((self.capacity, action_dim), dtype=np.float32)
+        self.rewards = np.zeros(self.capacity, dtype=np.float32)
+        self.next_states = np.zeros((self.capacity, state_dim), dtype=np.float32)
+        self.terminals = np.zeros(self.capacity, dtype=np.float32)
+        self.next_index = 0   # where the next transition goes
+        self.size = 0         # how many slots hold a transition
+
+    def __len__(self):
+        return self.size
+
+    def append(self, state, action, reward, next_state, terminal):
+        """Store one transition, overwriting the oldest one when the buffer is full."""
+        i = self.next_index
+        self.states[i] = state
+        self.actions[i] = action
+        self.rewards[i] = reward
+        self.next_states[i] = next_state
+        self.terminals[i] = float(terminal)
+        self.next_index = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size, rng):
+        """Draw a minibatch uniformly (without replacement when enough are stored).
+
+        ``rng`` is a ``numpy.random.Generator`` owned by the caller, so sampling is
+        reproducible and its state can be checkpointed.
+        Returns ``(states, actions, rewards, next_states, terminals)``.
+        """
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay memory")
+        replace = self.size < batch_size
+        idx = rng.choice(self.size, size=batch_size, replace=replace)
+        return (self.states[idx], self.actions[idx], self.rewards[idx].copy(),
+                self.next_states[idx], self.terminals[idx])
+
+    def state_dict(self):
+        return {"states": self.states.copy(), "actions": self.actions.copy(),
+                "rewards": self.rewards.copy(), "next_states": self.next_states.copy(),
+                "terminals": self.terminals.copy(), "next_index": self.next_index,
+                "size": self.size}
+
+    def load_state_dict(self, state):
+        if state["states"].shape != self.states.shape:
+            raise ValueError(f"replay memory shape {state['states'].shape} does not match "
+                             f"{self.states.shape}")
+        for key in ("states", "actions", "rewards", "next_states", "terminals"):
+            getattr(self, key)[...] = state[key]
+        self.next_index = int(state["next_index"])
+        self.size = int(state["size"])

@@ -1,0 +1,166 @@
+"""strategy.json: loading, validation against a model, and the two published policies.
+
+A strategy (DESIGN.md section 9) is what the search writes and what finetune.py reads::
+
+    {"arch": "qmobilenetv2", "mode": "linear", "metric": "latency", "hardware": "bismo_cloud",
+     "preserve_ratio": 0.6, "cost_ratio": 0.598, "accuracy": 71.2, "episode": 412,
+     "layers": ["features.0.0", ...],     # module names, in policy order
+     "strategy": [[8, -1], [7, 7], ...]}   # K-Means mode: [6, 6, 5, ...]
+
+:func:`load_strategy` reads a file or a preset name; :func:`validate_strategy` checks it
+against the model's quantizable layers (length, names, bit ranges) and raises a
+:class:`~lib.utils.errors.UserError` that says what was expected.
+"""
+import copy
+import json
+import os
+from numbers import Integral, Real
+
+from .errors import UserError
+
+MODES = ("kmeans", "linear")
+UNQUANTIZED = -1   # linear mode: an activation left in floating point (the image input)
+
+# The released search results (DESIGN.md section 6), in model.modules() order. Presets carry
+# no layer names: validation takes them from the model, so only the length is checked.
+_RESNET50_KMEANS_01 = [6, 6, 6, 6, 5, 5, 6, 5, 5, 6, 5, 5, 6, 5, 5, 5, 5, 5, 4, 5, 4, 4, 5, 4, 4,
+                       4, 3, 4, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 3, 3, 2, 3, 2, 3,
+                       3, 2, 3, 4]
+_MOBILENETV2_LINEAR_06 = [
+    [8, -1], [7, 7], [5, 6], [4, 6], [5, 6], [5, 7], [5, 6], [7, 4], [4, 6], [4, 6], [7, 7],
+    [5, 6], [4, 6], [7, 3], [5, 7], [4, 7], [7, 3], [5, 7], [4, 7], [7, 7], [4, 7], [4, 7],
+    [6, 4], [6, 7], [4, 7], [7, 4], [6, 7], [5, 7], [7, 4], [6, 7], [5, 7], [7, 4], [6, 7],
+    [6, 7], [6, 4], [5, 7], [6, 7], [6, 4], [5, 7], [6, 7], [7, 7], [4, 7], [7, 7], [7, 7],
+    [4, 7], [7, 7], [7, 7], [4, 7], [7, 7], [7, 7], [4, 7], [7, 7], [8, 8]]
+
+PRESETS = {
+    "resnet50_kmeans_0.1": {
+        "arch": "resnet50", "mode": "kmeans", "metric": "size", "hardware": None,
+        "preserve_ratio": 0.1, "layers": None, "strategy": _RESNET50_KMEANS_01,
+        "note": "HAQ paper: ResNet-50 at 10% of the fp32 size, 75.48/92.42 top-1/5 on ImageNet "
+                "after fine-tuning (fp32 76.15/92.87)"},
+    "mobilenetv2_linear_0.6": {
+        "arch": "qmobilenetv2", "mode": "linear", "metric": "latency", "hardware": "bismo_cloud",
+        "preserve_ratio": 0.6, "layers": None, "strategy": _MOBILENETV2_LINEAR_06,
+        "note": "HAQ paper: MobileNet-V2 at 0.6x the 8-bit latency, 71.23/90.00 top-1/5 on "
+                "ImageNet after fine-tuning (fp32 72.05/90.49)"},
+}
+
+
+def list_presets():
+    return sorted(PRESETS)
+
+
+def infer_mode(policy):
+    """'linear' when the policy's entries are [w, a] pairs, else 'kmeans'."""
+    if isinstance(policy, list) and policy and isinstance(policy[0], (list, tuple)):
+        return "linear"
+    return "kmeans"
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"strategy file '{path}' is not valid JSON (line {exc.lineno}, column "
+                        f"{exc.colno}: {exc.msg}); expected a strategy.json as written by "
+                        "rl_quantize.py") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"strategy file '{path}' could not be read ({exc}); expected a "
+                        "readable strategy.json") from exc
+
+
+def load_strategy(path_or_preset):
+    """Return the strategy dict of a strategy.json file or a preset name.
+
+    A file may also hold a bare policy list; its mode is inferred from the entries.
+    The dict always has ``strategy`` (the policy), ``mode``, and ``layers`` (a name
+    list, or None when the source gave none); ``source`` records where it came from.
+    """
+    if path_or_preset in PRESETS:
+        strategy = copy.deepcopy(PRESETS[path_or_preset])
+        strategy["source"] = f"preset:{path_or_preset}"
+        return strategy
+    if not os.path.isfile(path_or_preset):
+        raise UserError(f"--strategy '{path_or_preset}' is neither a file nor a preset; expected "
+                        f"a strategy.json path or one of: {', '.join(list_presets())}")
+    data = _read_json(path_or_preset)
+    if isinstance(data, list):
+        data = {"strategy": data}
+    if not isinstance(data, dict) or not isinstance(data.get("strategy"), list):
+        raise UserError(f"strategy file '{path_or_preset}' has no 'strategy' list; expected "
+                        '{"mode": ..., "layers": [...], "strategy": [...]} (DESIGN.md section 9)')
+    data.setdefault("mode", infer_mode(data["strategy"]))
+    data.setdefault("layers", None)
+    data["source"] = os.path.abspath(path_or_preset)
+    return data
+
+
+def _as_bit(value, where, lo, hi, allow_unquantized):
+    """One bit width as int; UserError naming ``where`` and the allowed range otherwise."""
+    allowed = f"{'-1 or ' if allow_unquantized else ''}an integer in [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise UserError(f"{where}: bit width {value!r} is not a number; expected {allowed}")
+    if not isinstance(value, Integral):
+        if not float(value).is_integer():
+            raise UserError(f"{where}: bit width {value!r} is not an integer; expected {allowed}")
+        value = int(value)
+    if allow_unquantized and value == UNQUANTIZED:
+        return UNQUANTIZED
+    if not lo <= value <= hi:
+        raise UserError(f"{where}: bit width {value} is out of range; expected {allowed}")
+    return int(value)
+
+
+def _check_layers(names, layer_names):
+    """The strategy's layer names must be the model's, in the same order."""
+    if not isinstance(names, list):
+        raise UserError(f"strategy 'layers' must be a list of layer names; got {type(names).__name__}")
+    if len(names) != len(layer_names):
+        raise UserError(f"strategy lists {len(names)} layer names; expected {len(layer_names)} "
+                        f"(the model's quantizable layers, '{layer_names[0]}' ... "
+                        f"'{layer_names[-1]}')")
+    known = set(layer_names)
+    for i, (got, want) in enumerate(zip(names, layer_names)):
+        if got != want:
+            what = "an unknown layer" if got not in known else "out of order"
+            raise UserError(f"strategy layer {i} is '{got}' ({what}); expected '{want}' "
+                            "(layer names of the model in modules() order; wrong --arch?)")
+
+
+def validate_strategy(strategy, layer_names, mode, min_bit=1, max_bit=8):
+    """Check ``strategy`` (a dict from :func:`load_strategy`) against a model; return a clean copy.
+
+    ``layer_names``: the model's quantizable layers in policy order; ``mode``: 'kmeans' or
+    'linear'. K-Means entries are weight bits in [min_bit, max_bit]; linear entries are
+    [w_bit, a_bit] pairs with w_bit in [min_bit, max_bit] and a_bit in [min_bit, max_bit]
+    or -1 (unquantized input). The copy has int bits, ``mode`` and ``layers`` filled in.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(strategy, dict) or not isinstance(strategy.get("strategy"), list):
+        raise UserError("strategy must be a dict with a 'strategy' list (DESIGN.md section 9)")
+    declared = strategy.get("mode", mode)
+    if declared != mode:
+        flag = "without" if declared == "kmeans" else "with"
+        raise UserError(f"strategy is for {declared} mode but fine-tuning runs in {mode} mode; "
+                        f"expected a {mode} strategy (or run {flag} --linear_quantization)")
+    policy = strategy["strategy"]
+    if len(policy) != len(layer_names):
+        raise UserError(f"strategy has {len(policy)} entries; expected {len(layer_names)}, one "
+                        f"per quantizable layer of the model (wrong --arch or strategy file?)")
+    if strategy.get("layers") is not None:
+        _check_layers(strategy["layers"], layer_names)
+    clean = []
+    for i, (name, entry) in enumerate(zip(layer_names, policy)):
+        where = f"strategy entry {i} (layer '{name}')"
+        if mode == "kmeans":
+            clean.append(_as_bit(entry, where, min_bit, max_bit, allow_unquantized=False))
+            continue
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise UserError(f"{where} is {entry!r}; expected a [w_bit, a_bit] pair")
+        clean.append([_as_bit(entry[0], where + " weights", min_bit, max_bit, False),
+                      _as_bit(entry[1], where + " activations", min_bit, max_bit, True)])
+    out = dict(strategy, mode=mode, layers=list(layer_names), strategy=clean)
+    return out

@@ -1,0 +1,489 @@
+"""HAQ's search: a DDPG agent picks a bit width per layer under a hardware budget.
+
+    # linear quantization (weights + activations) under a latency budget on BISMO (cloud)
+    python rl_quantize.py --arch qmobilenetv2 --dataset mnist5k --linear_quantization \
+        --cost latency --hardware bismo_cloud --preserve_ratio 0.5 --min_bit 2 --float_bit 8
+    # K-Means weight sharing under a model-size budget (10% of fp32)
+    python rl_quantize.py --arch mobilenetv2 --dataset mnist5k --preserve_ratio 0.1
+
+Every flag of the released tool is kept (DESIGN.md section 8). The output folder
+(``--output/<arch>_<dataset>[_<suffix>]-runN``) receives strategy.json (the best
+policy), log.txt (one line per episode), TensorBoard events, agent.pth.tar,
+best_policy.png, accuracy_vs_cost.png and search_state.pth.tar, saved after every
+episode so ``--resume_search`` continues exactly where a killed search stopped.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import random
+import re
+import time
+
+import numpy as np
+import torch
+
+from lib.utils.errors import UserError, run_cli
+
+log = logging.getLogger("rl_quantize")
+
+STATE_FILE = "search_state.pth.tar"
+PLOT_INTERVAL_S = 60
+LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
+# Flags a resumed search must share with the one it continues.
+RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
+               "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
+               "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult")
+
+
+def str2bool(value):
+    """Parse a boolean flag value; junk is an error (the released ``type=bool`` took "False" as True)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{value}' is not a boolean; expected true or false")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UserErrors (run_cli prints them and exits 2)."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _bool_flag(p, name, default, help_text):
+    # "--flag", "--flag true/false" all work.
+    p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
+                   help=f"{help_text} (default {default})")
+
+
+def get_args_parser():
+    p = OneLineParser(description="HAQ: hardware-aware automated quantization (RL search)")
+    p.add_argument("--suffix", default=None, type=str, help="suffix of the output folder name")
+    # environment
+    p.add_argument("--dataset", default="imagenet", type=str,
+                   help="imagenet, imagenet100, mnist5k or an ImageFolder root")
+    p.add_argument("--dataset_root", default=None, type=str,
+                   help="dataset folder (default data/<dataset>, i.e. data/imagenet)")
+    p.add_argument("--preserve_ratio", default=0.1, type=float,
+                   help="budget: cost / reference cost (size vs fp32; latency/energy vs 8-bit)")
+    p.add_argument("--min_bit", default=1, type=int, help="smallest bit width")
+    p.add_argument("--max_bit", default=8, type=int, help="largest bit width")
+    p.add_argument("--float_bit", default=32, type=int,
+                   help="bits of the reference model in size mode (linear mode's reference is 8-bit)")
+    _bool_flag(p, "--linear_quantization", False, "linear (weight+activation) instead of K-Means")
+    _bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero")
+    # DDPG
+    p.add_argument("--hidden1", default=300, type=int, help="actor/critic first hidden layer")
+    p.add_argument("--hidden2", default=300, type=int, help="actor/critic second hidden layer")
+    p.add_argument("--lr_c", default=1e-3, type=float, help="critic learning rate")
+    p.add_argument("--lr_a", default=1e-4, type=float, help="actor learning rate")
+    p.add_argument("--warmup", default=20, type=int,
+                   help="episodes of random actions that only fill the replay memory")
+    p.add_argument("--discount", default=1.0, type=float, help="reward discount")
+    p.add_argument("--bsize", default=64, type=int, help="minibatch size of an agent update")
+    p.add_argument("--rmsize", default=128, type=int, help="replay memory per layer (transitions)")
+    p.add_argument("--window_length", default=1, type=int, help="states per observation (only 1)")
+    p.add_argument("--tau", default=0.01, type=float, help="soft target update rate")
+    p.add_argument("--init_delta", default=0.5, type=float,
+                   help="initial sigma of the truncated-normal exploration noise")
+    p.add_argument("--delta_decay", default=0.99, type=float, help="sigma decay per episode")
+    p.add_argument("--n_update", default=1, type=int, help="agent updates per stored transition")
+    # training
+    p.add_argument("--max_episode_length", default=int(1e9), type=int,
+                   help="kept for compatibility: an episode is always one pass over the layers")
+    p.add_argument("--output", default="save", type=str, help="parent folder of the search outputs")
+    _bool_flag(p, "--debug", False, "debug logging")
+    p.add_argument("--init_w", default=0.003, type=float, help="init range of the last layers")
+    p.add_argument("--train_episode", default=600, type=int, help="episodes of the search")
+    p.add_argument("--epsilon", default=50000, type=int,
+                   help="kept for compatibility (exploration is --init_delta/--delta_decay)")
+    p.add_argument("--seed", default=234, type=int, help="random seed")
+    p.add_argument("--n_worker", default=32, type=int,
+                   help="data loader workers (capped at the CPU cores available)")
+    p.add_argument("--data_bsize", default=256, type=int, help="batch size of fine-tune/validate")
+    p.add_argument("--finetune_epoch", default=1, type=int, help="short fine-tune epochs per episode")
+    p.add_argument("--finetune_gamma", default=0.8, type=float, help="lr decay per fine-tune epoch")
+    p.add_argument("--finetune_lr", default=0.001, type=float, help="short fine-tune learning rate")
+    _bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
+    _bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
+    p.add_argument("--train_size", default=20000, type=int, help="search training subset size")
+    p.add_argument("--val_size", default=10000, type=int, help="search validation subset size")
+    p.add_argument("--resume", default="default", type=str,
+                   help="agent weights (agent.pth.tar of an earlier search) to start from")
+    p.add_argument("-a", "--arch", default="mobilenetv2", type=str,
+                   help="registry model (see models.list_models(); Q archs for linear mode) "
+                        "or a torchvision classifier name")
+    p.add_argument("--gpu_id", default="1", type=str,
+                   help="GPU index used with --device cuda (falls back to 0 if absent)")
+    # additions
+    p.add_argument("--cost", default=None, choices=["latency", "energy", "size"],
+                   help="budgeted cost (default: size for K-Means, latency for linear)")
+    p.add_argument("--hardware", default="bismo_cloud",
+                   choices=["bismo_edge", "bismo_cloud", "bitfusion"], help="cost model preset")
+    p.add_argument("--cost_table", default=None, type=str,
+                   help="your own .npy table (n_layers, 8, 8), [layer, w-1, a-1]")
+    p.add_argument("--cost_batch", default=16, type=int, help="batch of the hardware cost table")
+    p.add_argument("--pretrained_path", default=None, type=str,
+                   help="pretrained weights (default checkpoints/pretrained/<arch>[_<dataset>].pth.tar)")
+    p.add_argument("--width_mult", default=None, type=float,
+                   help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume_search", nargs="?", const="latest", default=None, metavar="DIR",
+                   help="continue a stopped search: its output folder, or the latest run of "
+                        "these flags when no folder is given")
+    _bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
+    return p
+
+
+# ------------------------------------------------------------------ set-up
+def resolve_device(name, gpu_id):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; expected --device cpu or auto")
+    ids = [int(i) for i in re.findall(r"\d+", gpu_id or "0")] or [0]
+    idx = ids[0] if ids[0] < torch.cuda.device_count() else 0
+    return torch.device("cuda", idx)
+
+
+def check_args(args):
+    from models import list_models
+    if args.arch not in list_models(include_torchvision=True):
+        raise UserError(f"unknown arch '{args.arch}'; expected one of "
+                        f"{', '.join(list_models())} or a torchvision classifier")
+    if args.window_length != 1:
+        raise UserError("--window_length: expected 1 (a state is one layer's embedding)")
+    if args.cost is None:
+        args.cost = "latency" if args.linear_quantization else "size"
+    if not args.linear_quantization and args.cost != "size":
+        raise UserError(f"--cost {args.cost} needs activation bits; expected --cost size with "
+                        "K-Means, or --linear_quantization")
+    if args.linear_quantization and not args.arch.startswith("q"):
+        from models import list_models as names
+        if "q" + args.arch in names():
+            log.info("linear quantization: using %s (the Q twin of %s)", "q" + args.arch, args.arch)
+            args.arch = "q" + args.arch
+        else:
+            raise UserError(f"--linear_quantization needs a model with QConv2d/QLinear layers; "
+                            f"expected a Q arch such as qmobilenetv2, got '{args.arch}'")
+    for name in ("train_episode", "data_bsize", "train_size", "val_size", "bsize", "rmsize"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(args, device):
+    """The pretrained model (Q archs start from their float twin's checkpoint)."""
+    from lib.utils.checkpoint import load_pretrained
+    from lib.utils.data_utils import dataset_defaults
+    from models import default_pretrained_path, get_model
+    info = dataset_defaults(args.dataset, args.dataset_root)
+    if args.width_mult is None and "mobilenet" in args.arch:
+        args.width_mult = info.width_mult
+    model = get_model(args.arch, num_classes=info.num_classes, input_size=info.input_size,
+                      width_mult=args.width_mult)
+    path = args.pretrained_path or default_pretrained_path(args.arch, args.dataset)
+    load_pretrained(model, path)
+    return model.to(device), info
+
+
+def build_cost(args, model, n_layers):
+    """Linear mode's cost model: the simulator's table (cached) or the user's."""
+    from lib.simulator import TableCost, get_table, load_user_table
+    table_bits = max(8, args.max_bit)   # pinned layers are 8-bit whatever --max_bit is
+    if args.cost_table:
+        table = load_user_table(args.cost_table, n_layers, table_bits)
+    else:
+        # The model is passed (not rebuilt from the name) so a reduced width is costed as
+        # such; the cache's fingerprint of the layer shapes tells the widths apart.
+        table = get_table(args.arch, args.dataset, args.hardware, args.cost, args.cost_batch,
+                          model=model, max_bit=table_bits, linear=True,
+                          width_mult=args.width_mult)
+    return TableCost(table, min_bit=args.min_bit, max_bit=table_bits, float_bit=8, metric=args.cost)
+
+
+def build_loaders(args):
+    """The search's two disjoint subsets of the train split (missing data fails here, first)."""
+    from lib.utils.data_utils import get_split_train_dataset
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n_worker = min(args.n_worker, cores or 1)
+    train_loader, val_loader, _ = get_split_train_dataset(
+        args.dataset, args.data_bsize, n_worker, val_size=args.val_size,
+        train_size=args.train_size, data_root=args.dataset_root)
+    return train_loader, val_loader
+
+
+def build_env(args, model, info, loaders, device):
+    from lib.env import (EnvConfig, FinetuneConfig, KMeansQuantizeEnv, LinearQuantizeEnv,
+                         ShortFinetune)
+    train_loader, val_loader = loaders
+    evaluator = ShortFinetune(train_loader, val_loader, device, FinetuneConfig(
+        finetune_flag=args.finetune_flag, finetune_epoch=args.finetune_epoch,
+        finetune_lr=args.finetune_lr, finetune_gamma=args.finetune_gamma, progress=args.progress))
+    cfg = EnvConfig(preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
+                    float_bit=args.float_bit, input_size=info.input_size, use_top5=args.use_top5,
+                    seed=args.seed)
+    if args.linear_quantization:
+        from lib.utils.layers import quantizable_layers
+        cost = build_cost(args, model, len(quantizable_layers(model, linear=True)))
+        return LinearQuantizeEnv(model, evaluator, cfg, cost, train_loader, device)
+    return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned)
+
+
+def build_agent(args, env, device):
+    from lib.rl import DDPG, DDPGConfig
+    cfg = DDPGConfig(hidden1=args.hidden1, hidden2=args.hidden2, lr_c=args.lr_c, lr_a=args.lr_a,
+                     warmup=args.warmup, discount=args.discount, bsize=args.bsize,
+                     rmsize=args.rmsize, tau=args.tau, init_delta=args.init_delta,
+                     delta_decay=args.delta_decay, init_w=args.init_w)
+    return DDPG(env.state_dim, env.n_steps, cfg, device=device, seed=args.seed)
+
+
+# ------------------------------------------------------------ output folder
+def base_name(args):
+    return f"{args.arch}_{args.dataset}" + (f"_{args.suffix}" if args.suffix else "")
+
+
+def _runs(args):
+    runs = []
+    for path in glob.glob(os.path.join(args.output, glob.escape(base_name(args)) + "-run*")):
+        m = re.search(r"-run(\d+)$", path)
+        if m and os.path.isdir(path):
+            runs.append((int(m.group(1)), path))
+    return sorted(runs)
+
+
+def output_folder(args):
+    """A new ``-runN`` folder, or (``--resume_search``) the folder to continue."""
+    if args.resume_search is None:
+        runs = _runs(args)
+        n = runs[-1][0] + 1 if runs else 1
+        path = os.path.join(args.output, f"{base_name(args)}-run{n}")
+        os.makedirs(path, exist_ok=False)
+        return path
+    if args.resume_search != "latest":
+        path = args.resume_search
+    else:
+        done = [p for _, p in _runs(args) if os.path.isfile(os.path.join(p, STATE_FILE))]
+        if not done:
+            raise UserError(f"--resume_search: no search of {base_name(args)} under "
+                            f"'{args.output}' has saved state; expected a folder holding "
+                            f"{STATE_FILE}")
+        path = done[-1]
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise UserError(f"--resume_search: '{path}' holds no {STATE_FILE}; expected the output "
+                        "folder of a stopped search")
+    return path
+
+
+def load_search_state(path, args):
+    from lib.utils.checkpoint import load_checkpoint
+    state = load_checkpoint(os.path.join(path, STATE_FILE))
+    saved = state["args"]
+    diff = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
+    if diff:
+        k = diff[0]
+        raise UserError(f"--resume_search: '{path}' was searched with --{k} {saved[k]}; "
+                        f"expected the same flags as that search (got {getattr(args, k)})")
+    return state
+
+
+def rng_states():
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trim_log(path, next_episode):
+    """Drop log lines of episodes >= next_episode (written after the last saved state)."""
+    from lib.utils.checkpoint import atomic_write_text
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = lines[:1] + [ln for ln in lines[1:] if ln and int(ln.split("\t")[0]) < next_episode]
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+# ------------------------------------------------------------------ search
+class Search:
+    """The episode loop plus its bookkeeping (log, TensorBoard, best policy, state)."""
+
+    def __init__(self, args, env, agent, out_dir, state=None):
+        from lib.utils.logger import Logger
+        from tensorboardX import SummaryWriter
+        self.args, self.env, self.agent, self.out = args, env, agent, out_dir
+        self.meta = {"arch": args.arch, "mode": "linear" if args.linear_quantization else "kmeans",
+                     "metric": args.cost, "hardware": args.hardware if args.linear_quantization
+                     else None, "preserve_ratio": args.preserve_ratio, "dataset": args.dataset,
+                     "width_mult": args.width_mult, "min_bit": args.min_bit,
+                     "max_bit": args.max_bit}
+        self.start, self.best, self.history = 0, None, []
+        self._last_plot = time.time()
+        log_path = os.path.join(out_dir, "log.txt")
+        if state is not None:
+            agent.load_state_dict(state["agent"])
+            env.load_state_dict(state["env"])
+            self.start, self.best, self.history = state["episode"], state["best"], state["history"]
+            set_rng_states(state["rng"])
+            trim_log(log_path, self.start)
+            log.info("resuming %s at episode %d", out_dir, self.start)
+        self.meta["original_accuracy"] = env.org_acc
+        self.logger = Logger(log_path, LOG_COLUMNS, resume=state is not None)
+        self.writer = SummaryWriter(out_dir, purge_step=self.start if state is not None else None)
+        if self.best is not None:   # strategy.json may be newer than the saved state
+            self._write_best()
+
+    def run_episode(self, episode):
+        env, agent = self.env, self.agent
+        state, transitions, done = env.reset(), [], False
+        while not done:
+            action = agent.select_action(state, episode)
+            next_state, reward, done, info = env.step(action)
+            transitions.append((state, action, next_state, done))
+            state = next_state
+        agent.store_episode(transitions, reward)
+        losses = []
+        if episode >= self.args.warmup:
+            for _ in range(len(transitions) * self.args.n_update):
+                losses.append(agent.update_policy())
+        return info, losses
+
+    def run(self):
+        total = self.args.train_episode
+        t0 = time.time()
+        for episode in range(self.start, total):
+            start = time.time()
+            info, losses = self.run_episode(episode)
+            info["episode"] = episode
+            self.record(episode, info, losses)
+            elapsed = time.time() - start
+            left = (time.time() - t0) / (episode - self.start + 1) * (total - episode - 1)
+            log.info("episode %d/%d  reward %.3f  acc %.2f  cost %.4f  (best %.2f @ %d, %.4f)  "
+                     "%.1fs  eta %dm%02ds", episode + 1, total, info["reward"], info["accuracy"],
+                     info["cost_ratio"], self.best["accuracy"], self.best["episode"],
+                     self.best["cost_ratio"], elapsed, left // 60, left % 60)
+        self.writer.close()
+        self.logger.close()
+        if self.best is not None:
+            self._plots()
+        return self.best
+
+    def record(self, episode, info, losses):
+        """Log, track the best, then save the state (after the log line, see trim_log)."""
+        policy = info["policy"]
+        self.logger.append([episode, float(info["reward"]), float(info["accuracy"]),
+                            float(info["cost_ratio"]), float(info["cost"]), int(info["nonfinite"]),
+                            json.dumps(policy)])
+        self.history.append({k: info[k] for k in ("episode", "reward", "accuracy", "cost_ratio")})
+        improved = self.best is None or info["reward"] > self.best["reward"]
+        if improved:
+            self.best = {k: info[k] for k in ("episode", "reward", "accuracy", "cost_ratio",
+                                             "cost", "policy")}
+            self._write_best()
+        self._tensorboard(episode, info, losses)
+        self._save_state(episode + 1)
+        # Plots follow the best during long searches (not every time: matplotlib is slow).
+        if improved and time.time() - self._last_plot > PLOT_INTERVAL_S:
+            self._plots()
+
+    def _tensorboard(self, episode, info, losses):
+        w = self.writer
+        w.add_scalar("reward/last", info["reward"], episode)
+        w.add_scalar("reward/best", self.best["reward"], episode)
+        w.add_scalar("info/accuracy", info["accuracy"], episode)
+        w.add_scalar("info/cost_ratio", info["cost_ratio"], episode)
+        w.add_scalar("info/exploration_sigma", self.agent.sigma(episode)
+                     if episode >= self.args.warmup else 1.0, episode)
+        for i, bits in enumerate(info["policy"]):
+            if isinstance(bits, list):
+                w.add_scalar(f"bits_w/{i:03d}", bits[0], episode)
+                w.add_scalar(f"bits_a/{i:03d}", bits[1], episode)
+            else:
+                w.add_scalar(f"bits_w/{i:03d}", bits, episode)
+        losses = [lv for lv in losses if lv[0] is not None]
+        if losses:
+            w.add_scalar("loss/value", float(np.mean([lv[0] for lv in losses])), episode)
+            w.add_scalar("loss/policy", float(np.mean([lv[1] for lv in losses])), episode)
+
+    def _write_best(self):
+        from lib.env.report import write_strategy
+        write_strategy(os.path.join(self.out, "strategy.json"), self.best, self.env.layer_names,
+                       self.meta)
+
+    def _save_state(self, next_episode):
+        from lib.utils.checkpoint import save_checkpoint
+        save_checkpoint(self.agent.weights(), os.path.join(self.out, "agent.pth.tar"))
+        save_checkpoint({"episode": next_episode, "agent": self.agent.state_dict(),
+                         "env": self.env.state_dict(), "best": self.best,
+                         "history": self.history, "rng": rng_states(),
+                         "args": vars(self.args)}, os.path.join(self.out, STATE_FILE))
+
+    def _plots(self):
+        from lib.env.report import plot_history, plot_policy
+        self._last_plot = time.time()
+        b = self.best
+        plot_policy(os.path.join(self.out, "best_policy.png"), b["policy"], self.env.layer_names,
+                    f"{self.args.arch} best policy (episode {b['episode']}): "
+                    f"acc {b['accuracy']:.2f}%, {self.args.cost} ratio {b['cost_ratio']:.3f}")
+        plot_history(os.path.join(self.out, "accuracy_vs_cost.png"), self.history, b["episode"],
+                     self.args.warmup, self.args.preserve_ratio, self.args.cost)
+
+
+def main(argv=None):
+    from lib.utils.logger import setup_logging
+    args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    setup_logging(verbose=args.debug)
+    check_args(args)
+    seed_everything(args.seed)   # the only place seeds are set
+    device = resolve_device(args.device, args.gpu_id)
+    loaders = build_loaders(args)
+    model, info = build_model(args, device)
+    env = build_env(args, model, info, loaders, device)
+    env.check_budget()
+    agent = build_agent(args, env, device)
+    if args.resume != "default":
+        from lib.utils.checkpoint import load_checkpoint
+        agent.load_weights(load_checkpoint(args.resume))
+        log.info("agent weights from %s", args.resume)
+    out_dir = output_folder(args)
+    state = load_search_state(out_dir, args) if args.resume_search else None
+    if state is None:
+        acc = env.measure_original()
+        log.info("%s on %s: %d layers, %d steps per episode, original accuracy %.2f%%, "
+                 "budget %.3f of the reference %s", args.arch, args.dataset, len(env.layers),
+                 env.n_steps, acc, args.preserve_ratio, args.cost)
+    log.info("output folder %s (%s)", out_dir, device)
+    best = Search(args, env, agent, out_dir, state).run()
+    log.info("best: episode %d, accuracy %.2f%%, %s ratio %.4f, strategy %s", best["episode"],
+             best["accuracy"], args.cost, best["cost_ratio"], json.dumps(best["policy"]))
+    # stdout carries only the strategy path, so scripts can hand it to finetune.py.
+    print(os.path.join(out_dir, "strategy.json"), flush=True)
+    return dict(best, output=out_dir)
+
+
+if __name__ == "__main__":
+    run_cli(main)

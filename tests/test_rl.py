@@ -1,0 +1,118 @@
+"""DDPG agent and replay memory (lib/rl): small, CPU-only, seconds."""
+import numpy as np
+import pytest
+import torch
+
+from lib.rl import DDPG, DDPGConfig, ReplayMemory, truncated_normal
+
+
+def _small_agent(warmup=0, seed=0, n_steps=4, state_dim=9):
+    torch.manual_seed(seed)
+    cfg = DDPGConfig(hidden1=16, hidden2=16, warmup=warmup, bsize=8, rmsize=4)
+    return DDPG(state_dim, n_steps, cfg, device=torch.device("cpu"), seed=seed)
+
+
+def _fill(agent, n_episodes=3, reward=1.0):
+    rng = np.random.default_rng(1)
+    for ep in range(n_episodes):
+        states = rng.uniform(size=(5, agent.state_dim))
+        tr = [(states[i], rng.uniform(size=1), states[i + 1], i == 3) for i in range(4)]
+        agent.store_episode(tr, reward * (ep + 1))
+
+
+def test_ring_buffer_wraps():
+    mem = ReplayMemory(3, state_dim=2)
+    for i in range(5):
+        mem.append([i, i], [i / 10], float(i), [i + 1, i + 1], i == 4)
+    assert len(mem) == 3
+    # The two oldest (0, 1) were overwritten by 3 and 4, in ring order.
+    assert sorted(mem.rewards.tolist()) == [2.0, 3.0, 4.0]
+    assert mem.rewards[0] == 3.0 and mem.rewards[1] == 4.0 and mem.next_index == 2
+    s, a, r, s2, d = mem.sample(3, np.random.default_rng(0))
+    assert sorted(r.tolist()) == [2.0, 3.0, 4.0]   # without replacement when enough stored
+    np.testing.assert_allclose(s2 - s, 1.0)
+    # With fewer stored than asked, it samples with replacement.
+    assert mem.sample(7, np.random.default_rng(0))[0].shape == (7, 2)
+
+
+def test_memory_state_round_trip():
+    mem = ReplayMemory(4, state_dim=2)
+    for i in range(6):
+        mem.append([i, 0], [0.5], i, [0, i], False)
+    other = ReplayMemory(4, state_dim=2)
+    other.load_state_dict(mem.state_dict())
+    assert other.size == 4 and other.next_index == mem.next_index
+    np.testing.assert_array_equal(other.states, mem.states)
+
+
+def test_truncated_normal_stays_in_bounds():
+    rng = np.random.default_rng(0)
+    for mu in (0.0, 0.3, 1.0):
+        for sigma in (1e-4, 0.1, 0.5, 5.0):
+            x = truncated_normal(np.full(2000, mu), sigma, 0.0, 1.0, rng)
+            assert x.min() >= 0.0 and x.max() <= 1.0
+    # Small sigma concentrates around the mean.
+    x = truncated_normal(np.full(2000, 0.4), 0.01, 0.0, 1.0, rng)
+    assert abs(x.mean() - 0.4) < 0.01
+
+
+def test_actions_in_unit_interval_and_sigma_decays():
+    agent = _small_agent(warmup=2)
+    state = np.random.default_rng(0).uniform(size=9)
+    for ep in range(6):
+        for _ in range(20):
+            a = agent.select_action(state, ep)
+            assert a.shape == (1,) and 0.0 <= a[0] <= 1.0
+    assert agent.sigma(2) == pytest.approx(0.5)
+    assert agent.sigma(12) == pytest.approx(0.5 * 0.99 ** 10)
+    assert 0.0 <= agent.deterministic_action(state)[0] <= 1.0
+
+
+def test_update_changes_actor_and_critic_and_targets_follow_softly():
+    agent = _small_agent()
+    _fill(agent)
+    before = {k: {n: p.clone() for n, p in getattr(agent, k).state_dict().items()}
+              for k in ("actor", "critic", "actor_target", "critic_target")}
+    vloss, ploss = agent.update_policy()
+    assert np.isfinite(vloss) and np.isfinite(ploss)
+    for k in ("actor", "critic"):
+        changed = [n for n, p in getattr(agent, k).state_dict().items()
+                   if not torch.equal(p, before[k][n])]
+        assert changed, f"{k} did not change"
+    # Target moved by tau * (new - old) for the critic's output layer weights.
+    tau = agent.cfg.tau
+    w_new = agent.critic.fc3.weight.detach()
+    w_old_t = before["critic_target"]["fc3.weight"]
+    expect = (1 - tau) * w_old_t + tau * w_new
+    torch.testing.assert_close(agent.critic_target.fc3.weight.detach(), expect)
+
+
+def test_moving_average_baseline():
+    agent = _small_agent()
+    r = agent._baseline(np.array([2.0, 4.0]))
+    assert agent.moving_average == pytest.approx(3.0)
+    np.testing.assert_allclose(r, [-1.0, 1.0])
+    agent._baseline(np.array([7.0]))
+    assert agent.moving_average == pytest.approx(3.0 + 0.5 * (7.0 - 3.0))
+
+
+def test_warmup_actions_are_uniform_random():
+    agent = _small_agent(warmup=5)
+    state = np.zeros(9)
+    acts = np.array([agent.select_action(state, 0)[0] for _ in range(500)])
+    # mu(s) would be ~0.5 with a tiny spread; uniform draws fill [0, 1].
+    assert acts.min() < 0.05 and acts.max() > 0.95
+
+
+def test_state_dict_round_trip_reproduces_next_steps():
+    a1 = _small_agent(seed=3)
+    _fill(a1)
+    a1.update_policy()
+    snap = a1.state_dict()
+    a2 = _small_agent(seed=99)
+    a2.load_state_dict(snap)
+    s = np.linspace(0, 1, 9)
+    assert a1.select_action(s, 5)[0] == a2.select_action(s, 5)[0]
+    v1, p1 = a1.update_policy()
+    v2, p2 = a2.update_policy()
+    assert v1 == pytest.approx(v2) and p1 == pytest.approx(p2)
