@@ -10,20 +10,19 @@ SGD + cosine schedule, TensorBoard + log.txt, checkpoint/resume, runs under
 """
 import argparse
 import logging
-import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
-from lib.utils.data_utils import dataset_defaults, get_dataset, list_datasets
+from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
-from lib.utils.logger import Logger, setup_logging
+from lib.utils.logger import setup_logging
+from lib.utils.lr_schedule import make_lr_schedule
+from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
 from lib.utils.train import evaluate, train_one_epoch
 from models import default_pretrained_path, get_model, list_models
 
@@ -58,15 +57,6 @@ def get_args_parser():
     return p
 
 
-def cosine_lr(base_lr, warmup, total):
-    """lr at fractional epoch e: linear warmup, then cosine decay to 0."""
-    def lr_at(e):
-        if e < warmup:
-            return base_lr * (e + 1e-3) / warmup
-        return 0.5 * base_lr * (1 + math.cos(math.pi * (e - warmup) / max(total - warmup, 1e-8)))
-    return lr_at
-
-
 def ranks_agree(model, device):
     """True when every rank holds the same weights (checked once per run under torchrun)."""
     flat = torch.cat([p.detach().double().flatten() for p in model.state_dict().values()
@@ -82,14 +72,8 @@ def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     device, rank, world = init_distributed(args.device)
     setup_logging(rank=rank)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    info = dataset_defaults(args.dataset, args.dataset_root)
-    width = args.width_mult if args.width_mult is not None else info.width_mult
-    if "mobilenet" not in args.arch:
-        width = None
-    model_kwargs = dict(num_classes=info.num_classes, input_size=info.input_size, width_mult=width)
+    seed_everything(args.seed)
+    model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult)
     model = get_model(args.arch, **model_kwargs).to(device)
     train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
                                               args.dataset_root, distributed=is_distributed(),
@@ -110,25 +94,18 @@ def main(argv=None):
                         "written by an earlier pretrain.py run")
     net = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     criterion = nn.CrossEntropyLoss()
-    lr_at = cosine_lr(args.lr, args.warmup_epochs, args.epochs)
+    lr_at = make_lr_schedule("cos", args.lr, args.epochs, args.warmup_epochs)
     writer = logger = None
     if rank == 0:
-        from tensorboardX import SummaryWriter
-        os.makedirs(log_dir, exist_ok=True)
-        writer = SummaryWriter(log_dir)
-        logger = Logger(os.path.join(log_dir, "log.txt"),
-                        ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"],
-                        resume=args.resume)
+        writer, logger = open_run_logs(
+            log_dir, ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"],
+            resume=args.resume)
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         if is_distributed():
             train_loader.sampler.set_epoch(epoch)
-
-        def set_lr(i, n, epoch=epoch):
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(epoch + i / n)
-
-        tr = train_one_epoch(net, train_loader, criterion, optimizer, device, epoch, lr_fn=set_lr,
+        tr = train_one_epoch(net, train_loader, criterion, optimizer, device, epoch,
+                             lr_fn=lr_setter(optimizer, lr_at, epoch),
                              progress=args.progress and rank == 0)
         if tr["nonfinite"]:
             raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "

@@ -36,8 +36,8 @@ class InvertedResidual(nn.Module):
         if expand_ratio != 1:
             # The block input is the previous block's linear (signed) output.
             layers += conv_bn(quantized, inp, hidden, 1, 1, half_wave=False)
-        layers += conv_bn(quantized, hidden, hidden, 3, stride, groups=hidden,
-                          half_wave=expand_ratio != 1)
+        # The depthwise conv reads a ReLU6 output (the expand conv's, or the stem's in block 1).
+        layers += conv_bn(quantized, hidden, hidden, 3, stride, groups=hidden)
         layers += conv_bn(quantized, hidden, oup, 1, 1, relu=False)
         self.conv = nn.Sequential(*layers)
 

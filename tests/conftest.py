@@ -8,8 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Two cores: keep intra-op threads small so parallel test processes do not thrash.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: on 2 shared cores, tiny ops with 2 spinning threads run up to
+# 100x slower whenever another process is busy.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -77,3 +77,22 @@ def test_unknown_arch_and_width():
 def test_default_pretrained_path():
     assert default_pretrained_path("qmobilenetv2", "mnist5k").endswith("mobilenetv2_mnist5k.pth.tar")
     assert default_pretrained_path("resnet50", "imagenet").endswith("pretrained/resnet50.pth.tar")
+
+
+def test_qmobilenetv2_half_wave_inputs_follow_the_relus():
+    model = get_model("qmobilenetv2")
+    layers = quantizable_layers(model, linear=True)
+    assert len(layers) == 53
+    full = {n for n, m in layers if not m.half_wave}
+    expand = {f"features.{i}.conv.0" for i in range(2, 18)}
+    # stem (image), expand 1x1 convs and the final 1x1 read signed inputs; all else a ReLU6.
+    assert full == {"features.0.0", "features.18.0"} | expand
+
+
+def test_float_checkpoint_loads_into_q_twin():
+    from lib.utils.checkpoint import load_state_dict
+    src = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    dst = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    missing, unexpected = load_state_dict(dst, src.state_dict())
+    assert unexpected == []
+    assert missing and all(k.endswith(("activation_range", "weight_range")) for k in missing)

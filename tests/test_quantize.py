@@ -1,4 +1,5 @@
 """Tests of lib/quantize: K-Means weight sharing, linear fake quantization, policies."""
+import copy
 import io
 
 import numpy as np
@@ -124,6 +125,18 @@ def test_shared_update_matches_masked_loop():
     for name in codebooks:
         torch.testing.assert_close(codebooks[name].centroids, twin_books[name].centroids,
                                    rtol=0, atol=1e-6)
+
+
+def test_channels_last_weights_are_quantized_and_shared_in_place():
+    model = tiny_cnn().to(memory_format=torch.channels_last)
+    assert not model[3].weight.is_contiguous()
+    books = kmeans_quantize_model(model, [2, 2, 2], seed=0)
+    assert torch.equal(books["3"].weight(model[3].weight.shape), model[3].weight.data)
+    with torch.no_grad():
+        model[3].weight.add_(torch.randn_like(model[3].weight) * 1e-3)
+    CentroidSharer(model, books).step()
+    assert distinct(model[3].weight) <= 4
+    assert torch.equal(books["3"].weight(model[3].weight.shape), model[3].weight.data)
 
 
 def test_free_high_bit_skips_then_reclusters():
@@ -254,6 +267,44 @@ def test_ste_gradient_inside_range_and_pact_range_gradient():
     assert r.grad.item() == pytest.approx(5.0 + 6.0)  # -1 not clipped at -2
 
 
+def test_device_tensor_path_matches_host_scalar_path(monkeypatch):
+    """The accelerator code path (range kept as a tensor) computes what the CPU path does."""
+    from lib.quantize import linear
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 50) * 3
+    g = torch.randn(3, 50)
+    results = []
+    for host in (True, False):
+        monkeypatch.setattr(linear, "_host_scalars", lambda x, host=host: host)
+        out = []
+        for bits, signed in ((3, False), (4, True), (1, True)):
+            x = x0.clone().requires_grad_()
+            r = torch.tensor([2.0], requires_grad=True)
+            y = fake_quantize(x, r, bits, signed)
+            y.backward(g)
+            out += [y.detach(), x.grad, r.grad]
+        results.append(out)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_shared_update_torch_path_matches_masked_loop():
+    """Float64 weights take the torch bincount path (the one used on accelerators)."""
+    model = tiny_cnn().double()
+    codebooks = kmeans_quantize_model(model, [2, 3, 2], seed=0)
+    twin = copy.deepcopy(model)
+    books2 = copy.deepcopy(codebooks)
+    with torch.no_grad():
+        for a, b in zip(model.parameters(), twin.parameters()):
+            noise = torch.randn_like(a) * 1e-2
+            a.add_(noise)
+            b.add_(noise)
+    CentroidSharer(model, codebooks).step()
+    masked_loop_update(twin, books2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("cls,args,shape", [(QConv2d, (4, 6, 3), (2, 4, 7, 7)),
                                             (QLinear, (5, 3), (4, 5))])
 def test_unquantized_layer_is_bit_for_bit_the_float_layer(cls, args, shape):
@@ -293,6 +344,17 @@ def test_kl_clip_never_exceeds_max():
     assert kl_clip(torch.zeros(10), 4, signed=True) == 0
 
 
+def test_kl_clip_ignores_the_zero_spike_of_relu_outputs():
+    """Mostly-zero post-ReLU activations must not collapse the clip to the first bins."""
+    torch.manual_seed(0)
+    dense = torch.rand(100000) * 6
+    sparse = torch.cat([torch.zeros(900000), dense])
+    for bits in (2, 3, 4):
+        t_dense, t_sparse = kl_clip(dense, bits, signed=False), kl_clip(sparse, bits, signed=False)
+        assert t_sparse > 1.0
+        assert abs(t_sparse - t_dense) < 1e-6
+
+
 def test_calibrate_sets_every_range():
     model = tiny_cnn(quantized=True)
     layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
@@ -320,6 +382,8 @@ def test_policy_by_order_and_by_name():
     assert (model[3].w_bit, model[3].a_bit) == (4, 5)
     apply_linear_policy(model, {"7": [2, 3]})
     assert (model[7].w_bit, model[7].a_bit) == (2, 3) and model[3].w_bit == 4
+    apply_linear_policy(model, {"module.7": [3, 3]})  # a DataParallel-prefixed name
+    assert model[7].w_bit == 3
     plan = resolve_kmeans_policy(model, np.array([4, 32, -1]))
     assert [(n, b) for n, _, b in plan] == [("0", 4), ("3", None), ("7", None)]
     books = apply_kmeans_policy(tiny_cnn(), {"3": 2}, seed=0)
@@ -346,6 +410,8 @@ def test_bad_linear_policies_raise_user_error():
         apply_linear_policy(model, [[8, 8], 4, [8, 8]])
     with pytest.raises(UserError, match="activations"):
         apply_linear_policy(model, [[8, 8], [4, 17], [8, 8]])
+    with pytest.raises(UserError, match="no QConv2d/QLinear"):
+        apply_linear_policy(tiny_cnn(), [[8, 8]] * 3)
 
 
 # --------------------------------------------------------------------------- Q models

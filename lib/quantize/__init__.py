@@ -3,17 +3,21 @@
 K-Means weight sharing (:mod:`lib.quantize.kmeans`)::
 
     codebooks = kmeans_quantize_model(model, policy, n_iter=3, method="fast",
-                                      is_pruned=False, free_high_bit=False, seed=None)
+                                      is_pruned=False, free_high_bit=False, seed=None,
+                                      min_iter=None)
         # policy: bits per Conv2d/Linear in modules() order, or {layer name: bits};
         # -1/32 = keep float.  Weights are replaced in place; returns {name: Codebook}.
+        # method: "fast" (1-D sorted/prefix-sum k-means, >= FAST_MIN_ITER=20 Lloyd steps)
+        # or "sklearn" (the reference: KMeans k-means++, n_init=1, max_iter=n_iter).
     Codebook(centroids, labels, bits, pruned)   # centroids float32 [k(+1 pinned 0 if pruned)],
                                                 # labels flat in the smallest int dtype
     sharer = CentroidSharer(model, codebooks, free_high_bit=False)
     sharer.step()                        # after every optimizer.step(): centroid-shared update
     sharer.recluster(n_iter=50)          # free_high_bit: cluster the skipped (> 6 bit) layers
     codebooks_state_dict(codebooks) / load_codebooks(state)   # checkpoint (weights_only-safe)
-    kmeans_1d(x, k, n_iter=3, method="fast", seed=None) -> (centroids, labels)
+    kmeans_1d(x, k, n_iter=3, method="fast", seed=None, min_iter=None) -> (centroids, labels)
     inertia(x, centroids, labels) -> float                     # the objective, float64
+    masked_loop_update(model, codebooks)  # per-centroid reference update (bench/tests only)
 
 Linear fake quantization (:mod:`lib.quantize.linear`)::
 
@@ -22,6 +26,7 @@ Linear fake quantization (:mod:`lib.quantize.linear`)::
     QLinear(in_features, out_features, bias=True, w_bit=-1, a_bit=-1, half_wave=True)
         .set_bits(w_bit=None, a_bit=None); .w_bit / .a_bit; .activation_range; .weight_range
     calibrate(model, loader, device=None)   # one batch sets every range (KL clip below 5 bits)
+    fake_quantize(x, r, bits, signed)       # the STE/PACT fake-quant op; kl_clip(x, bits, signed)
 
 Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a bad one::
 
@@ -29,16 +34,16 @@ Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a
     apply_linear_policy(model, [[w, a], ...] or {name: [w, a]}) -> [(name, w, a)]
     resolve_kmeans_policy(model, policy) / resolve_linear_policy(model, policy)
 """
-from lib.quantize.kmeans import (CentroidSharer, Codebook, codebooks_state_dict, inertia,
-                                 kmeans_1d, kmeans_quantize_layer, kmeans_quantize_model,
-                                 load_codebooks)
+from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, Codebook, codebooks_state_dict,
+                                 inertia, kmeans_1d, kmeans_quantize_layer, kmeans_quantize_model,
+                                 load_codebooks, masked_loop_update)
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip, quant_layers
 from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy, resolve_kmeans_policy,
                                  resolve_linear_policy)
 
 __all__ = [
-    "CentroidSharer", "Codebook", "codebooks_state_dict", "inertia", "kmeans_1d",
-    "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks",
+    "FAST_MIN_ITER", "CentroidSharer", "Codebook", "codebooks_state_dict", "inertia", "kmeans_1d",
+    "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks", "masked_loop_update",
     "QConv2d", "QLinear", "calibrate", "fake_quantize", "kl_clip", "quant_layers",
     "apply_kmeans_policy", "apply_linear_policy", "resolve_kmeans_policy", "resolve_linear_policy",
 ]

@@ -1,4 +1,6 @@
-"""K-Means weight sharing (HAQ section 3.2 / "Deep Compression", DESIGN.md section 4).
+"""K-Means weight sharing (HAQ's model-size experiments; Han et al., "Deep Compression", 2016).
+
+Behaviour: DESIGN.md section 4.
 
 Each quantized layer's weights are flattened to 1-D and clustered into k = 2^bits centroids;
 every weight is replaced by its centroid and the cluster labels are kept so that fine-tuning can
@@ -14,7 +16,8 @@ Two clustering back-ends give the same objective, the within-cluster sum of squa
   of ``x`` and ``x^2`` every quantity k-means++ and Lloyd need (cell sizes, sums, potentials,
   D^2-sampling) costs O(log n) instead of O(n).  Seeding is scikit-learn's greedy k-means++
   (``2 + ln k`` candidates per centroid, the one lowering the potential most is kept); Lloyd
-  iterations cost O(k log n).  The only O(n) work is the sort and the final label assignment.
+  iterations cost O(k log n), so it runs at least ``FAST_MIN_ITER`` of them.  The O(n) work is
+  the sort, the prefix sums and the final label assignment.
 
 Pruned layers (``is_pruned``) cluster only their non-zero weights; the zeros get the extra label
 ``k`` whose centroid is pinned at 0, so they stay zero through the shared updates.
@@ -68,7 +71,7 @@ class Codebook:
 
     def weight(self, shape):
         """The quantized weight ``centroids[labels]`` reshaped to ``shape``."""
-        return self.centroids[self.labels.long()].reshape(shape)
+        return self.centroids.to(self.labels.device)[self.labels.long()].reshape(shape)
 
     def state_dict(self):
         """Plain tensors/ints only, so ``torch.load(weights_only=True)`` accepts it."""
@@ -273,12 +276,13 @@ def assign_labels(x, centroids, dtype=None):
     return torch.from_numpy(out)
 
 
-def kmeans_centroids(x, k, n_iter=3, method="fast", seed=None, min_iter=FAST_MIN_ITER):
+def kmeans_centroids(x, k, n_iter=3, method="fast", seed=None, min_iter=None):
     """Sorted float64 centroids (numpy, <= k of them distinct) of the 1-D tensor ``x``.
 
     k-means++ seeding, then Lloyd steps: ``'sklearn'`` runs ``n_iter``; ``'fast'`` runs
-    ``max(n_iter, min_iter)`` (they are nearly free there; ``min_iter=0`` gives the
-    reference's schedule exactly), stopping early at a fixed point.  ``seed`` makes the
+    ``max(n_iter, min_iter)`` (they are nearly free there; ``min_iter`` defaults to
+    ``FAST_MIN_ITER``, and 0 gives the reference's schedule exactly), stopping early at a
+    fixed point.  ``seed`` makes the
     k-means++ draws reproducible.
     """
     if method not in METHODS:
@@ -286,11 +290,12 @@ def kmeans_centroids(x, k, n_iter=3, method="fast", seed=None, min_iter=FAST_MIN
     xn = x.detach().reshape(-1).float().cpu().numpy()
     k = max(1, min(int(k), xn.size))
     if method == "fast":
-        return _fast_centroids(xn, k, max(n_iter, min_iter), np.random.default_rng(seed))
+        n_iter = max(n_iter, FAST_MIN_ITER if min_iter is None else min_iter)
+        return _fast_centroids(xn, k, n_iter, np.random.default_rng(seed))
     return _sklearn_centroids(xn, k, n_iter, seed)
 
 
-def kmeans_1d(x, k, n_iter=3, method="fast", seed=None, min_iter=FAST_MIN_ITER):
+def kmeans_1d(x, k, n_iter=3, method="fast", seed=None, min_iter=None):
     """Cluster the 1-D tensor ``x`` into ``k`` groups; see :func:`kmeans_centroids`.
 
     Returns ``(centroids, labels)``: sorted float32 centroids [k] and the labels of ``x``.
@@ -300,7 +305,7 @@ def kmeans_1d(x, k, n_iter=3, method="fast", seed=None, min_iter=FAST_MIN_ITER):
 
 
 def inertia(x, centroids, labels):
-    """Within-cluster sum of squares ``sum_i (x_i - c_{l_i})^2`` in float64 (the K-Means objective)."""
+    """The K-Means objective ``sum_i (x_i - c_{l_i})^2`` (within-cluster sum of squares)."""
     x = x.detach().reshape(-1).cpu()
     total = 0.0
     c = centroids.double()
@@ -315,9 +320,13 @@ def inertia(x, centroids, labels):
 
 
 @torch.no_grad()
-def kmeans_quantize_layer(weight, bits, n_iter=3, method="fast", is_pruned=False, seed=None):
-    """K-Means-quantize one weight tensor in place to ``2^bits`` shared values; return its Codebook."""
-    flat = weight.data.reshape(-1)
+def kmeans_quantize_layer(weight, bits, n_iter=3, method="fast", is_pruned=False, seed=None,
+                          min_iter=None):
+    """K-Means-quantize one weight tensor in place to ``2^bits`` shared values; return its Codebook.
+
+    Labels follow the weight's logical (row-major) flattening, whatever its memory layout.
+    """
+    flat = _flat(weight)
     cpu = flat.detach().float().cpu()
     k = 2 ** int(bits)
     if is_pruned:
@@ -326,15 +335,29 @@ def kmeans_quantize_layer(weight, bits, n_iter=3, method="fast", is_pruned=False
         if kept.numel() == 0:  # fully pruned: a single zero centroid, nothing to cluster
             centroids = torch.zeros(1)
         else:
-            centroids = torch.from_numpy(kmeans_centroids(kept, k, n_iter, method, seed)).float()
+            centers = kmeans_centroids(kept, k, n_iter, method, seed, min_iter)
+            centroids = torch.from_numpy(centers).float()
         labels = assign_labels(cpu, centroids, label_dtype(centroids.numel() + 1))
         labels[~keep] = centroids.numel()
         centroids = torch.cat([centroids, torch.zeros(1)])
     else:
-        centroids, labels = kmeans_1d(cpu, k, n_iter, method, seed)
+        centroids, labels = kmeans_1d(cpu, k, n_iter, method, seed, min_iter)
     cb = Codebook(centroids, labels, int(bits), bool(is_pruned))
     _write_back(flat, cb)
+    _commit(weight, flat)
     return cb
+
+
+def _flat(weight):
+    """A flat row-major view of the weight (a copy if its layout is not contiguous)."""
+    w = weight.data
+    return w.view(-1) if w.is_contiguous() else w.contiguous().view(-1)
+
+
+def _commit(weight, flat):
+    """Copy ``flat`` back when :func:`_flat` had to make a copy."""
+    if not weight.data.is_contiguous():
+        weight.data.copy_(flat.view(weight.shape))
 
 
 def _write_back(flat, cb):
@@ -350,13 +373,14 @@ def _write_back(flat, cb):
 
 
 def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=False,
-                          free_high_bit=False, seed=None):
+                          free_high_bit=False, seed=None, min_iter=None):
     """K-Means-quantize ``model``'s Conv2d/Linear layers in place; return ``{name: Codebook}``.
 
     ``policy``: bits per layer, a list in ``model.modules()`` order or a dict name -> bits
     (layers a dict leaves out, and entries of -1 or 32, stay float).  ``free_high_bit`` leaves
     layers above 6 bits float (they are clustered later by :meth:`CentroidSharer.recluster`).
-    ``seed`` (int) makes the result reproducible; layer i uses ``seed + i``.
+    ``seed`` (int) makes the result reproducible; layer i uses ``seed + i``.  ``min_iter``:
+    see :func:`kmeans_centroids` (fast path only).
     """
     plan = resolve_kmeans_policy(model, policy)
     codebooks = {}
@@ -366,7 +390,7 @@ def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=Fals
             continue
         layer_seed = None if seed is None else seed + i
         codebooks[name] = kmeans_quantize_layer(module.weight, bits, n_iter, method,
-                                                is_pruned, layer_seed)
+                                                is_pruned, layer_seed, min_iter)
     logger.debug("k-means (%s, %d iters) of %d layers took %.2fs", method, n_iter,
                  len(codebooks), time.perf_counter() - start)
     return codebooks
@@ -378,7 +402,8 @@ class CentroidSharer:
     Call :meth:`step` after every ``optimizer.step()``: each centroid becomes the mean of its
     members' updated weights and the members are reset to it.  Labels never change, so the
     cluster sizes are computed once here; an update is one ``bincount`` (weighted sums) and
-    one ``index_select`` (write-back) per layer, O(#weights) in total.
+    one gather (write-back) per layer, O(#weights) in total, instead of one masked pass per
+    centroid.  On the CPU numpy does both, reading the 1-byte labels directly.
 
     With ``free_high_bit`` the layers above 6 bits are skipped (they train freely) until
     :meth:`recluster` clusters them again, e.g. before the last epoch.
@@ -393,11 +418,17 @@ class CentroidSharer:
         if missing:
             raise KeyError(f"codebooks name layers the model does not have: {missing}")
         self._layers = {name: modules[name] for name in codebooks}
-        self._counts = {name: self._count(cb) for name, cb in codebooks.items()}
+        self._counts = {}
+        for name in codebooks:
+            self._prepare(name)
 
-    @staticmethod
-    def _count(cb):
-        return torch.bincount(cb.labels.int(), minlength=cb.centroids.numel()).double()
+    def _prepare(self, name):
+        """Cluster sizes (fixed: labels never change) and labels on the weight's device."""
+        cb = self.codebooks[name]
+        device = self._layers[name].weight.device
+        cb.labels = cb.labels.to(device)
+        self._counts[name] = torch.bincount(cb.labels.int(),
+                                            minlength=cb.centroids.numel()).double()
 
     def active(self):
         """Names of the layers :meth:`step` updates."""
@@ -408,15 +439,22 @@ class CentroidSharer:
     def step(self):
         """One centroid-shared update of every active layer."""
         for name in self.active():
-            self._update(self._layers[name].weight.data, self.codebooks[name], self._counts[name])
+            weight = self._layers[name].weight
+            flat = _flat(weight)
+            self._update(flat, self.codebooks[name], self._counts[name])
+            _commit(weight, flat)
 
     @staticmethod
-    def _update(weight, cb, count):
-        flat = weight.reshape(-1)
-        labels = cb.labels.to(device=flat.device, dtype=torch.int32)
-        # float64 sums: a float32 running sum over ~10^6 members drifts by ~1e-2 relative,
+    def _update(flat, cb, count):
+        # sums in float64: a float32 running sum over ~10^6 members drifts by ~1e-2 relative,
         # far more than one optimizer step moves a centroid
-        sums = torch.bincount(labels, weights=flat.double(), minlength=count.numel())
+        if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
+            # numpy reads the small label dtype directly (torch wants int32/int64 copies)
+            sums = torch.from_numpy(np.bincount(cb.labels.numpy(), weights=flat.numpy(),
+                                                minlength=count.numel()))
+        else:
+            labels = cb.labels.to(device=flat.device, dtype=torch.int32)
+            sums = torch.bincount(labels, weights=flat.double(), minlength=count.numel())
         count = count.to(sums.device)
         # an empty cluster keeps its centroid; a pruned layer's zero slot stays exactly 0
         new = torch.where(count > 0, sums / count.clamp(min=1),
@@ -424,7 +462,7 @@ class CentroidSharer:
         if cb.pruned:
             new[-1] = 0.0
         cb.centroids = new.to(torch.float32).cpu()
-        torch.index_select(new.to(flat.dtype), 0, labels, out=flat)
+        _write_back(flat, cb)
 
     def recluster(self, n_iter=50, method="fast", is_pruned=None, seed=None, names=None):
         """Re-run K-Means on ``names`` (default: the high-bit layers skipped by :meth:`step`)."""
@@ -436,23 +474,24 @@ class CentroidSharer:
             cb = kmeans_quantize_layer(self._layers[name].weight, old.bits, n_iter, method,
                                        pruned, seed)
             self.codebooks[name] = cb
-            self._counts[name] = self._count(cb)
+            self._prepare(name)
         return names
 
 
 def masked_loop_update(model, codebooks):
-    """The straightforward per-centroid update (one masked pass per centroid): the benchmark's
+    """The straightforward per-centroid update, one masked pass per centroid: the benchmark's
     baseline and the tests' oracle for :class:`CentroidSharer`."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, cb in codebooks.items():
             flat = modules[name].weight.data.view(-1)
-            labels = cb.labels.long()
+            labels = cb.labels.to(flat.device)
             for j in range(cb.n_clusters):
                 mask = labels == j
-                if mask.any():
-                    mean = flat[mask].double().mean()
+                members = flat[mask]
+                if members.numel():
+                    mean = members.double().mean()
                     cb.centroids[j] = mean
-                    flat[mask] = mean.to(flat.dtype)
+                    flat.masked_fill_(mask, mean.to(flat.dtype))
             if cb.pruned:
-                flat[labels == cb.n_clusters] = 0.0
+                flat.masked_fill_(labels == cb.n_clusters, 0.0)

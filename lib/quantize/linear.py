@@ -52,7 +52,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, steps, signed):
         r = r.detach().clamp(min=_MIN_RANGE).to(x.dtype)
-        if x.device.type == "cpu":
+        if _host_scalars(x):
             r = float(r)
         lo = -r if signed else 0.0 * r
         ctx.signed, ctx.r = signed, r
@@ -78,6 +78,11 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
+def _host_scalars(x):
+    """Whether the range may be read to the host (free on the CPU; a sync on a GPU)."""
+    return x.device.type == "cpu"
+
+
 def _pass_inside(grad, x, lo, hi):
     """grad where lo < x < hi, else 0 (one fused pass on the CPU via hardtanh_backward)."""
     if torch.is_tensor(lo) or torch.is_tensor(hi):
@@ -86,7 +91,7 @@ def _pass_inside(grad, x, lo, hi):
 
 
 def fake_quantize(x, r, bits, signed):
-    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see :class:`_FakeQuant`."""
+    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see _FakeQuant."""
     return _FakeQuant.apply(x, r, n_steps(bits, signed), signed)
 
 
@@ -100,6 +105,9 @@ def kl_clip(values, bits, signed, bins=2048, max_candidates=256):
     """
     v = values.detach().float().reshape(-1)
     v = v.abs() if signed else v.clamp(min=0)
+    # Exact zeros (most of a post-ReLU tensor) sit on the grid at no error; left in,
+    # their spike in the first bin drags the optimum to a tiny clip.
+    v = v[v > 0]
     top = float(v.max()) if v.numel() else 0.0
     if top <= 0.0:
         return top
@@ -112,7 +120,7 @@ def kl_clip(values, bits, signed, bins=2048, max_candidates=256):
     for i in list(range(levels, bins, stride)) + [bins]:
         p = hist[:i].copy()
         p[-1] += hist[i:].sum()
-        nonzero = hist[:i] > 0
+        nonzero = p > 0  # Q lives where P does (the folded tail included)
         group = np.arange(i) * levels // i
         mass = np.bincount(group, weights=hist[:i], minlength=levels)
         width = np.bincount(group, weights=nonzero, minlength=levels)

@@ -3,7 +3,8 @@
 A policy is what the search produces and what ``strategy.json`` stores (DESIGN.md sections 3, 9):
 
 * K-Means mode: one weight bit width per ``nn.Conv2d``/``nn.Linear``, e.g. ``[6, 6, 5, ...]``;
-* linear mode: one ``[w_bit, a_bit]`` pair per ``QConv2d``/``QLinear``, e.g. ``[[8, -1], [7, 7], ...]``.
+* linear mode: one ``[w_bit, a_bit]`` pair per ``QConv2d``/``QLinear``, e.g.
+  ``[[8, -1], [7, 7], ...]``.
 
 Either may be a list in ``model.modules()`` order (its length must equal the number of
 quantizable layers) or a dict ``{layer name: bits}`` naming a subset of the layers by their
@@ -36,20 +37,29 @@ def _check_bits(value, what, allow_float_32=False):
     return value
 
 
+def _unwrap(name):
+    return name[len("module."):] if name.startswith("module.") else name
+
+
 def _match(model, policy, linear):
     """Pair each entry of ``policy`` with its layer: ``[(name, module, entry)]``."""
     layers = quantizable_layers(model, linear=linear)
     kind = "QConv2d/QLinear" if linear else "Conv2d/Linear"
+    if linear and not layers:
+        raise UserError("the model has no QConv2d/QLinear layers; a linear-mode policy needs a "
+                        "quantized model (e.g. qmobilenetv2 instead of mobilenetv2)")
     if hasattr(policy, "tolist"):  # numpy array / tensor from the agent
         policy = policy.tolist()
     if isinstance(policy, Mapping):
-        by_name = dict(layers)
-        unknown = [n for n in policy if n not in by_name]
+        # names match with or without a DataParallel/DDP "module." prefix on either side
+        wanted = {_unwrap(n): entry for n, entry in policy.items()}
+        known = {_unwrap(n) for n, _ in layers}
+        unknown = [n for n in policy if _unwrap(n) not in known]
         if unknown:
             shown = ", ".join(n for n, _ in layers[:6]) + (", ..." if len(layers) > 6 else "")
             raise UserError(f"policy names unknown layer(s) {unknown}; expected names of the "
                             f"model's {len(layers)} {kind} layers ({shown})")
-        return [(n, m, policy[n]) for n, m in layers if n in policy]
+        return [(n, m, wanted[_unwrap(n)]) for n, m in layers if _unwrap(n) in wanted]
     if isinstance(policy, (str, bytes)) or not isinstance(policy, Sequence):
         raise UserError(f"policy must be a list (one entry per {kind} layer) or a dict "
                         f"layer name -> bits; got {type(policy).__name__}")
@@ -92,6 +102,6 @@ def apply_linear_policy(model, policy):
 
 
 def apply_kmeans_policy(model, policy, **kwargs):
-    """K-Means-quantize the model by ``policy``; see :func:`lib.quantize.kmeans.kmeans_quantize_model`."""
+    """K-Means-quantize the model by ``policy``; see :func:`kmeans.kmeans_quantize_model`."""
     from lib.quantize.kmeans import kmeans_quantize_model
     return kmeans_quantize_model(model, policy, **kwargs)
