@@ -27,6 +27,7 @@ from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_ch
                                   load_pretrained, load_state_dict, save_checkpoint)
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging
@@ -45,7 +46,7 @@ LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="HAQ: fine-tune or evaluate a quantization policy")
+    p = ArgumentParser(description="HAQ: fine-tune or evaluate a quantization policy")
     bool_flag = argparse.BooleanOptionalAction
     p.add_argument("-d", "--data", default=None, help="dataset root (default data/<data_name>)")
     p.add_argument("--data_name", default=None,
@@ -398,7 +399,6 @@ def run_evaluation(run):
 
 def run_training(run, start):
     """Prepare (fresh or resumed), log the start point, train, write results.json."""
-    args = run.args
     if run.setup.ckpt is not None:
         run.prepare_resumed()
     else:

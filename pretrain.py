@@ -19,6 +19,7 @@ import torch.nn as nn
 from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 from lib.utils.logger import setup_logging
 from lib.utils.lr_schedule import make_lr_schedule
@@ -30,7 +31,7 @@ log = logging.getLogger("pretrain")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Full-precision training (HAQ's pretrained models)")
+    p = ArgumentParser(description="Full-precision training (HAQ's pretrained models)")
     p.add_argument("-a", "--arch", default="mobilenetv2", choices=list_models(),
                    help="model to train")
     p.add_argument("--dataset", default="mnist5k",

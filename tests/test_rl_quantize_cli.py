@@ -21,6 +21,7 @@ from lib.quantize.policy import resolve_kmeans_policy, resolve_linear_policy
 from lib.utils.checkpoint import load_checkpoint, save_checkpoint
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
+from lib.utils.strategy import load_strategy, validate_strategy
 from models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +117,9 @@ def test_kmeans_search_writes_valid_strategy(assets, tmp_path):
     assert s["mode"] == "kmeans" and s["metric"] == "size" and s["layers"] == names
     assert len(s["strategy"]) == 53 and all(1 <= b <= 4 for b in s["strategy"])
     assert s["cost_ratio"] <= 0.1 and s["episode"] == best["episode"]
-    # What finetune.py applies: by name and by order, both accepted.
+    # finetune.py's validation and the policy application accept it, by name and by order.
+    validate_strategy(load_strategy(os.path.join(folder, "strategy.json")), names, "kmeans",
+                      min_bit=1, max_bit=4)
     resolve_kmeans_policy(model, dict(zip(s["layers"], s["strategy"])))
     resolve_kmeans_policy(model, s["strategy"])
 
@@ -132,6 +135,9 @@ def test_linear_search_writes_valid_strategy(assets, tmp_path):
     assert all(5 <= b <= 8 for w, a in s["strategy"][1:] for b in (w, a))
     assert s["cost_ratio"] <= 0.5
     model = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    names = [n for n, _ in quantizable_layers(model, linear=True)]
+    validate_strategy(load_strategy(os.path.join(folder, "strategy.json")), names, "linear",
+                      min_bit=5, max_bit=8)
     resolve_linear_policy(model, dict(zip(s["layers"], s["strategy"])))
 
 

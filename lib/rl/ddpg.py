@@ -130,8 +130,9 @@ class DDPG:
         # Targets start as exact copies (hard update).
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
-        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=c.lr_a)
-        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=c.lr_c)
+        # foreach: one multi-tensor kernel per Adam step instead of one per parameter.
+        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=c.lr_a, foreach=True)
+        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=c.lr_c, foreach=True)
         self.memory = ReplayMemory(c.rmsize * n_steps, state_dim, action_dim)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
@@ -194,10 +195,14 @@ class DDPG:
         value_loss.backward()
         self.critic_optim.step()
 
+        # The actor's loss needs dQ/da only: freezing the critic's weights skips their
+        # (discarded) gradients, the largest part of this backward pass.
+        self.critic.requires_grad_(False)
         policy_loss = -self.critic(s, self.actor(s)).mean()
         self.actor_optim.zero_grad(set_to_none=True)
         policy_loss.backward()
         self.actor_optim.step()
+        self.critic.requires_grad_(True)
 
         self._soft_update(self.actor_target, self.actor)
         self._soft_update(self.critic_target, self.critic)

@@ -11,7 +11,6 @@ Example::
     python -m lib.simulator --arch mobilenetv2 --dataset imagenet \\
         --hardware bismo_edge --metric latency --batch 16
 """
-import argparse
 import logging
 import sys
 
@@ -22,13 +21,14 @@ from lib.simulator.hardware import HARDWARE, get_hardware, layer_cost
 from lib.simulator.shapes import extract_layer_shapes
 from lib.simulator.tables import (CACHE_DIR, METRICS, UNITS, check_metric, get_table,
                                   table_path)
+from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 
 log = logging.getLogger("lib.simulator")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, help="model name from the models registry")
     p.add_argument("--dataset", default="imagenet", help="sets classes and input size")
     p.add_argument("--hardware", required=True, help=f"one of: {', '.join(HARDWARE)}")

@@ -13,6 +13,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from lib.utils.cli import ArgumentParser  # noqa: E402
 from lib.utils.errors import UserError, run_cli  # noqa: E402
 
 CLASS_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")
@@ -44,7 +45,7 @@ def make_subset(src, dst, classes):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="data/imagenet", help="ImageNet root (train/, val/)")
     p.add_argument("--dst", default="data/imagenet100", help="where to create the subset")
     p.add_argument("--classes", default=CLASS_LIST, help="file with one WordNet id per line")

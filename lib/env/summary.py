@@ -1,0 +1,226 @@
+"""Uniform-precision baselines and the demo's summary of a search + fine-tune run.
+
+    python -m lib.env.summary uniform SEARCH/strategy.json OUT.json
+        The best *uniform* policy (same bits in every layer; linear mode keeps the
+        pinned first/last layers) whose cost fits the search's budget, as a strategy.json.
+    python -m lib.env.summary report DEMO_DIR
+        Reads DEMO_DIR/{linear,kmeans}_{search,haq,uniform}; prints and writes summary.md
+        and summary.json, and the plots (per-layer bits, accuracy vs cost, reward).
+
+The HAQ claim under test: at the same or lower cost, the searched mixed-precision
+policy is more accurate than the best uniform one after the same fine-tune.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+from lib.utils.checkpoint import atomic_write_json, atomic_write_text
+from lib.utils.cli import ArgumentParser
+from lib.utils.errors import UserError, run_cli
+
+from .report import _pyplot, plot_policy
+
+log = logging.getLogger(__name__)
+MODES = ("linear", "kmeans")
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise UserError(f"'{path}' not found; expected the output of an earlier demo step")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def cost_model_for(strategy):
+    """(cost model, layer names) of the model and budget a strategy.json describes."""
+    from lib.simulator import SizeCost, TableCost, get_table
+    from lib.utils.layers import quantizable_layers
+    from lib.utils.run_utils import model_kwargs_for
+    from models import get_model
+
+    arch, dataset, linear = strategy["arch"], strategy.get("dataset", "imagenet"), \
+        strategy["mode"] == "linear"
+    model = get_model(arch, **model_kwargs_for(arch, dataset, None, strategy.get("width_mult")))
+    layers = quantizable_layers(model, linear=linear)
+    if not linear:
+        return SizeCost([m.weight.numel() for _, m in layers]), [n for n, _ in layers]
+    table = get_table(arch, dataset, strategy["hardware"], strategy["metric"], 16, model=model,
+                      linear=True, width_mult=strategy.get("width_mult"))
+    return (TableCost(table, min_bit=strategy.get("min_bit", 1), metric=strategy["metric"]),
+            [n for n, _ in layers])
+
+
+def uniform_policy(bits, n_layers, linear):
+    """Same bits everywhere; linear mode pins the first layer to [8, -1] and the last to [8, 8]."""
+    if not linear:
+        return [bits] * n_layers
+    return [[8, -1]] + [[bits, bits]] * (n_layers - 2) + [[8, 8]]
+
+
+def best_uniform(strategy):
+    """The widest uniform policy within the strategy's budget, as a strategy.json dict."""
+    cost, names = cost_model_for(strategy)
+    linear = strategy["mode"] == "linear"
+    budget = strategy["preserve_ratio"] * cost.reference()
+    lo, hi = strategy.get("min_bit", 1), strategy.get("max_bit", 8)
+    for bits in range(hi, lo - 1, -1):
+        policy = uniform_policy(bits, len(names), linear)
+        if cost(policy) <= budget:
+            out = {k: strategy.get(k) for k in ("arch", "mode", "metric", "hardware", "preserve_ratio",
+                                                  "dataset", "width_mult", "min_bit", "max_bit")}
+            out.update(cost_ratio=cost(policy) / cost.reference(), layers=names, strategy=policy,
+                       uniform_bits=bits, accuracy=None, episode=None)
+            return out
+    raise UserError(f"no uniform policy of {lo}..{hi} bits fits preserve ratio "
+                    f"{strategy['preserve_ratio']}")
+
+
+def _read_log(path):
+    """Episode rows of a search's log.txt (header: episode reward accuracy cost_ratio ...)."""
+    rows = []
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        for line in f:
+            cells = dict(zip(header, line.rstrip("\n").split("\t")))
+            rows.append({k: float(cells[k]) for k in ("episode", "reward", "accuracy", "cost_ratio")})
+    return rows
+
+
+def _find_search(demo_dir, mode):
+    """The newest run folder under DEMO_DIR/<mode>_search that holds a strategy.json."""
+    parent = os.path.join(demo_dir, f"{mode}_search")
+    runs = sorted((os.path.join(parent, d) for d in os.listdir(parent)), key=os.path.getmtime) \
+        if os.path.isdir(parent) else []
+    runs = [r for r in runs if os.path.isfile(os.path.join(r, "strategy.json"))]
+    if not runs:
+        raise UserError(f"no search with a strategy.json under '{parent}'")
+    return runs[-1]
+
+
+def collect(demo_dir, mode):
+    """Everything the summary reports for one mode."""
+    search = _find_search(demo_dir, mode)
+    haq = _read_json(os.path.join(search, "strategy.json"))
+    uniform = _read_json(os.path.join(demo_dir, f"{mode}_uniform.json"))
+    cost, _ = cost_model_for(haq)
+    res = {}
+    for name, strat in (("haq", haq), ("uniform", uniform)):
+        r = _read_json(os.path.join(demo_dir, f"{mode}_{name}", "results.json"))
+        c = cost(strat["strategy"])
+        value, unit = cost.to_human(c)
+        res[name] = {"top1": r.get("best_top1"), "quant_top1": r.get("quant_top1"),
+                     "cost_ratio": c / cost.reference(), "cost": value, "unit": unit,
+                     "policy": strat["strategy"], "fp32_top1": r.get("fp32_top1")}
+    ref_value, ref_unit = cost.to_human(cost.reference())
+    res["uniform"]["label"] = _uniform_label(uniform)
+    return {"search": search, "history": _read_log(os.path.join(search, "log.txt")),
+            "layers": haq["layers"], "preserve_ratio": haq["preserve_ratio"],
+            "metric": haq["metric"], "hardware": haq.get("hardware"),
+            "reference": {"cost": ref_value, "unit": ref_unit}, **res}
+
+
+def _uniform_label(uniform):
+    b = uniform["uniform_bits"]
+    return f"uniform w{b}a{b}" if uniform["mode"] == "linear" else f"uniform {b}-bit"
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(summary):
+    lines = ["| mode | policy | top-1 after fine-tune (%) | top-1 right after quantization (%) "
+             "| cost ratio | cost |", "|---|---|---|---|---|---|"]
+    for mode in MODES:
+        s = summary.get(mode)
+        if not s:
+            continue
+        ref = s["reference"]
+        budget = f"{s['metric']} <= {s['preserve_ratio']} x reference"
+        fp32 = s["haq"]["fp32_top1"]
+        ref_name = "w8a8" if mode == "linear" else "fp32"
+        lines.append(f"| {mode} ({budget}) | fp32 model | {_fmt(fp32)} | - | 1.000 ({ref_name}) "
+                     f"| {ref['cost']:.4g} {ref['unit']} |")
+        for key, label in (("uniform", s["uniform"]["label"]), ("haq", "HAQ (searched)")):
+            r = s[key]
+            lines.append(f"| {mode} | {label} | {_fmt(r['top1'])} | {_fmt(r['quant_top1'])} "
+                         f"| {r['cost_ratio']:.3f} | {r['cost']:.4g} {r['unit']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_search(path, s, mode):
+    """Accuracy vs cost of every episode, with the fine-tuned HAQ and uniform policies marked."""
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    hist = s["history"]
+    ax.scatter([h["cost_ratio"] for h in hist], [h["accuracy"] for h in hist], s=10,
+               c=[h["episode"] for h in hist], cmap="viridis", label="search episodes (short fine-tune)")
+    for key, marker, color, label in (("haq", "*", "#d62728", "HAQ"),
+                                      ("uniform", "s", "#1f77b4", s["uniform"]["label"])):
+        r = s[key]
+        if r["top1"] is not None:
+            ax.scatter([r["cost_ratio"]], [r["top1"]], marker=marker, s=140, c=color, zorder=3,
+                       edgecolors="k", label=f"{label}, after full fine-tune")
+    ax.axvline(s["preserve_ratio"], color="#d62728", lw=0.8, ls="--", label="budget")
+    ax.set_xlabel(f"{s['metric']} / reference")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{mode}: accuracy vs cost", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax2.plot([h["episode"] for h in hist], [h["reward"] for h in hist], lw=0.8, marker=".")
+    ax2.set_xlabel("episode")
+    ax2.set_ylabel("reward = 0.1 x (acc - acc_fp32)")
+    ax2.set_title(f"{mode}: reward over episodes", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(demo_dir):
+    summary = {}
+    for mode in MODES:
+        if os.path.isdir(os.path.join(demo_dir, f"{mode}_search")):
+            summary[mode] = collect(demo_dir, mode)
+    if not summary:
+        raise UserError(f"'{demo_dir}' holds no linear_search/ or kmeans_search/ folder")
+    table = markdown(summary)
+    for mode, s in summary.items():
+        plot_policy(os.path.join(demo_dir, f"{mode}_policy.png"), s["haq"]["policy"], s["layers"],
+                    title=f"HAQ {mode} policy ({s['metric']} ratio {s['haq']['cost_ratio']:.3f})")
+        plot_search(os.path.join(demo_dir, f"{mode}_search.png"), s, mode)
+    atomic_write_text(os.path.join(demo_dir, "summary.md"), "# HAQ demo summary\n\n" + table)
+    atomic_write_json(os.path.join(demo_dir, "summary.json"),
+                      {m: {k: v for k, v in s.items() if k != "history"} for m, s in summary.items()})
+    return table
+
+
+def get_args_parser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    u = sub.add_parser("uniform", help="best uniform policy within a search's budget")
+    u.add_argument("strategy", help="the search's strategy.json")
+    u.add_argument("output", help="where to write the uniform strategy.json")
+    r = sub.add_parser("report", help="summary table and plots of a demo folder")
+    r.add_argument("demo_dir")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.command == "uniform":
+        out = best_uniform(_read_json(args.strategy))
+        atomic_write_json(args.output, out)
+        log.info("%s: cost ratio %.3f", _uniform_label(out), out["cost_ratio"])
+        return out
+    table = report(args.demo_dir)
+    sys.stdout.write(table)
+    return table
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_cli(main)

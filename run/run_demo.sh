@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole HAQ pipeline on the embedded default (mnist5k, width-0.5 MobileNet-V2), on the CPU,
+# with no downloads:
+#   pretrain (if no checkpoint) -> linear latency search (bismo_cloud) -> fine-tune the best policy
+#   -> K-Means size search -> fine-tune -> the best uniform policy at each budget, fine-tuned alike
+#   -> summary table (markdown + JSON) and plots in $OUT.
+# Shorter or longer: EPISODES=20 WARMUP=5 FT_EPOCHS=1 bash run/run_demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash run/setup.sh
+
+OUT=${OUT:-outputs/demo}
+EPISODES=${EPISODES:-30}        # search episodes per mode
+WARMUP=${WARMUP:-10}            # of which random (warmup) episodes
+FT_EPOCHS=${FT_EPOCHS:-2}       # fine-tune epochs of each policy
+LINEAR_RATIO=${LINEAR_RATIO:-0.5}
+KMEANS_RATIO=${KMEANS_RATIO:-0.1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+PY=${PYTHON:-python}
+CKPT=checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar
+SEARCH_DATA=(--dataset mnist5k --train_size 1000 --val_size 1000 --data_bsize 100 --n_worker 0)
+FT=(--epochs "$FT_EPOCHS" --train_batch 64 --test_batch 500 --lr 0.01 --device cpu --no-progress)
+
+start=$(date +%s)
+mkdir -p "$OUT"
+if [ ! -f "$CKPT" ]; then
+    echo "== pretraining the embedded MobileNet-V2 (no checkpoint at $CKPT)"
+    "$PY" pretrain.py --arch mobilenetv2 --dataset mnist5k --no-progress
+fi
+
+search() {  # mode arch extra-flags...
+    local mode=$1 arch=$2; shift 2
+    rm -rf "$OUT/${mode}_search"
+    echo "== $mode search ($EPISODES episodes, $WARMUP warmup)"
+    "$PY" rl_quantize.py --arch "$arch" "${SEARCH_DATA[@]}" --train_episode "$EPISODES" \
+        --warmup "$WARMUP" --device cpu --output "$OUT/${mode}_search" "$@"
+    local run
+    run=$(ls -d "$OUT/${mode}_search"/*-run* | tail -n 1)
+    echo "== $mode: best uniform policy within the same budget"
+    "$PY" -m lib.env.summary uniform "$run/strategy.json" "$OUT/${mode}_uniform.json"
+    for name in haq uniform; do
+        local strategy=$run/strategy.json
+        [ "$name" = uniform ] && strategy=$OUT/${mode}_uniform.json
+        echo "== $mode: fine-tuning the $name policy ($FT_EPOCHS epochs)"
+        "$PY" finetune.py --strategy "$strategy" "${FT[@]}" --eval_fp32 -c "$OUT/${mode}_${name}"
+    done
+}
+
+search linear qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud \
+    --preserve_ratio "$LINEAR_RATIO" --min_bit 2
+search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 1
+
+echo "== summary"
+"$PY" -m lib.env.summary report "$OUT"
+echo "== demo finished in $(( $(date +%s) - start ))s; results in $OUT (summary.md, summary.json, *.png)"
