@@ -167,8 +167,7 @@ def check_args(args):
         raise UserError(f"--cost {args.cost} needs activation bits; expected --cost size with "
                         "K-Means, or --linear_quantization")
     if args.linear_quantization and not args.arch.startswith("q"):
-        from models import list_models as names
-        if "q" + args.arch in names():
+        if "q" + args.arch in list_models():
             log.info("linear quantization: using %s (the Q twin of %s)", "q" + args.arch, args.arch)
             args.arch = "q" + args.arch
         else:

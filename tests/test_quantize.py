@@ -362,7 +362,7 @@ def test_calibrate_sets_every_range():
         layer.set_bits(w, a)
     data = [(torch.randn(8, 3, 8, 8) * 0.1, torch.zeros(8))]
     model.train()
-    calibrate(model, data, torch.device("cpu"))
+    calibrate(model, data, torch.device("cpu"), kl_max_bit=4)   # HAQ's rule: KL below 5 bits
     assert model.training and not any(m.calibrating for m in layers)
     for layer in layers:
         assert layer.weight_range.item() > 0
@@ -370,6 +370,8 @@ def test_calibrate_sets_every_range():
         assert 0 < layer.activation_range.item() < 6  # inputs here are small: min(6, max|x|)
     assert layers[0].weight_range.item() == pytest.approx(layers[0].weight.abs().max().item())
     assert layers[1].weight_range.item() == pytest.approx(kl_clip(layers[1].weight, 3, True))
+    calibrate(model, data, torch.device("cpu"))   # default: max clip at every width
+    assert layers[1].weight_range.item() == pytest.approx(layers[1].weight.abs().max().item())
 
 
 # --------------------------------------------------------------------------- policies

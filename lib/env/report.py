@@ -52,13 +52,13 @@ def plot_policy(path, policy, layer_names, title=""):
         a = [max(p[1], 0) for p in policy]   # -1 (unquantized input) drawn as no bar
         ax.bar([i - 0.2 for i in idx], w, width=0.4, label="weight bits", color="#1f77b4")
         ax.bar([i + 0.2 for i in idx], a, width=0.4, label="activation bits", color="#ff7f0e")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     else:
         ax.bar(idx, policy, width=0.7, label="weight bits", color="#1f77b4")
     ax.set_xlabel("layer (model.modules() order)")
     ax.set_ylabel("bits")
     ax.set_xlim(-1, n)
-    ax.set_ylim(0, max(max(p) if linear else p for p in policy) + 1)
+    ax.set_ylim(0, max(max(p) if linear else p for p in policy) + 2)   # room for the legend
     ax.set_title(title, fontsize=9)
     if n <= 60:
         ax.set_xticks(idx)
