@@ -39,11 +39,11 @@ def get_args_parser():
     p.add_argument("--dataset_root", default=None, help="dataset folder (default data/<dataset>)")
     p.add_argument("--width_mult", type=float, default=None,
                    help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("-b", "--batch_size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=4e-5)
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
     p.add_argument("--warmup_epochs", type=float, default=0.5)
     p.add_argument("-j", "--workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

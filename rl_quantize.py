@@ -24,7 +24,10 @@ import time
 import numpy as np
 import torch
 
+from lib.utils.cli import ArgumentParser, bool_flag
+from lib.utils.distributed import resolve_device
 from lib.utils.errors import UserError, run_cli
+from lib.utils.run_utils import seed_everything
 
 log = logging.getLogger("rl_quantize")
 
@@ -37,33 +40,8 @@ RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult")
 
 
-def str2bool(value):
-    """Parse a boolean flag value; junk is an error (the released ``type=bool`` took "False" as True)."""
-    if isinstance(value, bool):
-        return value
-    v = value.strip().lower()
-    if v in ("1", "true", "t", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "f", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"'{value}' is not a boolean; expected true or false")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one-line UserErrors (run_cli prints them and exits 2)."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-def _bool_flag(p, name, default, help_text):
-    # "--flag", "--flag true/false" all work.
-    p.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
-                   help=f"{help_text} (default {default})")
-
-
 def get_args_parser():
-    p = OneLineParser(description="HAQ: hardware-aware automated quantization (RL search)")
+    p = ArgumentParser(description="HAQ: hardware-aware automated quantization (RL search)")
     p.add_argument("--suffix", default=None, type=str, help="suffix of the output folder name")
     # environment
     p.add_argument("--dataset", default="imagenet", type=str,
@@ -76,8 +54,8 @@ def get_args_parser():
     p.add_argument("--max_bit", default=8, type=int, help="largest bit width")
     p.add_argument("--float_bit", default=32, type=int,
                    help="bits of the reference model in size mode (linear mode's reference is 8-bit)")
-    _bool_flag(p, "--linear_quantization", False, "linear (weight+activation) instead of K-Means")
-    _bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero")
+    bool_flag(p, "--linear_quantization", False, "linear (weight+activation) instead of K-Means")
+    bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero")
     # DDPG
     p.add_argument("--hidden1", default=300, type=int, help="actor/critic first hidden layer")
     p.add_argument("--hidden2", default=300, type=int, help="actor/critic second hidden layer")
@@ -98,7 +76,7 @@ def get_args_parser():
     p.add_argument("--max_episode_length", default=int(1e9), type=int,
                    help="kept for compatibility: an episode is always one pass over the layers")
     p.add_argument("--output", default="save", type=str, help="parent folder of the search outputs")
-    _bool_flag(p, "--debug", False, "debug logging")
+    bool_flag(p, "--debug", False, "debug logging")
     p.add_argument("--init_w", default=0.003, type=float, help="init range of the last layers")
     p.add_argument("--train_episode", default=600, type=int, help="episodes of the search")
     p.add_argument("--epsilon", default=50000, type=int,
@@ -110,8 +88,8 @@ def get_args_parser():
     p.add_argument("--finetune_epoch", default=1, type=int, help="short fine-tune epochs per episode")
     p.add_argument("--finetune_gamma", default=0.8, type=float, help="lr decay per fine-tune epoch")
     p.add_argument("--finetune_lr", default=0.001, type=float, help="short fine-tune learning rate")
-    _bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
-    _bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
+    bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
+    bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
     p.add_argument("--train_size", default=20000, type=int, help="search training subset size")
     p.add_argument("--val_size", default=10000, type=int, help="search validation subset size")
     p.add_argument("--resume", default="default", type=str,
@@ -137,21 +115,18 @@ def get_args_parser():
     p.add_argument("--resume_search", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue a stopped search: its output folder, or the latest run of "
                         "these flags when no folder is given")
-    _bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
+    bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
     return p
 
 
 # ------------------------------------------------------------------ set-up
-def resolve_device(name, gpu_id):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; expected --device cpu or auto")
+def gpu_index(gpu_id):
+    """The first index in the released ``--gpu_id`` (e.g. "1" or "0,1"), used with --device cuda."""
     ids = [int(i) for i in re.findall(r"\d+", gpu_id or "0")] or [0]
-    idx = ids[0] if ids[0] < torch.cuda.device_count() else 0
-    return torch.device("cuda", idx)
+    if torch.cuda.is_available() and ids[0] >= torch.cuda.device_count():
+        log.warning("--gpu_id %s: no such GPU, using GPU 0", gpu_id)
+        return 0
+    return ids[0]
 
 
 def check_args(args):
@@ -176,12 +151,6 @@ def check_args(args):
     for name in ("train_episode", "data_bsize", "train_size", "val_size", "bsize", "rmsize"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(args, device):
@@ -458,7 +427,7 @@ def main(argv=None):
     setup_logging(verbose=args.debug)
     check_args(args)
     seed_everything(args.seed)   # the only place seeds are set
-    device = resolve_device(args.device, args.gpu_id)
+    device = resolve_device(args.device, gpu_index(args.gpu_id))
     loaders = build_loaders(args)
     model, info = build_model(args, device)
     env = build_env(args, model, info, loaders, device)

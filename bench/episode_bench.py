@@ -123,7 +123,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     np.random.seed(234)
     torch.manual_seed(234)
-    device = rl_quantize.resolve_device(a.device, "0")
+    device = rl_quantize.resolve_device(a.device)
     modes = ["kmeans", "linear"] if a.mode == "both" else [a.mode]
     return {m: bench_mode(m, a, device) for m in modes}
 

@@ -10,15 +10,15 @@ cd "$(dirname "$0")/.."
 bash run/setup.sh
 
 OUT=${OUT:-outputs/demo}
-EPISODES=${EPISODES:-30}        # search episodes per mode
-WARMUP=${WARMUP:-10}            # of which random (warmup) episodes
+EPISODES=${EPISODES:-24}        # search episodes per mode
+WARMUP=${WARMUP:-8}             # of which random (warmup) episodes
 FT_EPOCHS=${FT_EPOCHS:-2}       # fine-tune epochs of each policy
 LINEAR_RATIO=${LINEAR_RATIO:-0.5}
 KMEANS_RATIO=${KMEANS_RATIO:-0.1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 PY=${PYTHON:-python}
 CKPT=checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar
-SEARCH_DATA=(--dataset mnist5k --train_size 1000 --val_size 1000 --data_bsize 100 --n_worker 0)
+SEARCH_DATA=(--dataset mnist5k --train_size 600 --val_size 500 --data_bsize 100 --n_worker 0)
 FT=(--epochs "$FT_EPOCHS" --train_batch 64 --test_batch 500 --lr 0.01 --device cpu --no-progress)
 
 start=$(date +%s)
