@@ -24,10 +24,10 @@ import torch.nn as nn
 from lib.quantize import (CentroidSharer, apply_kmeans_policy, apply_linear_policy, calibrate,
                           codebooks_state_dict, load_codebooks)
 from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_checkpoint,
-                                  load_pretrained, load_state_dict, save_checkpoint)
+                                  load_state_dict, save_checkpoint)
+from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
-from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging
@@ -35,7 +35,7 @@ from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
 from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
 from lib.utils.train import evaluate, train_one_epoch
-from models import default_pretrained_path, float_twin, get_model, list_models
+from models import float_twin, get_model, list_models, load_pretrained_weights
 
 log = logging.getLogger("finetune")
 
@@ -231,10 +231,7 @@ class Finetune:
         """Pretrained float weights -> fp32 accuracy -> quantize -> accuracy after quantization."""
         args, setup = self.args, self.setup
         if args.pretrained:
-            path = args.pretrained_path or default_pretrained_path(setup.arch, setup.dataset)
-            load_pretrained(self.model, path,
-                            hint=f"train one with 'python pretrain.py --arch {float_twin(setup.arch)} "
-                                 f"--dataset {setup.dataset}' or pass --pretrained_path")
+            load_pretrained_weights(self.model, setup.arch, setup.dataset, args.pretrained_path)
         else:
             log.warning("--no-pretrained: quantizing randomly initialised weights")
         if args.eval_fp32:

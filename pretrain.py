@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
-from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 from lib.utils.logger import setup_logging
 from lib.utils.lr_schedule import make_lr_schedule

@@ -155,16 +155,14 @@ def check_args(args):
 
 def build_model(args, device):
     """The pretrained model (Q archs start from their float twin's checkpoint)."""
-    from lib.utils.checkpoint import load_pretrained
     from lib.utils.data_utils import dataset_defaults
-    from models import default_pretrained_path, get_model
+    from models import get_model, load_pretrained_weights
     info = dataset_defaults(args.dataset, args.dataset_root)
     if args.width_mult is None and "mobilenet" in args.arch:
         args.width_mult = info.width_mult
     model = get_model(args.arch, num_classes=info.num_classes, input_size=info.input_size,
                       width_mult=args.width_mult)
-    path = args.pretrained_path or default_pretrained_path(args.arch, args.dataset)
-    load_pretrained(model, path)
+    load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
     return model.to(device), info
 
 

@@ -96,3 +96,25 @@ def test_float_checkpoint_loads_into_q_twin():
     missing, unexpected = load_state_dict(dst, src.state_dict())
     assert unexpected == []
     assert missing and all(k.endswith(("activation_range", "weight_range")) for k in missing)
+
+
+@pytest.mark.parametrize("ours,theirs", [("mobilenetv2", "mobilenet_v2"), ("qresnet50", "resnet50")])
+def test_torchvision_weights_map_onto_our_trees(ours, theirs):
+    """The weights API path: torchvision's tensors land on our names, in order (no download)."""
+    from models import rename_by_order
+    tv = getattr(torchvision.models, theirs)()
+    model = get_model(ours)
+    mapped = rename_by_order(tv.state_dict(), model)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    assert not unexpected
+    assert all(k.endswith(("activation_range", "weight_range")) for k in missing)
+    src_w = tv.features[1].conv[0][0].weight if theirs == "mobilenet_v2" else tv.layer1[0].conv1.weight
+    dst_w = model.features[1].conv[0].weight if ours == "mobilenetv2" else model.layer1[0].conv1.weight
+    assert torch.equal(src_w, dst_w)
+
+
+def test_missing_local_weights_on_small_data_is_one_line(tmp_path):
+    from models import load_pretrained_weights
+    with pytest.raises(UserError, match="pretrain.py --arch mobilenetv2 --dataset mnist5k"):
+        load_pretrained_weights(get_model("qmobilenetv2", 10, 32), "qmobilenetv2", "mnist5k",
+                                str(tmp_path / "none.pth.tar"))
