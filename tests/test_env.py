@@ -12,15 +12,6 @@ from lib.env import EnvConfig, KMeansQuantizeEnv, action_to_bits
 from lib.utils.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class StubEvaluator:
     """Returns preset accuracies; its 'fine-tune' wrecks the weights to prove they are restored."""
 

@@ -20,15 +20,6 @@ TINY = ["--width_mult", "0.25", "--train_subset", "32", "--train_batch", "16",
         "--test_batch", "32", "--device", "cpu", "--no-progress", "--lr", "0.01"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads per process spin and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random-init width-0.25 MobileNet-V2 as 'pretrained' weights, and two policies."""

@@ -17,18 +17,6 @@ from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy,
 from lib.utils.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with 2 OpenMP threads on a busy 2-core machine a 4x3x8x8 conv step can
-    take 100x longer (spin-waiting); one thread is both faster and predictable here."""
-    from threadpoolctl import threadpool_limits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
-
-
 def tiny_cnn(quantized=False, seed=0):
     """conv(3->8) relu conv(8->16, stride 2) relu pool flatten linear(16->10): 3 layers."""
     torch.manual_seed(seed)

@@ -33,15 +33,6 @@ RELEASED_FLAGS = """--suffix --dataset --dataset_root --preserve_ratio --min_bit
 --arch -a --gpu_id --cost --hardware --cost_table --pretrained_path --device --resume_search""".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("rlq")
