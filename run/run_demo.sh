@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 bash run/setup.sh
 
 OUT=${OUT:-outputs/demo}
-EPISODES=${EPISODES:-24}        # search episodes per mode
-WARMUP=${WARMUP:-8}             # of which random (warmup) episodes
+EPISODES=${EPISODES:-40}        # search episodes per mode
+WARMUP=${WARMUP:-12}            # of which random (warmup) episodes
 FT_EPOCHS=${FT_EPOCHS:-2}       # fine-tune epochs of each policy
 LINEAR_RATIO=${LINEAR_RATIO:-0.5}
 KMEANS_RATIO=${KMEANS_RATIO:-0.1}
@@ -47,8 +47,8 @@ search() {  # mode arch extra-flags...
 }
 
 search linear qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud \
-    --preserve_ratio "$LINEAR_RATIO" --min_bit 2
-search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 1
+    --preserve_ratio "$LINEAR_RATIO" --min_bit 3
+search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 2
 
 echo "== summary"
 "$PY" -m lib.env.summary report "$OUT"
