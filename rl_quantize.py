@@ -295,6 +295,18 @@ def trim_log(path, next_episode):
 
 
 # ------------------------------------------------------------------ search
+def play_episode(env, agent, episode):
+    """One pass over the layers; every transition is stored with the episode's final reward."""
+    state, transitions, done = env.reset(), [], False
+    while not done:
+        action = agent.select_action(state, episode)
+        next_state, reward, done, info = env.step(action)
+        transitions.append((state, action, next_state, done))
+        state = next_state
+    agent.store_episode(transitions, reward)
+    return transitions, info
+
+
 class Search:
     """The episode loop plus its bookkeeping (log, TensorBoard, best policy, state)."""
 
@@ -325,13 +337,7 @@ class Search:
 
     def run_episode(self, episode):
         env, agent = self.env, self.agent
-        state, transitions, done = env.reset(), [], False
-        while not done:
-            action = agent.select_action(state, episode)
-            next_state, reward, done, info = env.step(action)
-            transitions.append((state, action, next_state, done))
-            state = next_state
-        agent.store_episode(transitions, reward)
+        transitions, info = play_episode(env, agent, episode)
         losses = []
         if episode >= self.args.warmup:
             for _ in range(len(transitions) * self.args.n_update):

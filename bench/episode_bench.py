@@ -62,13 +62,7 @@ def one_episode(env, agent, episode):
     env.timings["quantize"] = 0.0
     env.evaluator.timings.update(finetune=0.0, validate=0.0)
     start = time.perf_counter()
-    state, transitions, done = env.reset(), [], False
-    while not done:
-        action = agent.select_action(state, episode)
-        next_state, reward, done, info = env.step(action)
-        transitions.append((state, action, next_state, done))
-        state = next_state
-    agent.store_episode(transitions, reward)
+    transitions, _ = rl_quantize.play_episode(env, agent, episode)
     t_update = time.perf_counter()
     for _ in range(len(transitions)):
         agent.update_policy()
