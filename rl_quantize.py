@@ -166,19 +166,12 @@ def build_model(args, device):
     return model.to(device), info
 
 
-def build_cost(args, model, n_layers):
+def build_cost(args, model):
     """Linear mode's cost model: the simulator's table (cached) or the user's."""
-    from lib.simulator import TableCost, get_table, load_user_table
-    table_bits = max(8, args.max_bit)   # pinned layers are 8-bit whatever --max_bit is
-    if args.cost_table:
-        table = load_user_table(args.cost_table, n_layers, table_bits)
-    else:
-        # The model is passed (not rebuilt from the name) so a reduced width is costed as
-        # such; the cache's fingerprint of the layer shapes tells the widths apart.
-        table = get_table(args.arch, args.dataset, args.hardware, args.cost, args.cost_batch,
-                          model=model, max_bit=table_bits, linear=True,
-                          width_mult=args.width_mult)
-    return TableCost(table, min_bit=args.min_bit, max_bit=table_bits, float_bit=8, metric=args.cost)
+    from lib.simulator import linear_cost_model
+    return linear_cost_model(model, args.arch, args.dataset, args.hardware, args.cost,
+                             args.cost_batch, args.min_bit, args.max_bit, args.cost_table,
+                             args.width_mult)
 
 
 def build_loaders(args):
@@ -203,8 +196,7 @@ def build_env(args, model, info, loaders, device):
                     float_bit=args.float_bit, input_size=info.input_size, use_top5=args.use_top5,
                     seed=args.seed)
     if args.linear_quantization:
-        from lib.utils.layers import quantizable_layers
-        cost = build_cost(args, model, len(quantizable_layers(model, linear=True)))
+        cost = build_cost(args, model)
         return LinearQuantizeEnv(model, evaluator, cfg, cost, train_loader, device)
     return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned)
 

@@ -38,7 +38,7 @@ def _read_json(path):
 
 def cost_model_for(strategy):
     """(cost model, layer names) of the model and budget a strategy.json describes."""
-    from lib.simulator import SizeCost, TableCost, get_table
+    from lib.simulator import SizeCost, linear_cost_model
     from lib.utils.layers import quantizable_layers
     from lib.utils.run_utils import model_kwargs_for
     from models import get_model
@@ -49,10 +49,10 @@ def cost_model_for(strategy):
     layers = quantizable_layers(model, linear=linear)
     if not linear:
         return SizeCost([m.weight.numel() for _, m in layers]), [n for n, _ in layers]
-    table = get_table(arch, dataset, strategy["hardware"], strategy["metric"], 16, model=model,
-                      linear=True, width_mult=strategy.get("width_mult"))
-    return (TableCost(table, min_bit=strategy.get("min_bit", 1), metric=strategy["metric"]),
-            [n for n, _ in layers])
+    cost = linear_cost_model(model, arch, dataset, strategy["hardware"], strategy["metric"],
+                             min_bit=strategy.get("min_bit", 1), max_bit=strategy.get("max_bit", 8),
+                             width_mult=strategy.get("width_mult"))
+    return cost, [n for n, _ in layers]
 
 
 def uniform_policy(bits, n_layers, linear):

@@ -35,7 +35,7 @@ Costs (``costs.py``)
 
 CLI: ``python -m lib.simulator --arch ARCH --dataset DATASET --hardware H --metric M [--batch B]``.
 """
-from lib.simulator.costs import SizeCost, TableCost, to_human
+from lib.simulator.costs import SizeCost, TableCost, linear_cost_model, to_human
 from lib.simulator.hardware import (HARDWARE, BismoConfig, BitFusionConfig, LayerCost,
                                     bismo_cloud, bismo_edge, bitfusion, get_hardware,
                                     layer_cost)
@@ -43,7 +43,7 @@ from lib.simulator.shapes import LayerShape, extract_layer_shapes
 from lib.simulator.tables import (METRICS, UNITS, build_table, get_table, load_user_table,
                                   table_path)
 
-__all__ = [
+__all__ = ["linear_cost_model", 
     "LayerShape", "extract_layer_shapes",
     "HARDWARE", "BismoConfig", "BitFusionConfig", "LayerCost", "bismo_edge", "bismo_cloud",
     "bitfusion", "get_hardware", "layer_cost",
