@@ -24,3 +24,15 @@ def one_thread():
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A random-init width-0.25 MobileNet-V2 saved as 'pretrained' weights (mnist5k shapes)."""
+    from lib.utils.checkpoint import save_checkpoint
+    from models import get_model
+    torch.manual_seed(0)
+    model = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    path = str(tmp_path_factory.mktemp("pretrained") / "tiny.pth.tar")
+    save_checkpoint({"state_dict": model.state_dict()}, path)
+    return path, model

@@ -8,28 +8,21 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 import finetune
 import pretrain
 import rl_quantize
 from lib.env import summary
 from lib.simulator import __main__ as simulator_cli
-from lib.utils.checkpoint import save_checkpoint
 from lib.utils.errors import run_cli
-from models import get_model
 
 SMALL = ["--dataset", "mnist5k", "--width_mult", "0.25", "--train_size", "64", "--val_size", "64",
          "--data_bsize", "32", "--n_worker", "0", "--train_episode", "1", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pre") / "mbv2.pth.tar"
-    torch.manual_seed(0)
-    model = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
-    save_checkpoint({"state_dict": model.state_dict(), "epoch": 1}, str(path))
-    return str(path)
+def ckpt(tiny_pretrained):
+    return tiny_pretrained[0]
 
 
 def _strategy(tmp_path, content):

@@ -10,24 +10,20 @@ import pytest
 import torch
 
 import finetune
-from lib.utils.checkpoint import load_checkpoint, save_checkpoint
+from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.lr_schedule import make_lr_schedule
-from models import get_model
 
 TINY = ["--width_mult", "0.25", "--train_subset", "32", "--train_batch", "16",
         "--test_batch", "32", "--device", "cpu", "--no-progress", "--lr", "0.01"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random-init width-0.25 MobileNet-V2 as 'pretrained' weights, and two policies."""
+def tiny(tmp_path_factory, tiny_pretrained):
+    """The tiny 'pretrained' MobileNet-V2 (conftest) and two policies for it."""
     root = tmp_path_factory.mktemp("finetune")
-    torch.manual_seed(0)
-    model = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
-    weights = str(root / "tiny.pth.tar")
-    save_checkpoint({"state_dict": model.state_dict()}, weights)
+    weights, model = tiny_pretrained
     names = [n for n, _ in quantizable_layers(model)]
     kmeans = {"mode": "kmeans", "layers": names, "strategy": [(2, 3, 7)[i % 3] for i in range(len(names))]}
     linear = {"mode": "linear", "layers": names,

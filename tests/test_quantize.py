@@ -17,6 +17,19 @@ from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy,
 from lib.utils.errors import UserError
 
 
+def _update_both_and_compare(model, codebooks, twin, twin_books):
+    """Same optimizer-like nudge on both copies, then the fast update must equal the masked loop."""
+    with torch.no_grad():
+        for a, b in zip(model.parameters(), twin.parameters()):
+            noise = torch.randn_like(a) * 1e-2
+            a.add_(noise)
+            b.add_(noise)
+    CentroidSharer(model, codebooks).step()
+    masked_loop_update(twin, twin_books)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def tiny_cnn(quantized=False, seed=0):
     """conv(3->8) relu conv(8->16, stride 2) relu pool flatten linear(16->10): 3 layers."""
     torch.manual_seed(seed)
@@ -101,15 +114,7 @@ def test_shared_update_matches_masked_loop():
     twin_books = load_codebooks({n: {k: (v.clone() if torch.is_tensor(v) else v)
                                      for k, v in s.items()}
                                  for n, s in codebooks_state_dict(codebooks).items()})
-    with torch.no_grad():
-        for a, b in zip(model.parameters(), twin.parameters()):
-            noise = torch.randn_like(a) * 1e-2
-            a.add_(noise)
-            b.add_(noise)
-    CentroidSharer(model, codebooks).step()
-    masked_loop_update(twin, twin_books)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _update_both_and_compare(model, codebooks, twin, twin_books)
     for name in codebooks:
         torch.testing.assert_close(codebooks[name].centroids, twin_books[name].centroids,
                                    rtol=0, atol=1e-6)
@@ -282,15 +287,7 @@ def test_shared_update_torch_path_matches_masked_loop():
     codebooks = kmeans_quantize_model(model, [2, 3, 2], seed=0)
     twin = copy.deepcopy(model)
     books2 = copy.deepcopy(codebooks)
-    with torch.no_grad():
-        for a, b in zip(model.parameters(), twin.parameters()):
-            noise = torch.randn_like(a) * 1e-2
-            a.add_(noise)
-            b.add_(noise)
-    CentroidSharer(model, codebooks).step()
-    masked_loop_update(twin, books2)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _update_both_and_compare(model, codebooks, twin, books2)
 
 
 @pytest.mark.parametrize("cls,args,shape", [(QConv2d, (4, 6, 3), (2, 4, 7, 7)),

@@ -14,11 +14,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import rl_quantize
 from lib.quantize.policy import resolve_kmeans_policy, resolve_linear_policy
-from lib.utils.checkpoint import load_checkpoint, save_checkpoint
+from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.strategy import load_strategy, validate_strategy
@@ -34,12 +33,9 @@ RELEASED_FLAGS = """--suffix --dataset --dataset_root --preserve_ratio --min_bit
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_pretrained):
     d = tmp_path_factory.mktemp("rlq")
-    torch.manual_seed(0)
-    model = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
-    ckpt = str(d / "tiny.pth.tar")
-    save_checkpoint({"state_dict": model.state_dict()}, ckpt)
+    ckpt = tiny_pretrained[0]
     scale = np.linspace(1, 5, 53)
     table = scale[:, None, None] * np.outer(np.arange(1, 9), np.arange(1, 9))[None]
     np.save(d / "table.npy", table)
