@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel
 
 from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from lib.utils.cli import ArgumentParser
@@ -45,6 +46,12 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
     p.add_argument("--warmup_epochs", type=float, default=0.5)
+    p.add_argument("--label_smoothing", type=float, default=0.0)
+    p.add_argument("--ema_decay", type=float, default=0.0,
+                   help="per-step decay of an exponential moving average of the weights and BN "
+                        "statistics; when > 0 the average is evaluated and saved (0 = off)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format (about 1.3x faster MobileNet steps on CPU)")
     p.add_argument("-j", "--workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--output", default=None,
@@ -56,6 +63,24 @@ def get_args_parser():
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bars (shown only on a terminal)")
     return p
+
+
+def ema_update(decay):
+    """``multi_avg_fn`` for AveragedModel: avg <- d * avg + (1 - d) * current.
+
+    d = min(decay, (1 + n) / (10 + n)) after n updates, so the random initial
+    weights fade within a few dozen steps instead of lingering for 1 / (1 - decay).
+    Integer buffers (BN's step counters) take the current value.
+    """
+    def update(averaged, current, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        for avg, cur in zip(averaged, current):
+            if avg.is_floating_point():
+                avg.lerp_(cur, 1.0 - d)
+            else:
+                avg.copy_(cur)
+    return update
 
 
 def ranks_agree(model, device):
@@ -76,6 +101,8 @@ def main(argv=None):
     seed_everything(args.seed)
     model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult)
     model = get_model(args.arch, **model_kwargs).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
                                               args.dataset_root, distributed=is_distributed(),
                                               train_subset=args.train_subset, val_batch_size=256)
@@ -83,18 +110,23 @@ def main(argv=None):
     log_dir = output.replace(".pth.tar", "") + "_log"
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, nesterov=True)
+    # The average starts as a copy of the weights and is updated after every step.
+    ema = (AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True)
+           if args.ema_decay > 0 else None)
     start_epoch, best_acc = 0, 0.0
     if args.resume and os.path.isfile(output):
         ckpt = load_checkpoint(output)
-        load_state_dict(model, ckpt["state_dict"], source=output)
+        load_state_dict(model, ckpt.get("train_state_dict", ckpt["state_dict"]), source=output)
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
         start_epoch, best_acc = ckpt["epoch"], ckpt.get("best_acc", 0.0)
         log.info("resumed from %s at epoch %d", output, start_epoch)
     elif args.resume:
         raise UserError(f"--resume given but '{output}' does not exist; expected a checkpoint "
                         "written by an earlier pretrain.py run")
     net = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     lr_at = make_lr_schedule("cos", args.lr, args.epochs, args.warmup_epochs)
     writer = logger = None
     if rank == 0:
@@ -107,11 +139,13 @@ def main(argv=None):
             train_loader.sampler.set_epoch(epoch)
         tr = train_one_epoch(net, train_loader, criterion, optimizer, device, epoch,
                              lr_fn=lr_setter(optimizer, lr_at, epoch),
+                             step_hook=None if ema is None else lambda: ema.update_parameters(model),
                              progress=args.progress and rank == 0)
         if tr["nonfinite"]:
             raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "
                             "smaller --lr")
-        va = evaluate(net, val_loader, criterion, device, progress=args.progress and rank == 0)
+        scored = net if ema is None else ema.module
+        va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0)
         best_acc = max(best_acc, va["top1"])
         if rank == 0:
             lr = optimizer.param_groups[0]["lr"]
@@ -122,10 +156,13 @@ def main(argv=None):
             for k, v in (("train/loss", tr["loss"]), ("train/top1", tr["top1"]), ("val/loss", va["loss"]),
                          ("val/top1", va["top1"]), ("val/top5", va["top5"]), ("lr", lr)):
                 writer.add_scalar(k, v, epoch + 1)
-            save_checkpoint({"state_dict": model.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                             "acc": va["top1"], "optimizer": optimizer.state_dict(),
-                             "arch": args.arch, "dataset": args.dataset,
-                             "model_kwargs": model_kwargs}, output)
+            state = {"state_dict": model.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                     "acc": va["top1"], "optimizer": optimizer.state_dict(),
+                     "arch": args.arch, "dataset": args.dataset, "model_kwargs": model_kwargs}
+            if ema is not None:  # the scored (averaged) weights are what later steps load
+                state.update(state_dict=ema.module.state_dict(), ema=ema.state_dict(),
+                             train_state_dict=model.state_dict())
+            save_checkpoint(state, output)
     if is_distributed():
         agree = ranks_agree(model, device)
         if rank == 0:

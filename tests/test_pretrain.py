@@ -43,3 +43,36 @@ def test_torchrun_two_process_gloo(repo_root, tmp_path):
     ck = load_checkpoint(out)
     assert ck["epoch"] == 1 and not any(k.startswith("module.") for k in ck["state_dict"])
     assert torch.isfinite(ck["state_dict"]["classifier.weight"]).all()
+
+
+def test_ema_update_warms_up_then_uses_the_decay():
+    from pretrain import ema_update
+
+    avg, cur, steps = torch.zeros(3), torch.ones(3), torch.tensor(5)
+    ema_update(0.99)([avg, steps], [cur, torch.tensor(9)], torch.tensor(0))
+    assert torch.allclose(avg, torch.full((3,), 0.9))  # d = min(0.99, 1/10) = 0.1
+    assert int(steps) == 9                              # integer buffers follow the model
+    avg = torch.zeros(3)
+    ema_update(0.99)([avg], [cur], torch.tensor(10_000))
+    assert torch.allclose(avg, torch.full((3,), 0.01))  # d = decay once warmed up
+
+
+def test_pretrain_with_ema_saves_the_weights_it_scored(repo_root, tmp_path):
+    from lib.utils.data_utils import get_dataset
+    from lib.utils.train import evaluate
+    from models import get_model
+
+    out = str(tmp_path / "ema.pth.tar")
+    r = _run([sys.executable, "pretrain.py", "--width_mult", "0.25", "--train_subset", "128",
+              "--epochs", "1", "--ema_decay", "0.9", "--output", out, "--no-progress"], repo_root)
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(out)
+    differs = [k for k, v in ck["state_dict"].items()
+               if v.is_floating_point() and not torch.equal(v, ck["train_state_dict"][k])]
+    assert differs, "the averaged weights should differ from the last training weights"
+    model = get_model(ck["arch"], **ck["model_kwargs"])
+    model.load_state_dict(ck["state_dict"])
+    _, val_loader, _ = get_dataset("mnist5k", 64, 0, train_subset=128)
+    acc = evaluate(model, val_loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
+                   progress=False)["top1"]
+    assert abs(acc - ck["acc"]) < 1e-6

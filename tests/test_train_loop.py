@@ -44,3 +44,29 @@ def test_max_batches_limits_the_epoch():
     st = train_one_epoch(model, _data(), nn.CrossEntropyLoss(), opt, torch.device("cpu"),
                          max_batches=2, progress=False)
     assert st["batches"] == 2
+
+
+def test_channels_last_model_gets_channels_last_batches_and_same_results():
+    from lib.utils.train import input_format
+    from models import get_model
+
+    torch.manual_seed(0)
+    plain = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    fast = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    fast.load_state_dict(plain.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    assert input_format(plain) == torch.contiguous_format
+    assert input_format(fast) == torch.channels_last
+    assert input_format(nn.Linear(4, 2)) == torch.contiguous_format
+
+    seen = []
+    fast.features[0].register_forward_pre_hook(
+        lambda m, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    g = torch.Generator().manual_seed(1)
+    loader = DataLoader(TensorDataset(torch.randn(32, 3, 32, 32, generator=g),
+                                      torch.randint(0, 10, (32,), generator=g)), batch_size=16)
+    cpu, ce = torch.device("cpu"), nn.CrossEntropyLoss()
+    a = evaluate(plain, loader, ce, cpu, progress=False)
+    b = evaluate(fast, loader, ce, cpu, progress=False)
+    assert seen and all(seen)
+    assert abs(a["loss"] - b["loss"]) < 1e-4 and a["top1"] == b["top1"]

@@ -35,6 +35,14 @@ def _reduce(meters, device):
     return {k: (t[i, 0] / t[i, 1].clamp(min=1)).item() for i, k in enumerate(meters)}
 
 
+def input_format(model):
+    """The memory format batches should take: channels-last when the model's convs use it."""
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous():  # 1x1 kernels are both, so skip those
+            return torch.channels_last
+    return torch.contiguous_format
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_hook=None,
                     lr_fn=None, max_batches=None, progress=True, desc="", amp=False, scaler=None):
     """One pass over ``loader``; returns dict(loss, top1, top5, nonfinite, batches).
@@ -49,10 +57,11 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = _bar(desc or f"train {epoch}", n, progress)
     nonfinite, done = False, 0
+    fmt = input_format(model)
     for i, (images, target) in enumerate(loader):
         if i >= n:
             break
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
         if lr_fn is not None:
             lr_fn(i, n)
@@ -94,10 +103,11 @@ def evaluate(model, loader, criterion, device, progress=True, desc="", max_batch
     meters = {k: AverageMeter() for k in ("loss", "top1", "top5")}
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = _bar(desc or "eval", n, progress)
+    fmt = input_format(model)
     for i, (images, target) in enumerate(loader):
         if i >= n:
             break
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
         with _autocast(device, amp):
             output = model(images)
