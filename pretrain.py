@@ -41,13 +41,13 @@ def get_args_parser():
     p.add_argument("--width_mult", type=float, default=None,
                    help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("-b", "--batch_size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("-b", "--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
     p.add_argument("--warmup_epochs", type=float, default=0.5)
-    p.add_argument("--label_smoothing", type=float, default=0.0)
-    p.add_argument("--ema_decay", type=float, default=0.0,
+    p.add_argument("--label_smoothing", type=float, default=0.1)
+    p.add_argument("--ema_decay", type=float, default=0.995,
                    help="per-step decay of an exponential moving average of the weights and BN "
                         "statistics; when > 0 the average is evaluated and saved (0 = off)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,

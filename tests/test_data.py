@@ -69,3 +69,17 @@ def test_missing_dataset_cli_one_line_error(repo_root, tmp_path):
     assert lines[-1].startswith("error:") and "missing" in lines[-1]
     assert "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "x.pth.tar")
+
+
+def test_elastic_field_is_smooth_small_and_seeded():
+    from lib.utils.data_utils import _elastic_field
+
+    torch.manual_seed(0)
+    f = _elastic_field(64, 32, 20.0, 4.0)
+    assert f.shape == (64, 32, 32, 2)
+    px = f * 16  # grid units -> pixels on a 32-pixel image
+    assert 0.3 < float(px.std()) < 2.0 and float(px.abs().max()) < 8.0
+    # smooth: neighbouring pixels move almost together
+    assert float((px[:, 1:] - px[:, :-1]).abs().mean()) < 0.2 * float(px.abs().mean())
+    torch.manual_seed(0)
+    assert torch.equal(f, _elastic_field(64, 32, 20.0, 4.0))

@@ -43,6 +43,34 @@ def input_format(model):
     return torch.contiguous_format
 
 
+def _batches(model, loader, device, n, bar):
+    """(index, images, target) for the first ``n`` batches, on ``device`` in the model's memory format."""
+    fmt = input_format(model)
+    try:
+        for i, (images, target) in enumerate(loader):
+            if i >= n:
+                break
+            yield (i, images.to(device, non_blocking=True, memory_format=fmt),
+                   target.to(device, non_blocking=True))
+            if bar is not None:
+                bar.next()
+    finally:
+        if bar is not None:
+            bar.finish()
+
+
+def _new_meters():
+    return {k: AverageMeter() for k in ("loss", "top1", "top5")}
+
+
+def _record(meters, loss, output, target):
+    top1, top5 = accuracy(output.float(), target, (1, 5))
+    bs = target.size(0)
+    meters["loss"].update(loss.item(), bs)
+    meters["top1"].update(top1, bs)
+    meters["top5"].update(top5, bs)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_hook=None,
                     lr_fn=None, max_batches=None, progress=True, desc="", amp=False, scaler=None):
     """One pass over ``loader``; returns dict(loss, top1, top5, nonfinite, batches).
@@ -53,16 +81,11 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
     so a search episode can be scored rather than crash.
     """
     model.train()
-    meters = {k: AverageMeter() for k in ("loss", "top1", "top5")}
+    meters = _new_meters()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = _bar(desc or f"train {epoch}", n, progress)
     nonfinite, done = False, 0
-    fmt = input_format(model)
-    for i, (images, target) in enumerate(loader):
-        if i >= n:
-            break
-        images = images.to(device, non_blocking=True, memory_format=fmt)
-        target = target.to(device, non_blocking=True)
+    for i, images, target in _batches(model, loader, device, n,
+                                      _bar(desc or f"train {epoch}", n, progress)):
         if lr_fn is not None:
             lr_fn(i, n)
         with _autocast(device, amp):
@@ -81,16 +104,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
             optimizer.step()
         if step_hook is not None:
             step_hook()
-        top1, top5 = accuracy(output.float(), target, (1, 5))
-        bs = images.size(0)
-        meters["loss"].update(loss.item(), bs)
-        meters["top1"].update(top1, bs)
-        meters["top5"].update(top5, bs)
+        _record(meters, loss, output, target)
         done += 1
-        if bar is not None:
-            bar.next()
-    if bar is not None:
-        bar.finish()
     stats = _reduce(meters, device)
     stats.update(nonfinite=nonfinite, batches=done)
     return stats
@@ -100,25 +115,11 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
 def evaluate(model, loader, criterion, device, progress=True, desc="", max_batches=None, amp=False):
     """Top-1/top-5 accuracy (%) and mean loss of ``model`` on ``loader``."""
     model.eval()
-    meters = {k: AverageMeter() for k in ("loss", "top1", "top5")}
+    meters = _new_meters()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = _bar(desc or "eval", n, progress)
-    fmt = input_format(model)
-    for i, (images, target) in enumerate(loader):
-        if i >= n:
-            break
-        images = images.to(device, non_blocking=True, memory_format=fmt)
-        target = target.to(device, non_blocking=True)
+    for _, images, target in _batches(model, loader, device, n, _bar(desc or "eval", n, progress)):
         with _autocast(device, amp):
             output = model(images)
             loss = criterion(output, target)
-        top1, top5 = accuracy(output.float(), target, (1, 5))
-        bs = images.size(0)
-        meters["loss"].update(loss.item(), bs)
-        meters["top1"].update(top1, bs)
-        meters["top5"].update(top5, bs)
-        if bar is not None:
-            bar.next()
-    if bar is not None:
-        bar.finish()
+        _record(meters, loss, output, target)
     return _reduce(meters, device)
