@@ -83,6 +83,18 @@ def ema_update(decay):
     return update
 
 
+def sync_buffers(*modules):
+    """Copy rank 0's buffers (BN statistics) to every rank, as DDP does before each forward.
+
+    After the last step of an epoch each rank holds statistics of its own batch, and
+    the weight average has folded them in; the copy makes the evaluated and saved
+    models the same on every rank.
+    """
+    for module in modules:
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf, 0)
+
+
 def ranks_agree(model, device):
     """True when every rank holds the same weights (checked once per run under torchrun)."""
     flat = torch.cat([p.detach().double().flatten() for p in model.state_dict().values()
@@ -144,6 +156,8 @@ def main(argv=None):
         if tr["nonfinite"]:
             raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "
                             "smaller --lr")
+        if is_distributed():
+            sync_buffers(model, *([] if ema is None else [ema]))
         scored = net if ema is None else ema.module
         va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0)
         best_acc = max(best_acc, va["top1"])
@@ -164,7 +178,7 @@ def main(argv=None):
                              train_state_dict=model.state_dict())
             save_checkpoint(state, output)
     if is_distributed():
-        agree = ranks_agree(model, device)
+        agree = all(ranks_agree(m, device) for m in [model] + ([] if ema is None else [ema.module]))
         if rank == 0:
             log.info("weights %s on %d ranks", "identical" if agree else "DIFFER", world)
     if rank == 0:
