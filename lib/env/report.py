@@ -45,7 +45,7 @@ def plot_policy(path, policy, layer_names, title=""):
     plt = _pyplot()
     linear = bool(policy) and isinstance(policy[0], (list, tuple))
     n = len(policy)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2), 4.6))
     idx = list(range(n))
     if linear:
         w = [p[0] for p in policy]
@@ -55,18 +55,18 @@ def plot_policy(path, policy, layer_names, title=""):
         ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     else:
         ax.bar(idx, policy, width=0.7, label="weight bits", color="#1f77b4")
-    ax.set_xlabel("layer (model.modules() order)")
+    ax.set_xlabel("layer")
     ax.set_ylabel("bits")
     ax.set_xlim(-1, n)
     ax.set_ylim(0, max(max(p) if linear else p for p in policy) + 2)   # room for the legend
     ax.set_title(title, fontsize=9)
-    if n <= 60:
-        ax.set_xticks(idx)
-        ax.set_xticklabels([str(i) for i in idx], fontsize=5)
+    # Every layer by its named_modules() name; past ~60 bars the names would overlap.
+    step = max(1, (n + 59) // 60)
+    ax.set_xticks(idx[::step])
+    ax.set_xticklabels(list(layer_names)[::step], fontsize=5, rotation=90)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    log.debug("wrote %s (%d layers: %s ... )", path, n, ", ".join(layer_names[:2]))
 
 
 def plot_history(path, history, best_episode, warmup, preserve_ratio, metric):
