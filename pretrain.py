@@ -125,6 +125,7 @@ def main(argv=None):
     # The average starts as a copy of the weights and is updated after every step.
     ema = (AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True)
            if args.ema_decay > 0 else None)
+    kept = [model] if ema is None else [model, ema.module]   # must match across ranks
     start_epoch, best_acc = 0, 0.0
     if args.resume and os.path.isfile(output):
         ckpt = load_checkpoint(output)
@@ -157,7 +158,7 @@ def main(argv=None):
             raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "
                             "smaller --lr")
         if is_distributed():
-            sync_buffers(model, *([] if ema is None else [ema]))
+            sync_buffers(*kept)
         scored = net if ema is None else ema.module
         va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0)
         best_acc = max(best_acc, va["top1"])
@@ -178,7 +179,7 @@ def main(argv=None):
                              train_state_dict=model.state_dict())
             save_checkpoint(state, output)
     if is_distributed():
-        agree = all(ranks_agree(m, device) for m in [model] + ([] if ema is None else [ema.module]))
+        agree = all(ranks_agree(m, device) for m in kept)
         if rank == 0:
             log.info("weights %s on %d ranks", "identical" if agree else "DIFFER", world)
     if rank == 0:
