@@ -64,9 +64,10 @@ def _new_meters():
 
 
 def _record(meters, loss, output, target):
+    """Add one batch to the meters; ``loss`` is the batch's mean loss as a float."""
     top1, top5 = accuracy(output.float(), target, (1, 5))
     bs = target.size(0)
-    meters["loss"].update(loss.item(), bs)
+    meters["loss"].update(loss, bs)
     meters["top1"].update(top1, bs)
     meters["top5"].update(top5, bs)
 
@@ -91,7 +92,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
         with _autocast(device, amp):
             output = model(images)
             loss = criterion(output, target)
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()  # one host sync per step, shared with the meters
+        if not math.isfinite(loss_value):
             nonfinite = True
             break
         optimizer.zero_grad(set_to_none=True)
@@ -104,7 +106,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
             optimizer.step()
         if step_hook is not None:
             step_hook()
-        _record(meters, loss, output, target)
+        _record(meters, loss_value, output, target)
         done += 1
     stats = _reduce(meters, device)
     stats.update(nonfinite=nonfinite, batches=done)
@@ -121,5 +123,5 @@ def evaluate(model, loader, criterion, device, progress=True, desc="", max_batch
         with _autocast(device, amp):
             output = model(images)
             loss = criterion(output, target)
-        _record(meters, loss, output, target)
+        _record(meters, loss.item(), output, target)
     return _reduce(meters, device)
