@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from lib.quantize import (CentroidSharer, apply_kmeans_policy, apply_linear_policy, calibrate,
-                          codebooks_state_dict, load_codebooks)
+                          codebooks_state_dict, fully_quantized, load_codebooks)
 from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_checkpoint,
                                   load_state_dict, save_checkpoint)
 from lib.utils.cli import ArgumentParser
@@ -227,6 +227,26 @@ class Finetune:
     def validate(self):
         return evaluate_model(self.model, self.val_loader, self.criterion, self.device, self.args)
 
+    def free_layers(self):
+        """{name: bits} of the K-Means layers that --free_high_bit leaves float at this point."""
+        return deferred_layers(self.setup, self.codebooks) if self.codebooks is not None else {}
+
+    def fully_quantized(self):
+        """Context in which the model is fully quantized, to be scored or saved as the policy's.
+
+        The layers --free_high_bit leaves float are clustered as the last epoch will cluster
+        them (same iterations and seed) and get their float weights back afterwards, so
+        training goes on unchanged. Yields their temporary codebooks.
+        """
+        return fully_quantized(self.model, self.free_layers(), n_iter=KMEANS_ITERS,
+                               is_pruned=self.args.is_pruned, seed=self.args.manualSeed)
+
+    def scored_note(self):
+        """What a logged accuracy was measured on, when layers train float for now."""
+        n = len(self.free_layers())
+        return (f" (all layers quantized: the {n} layers above 6 bits, float in training until "
+                "the last epoch (--free_high_bit), clustered for this measurement)") if n else ""
+
     def prepare_fresh(self):
         """Pretrained float weights -> fp32 accuracy -> quantize -> accuracy after quantization."""
         args, setup = self.args, self.setup
@@ -239,12 +259,11 @@ class Finetune:
             log.info("fp32 accuracy: top1 %.2f", self.results["fp32_top1"])
         self.codebooks = quantize(self.model, setup, args, self.train_loader, self.device)
         self.wrap_ddp()
-        va = self.validate()
+        with self.fully_quantized():
+            va = self.validate()
         self.results["quant_top1"] = va["top1"]
-        deferred = deferred_layers(setup, self.codebooks) if self.codebooks is not None else {}
-        note = (f" ({len(deferred)} layers above 6 bits float until the last epoch: "
-                "--free_high_bit)") if deferred else ""
-        log.info("acc after quantization: top1 %.2f top5 %.2f%s", va["top1"], va["top5"], note)
+        log.info("acc after quantization: top1 %.2f top5 %.2f%s", va["top1"], va["top5"],
+                 self.scored_note())
         return va
 
     def prepare_resumed(self):
@@ -296,13 +315,15 @@ class Finetune:
             sharer = None
         return sharer or CentroidSharer(self.model, self.codebooks)
 
-    def checkpoint_dict(self, epoch, acc, optimizer):
+    def checkpoint_dict(self, epoch, acc, optimizer, clustered=None):
+        """What a checkpoint holds; ``clustered``: codebooks of free layers clustered for saving."""
         s = self.setup
+        codebooks = None if self.codebooks is None else {**self.codebooks, **(clustered or {})}
         return {"state_dict": self.model.state_dict(), "epoch": epoch, "acc": acc,
                 "best_acc": self.results["best_top1"], "optimizer": optimizer.state_dict(),
                 "arch": s.arch, "dataset": s.dataset, "model_kwargs": s.model_kwargs,
                 "mode": s.mode, "policy": s.strategy,
-                "codebooks": None if self.codebooks is None else codebooks_state_dict(self.codebooks),
+                "codebooks": None if codebooks is None else codebooks_state_dict(codebooks),
                 "fp32_top1": self.results["fp32_top1"], "quant_top1": self.results["quant_top1"],
                 "args": vars(self.args)}
 
@@ -328,19 +349,24 @@ class Finetune:
             if tr["nonfinite"]:
                 raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch + 1}; "
                                 "expected a smaller --lr")
-            final = self.validate()
-            is_best = final["top1"] > self.results["best_top1"]
-            self.results["best_top1"] = max(self.results["best_top1"], final["top1"])
+            note = self.scored_note()
+            # Only a fully quantized model is scored and saved as the best (--free_high_bit).
+            with self.fully_quantized() as clustered:
+                final = self.validate()
+                is_best = final["top1"] > self.results["best_top1"]
+                self.results["best_top1"] = max(self.results["best_top1"], final["top1"])
+                if self.rank == 0 and is_best:
+                    self.save_best(epoch + 1, final["top1"], optimizer, clustered)
             if self.rank == 0:
-                self.report_epoch(epoch, optimizer, tr, final, writer, logger)
-                self.save(epoch + 1, final["top1"], optimizer, is_best)
+                self.report_epoch(epoch, optimizer, tr, final, writer, logger, note)
+                self.save(epoch + 1, final["top1"], optimizer)
         return final
 
-    def report_epoch(self, epoch, optimizer, tr, va, writer, logger):
+    def report_epoch(self, epoch, optimizer, tr, va, writer, logger, note=""):
         lr = optimizer.param_groups[0]["lr"]
         log.info("epoch %d/%d  lr %.5f  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f top5 "
-                 "%.2f  best %.2f", epoch + 1, self.args.epochs, lr, tr["loss"], tr["top1"],
-                 va["loss"], va["top1"], va["top5"], self.results["best_top1"])
+                 "%.2f  best %.2f%s", epoch + 1, self.args.epochs, lr, tr["loss"], tr["top1"],
+                 va["loss"], va["top1"], va["top5"], self.results["best_top1"], note)
         logger.append([epoch + 1, lr, tr["loss"], tr["top1"], va["loss"], va["top1"], va["top5"],
                        self.results["best_top1"]])
         for key, value in (("train/loss", tr["loss"]), ("train/top1", tr["top1"]),
@@ -348,11 +374,16 @@ class Finetune:
                            ("val/top5", va["top5"]), ("lr", lr)):
             writer.add_scalar(key, value, epoch + 1)
 
-    def save(self, epoch, acc, optimizer, is_best):
+    def save(self, epoch, acc, optimizer):
+        """checkpoint.pth.tar: the training state (free layers float) to resume from."""
         state = self.checkpoint_dict(epoch, acc, optimizer)
         save_checkpoint(state, os.path.join(self.folder, "checkpoint.pth.tar"))
-        if is_best:
-            save_checkpoint(state, os.path.join(self.folder, "model_best.pth.tar"))
+
+    def save_best(self, epoch, acc, optimizer, clustered):
+        """model_best.pth.tar: the fully quantized model that scored ``acc`` (call it inside
+        :meth:`fully_quantized`, whose codebooks are ``clustered``)."""
+        state = self.checkpoint_dict(epoch, acc, optimizer, clustered)
+        save_checkpoint(state, os.path.join(self.folder, "model_best.pth.tar"))
 
     def write_results(self, final, elapsed):
         s, r = self.setup, self.results
@@ -380,10 +411,11 @@ def run_evaluation(run):
     """-e: evaluate a finetune.py checkpoint, other weights, or the freshly quantized policy."""
     if run.setup.ckpt is not None:
         run.prepare_resumed()
-        va = run.validate()
+        with run.fully_quantized():   # a mid-run checkpoint may hold float --free_high_bit layers
+            va = run.validate()
         recorded = run.setup.ckpt.get("acc")
-        log.info("evaluate: top1 %.4f top5 %.4f (checkpoint recorded top1 %s)", va["top1"],
-                 va["top5"], "n/a" if recorded is None else f"{recorded:.4f}")
+        log.info("evaluate: top1 %.4f top5 %.4f (checkpoint recorded top1 %s)%s", va["top1"],
+                 va["top5"], "n/a" if recorded is None else f"{recorded:.4f}", run.scored_note())
         return va
     if run.setup.foreign is not None:
         run.prepare_foreign()

@@ -37,7 +37,8 @@ LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite
 # Flags a resumed search must share with the one it continues.
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
-               "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult")
+               "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
+               "free_high_bit")
 
 
 def get_args_parser():
@@ -55,7 +56,11 @@ def get_args_parser():
     p.add_argument("--float_bit", default=32, type=int,
                    help="bits of the reference model in size mode (linear mode's reference is 8-bit)")
     bool_flag(p, "--linear_quantization", False, "linear (weight+activation) instead of K-Means")
-    bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero")
+    bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero; the size "
+              "counts only non-zero weights")
+    bool_flag(p, "--free_high_bit", True, "K-Means: layers above 6 bits train freely during the "
+              "short fine-tune (as released) and are clustered again before validating; "
+              "--free_high_bit False keeps them centroid-shared")
     # DDPG
     p.add_argument("--hidden1", default=300, type=int, help="actor/critic first hidden layer")
     p.add_argument("--hidden2", default=300, type=int, help="actor/critic second hidden layer")
@@ -65,7 +70,9 @@ def get_args_parser():
                    help="episodes of random actions that only fill the replay memory")
     p.add_argument("--discount", default=1.0, type=float, help="reward discount")
     p.add_argument("--bsize", default=64, type=int, help="minibatch size of an agent update")
-    p.add_argument("--rmsize", default=128, type=int, help="replay memory per layer (transitions)")
+    p.add_argument("--rmsize", default=128, type=int,
+                   help="replay memory size per quantizable layer: the agent keeps the last "
+                        "rmsize x #layers transitions (as released)")
     p.add_argument("--window_length", default=1, type=int, help="states per observation (only 1)")
     p.add_argument("--tau", default=0.01, type=float, help="soft target update rate")
     p.add_argument("--init_delta", default=0.5, type=float,
@@ -198,7 +205,8 @@ def build_env(args, model, info, loaders, device):
     if args.linear_quantization:
         cost = build_cost(args, model)
         return LinearQuantizeEnv(model, evaluator, cfg, cost, train_loader, device)
-    return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned)
+    return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned,
+                             free_high_bit=args.free_high_bit)
 
 
 def build_agent(args, env, device):
@@ -207,7 +215,8 @@ def build_agent(args, env, device):
                      warmup=args.warmup, discount=args.discount, bsize=args.bsize,
                      rmsize=args.rmsize, tau=args.tau, init_delta=args.init_delta,
                      delta_decay=args.delta_decay, init_w=args.init_w)
-    return DDPG(env.state_dim, env.n_steps, cfg, device=device, seed=args.seed)
+    # rmsize x #layers transitions, as released (not x steps: linear mode takes 2 per layer)
+    return DDPG(env.state_dim, len(env.layers), cfg, device=device, seed=args.seed)
 
 
 # ------------------------------------------------------------ output folder

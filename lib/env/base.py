@@ -80,13 +80,14 @@ def layer_features(shapes):
 
     ``shapes`` are lib.simulator LayerShape records (traced at the search's input
     size). A fully-connected row has type 0, stride 0, kernel 1, and its in/out
-    features as channels (DESIGN.md section 3).
+    features as channels (DESIGN.md section 3); its "h*w" is in_features, as in the
+    released code (its tracer took the fc input's (1, in_features) shape as h x w).
     """
     rows = []
     for i, s in enumerate(shapes):
         if s.kind == "linear":
             rows.append([0.0, s.in_channels, s.out_channels, 0.0, 1.0, s.n_weights,
-                         s.in_h * s.in_w, i])
+                         s.in_channels, i])
         else:
             depthwise = float(s.in_channels == s.groups)
             rows.append([depthwise, s.in_channels, s.out_channels, s.stride[0], s.kernel[0],

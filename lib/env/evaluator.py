@@ -6,6 +6,7 @@ weight decay 4e-5, lr ``finetune_lr * finetune_gamma ** epoch``) and validated o
 the search's held-out validation subset. Both passes are the project's one
 training loop and one validation loop (lib.utils.train).
 """
+import contextlib
 import logging
 import math
 import time
@@ -34,10 +35,13 @@ class FinetuneConfig:
 class ShortFinetune:
     """Scores a quantized model: optional short fine-tune, then validation.
 
-    ``finetune(model, step_hook)`` returns the validation metrics of the best
-    epoch (released K-Means behaviour; identical to the last one at 1 epoch) plus
-    ``nonfinite`` when a NaN/inf loss cut the fine-tune short. A fine-tune that
+    ``finetune(model, step_hook, scoring)`` returns the validation metrics of the
+    best epoch (released K-Means behaviour; identical to the last one at 1 epoch)
+    plus ``nonfinite`` when a NaN/inf loss cut the fine-tune short. A fine-tune that
     left non-finite weights scores 0% (the worst reward) instead of crashing.
+    ``scoring`` (optional) returns a context manager that every validation after
+    training runs in: K-Means mode re-clusters the free high-bit layers there, so
+    only a fully quantized model is scored.
     """
 
     def __init__(self, train_loader, val_loader, device, config=None):
@@ -54,7 +58,7 @@ class ShortFinetune:
         self.timings["validate"] += time.perf_counter() - start
         return metrics
 
-    def finetune(self, model, step_hook=None):
+    def finetune(self, model, step_hook=None, scoring=None):
         """Fine-tune (when enabled) and validate; returns dict(top1, top5, loss, nonfinite)."""
         if not self.cfg.finetune_flag:
             return dict(self.validate(model), nonfinite=False)
@@ -75,7 +79,8 @@ class ShortFinetune:
             if not _finite_weights(model):
                 log.warning("fine-tune left non-finite weights; scoring the episode as 0%%")
                 return {"top1": 0.0, "top5": 0.0, "loss": math.inf, "nonfinite": True}
-            metrics = self.validate(model)
+            with scoring() if scoring is not None else contextlib.nullcontext():
+                metrics = self.validate(model)
             if best is None or metrics["top1"] > best["top1"]:
                 best = metrics
             if stats["nonfinite"]:

@@ -3,13 +3,20 @@
 One action per Conv2d/Linear layer: its weight bit width. A policy is applied by
 K-Means weight sharing (k = 2^bits centroids, 3 Lloyd iterations during the
 search) and fine-tuned with the centroid-shared update after every optimizer
-step, so a layer never holds more than 2^bits values. Cost = model size
-``sum(bits_i * #weights_i)`` against ``float_bit * sum(#weights_i)`` (lib.simulator.SizeCost).
+step, so a layer never holds more than 2^bits values. As in the released search,
+layers above 6 bits are left to train freely during the short fine-tune
+(``free_high_bit``); unlike it, they are clustered again before every
+validation, so only the fully quantized model is scored (DESIGN.md section 4).
+Cost = model size ``sum(bits_i * #weights_i)`` against
+``float_bit * sum(#weights_i)`` (lib.simulator.SizeCost); a pruned model
+(``is_pruned``) counts only its non-zero weights in both, as released.
 """
 import logging
 import time
 
-from lib.quantize.kmeans import CentroidSharer
+import torch
+
+from lib.quantize.kmeans import CentroidSharer, fully_quantized
 from lib.quantize.policy import apply_kmeans_policy
 from lib.simulator.costs import SizeCost
 
@@ -24,11 +31,23 @@ class KMeansQuantizeEnv(QuantizeEnv):
     linear = False
     actions_per_layer = 1
 
-    def __init__(self, model, evaluator, config, is_pruned=False, n_iter=3, method="fast"):
+    def __init__(self, model, evaluator, config, is_pruned=False, n_iter=3, method="fast",
+                 free_high_bit=True):
         super().__init__(model, evaluator, config)
         self.is_pruned, self.n_iter, self.method = is_pruned, n_iter, method
-        self.size_cost = SizeCost([s.n_weights for s in self.shapes], float_bit=config.float_bit)
+        self.free_high_bit = free_high_bit
+        self.size_cost = SizeCost(self.weight_counts(), float_bit=config.float_bit)
         self.timings = {"quantize": 0.0}
+
+    def weight_counts(self):
+        """#weights per layer that the size counts: the non-zero ones of a pruned model.
+
+        The released search sized a pruned model by its non-zero weights, reference
+        included (``float_bit * sum(nnz)``), so the ratio is that of the stored weights.
+        """
+        if not self.is_pruned:
+            return [s.n_weights for s in self.shapes]
+        return [int(torch.count_nonzero(module.weight.detach())) for _, module in self.layers]
 
     def policy_from_bits(self, flat_bits):
         return [int(b) for b in flat_bits]
@@ -46,6 +65,13 @@ class KMeansQuantizeEnv(QuantizeEnv):
         seed = int(self.rng.integers(2 ** 31 - 1))
         codebooks = apply_kmeans_policy(self.model, policy, n_iter=self.n_iter,
                                         method=self.method, is_pruned=self.is_pruned, seed=seed)
-        sharer = CentroidSharer(self.model, codebooks)
+        sharer = CentroidSharer(self.model, codebooks, free_high_bit=self.free_high_bit)
         self.timings["quantize"] += time.perf_counter() - start
-        return self.evaluator.finetune(self.model, step_hook=sharer.step)
+        free = sharer.free_layers()
+
+        def scoring():
+            # Every validation sees the free layers clustered again (the search's k-means).
+            return fully_quantized(self.model, free, n_iter=self.n_iter, method=self.method,
+                                   is_pruned=self.is_pruned, seed=seed)
+
+        return self.evaluator.finetune(self.model, step_hook=sharer.step, scoring=scoring)

@@ -14,6 +14,9 @@ K-Means weight sharing (:mod:`lib.quantize.kmeans`)::
     sharer = CentroidSharer(model, codebooks, free_high_bit=False)
     sharer.step()                        # after every optimizer.step(): centroid-shared update
     sharer.recluster(n_iter=50)          # free_high_bit: cluster the skipped (> 6 bit) layers
+    sharer.free_layers() -> {name: bits} # the layers sharer.step() leaves free
+    with fully_quantized(model, {name: bits}, n_iter, method, is_pruned, seed) as codebooks:
+        ...                              # free layers clustered here (to score/save), float again after
     codebooks_state_dict(codebooks) / load_codebooks(state)   # checkpoint (weights_only-safe)
     kmeans_1d(x, k, n_iter=3, method="fast", seed=None, min_iter=None) -> (centroids, labels)
     inertia(x, centroids, labels) -> float                     # the objective, float64
@@ -35,14 +38,15 @@ Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a
     resolve_kmeans_policy(model, policy) / resolve_linear_policy(model, policy)
 """
 from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, Codebook, codebooks_state_dict,
-                                 inertia, kmeans_1d, kmeans_quantize_layer, kmeans_quantize_model,
-                                 load_codebooks, masked_loop_update)
+                                 fully_quantized, inertia, kmeans_1d, kmeans_quantize_layer,
+                                 kmeans_quantize_model, load_codebooks, masked_loop_update)
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip, quant_layers
 from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy, resolve_kmeans_policy,
                                  resolve_linear_policy)
 
 __all__ = [
-    "FAST_MIN_ITER", "CentroidSharer", "Codebook", "codebooks_state_dict", "inertia", "kmeans_1d",
+    "FAST_MIN_ITER", "CentroidSharer", "Codebook", "codebooks_state_dict", "fully_quantized",
+    "inertia", "kmeans_1d",
     "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks", "masked_loop_update",
     "QConv2d", "QLinear", "calibrate", "fake_quantize", "kl_clip", "quant_layers",
     "apply_kmeans_policy", "apply_linear_policy", "resolve_kmeans_policy", "resolve_linear_policy",

@@ -25,6 +25,7 @@ Pruned layers (``is_pruned``) cluster only their non-zero weights; the zeros get
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -435,14 +436,30 @@ class CentroidSharer:
         return [n for n, cb in self.codebooks.items()
                 if not (self.free_high_bit and cb.bits > HIGH_BIT)]
 
+    def free_layers(self):
+        """``{name: bits}`` of the layers left to train freely (``free_high_bit``, > 6 bits)."""
+        active = set(self.active())
+        return {n: cb.bits for n, cb in self.codebooks.items() if n not in active}
+
     @torch.no_grad()
     def step(self):
-        """One centroid-shared update of every active layer."""
+        """One centroid-shared update of every active layer.
+
+        A free layer of a pruned model is not shared, but its pruned weights are put back to
+        zero: pruning is kept whatever the bit width (DESIGN.md section 4).
+        """
         for name in self.active():
             weight = self._layers[name].weight
             flat = _flat(weight)
             self._update(flat, self.codebooks[name], self._counts[name])
             _commit(weight, flat)
+        for name in self.free_layers():
+            cb = self.codebooks[name]
+            if cb.pruned:
+                weight = self._layers[name].weight
+                flat = _flat(weight)
+                flat.masked_fill_(cb.labels.to(flat.device) == cb.n_clusters, 0.0)
+                _commit(weight, flat)
 
     @staticmethod
     def _update(flat, cb, count):
@@ -476,6 +493,33 @@ class CentroidSharer:
             self.codebooks[name] = cb
             self._prepare(name)
         return names
+
+
+@contextmanager
+def fully_quantized(model, free_bits, n_iter=3, method="fast", is_pruned=False, seed=None):
+    """Score a model whose ``free_bits`` layers (``{name: bits}``) train in float: within the
+    ``with`` block they are K-Means-quantized to 2^bits values; on leaving it their float weights
+    come back, so training continues where it was.
+
+    ``free_high_bit`` lets layers above 6 bits train freely (the released search and
+    fine-tune); only a fully quantized model may be scored (DESIGN.md section 4), so every
+    accuracy of such a model is measured inside this block. Yields the temporary codebooks
+    (``{name: Codebook}``), e.g. to save the scored model. The clustering is
+    :func:`kmeans_quantize_model`'s with the same arguments, so the same float weights and
+    ``seed`` give the same quantized model each time.
+    """
+    if not free_bits:
+        yield {}
+        return
+    modules = dict(model.named_modules())
+    saved = {name: modules[name].weight.detach().clone() for name in free_bits}
+    try:
+        yield kmeans_quantize_model(model, dict(free_bits), n_iter=n_iter, method=method,
+                                    is_pruned=is_pruned, seed=seed)
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                modules[name].weight.copy_(weight)
 
 
 def masked_loop_update(model, codebooks):

@@ -39,7 +39,7 @@ class DDPGConfig:
     warmup: int = 20
     discount: float = 1.0
     bsize: int = 64
-    rmsize: int = 128         # transitions per step of an episode (per layer)
+    rmsize: int = 128         # transitions per quantizable layer
     tau: float = 0.01
     init_delta: float = 0.5
     delta_decay: float = 0.99
@@ -113,14 +113,15 @@ def truncated_normal(mean, sigma, low, high, rng):
 class DDPG:
     """DDPG with HAQ's warmup, truncated-normal exploration and reward baseline.
 
-    ``state_dim``: length of a state vector; ``n_steps``: steps per episode (the
-    replay memory holds ``rmsize * n_steps`` transitions); ``device``: a
+    ``state_dim``: length of a state vector; ``n_layers``: quantizable layers of the
+    model (the replay memory holds ``rmsize * n_layers`` transitions, as released,
+    whatever the number of actions per layer); ``device``: a
     ``torch.device`` for the networks; ``seed``: seeds the agent's own numpy
     generator (random actions, noise, minibatches). Network initialisation uses
     torch's RNG, which the caller seeds once.
     """
 
-    def __init__(self, state_dim, n_steps, config=None, device=None, seed=None, action_dim=1):
+    def __init__(self, state_dim, n_layers, config=None, device=None, seed=None, action_dim=1):
         self.cfg = config or DDPGConfig()
         self.device = torch.device(device or "cpu")
         self.state_dim, self.action_dim = state_dim, action_dim
@@ -133,7 +134,7 @@ class DDPG:
         # foreach: one multi-tensor kernel per Adam step instead of one per parameter.
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=c.lr_a, foreach=True)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=c.lr_c, foreach=True)
-        self.memory = ReplayMemory(c.rmsize * n_steps, state_dim, action_dim)
+        self.memory = ReplayMemory(c.rmsize * n_layers, state_dim, action_dim)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
         self.n_updates = 0

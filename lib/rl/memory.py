@@ -2,8 +2,9 @@
 
 HAQ stores every transition of an episode with the episode's final reward
 (DESIGN.md section 3), so a transition is ``(state, action, reward, next_state,
-terminal)`` and the buffer holds ``rmsize * n_steps`` of them (128 per layer in the
-released settings). When full, the oldest transition is overwritten.
+terminal)`` and the buffer holds ``rmsize * n_layers`` of them (128 per quantizable
+layer in the released settings; linear mode's two steps per layer share that).
+When full, the oldest transition is overwritten.
 
 Everything is a numpy array so the memory can be saved with the search state and
 restored exactly (``state_dict`` / ``load_state_dict``).
