@@ -313,7 +313,11 @@ class Finetune:
                                                       is_pruned=self.args.is_pruned,
                                                       seed=self.args.manualSeed))
             sharer = None
-        return sharer or CentroidSharer(self.model, self.codebooks)
+        if sharer is None:
+            # a pruned model's float layers keep their zeros until they are clustered
+            keep_zero = list(self.free_layers()) if self.args.is_pruned else []
+            sharer = CentroidSharer(self.model, self.codebooks, keep_zero=keep_zero)
+        return sharer
 
     def checkpoint_dict(self, epoch, acc, optimizer, clustered=None):
         """What a checkpoint holds; ``clustered``: codebooks of free layers clustered for saving."""

@@ -90,3 +90,33 @@ def test_free_high_bit_scores_and_saves_only_fully_quantized_models(policy, tmp_
     assert max(scored) <= 1.0
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["best_top1"] == best[-1]["acc"] == res["best_top1"]
+
+
+def test_pruned_zeros_stay_zero_in_free_and_shared_layers(policy, tmp_path, tiny_pretrained,
+                                                          monkeypatch):
+    """--is_pruned: the zeros of the pretrained weights are still zero in every saved file,
+    including the 7-bit layers that train in float before the last epoch."""
+    _, model = tiny_pretrained
+    state = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    zeros = {}
+    for name in policy["bits"]:
+        w = state[name + ".weight"].view(-1)
+        w[torch.randperm(w.numel(), generator=gen)[: w.numel() // 2]] = 0.0
+        zeros[name] = state[name + ".weight"] == 0
+    weights = str(tmp_path / "pruned.pth.tar")
+    save_checkpoint({"state_dict": state}, weights)
+
+    saved = []
+    real_save = finetune.save_checkpoint
+    monkeypatch.setattr(finetune, "save_checkpoint",
+                        lambda s, path: (saved.append(copy.deepcopy(s)), real_save(s, path)))
+    finetune.main(["--strategy", policy["path"], "--pretrained_path", weights, "--is_pruned",
+                   "-c", str(tmp_path / "run"), "--epochs", "2", "--no-eval_fp32"] + TINY)
+    free = policy["big_free"][0]
+    first = next(s for s in saved if s["epoch"] == 1 and free not in s["codebooks"])
+    assert distinct(first["state_dict"][free + ".weight"]) > 2 ** 7   # trained in float
+    assert {s["epoch"] for s in saved} == {1, 2}
+    for s in saved:
+        for name, mask in zeros.items():
+            assert torch.equal(s["state_dict"][name + ".weight"] == 0, mask), (s["epoch"], name)

@@ -11,8 +11,9 @@ K-Means weight sharing (:mod:`lib.quantize.kmeans`)::
         # or "sklearn" (the reference: KMeans k-means++, n_init=1, max_iter=n_iter).
     Codebook(centroids, labels, bits, pruned)   # centroids float32 [k(+1 pinned 0 if pruned)],
                                                 # labels flat in the smallest int dtype
-    sharer = CentroidSharer(model, codebooks, free_high_bit=False)
+    sharer = CentroidSharer(model, codebooks, free_high_bit=False, keep_zero=())
     sharer.step()                        # after every optimizer.step(): centroid-shared update
+                                         # (+ pruned zeros of free / keep_zero float layers back to 0)
     sharer.recluster(n_iter=50)          # free_high_bit: cluster the skipped (> 6 bit) layers
     sharer.free_layers() -> {name: bits} # the layers sharer.step() leaves free
     with fully_quantized(model, {name: bits}, n_iter, method, is_pruned, seed) as codebooks:

@@ -408,20 +408,31 @@ class CentroidSharer:
 
     With ``free_high_bit`` the layers above 6 bits are skipped (they train freely) until
     :meth:`recluster` clusters them again, e.g. before the last epoch.
+
+    Pruned models keep their zeros whatever the bit width (DESIGN.md section 4): a free layer
+    whose codebook is pruned, and every float layer named in ``keep_zero`` (e.g. layers not
+    clustered yet), has the weights that are zero now put back to zero after every step.
     """
 
-    def __init__(self, model, codebooks, free_high_bit=False):
+    def __init__(self, model, codebooks, free_high_bit=False, keep_zero=()):
         self.model = model
         self.codebooks = codebooks
         self.free_high_bit = free_high_bit
         modules = dict(model.named_modules())
-        missing = [name for name in codebooks if name not in modules]
+        missing = [name for name in list(codebooks) + list(keep_zero) if name not in modules]
         if missing:
             raise KeyError(f"codebooks name layers the model does not have: {missing}")
         self._layers = {name: modules[name] for name in codebooks}
         self._counts = {}
         for name in codebooks:
             self._prepare(name)
+        self._zeros = {name: modules[name].weight.detach() == 0 for name in keep_zero}
+        for name in self.free_layers():
+            cb = self.codebooks[name]
+            if cb.pruned:
+                mask = (cb.labels == cb.n_clusters).reshape(self._layers[name].weight.shape)
+                self._zeros[name] = mask.to(self._layers[name].weight.device)
+        self._zero_layers = {name: modules[name] for name in self._zeros}
 
     def _prepare(self, name):
         """Cluster sizes (fixed: labels never change) and labels on the weight's device."""
@@ -443,23 +454,14 @@ class CentroidSharer:
 
     @torch.no_grad()
     def step(self):
-        """One centroid-shared update of every active layer.
-
-        A free layer of a pruned model is not shared, but its pruned weights are put back to
-        zero: pruning is kept whatever the bit width (DESIGN.md section 4).
-        """
+        """One centroid-shared update of every active layer; pruned zeros of float layers back to 0."""
         for name in self.active():
             weight = self._layers[name].weight
             flat = _flat(weight)
             self._update(flat, self.codebooks[name], self._counts[name])
             _commit(weight, flat)
-        for name in self.free_layers():
-            cb = self.codebooks[name]
-            if cb.pruned:
-                weight = self._layers[name].weight
-                flat = _flat(weight)
-                flat.masked_fill_(cb.labels.to(flat.device) == cb.n_clusters, 0.0)
-                _commit(weight, flat)
+        for name, mask in self._zeros.items():
+            self._zero_layers[name].weight.masked_fill_(mask, 0.0)
 
     @staticmethod
     def _update(flat, cb, count):
