@@ -3,7 +3,9 @@
 The policy comes from a search (its strategy.json) or a preset (the paper's published
 policies); K-Means mode shares weights by cluster (``--free_high_bit`` leaves layers
 above 6 bits free until the last epoch), linear mode trains with fake-quantized weights
-and activations. The checkpoint records everything needed to evaluate it again.
+and activations. Only a fully quantized model is scored or saved as model_best: before
+the last epoch the free layers are clustered for each measurement, then trained on in
+float. The checkpoint records everything needed to evaluate it again.
 
     python finetune.py --strategy save/strategy.json --epochs 5          # embedded default
     python finetune.py -a qmobilenetv2 --linear_quantization --strategy mobilenetv2_linear_0.6 \
@@ -231,7 +233,7 @@ class Finetune:
         """{name: bits} of the K-Means layers that --free_high_bit leaves float at this point."""
         return deferred_layers(self.setup, self.codebooks) if self.codebooks is not None else {}
 
-    def fully_quantized(self):
+    def all_quantized(self):
         """Context in which the model is fully quantized, to be scored or saved as the policy's.
 
         The layers --free_high_bit leaves float are clustered as the last epoch will cluster
@@ -259,7 +261,7 @@ class Finetune:
             log.info("fp32 accuracy: top1 %.2f", self.results["fp32_top1"])
         self.codebooks = quantize(self.model, setup, args, self.train_loader, self.device)
         self.wrap_ddp()
-        with self.fully_quantized():
+        with self.all_quantized():
             va = self.validate()
         self.results["quant_top1"] = va["top1"]
         log.info("acc after quantization: top1 %.2f top5 %.2f%s", va["top1"], va["top5"],
@@ -355,7 +357,7 @@ class Finetune:
                                 "expected a smaller --lr")
             note = self.scored_note()
             # Only a fully quantized model is scored and saved as the best (--free_high_bit).
-            with self.fully_quantized() as clustered:
+            with self.all_quantized() as clustered:
                 final = self.validate()
                 is_best = final["top1"] > self.results["best_top1"]
                 self.results["best_top1"] = max(self.results["best_top1"], final["top1"])
@@ -385,7 +387,7 @@ class Finetune:
 
     def save_best(self, epoch, acc, optimizer, clustered):
         """model_best.pth.tar: the fully quantized model that scored ``acc`` (call it inside
-        :meth:`fully_quantized`, whose codebooks are ``clustered``)."""
+        :meth:`all_quantized`, whose codebooks are ``clustered``)."""
         state = self.checkpoint_dict(epoch, acc, optimizer, clustered)
         save_checkpoint(state, os.path.join(self.folder, "model_best.pth.tar"))
 
@@ -415,7 +417,7 @@ def run_evaluation(run):
     """-e: evaluate a finetune.py checkpoint, other weights, or the freshly quantized policy."""
     if run.setup.ckpt is not None:
         run.prepare_resumed()
-        with run.fully_quantized():   # a mid-run checkpoint may hold float --free_high_bit layers
+        with run.all_quantized():   # a mid-run checkpoint may hold float --free_high_bit layers
             va = run.validate()
         recorded = run.setup.ckpt.get("acc")
         log.info("evaluate: top1 %.4f top5 %.4f (checkpoint recorded top1 %s)%s", va["top1"],
