@@ -101,7 +101,7 @@ class QuantizeEnv:
     ``model``: the network, already holding its pretrained weights (they are
     copied now and restored before every evaluation). ``evaluator``: an object
     with ``validate(model) -> dict(top1, top5, ...)`` and ``finetune(model,
-    step_hook=None) -> dict(top1, top5, nonfinite, ...)`` (see
+    step_hook=None, scoring=None) -> dict(top1, top5, nonfinite, ...)`` (see
     :class:`lib.env.evaluator.ShortFinetune`); tests may pass a stub.
     Subclasses set ``linear`` and ``actions_per_layer`` and implement
     :meth:`policy_from_bits`, :meth:`cost`, :meth:`reference_cost` and
