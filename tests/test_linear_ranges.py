@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lib.quantize import linear
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip
+from lib.utils.layers import quantizable_layers
 
 
 def hand_fake_quant(w, t, bits):
@@ -221,7 +222,6 @@ def test_finetune_checkpoint_evaluates_with_its_stored_ranges(tmp_path, tiny_pre
     the 8-bit classifier); the rule that set them is recorded in the checkpoint and results.json."""
     import finetune
     from lib.utils.checkpoint import load_checkpoint, save_checkpoint
-    from lib.utils.layers import quantizable_layers
     weights, float_model = tiny_pretrained
     names = [n for n, _ in quantizable_layers(float_model)]
     policy = tmp_path / "policy.json"
@@ -259,3 +259,55 @@ def test_finetune_checkpoint_evaluates_with_its_stored_ranges(tmp_path, tiny_pre
     layers = dict(quantizable_layers(run.model, linear=True))
     assert layers[names[1]].weight_range.item() < layers[names[1]].weight.abs().max().item()
     assert run.kl_max_bit == 4
+
+
+# --------------------------------------------------------------------------- the search env
+
+
+class RangeRecorder:
+    """Search evaluator stub: records each layer's ranges when the fine-tune starts, then trains
+    (here: moves every weight) and checks the weight ranges did not follow."""
+
+    def __init__(self):
+        self.seen = []
+
+    def validate(self, model):
+        return {"top1": 50.0, "top5": 90.0, "loss": 1.0}
+
+    def finetune(self, model, step_hook=None):
+        layers = quantizable_layers(model, linear=True)
+        ranges = {n: (m.weight_range.item(), m.activation_range.item()) for n, m in layers}
+        with torch.no_grad():
+            for _, m in layers:
+                m.weight.mul_(2.0)
+        model(torch.randn(2, 3, 32, 32))
+        assert all(m.weight_range.item() == ranges[n][0] for n, m in layers)
+        self.seen.append(ranges)
+        return {"top1": 50.0, "top5": 90.0, "loss": 1.0, "nonfinite": False}
+
+
+def test_search_env_calibrates_every_episode():
+    """Each episode starts from the pretrained weights and sets every range by calibration."""
+    from lib.env import EnvConfig, LinearQuantizeEnv
+    from lib.quantize.policy import apply_linear_policy
+    from lib.simulator.costs import TableCost
+    from models import get_model
+    torch.manual_seed(0)
+    model = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    pretrained = copy.deepcopy(model.state_dict())
+    table = np.ones((53, 8, 8))
+    calib = [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))]
+    recorder = RangeRecorder()
+    env = LinearQuantizeEnv(model, recorder, EnvConfig(preserve_ratio=0.5, input_size=32),
+                            TableCost(table), calib, torch.device("cpu"))
+    policies = [[[8, -1]] + [[4, 4]] * 51 + [[8, 8]], [[8, -1]] + [[6, 3]] * 51 + [[8, 8]]]
+    for policy in policies:
+        env.evaluate_policy(policy)
+        ref = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+        ref.load_state_dict(pretrained)
+        apply_linear_policy(ref, policy)
+        calibrate(ref, calib)
+        expected = {n: (m.weight_range.item(), m.activation_range.item())
+                    for n, m in quantizable_layers(ref, linear=True)}
+        assert recorder.seen[-1] == pytest.approx(expected)
+        assert all(w > 0 for w, _ in recorder.seen[-1].values())
