@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from lib.quantize import (CentroidSharer, apply_kmeans_policy, apply_linear_policy, calibrate,
                           codebooks_state_dict, load_codebooks)
-from lib.quantize.linear import DEFAULT_KL_MAX_BIT
+from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_checkpoint,
                                   load_state_dict, save_checkpoint)
 from lib.utils.cli import ArgumentParser
@@ -81,8 +81,8 @@ def get_args_parser():
                    help="K-Means: leave layers above 6 bits free, cluster them at the last epoch")
     p.add_argument("--kl_max_bit", type=int, default=DEFAULT_KL_MAX_BIT,
                    help="linear: calibrate weights/inputs of at most this many bits with the released "
-                        "divergence clip, the rest with max|x|; 4 = the released rule, 0 = max "
-                        "everywhere (default %(default)s; ranges are then fixed and saved)")
+                        f"divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = the released "
+                        "rule, 0 = max everywhere (default %(default)s; ranges are then fixed and saved)")
     p.add_argument("--is_pruned", action=bool_flag, default=False,
                    help="K-Means: zero weights are pruned (kept out of clustering, stay zero)")
     p.add_argument("--half", action=bool_flag, default=False,
@@ -152,7 +152,7 @@ def resolve_setup(args):
     """Arch, mode, dataset, model kwargs and policy of this run (UserError if underdetermined)."""
     if args.kl_max_bit < 0:
         raise UserError(f"--kl_max_bit {args.kl_max_bit} is negative; expected 0 (max clip "
-                        "everywhere) or a bit width such as 4 (the released rule)")
+                        f"everywhere) or a bit width such as {RELEASED_KL_MAX_BIT} (the released rule)")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None and isinstance(ckpt, dict) and "policy" in ckpt:
         return _setup_from_checkpoint(args, ckpt)
