@@ -311,3 +311,15 @@ def test_search_env_calibrates_every_episode():
                     for n, m in quantizable_layers(ref, linear=True)}
         assert recorder.seen[-1] == pytest.approx(expected)
         assert all(w > 0 for w, _ in recorder.seen[-1].values())
+
+
+def test_negative_kl_max_bit_is_a_one_line_error(capsys):
+    import finetune
+    from lib.utils.errors import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(finetune.main, ["--strategy", "mobilenetv2_linear_0.6", "--kl_max_bit", "-1",
+                                "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --kl_max_bit -1 is negative; expected 0")
+    assert "Traceback" not in "\n".join(err)
