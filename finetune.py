@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from lib.quantize import (CentroidSharer, apply_kmeans_policy, apply_linear_policy, calibrate,
                           codebooks_state_dict, fully_quantized, load_codebooks)
+from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_checkpoint,
                                   load_state_dict, save_checkpoint)
 from lib.utils.cli import ArgumentParser
@@ -80,6 +81,10 @@ def get_args_parser():
                    help="linear (weights + activations) instead of K-Means (default: the strategy's mode)")
     p.add_argument("--free_high_bit", action=bool_flag, default=True,
                    help="K-Means: leave layers above 6 bits free, cluster them at the last epoch")
+    p.add_argument("--kl_max_bit", type=int, default=DEFAULT_KL_MAX_BIT,
+                   help="linear: calibrate weights/inputs of at most this many bits with the released "
+                        f"divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = the released "
+                        "rule, 0 = max everywhere (default %(default)s; ranges are then fixed and saved)")
     p.add_argument("--is_pruned", action=bool_flag, default=False,
                    help="K-Means: zero weights are pruned (kept out of clustering, stay zero)")
     p.add_argument("--half", action=bool_flag, default=False,
@@ -147,6 +152,9 @@ def _setup_from_checkpoint(args, ckpt):
 
 def resolve_setup(args):
     """Arch, mode, dataset, model kwargs and policy of this run (UserError if underdetermined)."""
+    if args.kl_max_bit < 0:
+        raise UserError(f"--kl_max_bit {args.kl_max_bit} is negative; expected 0 (max clip "
+                        f"everywhere) or a bit width such as {RELEASED_KL_MAX_BIT} (the released rule)")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None and isinstance(ckpt, dict) and "policy" in ckpt:
         return _setup_from_checkpoint(args, ckpt)
@@ -188,7 +196,7 @@ def quantize(model, setup, args, calib_loader, device):
     policy = setup.strategy["strategy"]
     if setup.mode == "linear":
         apply_linear_policy(model, policy)
-        calibrate(model, calib_loader, device)
+        calibrate(model, calib_loader, device, kl_max_bit=args.kl_max_bit)
         return None
     start = time.time()
     # --evaluate scores the whole policy, so no layer is left free there
@@ -222,6 +230,8 @@ class Finetune:
             setup.dataset, args.train_batch, args.workers, args.data, distributed=is_distributed(),
             train_subset=args.train_subset, val_batch_size=args.test_batch)
         self.codebooks = None
+        # the rule that set the weight ranges: this run's, or the resumed checkpoint's
+        self.kl_max_bit = args.kl_max_bit if setup.mode == "linear" else None
         self.results = {"fp32_top1": None, "quant_top1": None, "best_top1": 0.0}
         self.net = self.model
 
@@ -274,6 +284,7 @@ class Finetune:
         load_state_dict(self.model, extract_state_dict(ckpt), source=self.args.resume)
         if self.setup.mode == "linear":
             apply_linear_policy(self.model, self.setup.strategy["strategy"])
+            self.adopt_recorded_ranges(ckpt)
         elif ckpt.get("codebooks") is not None:
             self.codebooks = load_codebooks(ckpt["codebooks"])
         for key in ("fp32_top1", "quant_top1"):
@@ -290,7 +301,18 @@ class Finetune:
             apply_linear_policy(self.model, self.setup.strategy["strategy"])
             ranges = [m.weight_range for _, m in quantizable_layers(self.model, linear=True)]
             if all(float(r.max()) < 0 for r in ranges):   # never calibrated
-                calibrate(self.model, self.train_loader, self.device)
+                calibrate(self.model, self.train_loader, self.device,
+                          kl_max_bit=self.args.kl_max_bit)
+            else:
+                self.kl_max_bit = None   # ranges as stored, by a rule not recorded there
+
+    def adopt_recorded_ranges(self, ckpt):
+        """The checkpoint's stored ranges are used as they are (never recalibrated)."""
+        recorded = ckpt.get("kl_max_bit")
+        if recorded is not None and recorded != self.args.kl_max_bit:
+            log.warning("--kl_max_bit %d ignored: %s holds ranges calibrated with --kl_max_bit %d",
+                        self.args.kl_max_bit, self.args.resume, recorded)
+        self.kl_max_bit = recorded
 
     def wrap_ddp(self):
         """DDP wrapper; its construction broadcasts rank 0's weights and calibrated ranges."""
@@ -328,7 +350,7 @@ class Finetune:
         return {"state_dict": self.model.state_dict(), "epoch": epoch, "acc": acc,
                 "best_acc": self.results["best_top1"], "optimizer": optimizer.state_dict(),
                 "arch": s.arch, "dataset": s.dataset, "model_kwargs": s.model_kwargs,
-                "mode": s.mode, "policy": s.strategy,
+                "mode": s.mode, "policy": s.strategy, "kl_max_bit": self.kl_max_bit,
                 "codebooks": None if codebooks is None else codebooks_state_dict(codebooks),
                 "fp32_top1": self.results["fp32_top1"], "quant_top1": self.results["quant_top1"],
                 "args": vars(self.args)}
@@ -395,6 +417,7 @@ class Finetune:
         s, r = self.setup, self.results
         out = {"arch": s.arch, "dataset": s.dataset, "mode": s.mode,
                "strategy_source": s.strategy.get("source"), "layers": len(s.layer_names),
+               "kl_max_bit": self.kl_max_bit,
                "fp32_top1": r["fp32_top1"], "quant_top1": r["quant_top1"],
                "best_top1": r["best_top1"], "final_top1": final["top1"] if final else None,
                "epochs": self.args.epochs, "seconds": round(elapsed, 1),

@@ -89,7 +89,7 @@ def test_linear_finetune_and_evaluate(tiny):
     sd = ck["state_dict"]
     assert ck["policy"]["strategy"][0] == [8, -1] and ck["codebooks"] is None
     assert sd["features.1.conv.0.activation_range"].shape == (1,)
-    assert float(sd["features.1.conv.0.weight_range"]) > 0   # the KL clip of 4-bit weights
+    assert float(sd["features.1.conv.0.weight_range"]) > 0   # calibrated, saved with the weights
     va = finetune.main(["-e", "--resume", os.path.join(out, "checkpoint.pth.tar"),
                         "--device", "cpu", "--no-progress", "--test_batch", "32"])
     assert va["top1"] == ck["acc"] == _logged_top1(out)[1]

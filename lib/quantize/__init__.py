@@ -29,8 +29,9 @@ Linear fake quantization (:mod:`lib.quantize.linear`)::
             w_bit=-1, a_bit=-1, half_wave=True)
     QLinear(in_features, out_features, bias=True, w_bit=-1, a_bit=-1, half_wave=True)
         .set_bits(w_bit=None, a_bit=None); .w_bit / .a_bit; .activation_range; .weight_range
-    calibrate(model, loader, device=None)   # one batch sets every range (KL clip below 5 bits)
-    fake_quantize(x, r, bits, signed)       # the STE/PACT fake-quant op; kl_clip(x, bits, signed)
+    calibrate(model, loader, device=None, kl_max_bit=0)  # one batch sets every range, then fixed
+    fake_quantize(x, r, bits, signed, clip_grad=True)   # the STE/PACT fake-quant op
+    kl_clip(x, bits)                        # the released divergence clip (kl_max_bit's rule)
 
 Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a bad one::
 

@@ -2,19 +2,24 @@
 
 :class:`QConv2d` / :class:`QLinear` are ``nn.Conv2d`` / ``nn.Linear`` plus
 
-* ``w_bit``: weights, symmetric, ``scale = t / (2^(w-1) - 1)``, clamp to [-t, t], round; t is
-  max|w|, or for w < 5 bits the clip minimising the KL divergence between the float and the
-  quantized distributions (set by :func:`calibrate`, kept in the ``weight_range`` buffer);
+* ``w_bit``: weights, symmetric, ``scale = t / (2^(w-1) - 1)``, clamp to [-t, t], round.  t is
+  the ``weight_range`` buffer: set once by :func:`calibrate` (max|w|, or for w <= kl_max_bit the
+  released HAQ divergence clip, :func:`kl_clip`), then fixed for the whole fine-tune, saved in
+  the state_dict and used as loaded (as released).  A layer used before any calibration takes
+  max|w| of its weights at its first quantized forward and keeps it (the released lazy init);
 * ``a_bit``: inputs; ``half_wave`` (input after a ReLU): clip to [0, r], ``scale = r / (2^a - 1)``;
   full-wave: symmetric, clip to [-r, r] with a - 1 bits of magnitude.  r is the trainable
   ``activation_range`` (PACT, Choi et al. 2018: dL/dr collects the gradient of the clipped
-  inputs), initialised to 6 and set by calibration to min(6, max|x|) or, for a < 5, the KL clip;
-* rounding with the straight-through estimator (gradient 1 inside the clip range, 0 outside);
-  biases stay in floating point.  ``-1`` bits = not quantized; with both at -1 the layer computes
-  exactly what the float layer does.
+  inputs), initialised to 6 and set by calibration to min(6, max|x|), or for a magnitude of
+  <= kl_max_bit bits to the smaller of that and the divergence clip;
+* rounding with the straight-through estimator.  Inputs: gradient 1 inside the clip range, 0
+  outside.  Weights: gradient 1 everywhere, clipped or not, as released -- with a mask the
+  largest-magnitude weight of every layer (the one at t = max|w|) would never train;
+  biases stay in floating point.  ``-1`` bits = not quantized; with both at -1 the layer
+  computes exactly what the float layer does.
 
 State-dict entries beyond the float layer's: ``activation_range`` [1] and ``weight_range`` [1],
-the names the released HAQ checkpoints use.
+the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet).
 """
 import logging
 import math
@@ -26,12 +31,14 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# Bit widths <= kl_max_bit get the KL-optimal clip at calibration (HAQ: "< 5 bits", i.e. 4).
-# The default is 0 (max clip everywhere): on the embedded MobileNet-V2 the KL clip of <= 4-bit
-# layers collapses the model (uniform w4a4 right after calibration: 9.7% top-1 with KL, 90.1%
-# with the max clip; w8a4 9.7% vs 95.9%), because a peaked post-ReLU histogram makes KL pick a
-# clip of a few percent of the range. ``calibrate(..., kl_max_bit=4)`` restores HAQ's rule.
-KL_MAX_BIT = 4
+# Bit widths <= kl_max_bit get the released divergence clip at calibration (HAQ: "< 5 bits",
+# i.e. 4).  The default is 0 (max clip everywhere) because it measured better on the embedded
+# MobileNet-V2 (finetune.py, demo settings, top-1 right after calibration -> after 2 epochs):
+# uniform w4a4 max 92.0 -> 98.2 vs released rule 62.2 -> 96.9; the published MobileNet-V2 policy
+# max 97.5 -> 98.3 vs 97.4 -> 98.4 (a tie).  The loss is in the activation clips (median half of
+# max|x|; w4a4 after calibration: the rule on weights only 93.4, on inputs only 73.9), which
+# count 2^(a-1) levels as released although a [0, r] input grid has 2^a.
+RELEASED_KL_MAX_BIT = 4
 DEFAULT_KL_MAX_BIT = 0
 ACT_RANGE_INIT = 6.0  # ReLU6's range: the released code's initial/maximum activation clip
 _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
@@ -45,10 +52,11 @@ def n_steps(bits, signed):
 class _FakeQuant(torch.autograd.Function):
     """round(clamp(x, lo, r) / s) * s with s = r / steps and lo = -r (signed) or 0.
 
-    Backward (straight-through estimator): dL/dx = dL/dy inside (lo, r), 0 outside (the
-    boundary itself has measure zero, and after a ReLU its gradient is zero anyway);
-    dL/dr = sum of dL/dy over x > r, minus the sum over x < -r when signed (PACT).  With
-    ``steps == 0`` (1-bit signed) the output is ``r * sign(x)``.
+    Backward (straight-through estimator): with ``clip_grad`` (inputs), dL/dx = dL/dy inside
+    (lo, r) and 0 outside (the boundary has measure zero, and after a ReLU its gradient is
+    zero anyway); without it (weights, as released), dL/dx = dL/dy everywhere.  dL/dr = sum of
+    dL/dy over x > r, minus the sum over x < -r when signed (PACT); weights' ``r`` is a buffer
+    and gets none.  With ``steps == 0`` (1-bit signed) the output is ``r * sign(x)``.
 
     On the CPU the range is read once as a Python float: scalar clamps/compares run at about
     twice the speed of broadcast [1]-tensor ones, and hardtanh_backward gives the STE mask in
@@ -56,13 +64,14 @@ class _FakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, r, steps, signed):
+    def forward(ctx, x, r, steps, signed, clip_grad):
         r = r.detach().clamp(min=_MIN_RANGE).to(x.dtype)
         if _host_scalars(x):
             r = float(r)
         lo = -r if signed else 0.0 * r
-        ctx.signed, ctx.r = signed, r
-        ctx.save_for_backward(x)
+        ctx.signed, ctx.r, ctx.clip_grad = signed, r, clip_grad
+        if clip_grad or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x)
         if steps == 0:
             return torch.where(x >= 0, r, lo).to(x.dtype)
         scale = r / steps
@@ -71,17 +80,18 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (x,), r, signed = ctx.saved_tensors, ctx.r, ctx.signed
+        r, signed = ctx.r, ctx.signed
         lo = -r if signed else 0.0 * r
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
-            grad_x = _pass_inside(grad, x, lo, r)
+            grad_x = _pass_inside(grad, ctx.saved_tensors[0], lo, r) if ctx.clip_grad else grad
         if ctx.needs_input_grad[1]:
+            (x,) = ctx.saved_tensors
             grad_r = _pass_inside(grad, x, r, math.inf).sum()
             if signed:
                 grad_r = grad_r - _pass_inside(grad, x, -math.inf, lo).sum()
             grad_r = grad_r.reshape(1)
-        return grad_x, grad_r, None, None
+        return grad_x, grad_r, None, None, None
 
 
 def _host_scalars(x):
@@ -96,53 +106,58 @@ def _pass_inside(grad, x, lo, hi):
     return torch.ops.aten.hardtanh_backward(grad, x, lo, hi)
 
 
-def fake_quantize(x, r, bits, signed):
-    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see _FakeQuant."""
-    return _FakeQuant.apply(x, r, n_steps(bits, signed), signed)
+def fake_quantize(x, r, bits, signed, clip_grad=True):
+    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see _FakeQuant.
 
-
-def kl_clip(values, bits, signed, bins=2048, max_candidates=256):
-    """KL-optimal clip of ``values`` for a ``bits``-bit grid (entropy calibration, TensorRT-style).
-
-    The histogram of |x| (of max(x, 0) for an unsigned grid) over [0, max] is cut at each
-    candidate bin i; P = the first i bins with the tail folded into the last, Q = P merged into
-    the grid's levels and spread back over each level's non-empty bins.  Returns the
-    threshold i * bin_width minimising KL(P || Q); it never exceeds max|x|.
+    ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights).
     """
-    v = values.detach().float().reshape(-1)
-    v = v.abs() if signed else v.clamp(min=0)
-    # Exact zeros (most of a post-ReLU tensor) sit on the grid at no error; left in,
-    # their spike in the first bin drags the optimum to a tiny clip.
-    v = v[v > 0]
-    top = float(v.max()) if v.numel() else 0.0
-    if top <= 0.0:
-        return top
-    hist = torch.histc(v.cpu(), bins=bins, min=0.0, max=top).double().numpy()
-    levels = 2 ** (bits - 1) if signed else 2 ** bits
-    if levels >= bins:
-        return top
-    stride = max(1, (bins - levels) // max_candidates)
-    best_i, best_kl = bins, np.inf
-    for i in list(range(levels, bins, stride)) + [bins]:
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        nonzero = p > 0  # Q lives where P does (the folded tail included)
-        group = np.arange(i) * levels // i
-        mass = np.bincount(group, weights=hist[:i], minlength=levels)
-        width = np.bincount(group, weights=nonzero, minlength=levels)
-        q = np.where(nonzero, (mass / np.maximum(width, 1))[group], 0.0)
-        kl = _kl(p, q)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i * top / bins
+    return _FakeQuant.apply(x, r, n_steps(bits, signed), signed, clip_grad)
 
 
-def _kl(p, q, eps=1e-10):
-    """KL(p || q) of two unnormalised histograms; q's empty bins get eps so P's tail counts."""
-    p = p / p.sum()
-    q = np.maximum(q / max(q.sum(), eps), eps)
-    mask = p > 0
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+def kl_clip(values, bits):
+    """Clip of |values| for a grid of ``bits`` magnitude bits, by the released HAQ rule.
+
+    The rule (HAQ's ``_compute_threshold``; the name "KL" is the release's): c = the CDF of a
+    histogram of |x| over [0, max|x|] with numpy's ``'sqrt'`` bin count (about sqrt(N) bins of
+    width h), exact zeros included.  Each candidate i = n+1 .. bins, with n = 2^(bits-1) levels,
+    clips the CDF at bin i (p_j = c_j for j < i-1, 1 from i-1 on), samples its first i bins at
+    n evenly spaced points and interpolates them back linearly to i bins (q_j = 1 beyond), and
+    scores Jeffreys' divergence J(c, q) = sum_j (c_j - q_j) log2(c_j / q_j) (0 where c_j = q_j).
+    Returns (i* + 1/2) h for the minimising i*, which can exceed max|x| by h/2 as released;
+    max|x| if there are fewer than n+1 bins; 0 for an all-zero tensor.
+    """
+    v = values.detach().reshape(-1).abs().double().cpu().numpy()
+    top = float(v.max()) if v.size else 0.0
+    if top <= 0.0 or bits < 1:
+        return top
+    hist, edges = np.histogram(v, bins="sqrt", range=(0.0, top))
+    cdf = np.cumsum(hist) / hist.sum()
+    levels = 2 ** (bits - 1)
+    if levels + 1 > len(hist):
+        return top
+    candidates = range(levels + 1, len(hist) + 1)
+    scores = [_jeffreys(cdf, _resampled_cdf(cdf, i, levels)) for i in candidates]
+    best = candidates[int(np.argmin(scores))]
+    return float((best + 0.5) * (edges[1] - edges[0]))
+
+
+def _resampled_cdf(cdf, i, levels):
+    """The CDF clipped at bin i, seen through ``levels`` evenly spaced samples of its first i bins."""
+    clipped = cdf[:i].copy()
+    clipped[-1] = 1.0
+    fine = np.linspace(0.0, 1.0, i)
+    coarse = np.linspace(0.0, 1.0, levels)
+    q = np.ones_like(cdf)
+    q[:i] = np.interp(fine, coarse, np.interp(coarse, fine, clipped))
+    return q
+
+
+def _jeffreys(c, q):
+    """Jeffreys' divergence sum (c - q) log2(c / q) of two CDFs; a 0/0 bin counts 0, 0 vs q > 0 inf."""
+    differ = c != q
+    with np.errstate(divide="ignore"):
+        terms = (c[differ] - q[differ]) * (np.log2(c[differ]) - np.log2(q[differ]))
+    return float(terms.sum())
 
 
 class _QuantMixin:
@@ -152,7 +167,7 @@ class _QuantMixin:
         ref = self.weight
         self.half_wave = bool(half_wave)
         self.calibrating = False
-        self.kl_max_bit = DEFAULT_KL_MAX_BIT
+        self.kl_max_bit = DEFAULT_KL_MAX_BIT   # read by calibration only; calibrate() sets it
         self.activation_range = nn.Parameter(
             torch.full((1,), ACT_RANGE_INIT, device=ref.device, dtype=ref.dtype))
         self.register_buffer("weight_range",
@@ -162,6 +177,7 @@ class _QuantMixin:
     def set_bits(self, w_bit=None, a_bit=None):
         """Set the bit widths (-1 = not quantized); None leaves one unchanged.
 
+        Ranges stay as they are: :func:`calibrate` afterwards sets them for the new widths.
         An unquantized input makes ``activation_range`` frozen (requires_grad False) so that
         DistributedDataParallel does not wait for a gradient it never gets.
         """
@@ -173,27 +189,43 @@ class _QuantMixin:
         return self
 
     def quantized_input(self, x):
+        """The fake-quantized input; during calibration its range is set and x passes as is."""
         if self.calibrating:
             self._calibrate_activation(x)
+            return x
         if self.a_bit <= 0:
             return x
         return fake_quantize(x, self.activation_range, self.a_bit, signed=not self.half_wave)
 
     def quantized_weight(self):
+        """The weight fake-quantized on the stored ``weight_range`` (float while calibrating)."""
         if self.calibrating:
             self._calibrate_weight()
-        w = self.weight
+            return self.weight
         if self.w_bit <= 0:
-            return w
-        t = w.detach().abs().max().reshape(1)
-        if self.w_bit <= self.kl_max_bit:  # the calibrated KL clip, until calibration max|w|
-            t = torch.where(self.weight_range > 0, self.weight_range, t)
-        return fake_quantize(w, t, self.w_bit, signed=True)
+            return self.weight
+        self._init_weight_range()
+        return fake_quantize(self.weight, self.weight_range, self.w_bit, signed=True,
+                             clip_grad=False)
+
+    @torch.no_grad()
+    def _init_weight_range(self):
+        """Never calibrated (range <= 0): max|w| now, kept from then on (the released lazy init).
+
+        On an accelerator the check stays on the device (a select, no host sync).
+        """
+        r = self.weight_range
+        if _host_scalars(r):
+            if float(r) <= 0:
+                r.fill_(float(self.weight.abs().max()))
+                logger.debug("weight_range of an uncalibrated layer set to max|w| = %g", float(r))
+        else:
+            r.copy_(torch.where(r > 0, r, self.weight.abs().max().to(r.dtype)))
 
     @torch.no_grad()
     def _calibrate_weight(self):
         if 0 < self.w_bit <= self.kl_max_bit:
-            t = kl_clip(self.weight, self.w_bit, signed=True)
+            t = kl_clip(self.weight, self.w_bit)
         else:
             t = float(self.weight.abs().max())
         self.weight_range.fill_(t)
@@ -201,11 +233,11 @@ class _QuantMixin:
     @torch.no_grad()
     def _calibrate_activation(self, x):
         signed = not self.half_wave
-        if 0 < self.a_bit <= self.kl_max_bit:
-            r = kl_clip(x, self.a_bit, signed=signed)
-        else:
-            top = x.abs().max() if signed else x.clamp(min=0).max()
-            r = min(ACT_RANGE_INIT, float(top))
+        top = x.abs().max() if signed else x.clamp(min=0).max()
+        r = min(ACT_RANGE_INIT, float(top))
+        magnitude_bits = self.a_bit - 1 if signed else self.a_bit
+        if 0 < self.a_bit and magnitude_bits <= self.kl_max_bit:
+            r = min(r, kl_clip(x, magnitude_bits))
         self.activation_range.fill_(max(r, _MIN_RANGE))
 
     def extra_repr(self):
@@ -248,9 +280,12 @@ def calibrate(model, loader, device=None, kl_max_bit=DEFAULT_KL_MAX_BIT):
     """Set every Q layer's ``weight_range`` and ``activation_range`` from one batch.
 
     ``loader`` yields ``(inputs, targets)`` batches (or inputs), or is an input tensor.  The
-    model runs in eval mode (BN statistics untouched); its mode is restored afterwards.
-    Layers of ``kl_max_bit`` bits or fewer get the KL-optimal clip, the rest max|.| (see
-    DEFAULT_KL_MAX_BIT for why the default is 0).
+    model runs in eval mode (BN statistics untouched) and, as released, in floating point: each
+    layer sees the float model's input.  Its mode is restored afterwards.  Weights of
+    ``kl_max_bit`` bits or fewer, and inputs with that many magnitude bits or fewer, get the
+    released divergence clip (:func:`kl_clip`), the rest max|.| (inputs: at most 6); 0 = max
+    everywhere (see DEFAULT_KL_MAX_BIT for the default).  The ranges then stay fixed: weights'
+    for good, inputs' until training moves them (PACT).
     """
     layers = quant_layers(model)
     if not layers:
