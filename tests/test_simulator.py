@@ -176,7 +176,7 @@ def test_wrong_shape_user_table_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "(53, 8, 8)" in err
     np.save(path, np.ones((53, 8, 8)))
-    assert load_user_table(str(path), 53).shape == (53, 8, 8)
+    assert load_user_table(str(path), 53)[0].shape == (53, 8, 8)
 
 
 # ---------------------------------------------------------------- cost objects
