@@ -145,7 +145,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
+        if "global" in str(exc).lower():   # a class or function: unpickling it could run code
             raise UserError(f"checkpoint '{path}' holds objects other than tensors, numbers, "
                             "strings, lists and dicts; refused (loading it could run code); "
                             "expected a file written by this project") from None
@@ -212,13 +212,13 @@ def load_state_dict(model, state_dict, source="checkpoint"):
         raise UserError(f"{source} holds NaN/inf values in {_names(nonfinite)}; expected "
                         "finite weights (a diverged training run?)")
     result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys:
+    if missing:
         log.info("%s: %d optional buffers missing (kept as initialised): %s", source,
-                 len(result.missing_keys), ", ".join(result.missing_keys[:6]))
+                 len(missing), ", ".join(missing[:6]))
     if result.unexpected_keys:
         log.warning("%s: %d unexpected keys ignored: %s", source,
                     len(result.unexpected_keys), ", ".join(result.unexpected_keys[:6]))
-    return result.missing_keys, result.unexpected_keys
+    return missing, result.unexpected_keys
 
 
 def load_pretrained(model, path, hint=None):
