@@ -122,31 +122,6 @@ def test_logger_and_accuracy(tmp_path):
     assert top1 == 50.0 and top3 == 100.0
 
 
-class _CreatesFile:
-    """Unpickling this would create ``path`` (what a hostile checkpoint could do)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def write_hostile_checkpoint(path, marker):
-    """A torch.save file whose loading with weights_only=False creates ``marker``."""
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _CreatesFile(str(marker))},
-               str(path))
-
-
-def test_hostile_pickle_is_refused_without_running_it(tmp_path):
-    path, marker = tmp_path / "evil.pth.tar", tmp_path / "pwned"
-    write_hostile_checkpoint(path, marker)
-    with pytest.raises(UserError, match="refused") as exc:
-        load_checkpoint(str(path))
-    assert "\n" not in str(exc.value)
-    assert not marker.exists()
-
-
 def test_json_is_strict(tmp_path):
     with pytest.raises(ValueError):
         atomic_write_json(str(tmp_path / "r.json"), {"acc": math.nan})

@@ -197,7 +197,8 @@ def load_state_dict(model, state_dict, source="checkpoint"):
     missing = [k for k in own if k not in state_dict]
     required = [k for k in missing if not k.endswith(OPTIONAL_KEY_SUFFIXES)]
     if required:
-        raise UserError(f"{source} does not fit the model: {len(required)} of its {len(own)} "
+        n_weights = sum(not k.endswith(OPTIONAL_KEY_SUFFIXES) for k in own)
+        raise UserError(f"{source} does not fit the model: {len(required)} of its {n_weights} "
                         f"weights are missing ({_names(required)}); expected a checkpoint of "
                         "this --arch, --width_mult and dataset")
     bad = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != _shape(v)]
