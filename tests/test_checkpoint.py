@@ -104,6 +104,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         save_checkpoint({"x": Boom()}, path)
     with pytest.raises(TypeError, match=r"\['x'\] is a ndarray"):   # never written, never unreadable
         save_checkpoint({"x": np.zeros(2)}, path)
+    with pytest.raises(TypeError, match=r"\['acc'\] is a float64"):   # a float subclass
+        save_checkpoint({"acc": np.float64(1.0)}, path)
     assert open(path).read().strip().startswith("{")
     assert os.listdir(tmp_path) == ["s.json"]
 

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 _TMP_NAME = re.compile(r"^\.tmp-(?:(\d+)-)?.*?-(.+)$")
-# What a checkpoint may hold: what torch.load(weights_only=True) reads back.
-PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor, torch.Size)
+# What a checkpoint may hold: what torch.load(weights_only=True) reads back. Scalars are
+# matched by exact type: numpy's float64 and str_ subclass float and str but pickle as numpy.
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+PLAIN_OBJECTS = (torch.Tensor, torch.Size)
 # Keys a checkpoint may lack without leaving the model wrong (see load_state_dict).
 OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked", "activation_range", "weight_range")
 
@@ -98,7 +100,7 @@ def atomic_write(path, write):
 
 
 def check_plain(obj, where="checkpoint"):
-    """Raise TypeError unless ``obj`` is made only of :data:`PLAIN_TYPES`, lists, tuples and dicts.
+    """Raise TypeError unless ``obj`` holds only plain scalars, tensors, lists, tuples and dicts.
 
     Called before every save, so a file that ``load_checkpoint`` would refuse is
     never written (numpy arrays and scalars must be converted by the caller).
@@ -110,7 +112,7 @@ def check_plain(obj, where="checkpoint"):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             check_plain(v, f"{where}[{i}]")
-    elif not isinstance(obj, PLAIN_TYPES):
+    elif type(obj) not in PLAIN_SCALARS and not isinstance(obj, PLAIN_OBJECTS):
         raise TypeError(f"{where} is a {type(obj).__name__}; a checkpoint holds only tensors, "
                         "numbers, strings, lists and dicts")
 
