@@ -102,7 +102,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
     with pytest.raises(TypeError, match="Boom"):
         save_checkpoint({"x": Boom()}, path)
-    with pytest.raises(TypeError, match=r"\['x'\] is a ndarray"):   # never written, never unreadable
+    # refused before writing, so no file that load_checkpoint would refuse ever exists
+    with pytest.raises(TypeError, match=r"\['x'\] is a ndarray"):
         save_checkpoint({"x": np.zeros(2)}, path)
     with pytest.raises(TypeError, match=r"\['acc'\] is a float64"):   # a float subclass
         save_checkpoint({"acc": np.float64(1.0)}, path)

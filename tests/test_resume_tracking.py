@@ -159,3 +159,13 @@ def test_finetune_resume_logs_each_epoch_once(tiny_pretrained, tmp_path):
     epochs = [r.split("\t")[0] for r in open(log_path).read().splitlines()]
     assert epochs == ["epoch", "0", "1", "2"]
     assert load_checkpoint(os.path.join(out, "checkpoint.pth.tar"))["epoch"] == 2
+
+
+def test_summary_refuses_nan_in_its_inputs(tmp_path, capsys):
+    from lib.env import summary
+    (tmp_path / "s.json").write_text('{"mode": "kmeans", "accuracy": NaN}')
+    with pytest.raises(SystemExit):
+        run_cli(summary.main, ["uniform", str(tmp_path / "s.json"), str(tmp_path / "u.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "NaN is not a number in strict JSON" in err[-1]
+    assert not (tmp_path / "u.json").exists()

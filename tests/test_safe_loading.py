@@ -53,7 +53,7 @@ def files(tmp_path_factory, tiny_pretrained):
 
 
 def _error(capsys, main, argv, log=None):
-    """Run a CLI main through run_cli; return its one ``error:`` line (stderr lines into ``log``)."""
+    """Run a CLI main through run_cli; return its one ``error:`` line (stderr lines to ``log``)."""
     with pytest.raises(SystemExit) as exc:
         run_cli(main, argv)
     assert exc.value.code == 2

@@ -27,7 +27,7 @@ MODES = ("linear", "kmeans")
 
 
 def _no_constant(name):
-    raise json.JSONDecodeError(f"{name} is not strict JSON", name, 0)
+    raise ValueError(f"{name} is not a number in strict JSON")
 
 
 def _read_json(path):
@@ -39,6 +39,9 @@ def _read_json(path):
             return json.load(f, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except ValueError as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc}); expected finite numbers or null") \
+            from exc
 
 
 def recorded_cost_table(strategy):
