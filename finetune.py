@@ -26,14 +26,15 @@ import torch.nn as nn
 from lib.quantize import (CentroidSharer, apply_kmeans_policy, apply_linear_policy, calibrate,
                           codebooks_state_dict, fully_quantized, load_codebooks)
 from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
-from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_checkpoint,
-                                  load_state_dict, save_checkpoint)
+from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, finite_or_none,
+                                  load_checkpoint, load_state_dict, remove_stale_tmp,
+                                  save_checkpoint)
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
-from lib.utils.logger import setup_logging
+from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
 from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
@@ -418,8 +419,10 @@ class Finetune:
         out = {"arch": s.arch, "dataset": s.dataset, "mode": s.mode,
                "strategy_source": s.strategy.get("source"), "layers": len(s.layer_names),
                "kl_max_bit": self.kl_max_bit,
-               "fp32_top1": r["fp32_top1"], "quant_top1": r["quant_top1"],
-               "best_top1": r["best_top1"], "final_top1": final["top1"] if final else None,
+               "fp32_top1": finite_or_none(r["fp32_top1"]),
+               "quant_top1": finite_or_none(r["quant_top1"]),
+               "best_top1": finite_or_none(r["best_top1"]),
+               "final_top1": finite_or_none(final["top1"]) if final else None,
                "epochs": self.args.epochs, "seconds": round(elapsed, 1),
                "checkpoint": os.path.join(self.folder, "checkpoint.pth.tar"),
                "best_checkpoint": os.path.join(self.folder, "model_best.pth.tar")}
@@ -464,6 +467,9 @@ def run_training(run, start):
     writer = logger = None
     resumed = run.setup.ckpt is not None
     if run.rank == 0:
+        remove_stale_tmp(run.folder)
+        if resumed:   # rows after the checkpoint's epoch are trained again below
+            trim_log(os.path.join(run.folder, "log.txt"), run.setup.ckpt["epoch"] + 1)
         writer, logger = open_run_logs(run.folder, LOG_COLUMNS, resume=resumed)
         if not resumed:   # epoch 0 = right after quantization, before any training
             q = run.results["quant_top1"]

@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
-from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from lib.utils.checkpoint import (load_checkpoint, load_state_dict, remove_stale_tmp,
+                                  save_checkpoint)
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
-from lib.utils.logger import setup_logging
+from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
 from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
 from lib.utils.train import evaluate, train_one_epoch
@@ -143,6 +144,9 @@ def main(argv=None):
     lr_at = make_lr_schedule("cos", args.lr, args.epochs, args.warmup_epochs)
     writer = logger = None
     if rank == 0:
+        remove_stale_tmp(os.path.dirname(os.path.abspath(output)))
+        if start_epoch:   # rows after the checkpoint's epoch are trained again below
+            trim_log(os.path.join(log_dir, "log.txt"), start_epoch + 1)
         writer, logger = open_run_logs(
             log_dir, ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"],
             resume=args.resume)

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from lib.utils.checkpoint import remove_stale_tmp
 from lib.utils.cli import ArgumentParser, bool_flag
 from lib.utils.distributed import resolve_device
 from lib.utils.errors import UserError, run_cli
@@ -253,46 +254,72 @@ def output_folder(args):
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise UserError(f"--resume_search: '{path}' holds no {STATE_FILE}; expected the output "
                         "folder of a stopped search")
+    remove_stale_tmp(path)
     return path
 
 
-def load_search_state(path, args):
+def cost_table_of(env):
+    """``{"path", "sha256"}`` of the user's --cost_table the env costs with, or None."""
+    return getattr(getattr(env, "cost_model", None), "source", None)
+
+
+def check_same_cost_table(path, recorded, current):
+    """Refuse to continue a search under another cost model than the one it started with.
+
+    ``recorded``/``current``: the ``{"path", "sha256"}`` of the user table, or None for
+    the simulator's table. Tables are the same when their content is (a moved file is fine).
+    """
+    if recorded is None and current is None:
+        return
+    if recorded is not None and current is not None and recorded["sha256"] == current["sha256"]:
+        return
+    if recorded is None:
+        raise UserError(f"--resume_search: '{path}' was searched with the simulator's cost "
+                        f"table; expected no --cost_table (got {current['path']})")
+    got = f"'{current['path']}' with other content" if current else "no --cost_table"
+    raise UserError(f"--resume_search: '{path}' was searched with --cost_table "
+                    f"{recorded['path']} (sha256 {recorded['sha256'][:12]}...); expected that "
+                    f"table, got {got}")
+
+
+def load_search_state(path, args, env):
+    """The saved state of the search in ``path``, refused if its flags or cost table differ."""
     from lib.utils.checkpoint import load_checkpoint
     state = load_checkpoint(os.path.join(path, STATE_FILE))
+    if not isinstance(state, dict) or not {"args", "agent", "env", "episode"} <= set(state):
+        raise UserError(f"--resume_search: '{os.path.join(path, STATE_FILE)}' is not a search "
+                        "state; expected the file rl_quantize.py saves")
     saved = state["args"]
     diff = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
     if diff:
         k = diff[0]
         raise UserError(f"--resume_search: '{path}' was searched with --{k} {saved[k]}; "
                         f"expected the same flags as that search (got {getattr(args, k)})")
+    check_same_cost_table(path, state.get("cost_table"), cost_table_of(env))
     return state
 
 
 def rng_states():
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
-              "torch": torch.get_rng_state()}
+    """Python, NumPy and torch generator states as tensors, numbers, tuples and dicts.
+
+    NumPy's MT19937 key becomes a list of ints, so the search state holds no
+    numpy array and loads with ``torch.load(weights_only=True)``.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def set_rng_states(states):
-    random.setstate(states["python"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def trim_log(path, next_episode):
-    """Drop log lines of episodes >= next_episode (written after the last saved state)."""
-    from lib.utils.checkpoint import atomic_write_text
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.read().splitlines()
-    kept = lines[:1] + [ln for ln in lines[1:] if ln and int(ln.split("\t")[0]) < next_episode]
-    atomic_write_text(path, "\n".join(kept) + "\n")
 
 
 # ------------------------------------------------------------------ search
@@ -312,7 +339,7 @@ class Search:
     """The episode loop plus its bookkeeping (log, TensorBoard, best policy, state)."""
 
     def __init__(self, args, env, agent, out_dir, state=None):
-        from lib.utils.logger import Logger
+        from lib.utils.logger import Logger, trim_log
         from tensorboardX import SummaryWriter
         self.args, self.env, self.agent, self.out = args, env, agent, out_dir
         self.meta = {"arch": args.arch, "mode": "linear" if args.linear_quantization else "kmeans",
@@ -320,6 +347,8 @@ class Search:
                      else None, "preserve_ratio": args.preserve_ratio, "dataset": args.dataset,
                      "width_mult": args.width_mult, "min_bit": args.min_bit,
                      "max_bit": args.max_bit}
+        if cost_table_of(env) is not None:   # DESIGN.md section 9
+            self.meta["cost_table"] = cost_table_of(env)
         self.start, self.best, self.history = 0, None, []
         self._last_plot = time.time()
         log_path = os.path.join(out_dir, "log.txt")
@@ -335,6 +364,8 @@ class Search:
         self.writer = SummaryWriter(out_dir, purge_step=self.start if state is not None else None)
         if self.best is not None:   # strategy.json may be newer than the saved state
             self._write_best()
+        if state is None:   # so a search killed in its first episode can be resumed
+            self._save_state(0)
 
     def run_episode(self, episode):
         env, agent = self.env, self.agent
@@ -372,7 +403,9 @@ class Search:
                             float(info["cost_ratio"]), float(info["cost"]), int(info["nonfinite"]),
                             json.dumps(policy)])
         self.history.append({k: info[k] for k in ("episode", "reward", "accuracy", "cost_ratio")})
-        improved = self.best is None or info["reward"] > self.best["reward"]
+        # a NaN best (never expected: diverged episodes score 0%) must not block every later one
+        improved = (self.best is None or info["reward"] > self.best["reward"]
+                    or not np.isfinite(self.best["reward"]))
         if improved:
             self.best = {k: info[k] for k in ("episode", "reward", "accuracy", "cost_ratio",
                                              "cost", "policy")}
@@ -413,7 +446,8 @@ class Search:
         save_checkpoint({"episode": next_episode, "agent": self.agent.state_dict(),
                          "env": self.env.state_dict(), "best": self.best,
                          "history": self.history, "rng": rng_states(),
-                         "args": vars(self.args)}, os.path.join(self.out, STATE_FILE))
+                         "cost_table": cost_table_of(self.env), "args": vars(self.args)},
+                        os.path.join(self.out, STATE_FILE))
 
     def _plots(self):
         from lib.env.report import plot_history, plot_policy
@@ -443,7 +477,7 @@ def main(argv=None):
         agent.load_weights(load_checkpoint(args.resume))
         log.info("agent weights from %s", args.resume)
     out_dir = output_folder(args)
-    state = load_search_state(out_dir, args) if args.resume_search else None
+    state = load_search_state(out_dir, args, env) if args.resume_search else None
     if state is None:
         acc = env.measure_original()
         log.info("%s on %s: %d layers, %d steps per episode, original accuracy %.2f%%, "

@@ -1,12 +1,17 @@
+import json
+import math
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from lib.utils.checkpoint import (atomic_write_json, load_checkpoint, load_pretrained,
-                                  load_state_dict, save_checkpoint)
+                                  load_state_dict, remove_stale_tmp, save_checkpoint)
 from lib.utils.errors import UserError
-from lib.utils.logger import Logger
+from lib.utils.logger import Logger, trim_log
 from lib.utils.meters import accuracy
 from models import get_model
 
@@ -29,13 +34,46 @@ def test_checkpoint_round_trip(tmp_path, prefix):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
-def test_missing_and_unexpected_keys_are_reported():
+def test_missing_weight_is_refused_and_optional_buffers_are_not():
     model = _small()
     sd = model.state_dict()
     sd.pop("classifier.bias")
+    with pytest.raises(UserError, match="'classifier.bias'"):
+        load_state_dict(model, sd)
+    sd = model.state_dict()
+    sd.pop("features.0.1.num_batches_tracked")
     sd["extra.weight"] = torch.zeros(1)
     missing, unexpected = load_state_dict(model, sd)
-    assert missing == ["classifier.bias"] and unexpected == ["extra.weight"]
+    assert missing == ["features.0.1.num_batches_tracked"] and unexpected == ["extra.weight"]
+
+
+def test_q_model_loads_its_float_twins_weights():
+    """The float twin lacks activation_range/weight_range; every real weight is still loaded."""
+    src = _small()
+    q = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+    missing, _ = load_state_dict(q, src.state_dict())
+    assert missing and all(k.endswith(("activation_range", "weight_range")) for k in missing)
+    assert torch.equal(q.state_dict()["classifier.weight"], src.state_dict()["classifier.weight"])
+
+
+@pytest.mark.parametrize("case", ["other_arch", "unrelated", "empty", "nan", "inf"])
+def test_weights_that_do_not_fit_are_refused(case):
+    model = _small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = {"other_arch": lambda: get_model("resnet18", num_classes=10, input_size=32).state_dict(),
+          "unrelated": lambda: {"epoch": torch.tensor(3), "lr": torch.tensor(0.1)},
+          "empty": dict, "nan": model.state_dict, "inf": model.state_dict}[case]()
+    if case in ("nan", "inf"):
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd["features.1.conv.0.weight"][0, 0, 0, 0] = math.nan if case == "nan" else math.inf
+    expected = {"other_arch": "missing", "unrelated": "missing", "empty": "missing",
+                "nan": "NaN/inf values in 'features.1.conv.0.weight'",
+                "inf": "NaN/inf values in 'features.1.conv.0.weight'"}[case]
+    with pytest.raises(UserError, match=expected) as exc:
+        load_state_dict(model, sd, source="w.pth.tar")
+    if case != "nan":
+        assert "features.0.0.weight" in str(exc.value) or case == "inf"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_shape_mismatch_is_user_error():
@@ -62,8 +100,13 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TypeError, match="Boom"):
         save_checkpoint({"x": Boom()}, path)
+    # refused before writing, so no file that load_checkpoint would refuse ever exists
+    with pytest.raises(TypeError, match=r"\['x'\] is a ndarray"):
+        save_checkpoint({"x": np.zeros(2)}, path)
+    with pytest.raises(TypeError, match=r"\['acc'\] is a float64"):   # a float subclass
+        save_checkpoint({"acc": np.float64(1.0)}, path)
     assert open(path).read().strip().startswith("{")
     assert os.listdir(tmp_path) == ["s.json"]
 
@@ -80,3 +123,60 @@ def test_logger_and_accuracy(tmp_path):
     out = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
     top1, top3 = accuracy(out, torch.tensor([1, 2]), (1, 3))
     assert top1 == 50.0 and top3 == 100.0
+
+
+def test_json_is_strict(tmp_path):
+    with pytest.raises(ValueError):
+        atomic_write_json(str(tmp_path / "r.json"), {"acc": math.nan})
+    assert not os.listdir(tmp_path)
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_interrupted_saves_leave_no_tmp_files_on_the_next_run(tmp_path):
+    dead = _dead_pid()
+    for name in (f".tmp-{dead}-abc_123-checkpoint.pth.tar", ".tmp-k2j_x9-checkpoint.pth.tar",
+                 f".tmp-{dead}-zzz-model_best.pth.tar"):
+        (tmp_path / name).write_bytes(b"half a checkpoint")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        busy = tmp_path / f".tmp-{alive.pid}-q1-checkpoint.pth.tar"   # another run, still writing
+        busy.write_bytes(b"in progress")
+        save_checkpoint({"epoch": 1}, str(tmp_path / "checkpoint.pth.tar"))
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["checkpoint.pth.tar", busy.name, f".tmp-{dead}-zzz-model_best.pth.tar"])
+        remove_stale_tmp(str(tmp_path))   # what a run does on its folder when it starts
+        assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pth.tar", busy.name])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_written_files_and_caches_are_group_readable(tmp_path):
+    from lib.simulator.tables import get_table
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"epoch": 1}, str(tmp_path / "ck.pth.tar"))
+        atomic_write_json(str(tmp_path / "r.json"), {"a": 1})
+        get_table("qmobilenetv2", "mnist5k", "bismo_edge", "latency", 1, cache_dir=tmp_path,
+                  linear=True, width_mult=0.25)
+    finally:
+        os.umask(old)
+    files = sorted(os.listdir(tmp_path))
+    assert any(f.endswith("_table.npy") for f in files) and any(f.endswith(".meta.json")
+                                                              for f in files)
+    assert {f: oct(os.stat(tmp_path / f).st_mode & 0o777) for f in files} == \
+        {f: oct(0o644) for f in files}
+
+
+def test_trim_log_keeps_rows_before_the_saved_state(tmp_path):
+    path = str(tmp_path / "log.txt")
+    with open(path, "w") as f:
+        f.write("epoch\tacc\n0\t1.0\n1\t2.0\n2\t3.0\n")
+    trim_log(path, 2)
+    assert open(path).read().splitlines() == ["epoch\tacc", "0\t1.0", "1\t2.0"]
+    json.dumps({})

@@ -116,3 +116,22 @@ def test_state_dict_round_trip_reproduces_next_steps():
     v1, p1 = a1.update_policy()
     v2, p2 = a2.update_policy()
     assert v1 == pytest.approx(v2) and p1 == pytest.approx(p2)
+
+
+def test_agent_state_survives_a_weights_only_file(tmp_path):
+    """The saved agent (networks, optimizers, replay memory, generator) needs no pickled objects."""
+    from lib.utils.checkpoint import load_checkpoint, save_checkpoint
+    a1 = _small_agent(seed=3)
+    _fill(a1)
+    a1.update_policy()
+    path = str(tmp_path / "agent_state.pth.tar")
+    save_checkpoint(a1.state_dict(), path)
+    snap = torch.load(path, weights_only=True)
+    assert isinstance(snap["memory"]["states"], torch.Tensor)
+    a2 = _small_agent(seed=99)
+    a2.load_state_dict(load_checkpoint(path))
+    assert np.array_equal(a1.memory.states, a2.memory.states)
+    assert a1.memory.next_index == a2.memory.next_index and len(a1.memory) == len(a2.memory)
+    s = np.linspace(0, 1, 9)
+    assert a1.select_action(s, 5)[0] == a2.select_action(s, 5)[0]
+    assert a1.update_policy() == pytest.approx(a2.update_policy())

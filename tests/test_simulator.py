@@ -1,6 +1,7 @@
 """Tests of lib.simulator: shapes, the BISMO/BitFusion models, tables, cost objects, CLI."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -176,7 +177,7 @@ def test_wrong_shape_user_table_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "(53, 8, 8)" in err
     np.save(path, np.ones((53, 8, 8)))
-    assert load_user_table(str(path), 53).shape == (53, 8, 8)
+    assert load_user_table(str(path), 53)[0].shape == (53, 8, 8)
 
 
 # ---------------------------------------------------------------- cost objects
@@ -232,3 +233,47 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, argv, needle):
 def test_presets_are_registered():
     assert set(HARDWARE) == {"bismo_edge", "bismo_cloud", "bitfusion"}
     assert bismo_edge().peak_binary_tops == pytest.approx(6.55, abs=0.01)
+
+
+def _write_table(path, kind):
+    table = np.ones((53, 8, 8))
+    if kind == "npz":   # named .npy, so only its content tells
+        with open(path, "wb") as f:
+            np.savez(f, table=table)
+    elif kind == "object":
+        np.save(path, table.astype(object), allow_pickle=True)
+    elif kind == "complex":
+        np.save(path, table + 1j)
+    elif kind == "zero_reference":
+        table[:, 7, 7] = 0.0
+        np.save(path, table)
+    elif kind == "inf_reference":   # every entry finite, their sum is not
+        table[:, 7, 7] = 1e307
+        np.save(path, table)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("npz", "is an .npz archive"), ("object", "pickled objects"), ("complex", "complex128 values"),
+    ("zero_reference", "reference cost .* is 0.0"), ("inf_reference", "reference cost .* is inf")])
+def test_unusable_user_tables_are_one_line_errors(tmp_path, capsys, kind, expected):
+    path = tmp_path / "mine.npy"
+    _write_table(path, kind)
+
+    def main(_):
+        load_user_table(str(path), 53)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, [])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert re.search(expected, err), err
+
+
+def test_user_table_is_recorded_and_a_changed_one_refused(tmp_path):
+    path = tmp_path / "mine.npy"
+    np.save(path, np.ones((53, 8, 8)))
+    _, record = load_user_table(str(path), 53)
+    assert record["path"] == str(path) and len(record["sha256"]) == 64
+    assert load_user_table(str(path), 53, expected_sha256=record["sha256"])[1] == record
+    np.save(path, 2 * np.ones((53, 8, 8)))
+    with pytest.raises(UserError, match="has changed since the search recorded it"):
+        load_user_table(str(path), 53, expected_sha256=record["sha256"])

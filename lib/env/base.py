@@ -258,8 +258,12 @@ class QuantizeEnv:
         return self.org_acc
 
     def state_dict(self):
-        """What a resumed search needs from the env (its generator and acc_original)."""
-        return {"rng": self.rng.bit_generator.state, "org_acc": self.org_acc}
+        """What a resumed search needs from the env (its generator and acc_original).
+
+        Plain dicts, ints and floats, so the search state loads with weights_only=True.
+        """
+        org_acc = None if self.org_acc is None else float(self.org_acc)
+        return {"rng": self.rng.bit_generator.state, "org_acc": org_acc}
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["rng"]

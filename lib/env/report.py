@@ -8,24 +8,36 @@ every episode with the best one marked.
 """
 import logging
 
-from lib.utils.checkpoint import atomic_write_json
+from lib.utils.checkpoint import atomic_write_json, finite_or_none
 
 log = logging.getLogger(__name__)
 
 
+def _rounded(value, digits):
+    value = finite_or_none(value)
+    return None if value is None else round(value, digits)
+
+
 def strategy_record(best, layer_names, meta):
-    """The strategy.json dict of ``best`` (an episode's info) plus search metadata ``meta``."""
+    """The strategy.json dict of ``best`` (an episode's info) plus search metadata ``meta``.
+
+    The file is strict JSON: a NaN/inf number (e.g. the accuracy of a diverged
+    episode) is written as null. A search on a user table carries its
+    ``cost_table`` record ``{"path", "sha256"}`` (DESIGN.md section 9).
+    """
     record = {"arch": meta["arch"], "mode": meta["mode"], "metric": meta["metric"],
               "hardware": meta.get("hardware"), "preserve_ratio": meta["preserve_ratio"],
-              "cost_ratio": round(float(best["cost_ratio"]), 6),
-              "accuracy": round(float(best["accuracy"]), 4), "episode": int(best["episode"]),
+              "cost_ratio": _rounded(best["cost_ratio"], 6),
+              "accuracy": _rounded(best["accuracy"], 4), "episode": int(best["episode"]),
               "layers": list(layer_names), "strategy": best["policy"]}
     # Extra context (finetune.py needs only the fields above).
-    for key in ("dataset", "width_mult", "min_bit", "max_bit", "original_accuracy"):
+    for key in ("dataset", "width_mult", "min_bit", "max_bit", "cost_table"):
         if key in meta:
             record[key] = meta[key]
-    record["reward"] = round(float(best["reward"]), 6)
-    record["cost"] = float(best["cost"])
+    if "original_accuracy" in meta:
+        record["original_accuracy"] = finite_or_none(meta["original_accuracy"])
+    record["reward"] = _rounded(best["reward"], 6)
+    record["cost"] = finite_or_none(best["cost"])
     return record
 
 

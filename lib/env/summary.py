@@ -26,18 +26,42 @@ log = logging.getLogger(__name__)
 MODES = ("linear", "kmeans")
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number in strict JSON")
+
+
 def _read_json(path):
+    """Strict JSON (NaN/Infinity refused) of an earlier step's output."""
     if not os.path.isfile(path):
         raise UserError(f"'{path}' not found; expected the output of an earlier demo step")
     try:
         with open(path) as f:
-            return json.load(f)
+            return json.load(f, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except ValueError as exc:
+        raise UserError(f"'{path}' is not valid JSON ({exc}); expected finite numbers or null") \
+            from exc
+
+
+def recorded_cost_table(strategy):
+    """(path, sha256) of the user table a strategy.json records, or (None, None) (DESIGN.md 9)."""
+    record = strategy.get("cost_table")
+    if record is None:
+        return None, None
+    if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+            and isinstance(record.get("sha256"), str)):
+        raise UserError("the strategy's 'cost_table' must be {\"path\": ..., \"sha256\": ...}; "
+                        f"got {record!r:.80}")
+    return record["path"], record["sha256"]
 
 
 def cost_model_for(strategy):
-    """(cost model, layer names) of the model and budget a strategy.json describes."""
+    """(cost model, layer names) of the model and budget a strategy.json describes.
+
+    A search on a user table is costed with that table, loaded from its recorded
+    path and refused if its content no longer has the recorded sha256.
+    """
     from lib.simulator import SizeCost, linear_cost_model
     from lib.utils.layers import quantizable_layers
     from lib.utils.run_utils import model_kwargs_for
@@ -49,9 +73,11 @@ def cost_model_for(strategy):
     layers = quantizable_layers(model, linear=linear)
     if not linear:
         return SizeCost([m.weight.numel() for _, m in layers]), [n for n, _ in layers]
+    table, sha256 = recorded_cost_table(strategy)
     cost = linear_cost_model(model, arch, dataset, strategy["hardware"], strategy["metric"],
                              min_bit=strategy.get("min_bit", 1), max_bit=strategy.get("max_bit", 8),
-                             width_mult=strategy.get("width_mult"))
+                             cost_table=table, width_mult=strategy.get("width_mult"),
+                             cost_table_sha256=sha256)
     return cost, [n for n, _ in layers]
 
 
@@ -73,6 +99,8 @@ def best_uniform(strategy):
         if cost(policy) <= budget:
             out = {k: strategy.get(k) for k in ("arch", "mode", "metric", "hardware", "preserve_ratio",
                                                   "dataset", "width_mult", "min_bit", "max_bit")}
+            if strategy.get("cost_table") is not None:
+                out["cost_table"] = strategy["cost_table"]
             out.update(cost_ratio=cost(policy) / cost.reference(), layers=names, strategy=policy,
                        uniform_bits=bits, accuracy=None, episode=None)
             return out

@@ -218,7 +218,11 @@ class DDPG:
 
     # ----------------------------------------------------------- persistence
     def state_dict(self):
-        """Everything needed to resume: networks, optimizers, memory, RNG, baseline."""
+        """Everything needed to resume: networks, optimizers, memory, RNG, baseline.
+
+        Only tensors, numbers, strings, lists and dicts (the generator's state is a
+        dict of ints), so it is saved and loaded with ``weights_only=True``.
+        """
         # Deep copies: an optimizer loading this dict would otherwise share (and
         # later see in-place updates of) this agent's moment tensors.
         return copy.deepcopy({
@@ -229,7 +233,8 @@ class DDPG:
             "critic_optim": self.critic_optim.state_dict(),
             "memory": self.memory.state_dict(),
             "rng": self.rng.bit_generator.state,
-            "moving_average": self.moving_average, "n_updates": self.n_updates})
+            "moving_average": None if self.moving_average is None else float(self.moving_average),
+            "n_updates": int(self.n_updates)})
 
     def load_state_dict(self, state):
         self.load_weights(state)

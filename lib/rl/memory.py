@@ -6,10 +6,14 @@ terminal)`` and the buffer holds ``rmsize * n_layers`` of them (128 per quantiza
 layer in the released settings; linear mode's two steps per layer share that).
 When full, the oldest transition is overwritten.
 
-Everything is a numpy array so the memory can be saved with the search state and
-restored exactly (``state_dict`` / ``load_state_dict``).
+The buffers are numpy arrays; ``state_dict`` hands them out as torch tensors so
+the memory is saved with the search state (read back with
+``torch.load(weights_only=True)``) and restored exactly.
 """
 import numpy as np
+import torch
+
+_ARRAYS = ("states", "actions", "rewards", "next_states", "terminals")
 
 
 class ReplayMemory:
@@ -56,16 +60,17 @@ class ReplayMemory:
                 self.next_states[idx], self.terminals[idx])
 
     def state_dict(self):
-        return {"states": self.states.copy(), "actions": self.actions.copy(),
-                "rewards": self.rewards.copy(), "next_states": self.next_states.copy(),
-                "terminals": self.terminals.copy(), "next_index": self.next_index,
-                "size": self.size}
+        """Tensors (copies of the buffers) and ints only."""
+        state = {key: torch.from_numpy(getattr(self, key).copy()) for key in _ARRAYS}
+        state.update(next_index=int(self.next_index), size=int(self.size))
+        return state
 
     def load_state_dict(self, state):
-        if state["states"].shape != self.states.shape:
-            raise ValueError(f"replay memory shape {state['states'].shape} does not match "
+        arrays = {key: np.asarray(state[key]) for key in _ARRAYS}
+        if arrays["states"].shape != self.states.shape:
+            raise ValueError(f"replay memory shape {arrays['states'].shape} does not match "
                              f"{self.states.shape}")
-        for key in ("states", "actions", "rewards", "next_states", "terminals"):
-            getattr(self, key)[...] = state[key]
+        for key, value in arrays.items():
+            getattr(self, key)[...] = value
         self.next_index = int(state["next_index"])
         self.size = int(state["size"])

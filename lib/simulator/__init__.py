@@ -24,7 +24,8 @@ Tables (``tables.py``)
     ``get_table(arch, dataset, hardware, metric, batch, model=None, input_size=None, ...)``
                                    cached in lookup_tables/ as
                                    {arch}_{dataset}_batch{B}_{hardware}_{metric}_table.npy;
-    ``load_user_table(path, n_layers, max_bit=8)``  a measured table (``--cost_table``);
+    ``load_user_table(path, n_layers, max_bit=8)``  a measured table (``--cost_table``)
+                                   and its {path, sha256} record;
     ``UNITS``: latency in ms, energy in mJ, size in bits (cycles: ``LayerCost.cycles``).
 Costs (``costs.py``)
     ``SizeCost(n_weights_per_layer, float_bit=32)``  K-Means mode, policy = [bits, ...];

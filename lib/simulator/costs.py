@@ -61,7 +61,8 @@ class TableCost:
     reference's entries.
     """
 
-    def __init__(self, table, min_bit=2, max_bit=8, float_bit=8, metric="latency"):
+    def __init__(self, table, min_bit=2, max_bit=8, float_bit=8, metric="latency", source=None):
+        self.source = source   # {"path", "sha256"} of a user table; None for the simulator's
         self.table = np.asarray(table, dtype=np.float64)
         if self.table.ndim != 3 or self.table.shape[1] < max_bit or self.table.shape[2] < max_bit:
             raise UserError(f"cost table has shape {self.table.shape}; expected "
@@ -111,8 +112,11 @@ class TableCost:
 
 
 def linear_cost_model(model, arch, dataset, hardware, metric, batch=16, min_bit=1, max_bit=8,
-                      cost_table=None, width_mult=None):
+                      cost_table=None, width_mult=None, cost_table_sha256=None):
     """The linear-mode TableCost of ``model``: a user's .npy table, or the simulator's (cached).
+
+    A user table is recorded in the cost model's ``source`` (path and sha256); with
+    ``cost_table_sha256`` (a recorded table) it must still have that content.
 
     The model itself is traced (not rebuilt from its name) so a reduced width is costed as
     such; pinned layers are 8-bit whatever ``max_bit`` is, so the table has >= 8 bits.
@@ -120,9 +124,12 @@ def linear_cost_model(model, arch, dataset, hardware, metric, batch=16, min_bit=
     from lib.simulator.tables import get_table, load_user_table
     from lib.utils.layers import quantizable_layers
     table_bits = max(8, max_bit)
+    source = None
     if cost_table:
-        table = load_user_table(cost_table, len(quantizable_layers(model, linear=True)), table_bits)
+        table, source = load_user_table(cost_table, len(quantizable_layers(model, linear=True)),
+                                        table_bits, expected_sha256=cost_table_sha256)
     else:
         table = get_table(arch, dataset, hardware, metric, batch, model=model, max_bit=table_bits,
                           linear=True, width_mult=width_mult)
-    return TableCost(table, min_bit=min_bit, max_bit=table_bits, float_bit=8, metric=metric)
+    return TableCost(table, min_bit=min_bit, max_bit=table_bits, float_bit=8, metric=metric,
+                     source=source)

@@ -6,10 +6,10 @@ the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are cached 
 ``lookup_tables/{arch}_{dataset}_batch{B}_{hardware}_{metric}_table.npy``.
 """
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from lib.simulator.hardware import get_hardware, layer_cost
 from lib.simulator.shapes import extract_layer_shapes
+from lib.utils.checkpoint import atomic_write
 from lib.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,20 +75,6 @@ def table_path(arch, dataset, hardware, metric, batch, cache_dir=CACHE_DIR):
     return Path(cache_dir) / f"{arch}_{dataset}_batch{batch}_{name}_{metric}_table.npy"
 
 
-def _atomic_write(path, write):
-    """Call ``write(file)`` on a temp file next to ``path``, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_table(table, path, meta=None):
     """Write ``table`` (then its ``.meta.json`` sidecar, if given) atomically.
 
@@ -95,9 +82,10 @@ def save_table(table, path, meta=None):
     only causes a rebuild, never a wrong table.
     """
     path = Path(path)
-    _atomic_write(path, lambda f: np.save(f, table))
+    atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
     if meta is not None:
-        _atomic_write(_meta_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(_meta_path(path),
+                     lambda f: f.write(json.dumps(meta, indent=1, allow_nan=False).encode()))
 
 
 def _meta_path(path):
@@ -121,7 +109,7 @@ def _cached(path, key):
         if json.loads(meta.read_text()).get("fingerprint") != key:
             log.warning("cached table %s was built for another model or hardware: rebuilding", path)
             return None
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         log.warning("unreadable cached table %s (%s): rebuilding", path, exc)
         return None
@@ -163,20 +151,64 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
     return table
 
 
-def load_user_table(path, n_layers, max_bit=8):
-    """Load a user-measured table (``--cost_table``) and check its shape and values."""
-    expected = (n_layers, max_bit, max_bit)
+def table_record(data, path):
+    """``{"path", "sha256"}`` of a user table: what strategy.json and the search state record."""
+    return {"path": os.path.abspath(path), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_user_table(path, expected_sha256=None):
+    """(bytes, record) of the table file at ``path``, checked against a recorded hash if given."""
     if not os.path.isfile(path):
-        raise UserError(f"cost table '{path}' not found; expected a .npy array of shape {expected}")
+        raise UserError(f"cost table '{path}' not found; expected a .npy array file")
+    with open(path, "rb") as f:
+        data = f.read()
+    record = table_record(data, path)
+    if expected_sha256 is not None and record["sha256"] != expected_sha256:
+        raise UserError(f"cost table '{path}' has changed since the search recorded it (sha256 "
+                        f"{record['sha256'][:12]}..., recorded {expected_sha256[:12]}...); "
+                        "expected the table the search used")
+    return data, record
+
+
+def _parse_table(data, path, expected):
+    """The array in .npy bytes; archives, pickled objects and non-real values are refused."""
+    if data[:2] == b"PK":   # a zip archive: .npz
+        raise UserError(f"cost table '{path}' is an .npz archive; expected a single .npy array "
+                        f"of shape {expected} (np.save)")
     try:
-        table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"cannot read cost table '{path}' as .npy ({exc}); "
-                        f"expected an array of shape {expected}") from None
+        table = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        why = "it holds pickled objects" if "allow_pickle" in str(exc) else str(exc)
+        raise UserError(f"cannot read cost table '{path}' as .npy ({why}); expected a numeric "
+                        f"array of shape {expected}") from None
+    if not isinstance(table, np.ndarray) or table.dtype.kind not in "iuf":
+        kind = getattr(getattr(table, "dtype", None), "name", type(table).__name__)
+        raise UserError(f"cost table '{path}' holds {kind} values; expected real numbers "
+                        f"(integer or float) of shape {expected}")
+    return table
+
+
+def load_user_table(path, n_layers, max_bit=8, expected_sha256=None):
+    """Load a user-measured table (``--cost_table``) and check its shape and values.
+
+    Returns ``(table, record)``: the float64 array and its ``{"path", "sha256"}``
+    record (DESIGN.md section 9). With ``expected_sha256`` (a recorded table) a file
+    whose content has changed is refused. The reference cost (the sum of the
+    all-8-bit entries ``table[:, 7, 7]``) must be positive and finite, since every
+    cost ratio divides by it.
+    """
+    expected = (n_layers, max_bit, max_bit)
+    data, record = _read_user_table(path, expected_sha256)
+    table = _parse_table(data, path, expected)
     if table.shape != expected:
         raise UserError(f"cost table '{path}' has shape {table.shape}; expected {expected} "
                         "indexed [layer, w_bit-1, a_bit-1]")
-    if not np.issubdtype(table.dtype, np.number) or not np.all(np.isfinite(table)) \
-            or np.any(table < 0):
+    table = table.astype(np.float64)
+    if not np.all(np.isfinite(table)) or np.any(table < 0):
         raise UserError(f"cost table '{path}' must hold finite non-negative numbers")
-    return table.astype(np.float64)
+    with np.errstate(over="ignore"):
+        reference = table[:, min(8, max_bit) - 1, min(8, max_bit) - 1].sum()
+    if not (np.isfinite(reference) and reference > 0):
+        raise UserError(f"cost table '{path}': the reference cost (sum of the w8a8 entries "
+                        f"[:, 7, 7]) is {reference}; expected a positive finite number")
+    return table, record

@@ -1,12 +1,21 @@
-"""Checkpoint and file I/O: atomic writes, tolerant state_dict loading.
+"""Checkpoint and file I/O: atomic writes, safe loading, strict state_dict loading.
 
 Every file a run produces is written to a temporary file in the same folder and
 renamed over the target, so a kill at any moment leaves either the old or the new
-file, never half of one.
+file, never half of one. A kill during a write leaves its temporary file
+(``.tmp-<pid>-<random>-<name>``) behind; the next write of that target, or
+:func:`remove_stale_tmp` when a run starts on its folder, deletes it.
+
+Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and are
+read with ``torch.load(..., weights_only=True)``: loading a file never runs code
+(DESIGN.md section 12).
 """
 import json
 import logging
+import math
 import os
+import pickle
+import re
 import tempfile
 
 import torch
@@ -15,17 +24,71 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(r"^\.tmp-(?:(\d+)-)?.*?-(.+)$")
+# What a checkpoint may hold: what torch.load(weights_only=True) reads back. Scalars are
+# matched by exact type: numpy's float64 and str_ subclass float and str but pickle as numpy.
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+PLAIN_OBJECTS = (torch.Tensor, torch.Size)
+# Keys a checkpoint may lack without leaving the model wrong (see load_state_dict).
+OPTIONAL_KEY_SUFFIXES = ("num_batches_tracked", "activation_range", "weight_range")
 
-def _atomic(path, write):
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def remove_stale_tmp(folder, target=None):
+    """Delete temporary files that killed writes left in ``folder`` (only ``target``'s if given).
+
+    A temporary file is stale when the process named in it no longer runs (files
+    without a process id, from older versions, are always stale), so a write in
+    progress in another process on this machine is never disturbed. Returns the
+    removed names.
+    """
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in os.listdir(folder):
+        m = _TMP_NAME.match(name)
+        if not m or (target is not None and m.group(2) != target):
+            continue
+        pid = m.group(1)
+        if pid is not None and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except FileNotFoundError:   # another process cleaned it first
+            continue
+    if removed:
+        log.info("removed %d unfinished temporary file(s) of an interrupted run in %s: %s",
+                 len(removed), folder, ", ".join(removed[:4]))
+    return removed
+
+
+def atomic_write(path, write):
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it into place.
+
+    The file gets the mode a plain ``open()`` would give (mkstemp makes it 0600),
+    so outputs and caches are readable by the group as the umask allows.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    remove_stale_tmp(folder, os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-",
+                               suffix="-" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -36,17 +99,45 @@ def _atomic(path, write):
         raise
 
 
+def check_plain(obj, where="checkpoint"):
+    """Raise TypeError unless ``obj`` holds only plain scalars, tensors, lists, tuples and dicts.
+
+    Called before every save, so a file that ``load_checkpoint`` would refuse is
+    never written (numpy arrays and scalars must be converted by the caller).
+    """
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_plain(k, f"{where} key")
+            check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+    elif type(obj) not in PLAIN_SCALARS and not isinstance(obj, PLAIN_OBJECTS):
+        raise TypeError(f"{where} is a {type(obj).__name__}; a checkpoint holds only tensors, "
+                        "numbers, strings, lists and dicts")
+
+
 def save_checkpoint(obj, path):
-    """torch.save ``obj`` to ``path`` atomically."""
-    _atomic(path, lambda f: torch.save(obj, f))
+    """torch.save ``obj`` (plain types only, see :func:`check_plain`) to ``path`` atomically."""
+    check_plain(obj)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path, text):
-    _atomic(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def finite_or_none(value):
+    """``value`` as a float, or None when it is NaN/inf (strict JSON has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    """Write strict JSON: a NaN or inf anywhere is a ValueError (callers pass None instead)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -54,7 +145,14 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():   # a class or function: unpickling it could run code
+            raise UserError(f"checkpoint '{path}' holds objects other than tensors, numbers, "
+                            "strings, lists and dicts; refused (loading it could run code); "
+                            "expected a file written by this project") from None
+        raise UserError(f"checkpoint '{path}' could not be read (UnpicklingError); "
+                        "expected a file written by torch.save") from None
     except Exception as exc:  # corrupted / not a torch file
         raise UserError(f"checkpoint '{path}' could not be read ({type(exc).__name__}); "
                         "expected a file written by torch.save") from exc
@@ -62,7 +160,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 def strip_prefix(state_dict, prefix="module."):
     """Drop the prefix DataParallel/DDP put in front of every key."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+    return {(k[len(prefix):] if isinstance(k, str) and k.startswith(prefix) else k): v
+            for k, v in state_dict.items()}
 
 
 def extract_state_dict(ckpt):
@@ -74,27 +173,55 @@ def extract_state_dict(ckpt):
     return strip_prefix(ckpt)
 
 
-def load_state_dict(model, state_dict, source="checkpoint"):
-    """Load weights non-strictly, reporting missing/unexpected keys and refusing shape clashes.
+def _names(keys, n=4):
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(f"'{k}'" for k in keys[:n]) + more
 
-    Returns (missing, unexpected) key lists.
+
+def _shape(value):
+    return tuple(value.shape) if torch.is_tensor(value) else f"<{type(value).__name__}>"
+
+
+def load_state_dict(model, state_dict, source="checkpoint"):
+    """Load weights into ``model``, refusing any that do not fit; returns (missing, unexpected).
+
+    Every *weight* of the model must be in ``state_dict`` with the model's shape
+    and hold only finite values, else a UserError names the first offenders. The
+    weights are all entries of ``model.state_dict()`` except those ending in
+    :data:`OPTIONAL_KEY_SUFFIXES`: BatchNorm's ``num_batches_tracked`` (a step
+    counter, unused with a fixed momentum) and QConv2d/QLinear's
+    ``activation_range``/``weight_range``, which a Q model's float twin checkpoint
+    lacks and calibration sets. Those may be missing (returned in ``missing``).
+    Keys the model does not have are ignored with a warning (``unexpected``).
     """
     state_dict = strip_prefix(state_dict)
     own = model.state_dict()
-    bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state_dict]
+    required = [k for k in missing if not k.endswith(OPTIONAL_KEY_SUFFIXES)]
+    if required:
+        n_weights = sum(not k.endswith(OPTIONAL_KEY_SUFFIXES) for k in own)
+        raise UserError(f"{source} does not fit the model: {len(required)} of its {n_weights} "
+                        f"weights are missing ({_names(required)}); expected a checkpoint of "
+                        "this --arch, --width_mult and dataset")
+    bad = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != _shape(v)]
     if bad:
         k = bad[0]
         raise UserError(f"{source} does not fit the model: '{k}' has shape "
-                        f"{tuple(state_dict[k].shape)}, expected {tuple(own[k].shape)} "
+                        f"{_shape(state_dict[k])}, expected {tuple(own[k].shape)} "
                         f"({len(bad)} tensors differ; wrong --arch, --width_mult or dataset?)")
+    nonfinite = [k for k, v in state_dict.items() if k in own and torch.is_tensor(v)
+                 and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise UserError(f"{source} holds NaN/inf values in {_names(nonfinite)}; expected "
+                        "finite weights (a diverged training run?)")
     result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys:
-        log.info("%s: %d missing keys (kept as initialised): %s", source,
-                 len(result.missing_keys), ", ".join(result.missing_keys[:6]))
+    if missing:
+        log.info("%s: %d optional buffers missing (kept as initialised): %s", source,
+                 len(missing), ", ".join(missing[:6]))
     if result.unexpected_keys:
         log.warning("%s: %d unexpected keys ignored: %s", source,
                     len(result.unexpected_keys), ", ".join(result.unexpected_keys[:6]))
-    return result.missing_keys, result.unexpected_keys
+    return missing, result.unexpected_keys
 
 
 def load_pretrained(model, path, hint=None):

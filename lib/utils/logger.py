@@ -3,6 +3,22 @@ import logging
 import os
 import sys
 
+from .checkpoint import atomic_write_text
+
+
+def trim_log(path, next_index):
+    """Drop the rows of ``path`` whose first column is >= ``next_index`` (header kept).
+
+    A run killed after logging a row but before saving its state repeats that
+    row's work when resumed; trimming to the saved state first keeps each row once.
+    """
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = lines[:1] + [ln for ln in lines[1:] if ln and int(ln.split("\t")[0]) < next_index]
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
 
 class Logger:
     """Appends one tab-separated row per call to ``path``; a header row names the columns.
