@@ -13,7 +13,6 @@ best_policy.png, accuracy_vs_cost.png and search_state.pth.tar, saved after ever
 episode so ``--resume_search`` continues exactly where a killed search stopped.
 """
 import argparse
-import glob
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import torch
 from lib.utils.cli import ArgumentParser, bool_flag
 from lib.utils.distributed import resolve_device
 from lib.utils.errors import UserError, run_cli
-from lib.utils.run_utils import seed_everything
+from lib.utils.run_utils import list_runs, new_run_folder, seed_everything
 
 log = logging.getLogger("rl_quantize")
 
@@ -215,27 +214,15 @@ def base_name(args):
     return f"{args.arch}_{args.dataset}" + (f"_{args.suffix}" if args.suffix else "")
 
 
-def _runs(args):
-    runs = []
-    for path in glob.glob(os.path.join(args.output, glob.escape(base_name(args)) + "-run*")):
-        m = re.search(r"-run(\d+)$", path)
-        if m and os.path.isdir(path):
-            runs.append((int(m.group(1)), path))
-    return sorted(runs)
-
-
 def output_folder(args):
     """A new ``-runN`` folder, or (``--resume_search``) the folder to continue."""
     if args.resume_search is None:
-        runs = _runs(args)
-        n = runs[-1][0] + 1 if runs else 1
-        path = os.path.join(args.output, f"{base_name(args)}-run{n}")
-        os.makedirs(path, exist_ok=False)
-        return path
+        return new_run_folder(args.output, base_name(args))
     if args.resume_search != "latest":
         path = args.resume_search
     else:
-        done = [p for _, p in _runs(args) if os.path.isfile(os.path.join(p, STATE_FILE))]
+        done = [p for _, p in list_runs(args.output, base_name(args))
+                if os.path.isfile(os.path.join(p, STATE_FILE))]
         if not done:
             raise UserError(f"--resume_search: no search of {base_name(args)} under "
                             f"'{args.output}' has saved state; expected a folder holding "
