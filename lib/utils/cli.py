@@ -154,7 +154,7 @@ def check_output_dir(path, flag):
 
 def check_output_file(path, flag):
     """UserError unless ``path`` can be written as a file; creates nothing."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} '{path}' is a folder; expected a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"{flag} '{path}' is read-only; expected a writable file path")
