@@ -218,6 +218,25 @@ def build_agent(args, env, device):
     return DDPG(env.state_dim, env.n_steps, cfg, device=device, seed=args.seed)
 
 
+def load_agent_weights(agent, path):
+    """--resume: actor/critic weights of an earlier search; UserError when they do not fit."""
+    from lib.utils.checkpoint import load_checkpoint
+    state = load_checkpoint(path)
+    expected = (f"expected agent.pth.tar of a search with the same model, --hidden1 and "
+                f"--hidden2")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), dict)
+                                              for k in ("actor", "critic")):
+        raise UserError(f"--resume '{path}' holds no 'actor' and 'critic' weights; {expected}")
+    try:
+        agent.load_weights(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise UserError(f"--resume '{path}' does not fit this agent ({reason[:200]}); "
+                        f"{expected}") from exc
+    log.info("agent weights from %s", path)
+
+
 # ------------------------------------------------------------ output folder
 def base_name(args):
     return f"{args.arch}_{args.dataset}" + (f"_{args.suffix}" if args.suffix else "")
@@ -426,9 +445,7 @@ def main(argv=None):
     env.check_budget()
     agent = build_agent(args, env, device)
     if args.resume != "default":
-        from lib.utils.checkpoint import load_checkpoint
-        agent.load_weights(load_checkpoint(args.resume))
-        log.info("agent weights from %s", args.resume)
+        load_agent_weights(agent, args.resume)
     out_dir = output_folder(args)
     state = load_search_state(out_dir, args) if args.resume_search else None
     if state is None:
