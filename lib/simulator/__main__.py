@@ -29,7 +29,7 @@ from lib.utils.errors import UserError, run_cli
 log = logging.getLogger("lib.simulator")
 
 
-def parse_args(argv):
+def get_args_parser():
     p = ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, help="model name from the models registry")
     p.add_argument("--dataset", default="imagenet", help="sets classes and input size")
@@ -49,7 +49,12 @@ def parse_args(argv):
     cli.bool_flag(p, "--rebuild", False, "ignore a cached table")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the table)")
     cli.bool_flag(p, "--no_plot", False, "write no plot")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """Parsed flags, with the output paths checked (nothing is created)."""
+    args = get_args_parser().parse_args(argv)
     cli.check_output_dir(args.cache_dir, "--cache_dir")
     if args.plot and not args.no_plot:
         if not args.plot.lower().endswith(".png"):
