@@ -8,6 +8,7 @@ loaded or written. Output paths are checked with :func:`check_output_dir` /
 import argparse
 import math
 import os
+import tempfile
 
 from .errors import UserError
 
@@ -146,14 +147,14 @@ def _first_existing(path):
 
 
 def check_output_dir(path, flag):
-    """UserError unless ``path`` is (or can be created as) a writable folder; creates nothing."""
+    """UserError unless ``path`` is (or can be created as) a writable folder; leaves nothing behind."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} '{path}' is a file; expected a folder for the outputs")
     _check_creatable(path, flag, "folder")
 
 
 def check_output_file(path, flag):
-    """UserError unless ``path`` can be written as a file; creates nothing."""
+    """UserError unless ``path`` can be written as a file; leaves nothing behind."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} '{path}' is a folder; expected a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -166,6 +167,8 @@ def _check_creatable(folder, flag, what):
     if not os.path.isdir(base):
         raise UserError(f"{flag}: '{base}' is a file, so the {what} '{folder}' cannot be "
                         "created under it; expected a path under a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: '{base}' is not writable; expected a {what} path you may "
-                        "write to")
+    try:   # a real probe: permission bits say nothing for root or on read-only mounts
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=base))
+    except OSError as exc:
+        raise UserError(f"{flag}: '{base}' is not writable ({exc.strerror}); expected a {what} "
+                        "path you may write to") from exc
