@@ -266,7 +266,8 @@ def earlier_results(folder):
     if not os.path.isdir(folder):
         return []
     paths = [os.path.join(folder, n) for n in RESULT_FILES]
-    return [p for p in paths if os.path.exists(p)] + sorted(glob.glob(glob.escape(folder) + "/events.out.tfevents.*"))
+    events = glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))
+    return [p for p in paths if os.path.exists(p)] + sorted(events)
 
 
 def check_output(args, setup, folder):
@@ -281,7 +282,7 @@ def check_output(args, setup, folder):
         raise UserError(f"--resume '{args.resume}' has already trained {setup.ckpt['epoch']} "
                         f"epochs; expected --epochs above that to continue, or -e to evaluate")
     if folder is None:
-        check_output_dir(CHECKPOINT_PARENT, "output folder (default, under -c's parent)")
+        check_output_dir(CHECKPOINT_PARENT, f"-c (default: a new folder under {CHECKPOINT_PARENT}/)")
         return []
     check_output_dir(folder, "-c/--checkpoint")
     continuing = (setup.ckpt is not None and os.path.abspath(folder)

@@ -68,34 +68,45 @@ def get_args_parser():
     p.add_argument("--warmup", default=20, type=cli.nonneg_int,
                    help="episodes of random actions that only fill the replay memory")
     p.add_argument("--discount", default=1.0, type=cli.unit_interval, help="reward discount")
-    p.add_argument("--bsize", default=64, type=cli.positive_int, help="minibatch size of an agent update")
-    p.add_argument("--rmsize", default=128, type=cli.positive_int, help="replay memory per layer (transitions)")
-    p.add_argument("--window_length", default=1, type=cli.positive_int, help="states per observation (only 1)")
+    p.add_argument("--bsize", default=64, type=cli.positive_int,
+                   help="minibatch size of an agent update")
+    p.add_argument("--rmsize", default=128, type=cli.positive_int,
+                   help="replay memory per layer (transitions)")
+    p.add_argument("--window_length", default=1, type=cli.positive_int,
+                   help="states per observation (only 1)")
     p.add_argument("--tau", default=0.01, type=cli.fraction, help="soft target update rate")
     p.add_argument("--init_delta", default=0.5, type=SIGMA,
                    help="initial sigma of the truncated-normal exploration noise")
     p.add_argument("--delta_decay", default=0.99, type=cli.fraction, help="sigma decay per episode")
-    p.add_argument("--n_update", default=1, type=cli.positive_int, help="agent updates per stored transition")
+    p.add_argument("--n_update", default=1, type=cli.positive_int,
+                   help="agent updates per stored transition")
     # training
     p.add_argument("--max_episode_length", default=int(1e9), type=cli.positive_int,
                    help="kept for compatibility: an episode is always one pass over the layers")
     p.add_argument("--output", default="save", type=str, help="parent folder of the search outputs")
     cli.bool_flag(p, "--debug", False, "debug logging")
     p.add_argument("--init_w", default=0.003, type=INIT_W, help="init range of the last layers")
-    p.add_argument("--train_episode", default=600, type=cli.positive_int, help="episodes of the search")
+    p.add_argument("--train_episode", default=600, type=cli.positive_int,
+                   help="episodes of the search")
     p.add_argument("--epsilon", default=50000, type=cli.nonneg_int,
                    help="kept for compatibility (exploration is --init_delta/--delta_decay)")
     p.add_argument("--seed", default=234, type=cli.seed_int, help="random seed")
     p.add_argument("--n_worker", default=32, type=cli.workers_int,
                    help="data loader workers (capped at the CPU cores available)")
-    p.add_argument("--data_bsize", default=256, type=cli.positive_int, help="batch size of fine-tune/validate")
-    p.add_argument("--finetune_epoch", default=1, type=cli.positive_int, help="short fine-tune epochs per episode")
-    p.add_argument("--finetune_gamma", default=0.8, type=cli.fraction, help="lr decay per fine-tune epoch")
-    p.add_argument("--finetune_lr", default=0.001, type=cli.learning_rate, help="short fine-tune learning rate")
+    p.add_argument("--data_bsize", default=256, type=cli.positive_int,
+                   help="batch size of fine-tune/validate")
+    p.add_argument("--finetune_epoch", default=1, type=cli.positive_int,
+                   help="short fine-tune epochs per episode")
+    p.add_argument("--finetune_gamma", default=0.8, type=cli.fraction,
+                   help="lr decay per fine-tune epoch")
+    p.add_argument("--finetune_lr", default=0.001, type=cli.learning_rate,
+                   help="short fine-tune learning rate")
     cli.bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
     cli.bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
-    p.add_argument("--train_size", default=20000, type=cli.positive_int, help="search training subset size")
-    p.add_argument("--val_size", default=10000, type=cli.positive_int, help="search validation subset size")
+    p.add_argument("--train_size", default=20000, type=cli.positive_int,
+                   help="search training subset size")
+    p.add_argument("--val_size", default=10000, type=cli.positive_int,
+                   help="search validation subset size")
     p.add_argument("--resume", default="default", type=str,
                    help="agent weights (agent.pth.tar of an earlier search) to start from")
     p.add_argument("-a", "--arch", default="mobilenetv2", type=str,
@@ -110,7 +121,8 @@ def get_args_parser():
                    choices=["bismo_edge", "bismo_cloud", "bitfusion"], help="cost model preset")
     p.add_argument("--cost_table", default=None, type=str,
                    help="your own .npy table (n_layers, 8, 8), [layer, w-1, a-1]")
-    p.add_argument("--cost_batch", default=16, type=cli.positive_int, help="batch of the hardware cost table")
+    p.add_argument("--cost_batch", default=16, type=cli.positive_int,
+                   help="batch of the hardware cost table")
     p.add_argument("--pretrained_path", default=None, type=str,
                    help="pretrained weights (default checkpoints/pretrained/<arch>[_<dataset>].pth.tar)")
     p.add_argument("--width_mult", default=None, type=cli.width_mult,
