@@ -126,6 +126,14 @@ def test_runs_that_would_train_nothing_are_refused(policies, tmp_path, capsys):
                               ["--output", str(tmp_path / "p.pth.tar"), flag, "0"])
         assert flag in err
     assert not os.path.exists(tmp_path / "p.pth.tar") and not os.path.exists(tmp_path / "p_log")
+    # pretrain --resume of a run that has already reached --epochs: refused, file untouched
+    out = str(tmp_path / "p.pth.tar")
+    small = ["--output", out, "--train_subset", "32", "--epochs", "1", "--width_mult", "0.25",
+             "--device", "cpu", "--no-progress"]
+    pretrain.main(small)
+    stamp = os.stat(out).st_mtime_ns
+    assert "already trained 1 epochs" in _one_line_error(capsys, pretrain.main, small + ["--resume"])
+    assert os.stat(out).st_mtime_ns == stamp and load_checkpoint(out)["epoch"] == 1
 
 
 def test_output_paths_are_checked_before_any_work(policies, tmp_path, capsys):
