@@ -14,6 +14,7 @@ float. The checkpoint records everything needed to evaluate it again.
     torchrun --nproc_per_node 2 finetune.py --strategy save/strategy.json --device cpu
 """
 import argparse
+import glob
 import logging
 import math
 import os
@@ -29,14 +30,16 @@ from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, finite_or_none,
                                   load_checkpoint, load_state_dict, remove_stale_tmp,
                                   save_checkpoint)
-from lib.utils.cli import ArgumentParser
+from lib.utils import cli
+from lib.utils.cli import ArgumentParser, check_output_dir
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
-from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
+from lib.utils.run_utils import (lr_setter, model_kwargs_for, new_run_folder, open_run_logs,
+                                 seed_everything)
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
 from lib.utils.train import evaluate, train_one_epoch
 from models import float_twin, get_model, list_models, load_pretrained_weights
@@ -45,69 +48,106 @@ log = logging.getLogger("finetune")
 
 KMEANS_ITERS = 50   # Lloyd iterations when fine-tuning (the search uses 3)
 DEFAULT_ARCH = {"kmeans": "mobilenetv2", "linear": "qmobilenetv2"}
+CHECKPOINT_PARENT = "checkpoints"
+RESULT_FILES = ("checkpoint.pth.tar", "model_best.pth.tar", "results.json", "log.txt")
+HALF_TYPES = {"O0": None, "O1": "auto", "O2": "auto", "O3": "auto", "fp16": torch.float16,
+              "bf16": torch.bfloat16}
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
                "best_top1"]
 
 
 def get_args_parser():
     p = ArgumentParser(description="HAQ: fine-tune or evaluate a quantization policy")
-    bool_flag = argparse.BooleanOptionalAction
     p.add_argument("-d", "--data", default=None, help="dataset root (default data/<data_name>)")
     p.add_argument("--data_name", default=None,
                    help=f"{', '.join(list_datasets())} or an ImageFolder root (default: the "
                         "strategy's or checkpoint's dataset, else mnist5k)")
-    p.add_argument("-j", "--workers", type=int, default=0, help="data loading workers")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--start_epoch", type=int, default=0, help="first epoch (a resume overrides it)")
-    p.add_argument("--warmup_epoch", type=float, default=0, help="epochs of linear lr warmup")
-    p.add_argument("--train_batch", type=int, default=256, help="per process")
-    p.add_argument("--test_batch", type=int, default=512)
-    p.add_argument("--lr", "--learning-rate", type=float, default=0.01)
+    p.add_argument("-j", "--workers", type=cli.workers_int, default=0, help="data loading workers")
+    p.add_argument("--epochs", type=cli.positive_int, default=30)
+    p.add_argument("--start_epoch", type=cli.nonneg_int, default=0,
+                   help="first epoch (a resume overrides it); below --epochs")
+    p.add_argument("--warmup_epoch", type=cli.nonneg_float, default=0,
+                   help="epochs of linear lr warmup (at most --epochs)")
+    p.add_argument("--train_batch", type=cli.positive_int, default=256, help="per process")
+    p.add_argument("--test_batch", type=cli.positive_int, default=512)
+    p.add_argument("--lr", "--learning-rate", type=cli.learning_rate, default=0.01)
     p.add_argument("--lr_type", default="cos", choices=LR_TYPES)
-    p.add_argument("--schedule", type=int, nargs="+", default=[31, 61, 91],
+    p.add_argument("--schedule", type=cli.positive_int, nargs="+", default=[31, 61, 91],
                    help="epochs where --lr_type step multiplies the lr by --gamma")
-    p.add_argument("--gamma", type=float, default=0.1, help="lr factor (step: per milestone, exp: per epoch)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", "--wd", dest="wd", type=float, default=4e-5)
+    p.add_argument("--gamma", type=cli.fraction, default=0.1,
+                   help="lr factor in (0, 1] (step: per milestone, exp: per epoch)")
+    p.add_argument("--momentum", type=cli.below_one, default=0.9)
+    p.add_argument("--weight-decay", "--wd", dest="wd", type=cli.below_one, default=4e-5)
     p.add_argument("-c", "--checkpoint", default=None,
-                   help="output folder (default checkpoints/<arch>_<data_name>_<mode>_finetune)")
+                   help="output folder (default checkpoints/<arch>_<data_name>_<mode>_finetune-runN, "
+                        "a new N per run; a --resume continues in the checkpoint's own folder)")
+    cli.bool_flag(p, "--overwrite", False,
+                  "allow a fresh run into a -c folder that holds an earlier run's results")
     p.add_argument("--resume", default="", help="a finetune.py checkpoint to continue or evaluate")
-    p.add_argument("--pretrained", action=bool_flag, default=True,
-                   help="start from the pretrained weights (--pretrained_path)")
+    cli.bool_flag(p, "--pretrained", True, "start from the pretrained weights (--pretrained_path)")
     p.add_argument("--pretrained_path", default=None,
                    help="pretrained weights (default checkpoints/pretrained/<arch>[_<data_name>].pth.tar)")
     p.add_argument("--strategy", default=None,
                    help=f"strategy.json of a search, or a preset: {', '.join(list_presets())}")
-    p.add_argument("--linear_quantization", action=bool_flag, default=None,
-                   help="linear (weights + activations) instead of K-Means (default: the strategy's mode)")
-    p.add_argument("--free_high_bit", action=bool_flag, default=True,
-                   help="K-Means: leave layers above 6 bits free, cluster them at the last epoch")
-    p.add_argument("--kl_max_bit", type=int, default=DEFAULT_KL_MAX_BIT,
+    cli.bool_flag(p, ["--linear_quantization", "--linear_quantize"], None,
+                  "linear (weights + activations) instead of K-Means (unset: the strategy's mode)")
+    cli.bool_flag(p, "--free_high_bit", True,
+                  "K-Means: leave layers above 6 bits free, cluster them at the last epoch")
+    p.add_argument("--kl_max_bit", type=cli.number(int, 0, 8), default=DEFAULT_KL_MAX_BIT,
                    help="linear: calibrate weights/inputs of at most this many bits with the released "
                         f"divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = the released "
                         "rule, 0 = max everywhere (default %(default)s; ranges are then fixed and saved)")
-    p.add_argument("--is_pruned", action=bool_flag, default=False,
-                   help="K-Means: zero weights are pruned (kept out of clustering, stay zero)")
-    p.add_argument("--half", action=bool_flag, default=False,
-                   help="mixed precision via torch autocast (fp16 on GPU, bf16 on CPU)")
+    cli.bool_flag(p, "--is_pruned", False,
+                  "K-Means: zero weights are pruned (kept out of clustering, stay zero)")
+    cli.bool_flag(p, "--half", False, "mixed precision via torch autocast (see --half_type)")
+    p.add_argument("--half_type", default="O1", choices=sorted(HALF_TYPES),
+                   help="with --half: the released apex levels (O0: fp32; O1/O2/O3: autocast, fp16 "
+                        "on GPU and bf16 on CPU) or an autocast dtype (fp16, bf16)")
     p.add_argument("-a", "--arch", default=None, metavar="ARCH",
                    help=f"model: {', '.join(list_models())}, or a torchvision classifier by name "
                         "(K-Means mode); default: the strategy's arch")
-    p.add_argument("--width_mult", type=float, default=None,
+    p.add_argument("--width_mult", type=cli.width_mult, default=None,
                    help="MobileNet width (default: the strategy's, else the dataset's: 0.5 on mnist5k)")
-    p.add_argument("--min_bit", type=int, default=1, help="lowest bit width a policy may use")
-    p.add_argument("--max_bit", type=int, default=8, help="highest bit width a policy may use")
-    p.add_argument("--manualSeed", type=int, default=2019, help="seed (set once, here)")
-    p.add_argument("-e", "--evaluate", action="store_true", help="evaluate only, no training")
-    p.add_argument("--eval_fp32", action=bool_flag, default=True,
-                   help="also measure the accuracy before quantization")
+    p.add_argument("--min_bit", type=cli.bit_width, default=1, help="lowest bit width a policy may use")
+    p.add_argument("--max_bit", type=cli.bit_width, default=8, help="highest bit width a policy may use")
+    p.add_argument("--manualSeed", type=cli.seed_int, default=2019, help="seed (set once, here)")
+    cli.bool_flag(p, ["-e", "--evaluate", "--eval"], False, "evaluate only, no training")
+    cli.bool_flag(p, "--eval_fp32", True, "also measure the accuracy before quantization")
     p.add_argument("--gpu_id", default=None, help="CUDA_VISIBLE_DEVICES for this run, e.g. 0,1")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--train_subset", type=int, default=None,
+    p.add_argument("--train_subset", type=cli.positive_int, default=None,
                    help="use only the first N images of each split (smoke tests)")
-    p.add_argument("--progress", action=bool_flag, default=True,
-                   help="progress bars (shown only on a terminal)")
+    cli.bool_flag(p, "--progress", True, "progress bars (shown only on a terminal)")
     return p
+
+
+def check_args(args):
+    """Cross-flag checks the types cannot make; UserError before anything is loaded or written."""
+    if args.min_bit > args.max_bit:
+        raise UserError(f"--min_bit {args.min_bit} > --max_bit {args.max_bit}; expected "
+                        "min_bit <= max_bit")
+    if args.evaluate:
+        return
+    if args.start_epoch >= args.epochs:
+        raise UserError(f"--start_epoch {args.start_epoch} leaves nothing to train; expected "
+                        f"--start_epoch < --epochs ({args.epochs}), or -e to evaluate only")
+    if args.warmup_epoch > args.epochs:
+        raise UserError(f"--warmup_epoch {args.warmup_epoch:g} is longer than the run; expected "
+                        f"at most --epochs ({args.epochs})")
+
+
+def autocast_dtype(args, device):
+    """The autocast dtype of --half/--half_type on ``device``; None = full precision.
+
+    The release used apex levels O0-O3; here O1-O3 all mean autocast with fp32 master
+    weights (apex O2/O3 also cast the weights to fp16), O0 means no autocast.
+    """
+    if not args.half:
+        return None
+    choice = HALF_TYPES[args.half_type]
+    if choice == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return choice
 
 
 @dataclass
@@ -153,9 +193,6 @@ def _setup_from_checkpoint(args, ckpt):
 
 def resolve_setup(args):
     """Arch, mode, dataset, model kwargs and policy of this run (UserError if underdetermined)."""
-    if args.kl_max_bit < 0:
-        raise UserError(f"--kl_max_bit {args.kl_max_bit} is negative; expected 0 (max clip "
-                        f"everywhere) or a bit width such as {RELEASED_KL_MAX_BIT} (the released rule)")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None and isinstance(ckpt, dict) and "policy" in ckpt:
         return _setup_from_checkpoint(args, ckpt)
@@ -215,16 +252,65 @@ def deferred_layers(setup, codebooks):
             if n not in codebooks}
 
 
-def default_output(setup):
-    return os.path.join("checkpoints", f"{setup.arch}_{setup.dataset}_{setup.mode}_finetune")
+def default_run_name(setup):
+    """Base name of the default output folders: checkpoints/<this>-runN."""
+    return f"{setup.arch}_{setup.dataset}_{setup.mode}_finetune"
+
+
+def output_folder(args, setup):
+    """The folder this run writes to; None means a new ``-runN`` folder under checkpoints/.
+
+    A resumed run continues in its checkpoint's folder (as released) unless -c says otherwise.
+    """
+    if args.checkpoint:
+        return args.checkpoint
+    if setup.ckpt is not None:
+        return os.path.dirname(os.path.abspath(args.resume))
+    return None
+
+
+def earlier_results(folder):
+    """Result files of an earlier run in ``folder`` (TensorBoard events included)."""
+    if not os.path.isdir(folder):
+        return []
+    paths = [os.path.join(folder, n) for n in RESULT_FILES]
+    events = glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))
+    return [p for p in paths if os.path.exists(p)] + sorted(events)
+
+
+def check_output(args, setup, folder):
+    """Before any work: something left to train, a writable folder, no other run's results in it.
+
+    Returns the earlier result files that --overwrite will replace (removed when training
+    starts, so bad input later on loses nothing).
+    """
+    if args.evaluate:
+        return []
+    if setup.ckpt is not None and setup.ckpt.get("epoch", 0) >= args.epochs:
+        raise UserError(f"--resume '{args.resume}' has already trained {setup.ckpt['epoch']} "
+                        f"epochs; expected --epochs above that to continue, or -e to evaluate")
+    if folder is None:
+        check_output_dir(CHECKPOINT_PARENT, f"-c (default: a new folder under {CHECKPOINT_PARENT}/)")
+        return []
+    check_output_dir(folder, "-c/--checkpoint")
+    continuing = (setup.ckpt is not None and os.path.abspath(folder)
+                  == os.path.dirname(os.path.abspath(args.resume)))
+    found = [] if continuing else earlier_results(folder)
+    if found and not args.overwrite:
+        raise UserError(f"-c '{folder}' already holds an earlier fine-tune's results "
+                        f"({os.path.basename(found[0])}); expected a new folder (leave -c out for a "
+                        "new -runN folder), --resume of its checkpoint to continue it, or "
+                        "--overwrite to replace them")
+    return found
 
 
 class Finetune:
     """One run: the model, its data, its quantization state and the epoch loop."""
 
-    def __init__(self, args, setup, device, rank):
+    def __init__(self, args, setup, device, rank, folder=None, replaced=()):
         self.args, self.setup, self.device, self.rank = args, setup, device, rank
-        self.folder = args.checkpoint or default_output(setup)
+        self.folder = folder            # None: a new -runN folder, made when training starts
+        self.replaced = list(replaced)  # an earlier run's files that --overwrite replaces
         self.criterion = nn.CrossEntropyLoss()
         self.model = build_model(setup, args, device)
         self.train_loader, self.val_loader, _ = get_dataset(
@@ -315,6 +401,15 @@ class Finetune:
                         self.args.kl_max_bit, self.args.resume, recorded)
         self.kl_max_bit = recorded
 
+    def claim_folder(self):
+        """Rank 0, as training starts: make the new -runN folder, or clear what --overwrite replaces."""
+        if self.folder is None:
+            self.folder = new_run_folder(CHECKPOINT_PARENT, default_run_name(self.setup))
+        for path in self.replaced:
+            log.warning("--overwrite: removing %s of an earlier run", path)
+            os.remove(path)
+        log.info("output folder %s", self.folder)
+
     def wrap_ddp(self):
         """DDP wrapper; its construction broadcasts rank 0's weights and calibrated ranges."""
         if is_distributed():
@@ -365,7 +460,9 @@ class Finetune:
             start_epoch = self.setup.ckpt["epoch"]
         lr_at = make_lr_schedule(args.lr_type, args.lr, args.epochs, args.warmup_epoch,
                                  args.gamma, args.schedule)
-        scaler = torch.amp.GradScaler("cuda") if args.half and self.device.type == "cuda" else None
+        amp = autocast_dtype(args, self.device)
+        scaler = (torch.amp.GradScaler("cuda") if amp == torch.float16 and self.device.type == "cuda"
+                  else None)
         sharer, final = None, None
         for epoch in range(start_epoch, args.epochs):
             if is_distributed():
@@ -373,7 +470,7 @@ class Finetune:
             sharer = self.sharer_for_epoch(epoch, sharer)
             tr = train_one_epoch(self.net, self.train_loader, self.criterion, optimizer,
                                  self.device, epoch, step_hook=sharer and sharer.step,
-                                 lr_fn=lr_setter(optimizer, lr_at, epoch), amp=args.half,
+                                 lr_fn=lr_setter(optimizer, lr_at, epoch), amp=amp,
                                  scaler=scaler, progress=args.progress and self.rank == 0)
             if tr["nonfinite"]:
                 raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch + 1}; "
@@ -432,7 +529,7 @@ class Finetune:
 
 def evaluate_model(model, loader, criterion, device, args):
     return evaluate(model, loader, criterion, device, progress=args.progress and _rank0(),
-                    amp=args.half)
+                    amp=autocast_dtype(args, device))
 
 
 def _rank0():
@@ -467,6 +564,7 @@ def run_training(run, start):
     writer = logger = None
     resumed = run.setup.ckpt is not None
     if run.rank == 0:
+        run.claim_folder()
         remove_stale_tmp(run.folder)
         if resumed:   # rows after the checkpoint's epoch are trained again below
             trim_log(os.path.join(run.folder, "log.txt"), run.setup.ckpt["epoch"] + 1)
@@ -492,6 +590,7 @@ def run_training(run, start):
 
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    check_args(args)
     if args.gpu_id is not None:   # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
     device, rank, world = init_distributed(args.device)
@@ -503,7 +602,9 @@ def main(argv=None):
     start = time.time()
     try:
         setup = resolve_setup(args)
-        run = Finetune(args, setup, device, rank)
+        folder = output_folder(args, setup)
+        replaced = check_output(args, setup, folder)
+        run = Finetune(args, setup, device, rank, folder, replaced)
         log.info("%s: %s mode, %d layers, policy from %s, dataset %s, %d process(es) on %s",
                  setup.arch, setup.mode, len(setup.layer_names),
                  setup.strategy.get("source", args.resume), setup.dataset, world, device)

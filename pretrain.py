@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from lib.utils.checkpoint import (load_checkpoint, load_state_dict, remove_stale_tmp,
                                   save_checkpoint)
+from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
@@ -39,31 +40,48 @@ def get_args_parser():
     p.add_argument("--dataset", default="mnist5k",
                    help=f"{', '.join(list_datasets())} or an ImageFolder root")
     p.add_argument("--dataset_root", default=None, help="dataset folder (default data/<dataset>)")
-    p.add_argument("--width_mult", type=float, default=None,
+    p.add_argument("--width_mult", type=cli.width_mult, default=None,
                    help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("-b", "--batch_size", type=int, default=32, help="per process")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
-    p.add_argument("--warmup_epochs", type=float, default=0.5)
-    p.add_argument("--label_smoothing", type=float, default=0.1)
-    p.add_argument("--ema_decay", type=float, default=0.995,
+    p.add_argument("--epochs", type=cli.positive_int, default=15)
+    p.add_argument("-b", "--batch_size", type=cli.positive_int, default=32, help="per process")
+    p.add_argument("--lr", type=cli.learning_rate, default=0.05)
+    p.add_argument("--momentum", type=cli.below_one, default=0.9)
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=cli.below_one, default=1e-4)
+    p.add_argument("--warmup_epochs", type=cli.nonneg_float, default=0.5,
+                   help="epochs of linear lr warmup (at most --epochs)")
+    p.add_argument("--label_smoothing", type=cli.below_one, default=0.1)
+    p.add_argument("--ema_decay", type=cli.below_one, default=0.995,
                    help="per-step decay of an exponential moving average of the weights and BN "
                         "statistics; when > 0 the average is evaluated and saved (0 = off)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format (about 1.3x faster MobileNet steps on CPU)")
-    p.add_argument("-j", "--workers", type=int, default=0)
+    cli.bool_flag(p, "--channels_last", True,
+                  "channels-last memory format (about 1.3x faster MobileNet steps on CPU)")
+    p.add_argument("-j", "--workers", type=cli.workers_int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--output", default=None,
                    help="checkpoint path (default checkpoints/pretrained/<arch>_<dataset>.pth.tar)")
-    p.add_argument("--resume", action="store_true", help="continue from --output if it exists")
-    p.add_argument("--seed", type=int, default=2019)
-    p.add_argument("--train_subset", type=int, default=None,
+    cli.bool_flag(p, "--resume", False, "continue from --output if it exists")
+    p.add_argument("--seed", type=cli.seed_int, default=2019)
+    p.add_argument("--train_subset", type=cli.positive_int, default=None,
                    help="use only the first N images of each split (smoke tests)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bars (shown only on a terminal)")
+    cli.bool_flag(p, "--progress", True, "progress bars (shown only on a terminal)")
     return p
+
+
+def check_args(args):
+    """Cross-flag and output checks, before any data or model is loaded."""
+    if args.warmup_epochs > args.epochs:
+        raise UserError(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run; expected "
+                        f"at most --epochs ({args.epochs})")
+    output = args.output or default_pretrained_path(args.arch, args.dataset)
+    cli.check_output_file(output, "--output")
+    cli.check_output_dir(log_folder(output), "--output (its _log folder)")
+    return output
+
+
+def log_folder(output):
+    """Where log.txt and the TensorBoard events of ``output`` go: <output without .pth.tar>_log."""
+    stem = output[:-len(".pth.tar")] if output.endswith(".pth.tar") else os.path.splitext(output)[0]
+    return stem + "_log"
 
 
 def ema_update(decay):
@@ -109,6 +127,7 @@ def ranks_agree(model, device):
 
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
+    output = check_args(args)
     device, rank, world = init_distributed(args.device)
     setup_logging(rank=rank)
     seed_everything(args.seed)
@@ -119,8 +138,7 @@ def main(argv=None):
     train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
                                               args.dataset_root, distributed=is_distributed(),
                                               train_subset=args.train_subset, val_batch_size=256)
-    output = args.output or default_pretrained_path(args.arch, args.dataset)
-    log_dir = output.replace(".pth.tar", "") + "_log"
+    log_dir = log_folder(output)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, nesterov=True)
     # The average starts as a copy of the weights and is updated after every step.
@@ -135,6 +153,9 @@ def main(argv=None):
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, best_acc = ckpt["epoch"], ckpt.get("best_acc", 0.0)
+        if start_epoch >= args.epochs:
+            raise UserError(f"--resume: '{output}' has already trained {start_epoch} epochs; "
+                            "expected --epochs above that to continue")
         log.info("resumed from %s at epoch %d", output, start_epoch)
     elif args.resume:
         raise UserError(f"--resume given but '{output}' does not exist; expected a checkpoint "

@@ -13,7 +13,6 @@ best_policy.png, accuracy_vs_cost.png and search_state.pth.tar, saved after ever
 episode so ``--resume_search`` continues exactly where a killed search stopped.
 """
 import argparse
-import glob
 import json
 import logging
 import os
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 
 from lib.utils.checkpoint import remove_stale_tmp
-from lib.utils.cli import ArgumentParser, bool_flag
+from lib.utils import cli
+from lib.utils.cli import ArgumentParser
 from lib.utils.distributed import resolve_device
 from lib.utils.errors import UserError, run_cli
-from lib.utils.run_utils import seed_everything
+from lib.utils.run_utils import list_runs, new_run_folder, seed_everything
 
 log = logging.getLogger("rl_quantize")
 
@@ -36,6 +36,10 @@ STATE_FILE = "search_state.pth.tar"
 PLOT_INTERVAL_S = 60
 LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
 # Flags a resumed search must share with the one it continues.
+FLOAT_BIT = cli.number(int, 1, 32)
+HIDDEN = cli.number(int, 1, 65536)
+SIGMA = cli.number(float, 0.0, 10.0)                  # exploration sigma; 0 = none
+INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of the last layers
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
@@ -50,56 +54,66 @@ def get_args_parser():
                    help="imagenet, imagenet100, mnist5k or an ImageFolder root")
     p.add_argument("--dataset_root", default=None, type=str,
                    help="dataset folder (default data/<dataset>, i.e. data/imagenet)")
-    p.add_argument("--preserve_ratio", default=0.1, type=float,
+    p.add_argument("--preserve_ratio", default=0.1, type=cli.fraction,
                    help="budget: cost / reference cost (size vs fp32; latency/energy vs 8-bit)")
-    p.add_argument("--min_bit", default=1, type=int, help="smallest bit width")
-    p.add_argument("--max_bit", default=8, type=int, help="largest bit width")
-    p.add_argument("--float_bit", default=32, type=int,
+    p.add_argument("--min_bit", default=1, type=cli.bit_width, help="smallest bit width")
+    p.add_argument("--max_bit", default=8, type=cli.bit_width, help="largest bit width")
+    p.add_argument("--float_bit", default=32, type=FLOAT_BIT,
                    help="bits of the reference model in size mode (linear mode's reference is 8-bit)")
-    bool_flag(p, "--linear_quantization", False, "linear (weight+activation) instead of K-Means")
-    bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero; the size "
-              "counts only non-zero weights")
-    bool_flag(p, "--free_high_bit", True, "K-Means: layers above 6 bits train freely during the "
-              "short fine-tune (as released) and are clustered again before validating; "
-              "--free_high_bit False keeps them centroid-shared")
+    cli.bool_flag(p, "--linear_quantization", False, "linear (weight+activation) instead of K-Means")
+    cli.bool_flag(p, "--is_pruned", False, "keep zero weights out of K-Means and at zero; the size "
+                  "counts only non-zero weights")
+    cli.bool_flag(p, "--free_high_bit", True, "K-Means: layers above 6 bits train freely during the "
+                  "short fine-tune (as released) and are clustered again before validating; "
+                  "--free_high_bit False keeps them centroid-shared")
     # DDPG
-    p.add_argument("--hidden1", default=300, type=int, help="actor/critic first hidden layer")
-    p.add_argument("--hidden2", default=300, type=int, help="actor/critic second hidden layer")
-    p.add_argument("--lr_c", default=1e-3, type=float, help="critic learning rate")
-    p.add_argument("--lr_a", default=1e-4, type=float, help="actor learning rate")
-    p.add_argument("--warmup", default=20, type=int,
+    p.add_argument("--hidden1", default=300, type=HIDDEN, help="actor/critic first hidden layer")
+    p.add_argument("--hidden2", default=300, type=HIDDEN, help="actor/critic second hidden layer")
+    p.add_argument("--lr_c", default=1e-3, type=cli.learning_rate, help="critic learning rate")
+    p.add_argument("--lr_a", default=1e-4, type=cli.learning_rate, help="actor learning rate")
+    p.add_argument("--warmup", default=20, type=cli.nonneg_int,
                    help="episodes of random actions that only fill the replay memory")
-    p.add_argument("--discount", default=1.0, type=float, help="reward discount")
-    p.add_argument("--bsize", default=64, type=int, help="minibatch size of an agent update")
-    p.add_argument("--rmsize", default=128, type=int,
+    p.add_argument("--discount", default=1.0, type=cli.unit_interval, help="reward discount")
+    p.add_argument("--bsize", default=64, type=cli.positive_int,
+                   help="minibatch size of an agent update")
+    p.add_argument("--rmsize", default=128, type=cli.positive_int,
                    help="replay memory size per quantizable layer: the agent keeps the last "
                         "rmsize x #layers transitions (as released)")
-    p.add_argument("--window_length", default=1, type=int, help="states per observation (only 1)")
-    p.add_argument("--tau", default=0.01, type=float, help="soft target update rate")
-    p.add_argument("--init_delta", default=0.5, type=float,
+    p.add_argument("--window_length", default=1, type=cli.positive_int,
+                   help="states per observation (only 1)")
+    p.add_argument("--tau", default=0.01, type=cli.fraction, help="soft target update rate")
+    p.add_argument("--init_delta", default=0.5, type=SIGMA,
                    help="initial sigma of the truncated-normal exploration noise")
-    p.add_argument("--delta_decay", default=0.99, type=float, help="sigma decay per episode")
-    p.add_argument("--n_update", default=1, type=int, help="agent updates per stored transition")
+    p.add_argument("--delta_decay", default=0.99, type=cli.fraction, help="sigma decay per episode")
+    p.add_argument("--n_update", default=1, type=cli.positive_int,
+                   help="agent updates per stored transition")
     # training
-    p.add_argument("--max_episode_length", default=int(1e9), type=int,
+    p.add_argument("--max_episode_length", default=int(1e9), type=cli.positive_int,
                    help="kept for compatibility: an episode is always one pass over the layers")
     p.add_argument("--output", default="save", type=str, help="parent folder of the search outputs")
-    bool_flag(p, "--debug", False, "debug logging")
-    p.add_argument("--init_w", default=0.003, type=float, help="init range of the last layers")
-    p.add_argument("--train_episode", default=600, type=int, help="episodes of the search")
-    p.add_argument("--epsilon", default=50000, type=int,
+    cli.bool_flag(p, "--debug", False, "debug logging")
+    p.add_argument("--init_w", default=0.003, type=INIT_W, help="init range of the last layers")
+    p.add_argument("--train_episode", default=600, type=cli.positive_int,
+                   help="episodes of the search")
+    p.add_argument("--epsilon", default=50000, type=cli.nonneg_int,
                    help="kept for compatibility (exploration is --init_delta/--delta_decay)")
-    p.add_argument("--seed", default=234, type=int, help="random seed")
-    p.add_argument("--n_worker", default=32, type=int,
+    p.add_argument("--seed", default=234, type=cli.seed_int, help="random seed")
+    p.add_argument("--n_worker", default=32, type=cli.workers_int,
                    help="data loader workers (capped at the CPU cores available)")
-    p.add_argument("--data_bsize", default=256, type=int, help="batch size of fine-tune/validate")
-    p.add_argument("--finetune_epoch", default=1, type=int, help="short fine-tune epochs per episode")
-    p.add_argument("--finetune_gamma", default=0.8, type=float, help="lr decay per fine-tune epoch")
-    p.add_argument("--finetune_lr", default=0.001, type=float, help="short fine-tune learning rate")
-    bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
-    bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
-    p.add_argument("--train_size", default=20000, type=int, help="search training subset size")
-    p.add_argument("--val_size", default=10000, type=int, help="search validation subset size")
+    p.add_argument("--data_bsize", default=256, type=cli.positive_int,
+                   help="batch size of fine-tune/validate")
+    p.add_argument("--finetune_epoch", default=1, type=cli.positive_int,
+                   help="short fine-tune epochs per episode")
+    p.add_argument("--finetune_gamma", default=0.8, type=cli.fraction,
+                   help="lr decay per fine-tune epoch")
+    p.add_argument("--finetune_lr", default=0.001, type=cli.learning_rate,
+                   help="short fine-tune learning rate")
+    cli.bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
+    cli.bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
+    p.add_argument("--train_size", default=20000, type=cli.positive_int,
+                   help="search training subset size")
+    p.add_argument("--val_size", default=10000, type=cli.positive_int,
+                   help="search validation subset size")
     p.add_argument("--resume", default="default", type=str,
                    help="agent weights (agent.pth.tar of an earlier search) to start from")
     p.add_argument("-a", "--arch", default="mobilenetv2", type=str,
@@ -114,16 +128,17 @@ def get_args_parser():
                    choices=["bismo_edge", "bismo_cloud", "bitfusion"], help="cost model preset")
     p.add_argument("--cost_table", default=None, type=str,
                    help="your own .npy table (n_layers, 8, 8), [layer, w-1, a-1]")
-    p.add_argument("--cost_batch", default=16, type=int, help="batch of the hardware cost table")
+    p.add_argument("--cost_batch", default=16, type=cli.positive_int,
+                   help="batch of the hardware cost table")
     p.add_argument("--pretrained_path", default=None, type=str,
                    help="pretrained weights (default checkpoints/pretrained/<arch>[_<dataset>].pth.tar)")
-    p.add_argument("--width_mult", default=None, type=float,
+    p.add_argument("--width_mult", default=None, type=cli.width_mult,
                    help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume_search", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue a stopped search: its output folder, or the latest run of "
                         "these flags when no folder is given")
-    bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
+    cli.bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
     return p
 
 
@@ -156,9 +171,13 @@ def check_args(args):
         else:
             raise UserError(f"--linear_quantization needs a model with QConv2d/QLinear layers; "
                             f"expected a Q arch such as qmobilenetv2, got '{args.arch}'")
-    for name in ("train_episode", "data_bsize", "train_size", "val_size", "bsize", "rmsize"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
+    if args.min_bit > args.max_bit:
+        raise UserError(f"--min_bit {args.min_bit} > --max_bit {args.max_bit}; expected "
+                        "min_bit <= max_bit")
+    if args.max_bit > args.float_bit:
+        raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
+                        "reference model at least as wide as any policy")
+    cli.check_output_dir(args.output, "--output")
 
 
 def build_model(args, device):
@@ -220,32 +239,39 @@ def build_agent(args, env, device):
     return DDPG(env.state_dim, len(env.layers), cfg, device=device, seed=args.seed)
 
 
+def load_agent_weights(agent, path):
+    """--resume: actor/critic weights of an earlier search; UserError when they do not fit."""
+    from lib.utils.checkpoint import load_checkpoint
+    state = load_checkpoint(path)
+    expected = (f"expected agent.pth.tar of a search with the same model, --hidden1 and "
+                f"--hidden2")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), dict)
+                                              for k in ("actor", "critic")):
+        raise UserError(f"--resume '{path}' holds no 'actor' and 'critic' weights; {expected}")
+    try:
+        agent.load_weights(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise UserError(f"--resume '{path}' does not fit this agent ({reason[:200]}); "
+                        f"{expected}") from exc
+    log.info("agent weights from %s", path)
+
+
 # ------------------------------------------------------------ output folder
 def base_name(args):
     return f"{args.arch}_{args.dataset}" + (f"_{args.suffix}" if args.suffix else "")
 
 
-def _runs(args):
-    runs = []
-    for path in glob.glob(os.path.join(args.output, glob.escape(base_name(args)) + "-run*")):
-        m = re.search(r"-run(\d+)$", path)
-        if m and os.path.isdir(path):
-            runs.append((int(m.group(1)), path))
-    return sorted(runs)
-
-
 def output_folder(args):
     """A new ``-runN`` folder, or (``--resume_search``) the folder to continue."""
     if args.resume_search is None:
-        runs = _runs(args)
-        n = runs[-1][0] + 1 if runs else 1
-        path = os.path.join(args.output, f"{base_name(args)}-run{n}")
-        os.makedirs(path, exist_ok=False)
-        return path
+        return new_run_folder(args.output, base_name(args))
     if args.resume_search != "latest":
         path = args.resume_search
     else:
-        done = [p for _, p in _runs(args) if os.path.isfile(os.path.join(p, STATE_FILE))]
+        done = [p for _, p in list_runs(args.output, base_name(args))
+                if os.path.isfile(os.path.join(p, STATE_FILE))]
         if not done:
             raise UserError(f"--resume_search: no search of {base_name(args)} under "
                             f"'{args.output}' has saved state; expected a folder holding "
@@ -473,9 +499,7 @@ def main(argv=None):
     env.check_budget()
     agent = build_agent(args, env, device)
     if args.resume != "default":
-        from lib.utils.checkpoint import load_checkpoint
-        agent.load_weights(load_checkpoint(args.resume))
-        log.info("agent weights from %s", args.resume)
+        load_agent_weights(agent, args.resume)
     out_dir = output_folder(args)
     state = load_search_state(out_dir, args, env) if args.resume_search else None
     if state is None:

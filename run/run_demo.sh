@@ -19,7 +19,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 PY=${PYTHON:-python}
 CKPT=checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar
 SEARCH_DATA=(--dataset mnist5k --train_size 600 --val_size 500 --data_bsize 100 --n_worker 0)
-FT=(--epochs "$FT_EPOCHS" --train_batch 64 --test_batch 500 --lr 0.01 --device cpu --no-progress)
+FT=(--epochs "$FT_EPOCHS" --train_batch 64 --test_batch 500 --lr 0.01 --device cpu --no-progress
+    --overwrite)   # a rerun replaces the previous demo's fine-tunes
 
 start=$(date +%s)
 mkdir -p "$OUT"

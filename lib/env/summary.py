@@ -17,8 +17,9 @@ import os
 import sys
 
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text
-from lib.utils.cli import ArgumentParser
+from lib.utils.cli import ArgumentParser, check_output_dir, check_output_file
 from lib.utils.errors import UserError, run_cli
+from lib.utils.strategy import load_strategy
 
 from .report import _pyplot, plot_policy
 
@@ -39,9 +40,14 @@ def _read_json(path):
             return json.load(f, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError as exc:
+        raise UserError(f"'{path}' is nested too deeply to read; expected the output of an "
+                        "earlier demo step") from exc
     except ValueError as exc:
         raise UserError(f"'{path}' is not valid JSON ({exc}); expected finite numbers or null") \
             from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"'{path}' could not be read ({type(exc).__name__})") from exc
 
 
 def recorded_cost_table(strategy):
@@ -226,6 +232,27 @@ def report(demo_dir):
     return table
 
 
+def check_not_input(output, source):
+    """The output must not be the input file (under any name): the search's result stays."""
+    same = os.path.abspath(output) == os.path.abspath(source) or (
+        os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source))
+    if same:
+        raise UserError(f"output '{output}' is the input '{source}'; expected another path (the "
+                        "input is never overwritten)")
+
+
+def read_search_strategy(path):
+    """A search's strategy.json with the fields the uniform baseline needs, type-checked."""
+    strategy = load_strategy(path)
+    needed = ["arch", "preserve_ratio"] + (["metric", "hardware"] if strategy["mode"] == "linear"
+                                           else [])
+    missing = [k for k in needed if strategy.get(k) is None]
+    if missing:
+        raise UserError(f"strategy file '{path}' has no '{missing[0]}'; expected a strategy.json "
+                        "written by rl_quantize.py")
+    return strategy
+
+
 def get_args_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -240,10 +267,13 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.command == "uniform":
-        out = best_uniform(_read_json(args.strategy))
+        check_not_input(args.output, args.strategy)
+        check_output_file(args.output, "output")
+        out = best_uniform(read_search_strategy(args.strategy))
         atomic_write_json(args.output, out)
         log.info("%s: cost ratio %.3f", _uniform_label(out), out["cost_ratio"])
         return out
+    check_output_dir(args.demo_dir, "demo_dir")
     table = report(args.demo_dir)
     sys.stdout.write(table)
     return table

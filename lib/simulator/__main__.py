@@ -12,6 +12,7 @@ Example::
         --hardware bismo_edge --metric latency --batch 16
 """
 import logging
+import os
 import sys
 
 import numpy as np
@@ -21,30 +22,44 @@ from lib.simulator.hardware import HARDWARE, get_hardware, layer_cost
 from lib.simulator.shapes import extract_layer_shapes
 from lib.simulator.tables import (CACHE_DIR, METRICS, UNITS, check_metric, get_table,
                                   table_path)
+from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 
 log = logging.getLogger("lib.simulator")
 
 
-def parse_args(argv):
+def get_args_parser():
     p = ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, help="model name from the models registry")
     p.add_argument("--dataset", default="imagenet", help="sets classes and input size")
     p.add_argument("--hardware", required=True, help=f"one of: {', '.join(HARDWARE)}")
     p.add_argument("--metric", default="latency", help=f"one of: {', '.join(METRICS)}")
-    p.add_argument("--batch", type=int, default=16, help="batch size the table is built for")
-    p.add_argument("--input_size", type=int, default=None, help="default: the dataset's")
-    p.add_argument("--width_mult", type=float, default=None, help="MobileNet width (default 1.0)")
-    p.add_argument("--max_bit", type=int, default=8)
-    p.add_argument("--top", type=int, default=5, help="how many of the costliest layers to list")
+    p.add_argument("--batch", type=cli.positive_int, default=16,
+                   help="batch size the table is built for")
+    p.add_argument("--input_size", type=cli.number(int, 8, 4096), default=None,
+                   help="input pixels, 8..4096 (default: the dataset's)")
+    p.add_argument("--width_mult", type=cli.width_mult, default=None,
+                   help="MobileNet width (default 1.0)")
+    p.add_argument("--max_bit", type=cli.number(int, 8, 16), default=8,
+                   help="widest bit width in the table, 8..16 (the summary shows w8a8)")
+    p.add_argument("--top", type=cli.nonneg_int, default=5,
+                   help="how many of the costliest layers to list")
     p.add_argument("--cache_dir", default=str(CACHE_DIR))
-    p.add_argument("--rebuild", action="store_true", help="ignore a cached table")
+    cli.bool_flag(p, "--rebuild", False, "ignore a cached table")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the table)")
-    p.add_argument("--no_plot", action="store_true")
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.max_bit < 4:
-        raise UserError("--batch must be >= 1 and --max_bit >= 4 (the summary shows w4a4)")
+    cli.bool_flag(p, "--no_plot", False, "write no plot")
+    return p
+
+
+def parse_args(argv):
+    """Parsed flags, with the output paths checked (nothing is created)."""
+    args = get_args_parser().parse_args(argv)
+    cli.check_output_dir(args.cache_dir, "--cache_dir")
+    if args.plot and not args.no_plot:
+        if not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot '{args.plot}' is not a .png path; expected e.g. costs.png")
+        cli.check_output_file(args.plot, "--plot")
     return args
 
 
@@ -103,8 +118,9 @@ def plot_layers(table, shapes, path, title, unit):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")   # exactly ``path``: no extension is added
     plt.close(fig)
+    return os.path.abspath(path)
 
 
 def main(argv=None):
@@ -130,9 +146,10 @@ def main(argv=None):
     if not args.no_plot:
         path = args.plot or table_path(args.arch, args.dataset, hw, args.metric, args.batch,
                                        args.cache_dir).with_suffix(".png")
-        plot_layers(table, shapes, path, f"{args.arch} {hw.name} {args.metric}, batch {args.batch}",
-                    UNITS[args.metric])
-        print(f"plot: {path}")
+        written = plot_layers(table, shapes, path,
+                              f"{args.arch} {hw.name} {args.metric}, batch {args.batch}",
+                              UNITS[args.metric])
+        print(f"plot: {written}")
     return 0
 
 

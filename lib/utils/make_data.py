@@ -8,25 +8,55 @@ in ImageFolder layout (val/ sorted into class folders).
 import argparse
 import logging
 import os
+import re
 import sys
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from lib.utils.cli import ArgumentParser  # noqa: E402
+from lib.utils.cli import ArgumentParser, check_output_dir  # noqa: E402
 from lib.utils.errors import UserError, run_cli  # noqa: E402
 
 CLASS_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100.txt")
 
 
+WNID = re.compile(r"n\d{8}")
+
+
 def read_classes(path=CLASS_LIST):
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """The WordNet ids listed in ``path`` (one per line); UserError for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            classes = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"class list '{path}' could not be read ({type(exc).__name__}); "
+                        "expected a text file with one WordNet id per line") from exc
+    bad = [c for c in classes if not WNID.fullmatch(c)]
+    if bad or not classes:
+        got = f"'{bad[0]}'" if bad else "no ids"
+        raise UserError(f"class list '{path}' holds {got}; expected one WordNet id (n + 8 "
+                        "digits, e.g. n01440764) per line")
+    if len(set(classes)) != len(classes):
+        dup = next(c for c in classes if classes.count(c) > 1)
+        raise UserError(f"class list '{path}' lists '{dup}' twice; expected each id once")
+    return classes
 
 
-def make_subset(src, dst, classes):
-    """Symlink ``src/{train,val}/<wnid>`` to ``dst/{train,val}/<wnid>``; returns links made."""
-    made = 0
+def check_paths(src, dst):
+    """The source must be a dataset folder and the destination a different, creatable folder."""
+    if not os.path.isdir(src):
+        raise UserError(f"--src '{src}' is not a folder; expected ImageNet in ImageFolder layout "
+                        "(train/ and val/ by WordNet id)")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise UserError(f"--dst '{dst}' is --src; expected a different folder for the subset")
+    check_output_dir(dst, "--dst")
+    for split in ("train", "val"):
+        check_output_dir(os.path.join(dst, split), "--dst")
+
+
+def _planned_links(src, dst, classes):
+    """[(target, link)] of every class and split; UserError before any link is made."""
+    plan = []
     for split in ("train", "val"):
         for wnid in classes:
             target = os.path.abspath(os.path.join(src, split, wnid))
@@ -34,13 +64,27 @@ def make_subset(src, dst, classes):
                 raise UserError(f"class folder '{target}' not found; expected ImageNet in "
                                 f"ImageFolder layout under '{src}' (train/ and val/ by WordNet id)")
             link = os.path.join(dst, split, wnid)
-            os.makedirs(os.path.dirname(link), exist_ok=True)
-            if os.path.islink(link):
-                if os.readlink(link) == target:
-                    continue
-                os.remove(link)
-            os.symlink(target, link)
-            made += 1
+            if os.path.exists(link) and not os.path.islink(link):   # never replaced
+                raise UserError(f"'{link}' exists and is not a link; expected --dst to hold only "
+                                "links made by this tool")
+            plan.append((target, link))
+    return plan
+
+
+def make_subset(src, dst, classes):
+    """Symlink ``src/{train,val}/<wnid>`` to ``dst/{train,val}/<wnid>``; returns links made.
+
+    Every class folder is checked first, so a missing one leaves no half-made subset.
+    """
+    made = 0
+    for target, link in _planned_links(src, dst, classes):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.islink(link):
+            if os.readlink(link) == target:
+                continue
+            os.remove(link)
+        os.symlink(target, link)
+        made += 1
     return made
 
 
@@ -56,7 +100,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if not os.path.isfile(args.classes):
         raise UserError(f"class list '{args.classes}' not found")
-    made = make_subset(args.src, args.dst, read_classes(args.classes))
+    classes = read_classes(args.classes)
+    check_paths(args.src, args.dst)
+    made = make_subset(args.src, args.dst, classes)
     logging.getLogger(__name__).info("made %d links under %s", made, args.dst)
     return made
 

@@ -1,5 +1,7 @@
-"""Small pieces every training CLI (pretrain.py, finetune.py) needs in the same form."""
+"""Small pieces every training CLI (pretrain.py, finetune.py, rl_quantize.py) needs in the same form."""
+import glob
 import os
+import re
 import random
 
 import numpy as np
@@ -45,3 +47,30 @@ def open_run_logs(folder, columns, resume=False):
     writer = SummaryWriter(folder)
     logger = Logger(os.path.join(folder, "log.txt"), columns, resume=resume)
     return writer, logger
+
+
+def list_runs(parent, base):
+    """[(N, path)] of the ``<base>-runN`` folders under ``parent``, ordered by N."""
+    runs = []
+    for path in glob.glob(os.path.join(parent, glob.escape(base) + "-run*")):
+        m = re.search(r"-run(\d+)$", path)
+        if m and os.path.isdir(path):
+            runs.append((int(m.group(1)), path))
+    return sorted(runs)
+
+
+def new_run_folder(parent, base):
+    """Create ``parent/<base>-runN`` with N one above the highest existing run; return its path.
+
+    Every run gets its own folder, so no run overwrites another's results; a folder
+    made meanwhile by a concurrent run moves N on instead of being shared.
+    """
+    runs = list_runs(parent, base)
+    n = runs[-1][0] + 1 if runs else 1
+    while True:
+        path = os.path.join(parent, f"{base}-run{n}")
+        try:
+            os.makedirs(path, exist_ok=False)
+            return path
+        except FileExistsError:
+            n += 1

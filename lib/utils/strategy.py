@@ -13,6 +13,7 @@ against the model's quantizable layers (length, names, bit ranges) and raises a
 """
 import copy
 import json
+import math
 import os
 from numbers import Integral, Real
 
@@ -66,9 +67,42 @@ def _read_json(path):
         raise UserError(f"strategy file '{path}' is not valid JSON (line {exc.lineno}, column "
                         f"{exc.colno}: {exc.msg}); expected a strategy.json as written by "
                         "rl_quantize.py") from exc
+    except RecursionError as exc:
+        raise UserError(f"strategy file '{path}' is nested too deeply to read; expected a "
+                        "strategy.json as written by rl_quantize.py") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"strategy file '{path}' could not be read ({exc}); expected a "
                         "readable strategy.json") from exc
+
+
+def _finite_in(value, lo, hi):
+    return (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+            and lo < value <= hi)
+
+
+# field -> (check, what is expected); None is always allowed (the field is then unknown)
+_FIELDS = {
+    "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "arch": (lambda v: isinstance(v, str) and v != "", "a model name (string)"),
+    "dataset": (lambda v: isinstance(v, str) and v != "", "a dataset name (string)"),
+    "metric": (lambda v: isinstance(v, str), "a cost metric name (string)"),
+    "hardware": (lambda v: isinstance(v, str), "a hardware preset name (string)"),
+    "width_mult": (lambda v: _finite_in(v, 0, 8), "a number in (0, 8]"),
+    "preserve_ratio": (lambda v: _finite_in(v, 0, 1), "a number in (0, 1]"),
+    "min_bit": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8,
+                "an integer in [1, 8]"),
+    "max_bit": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8,
+                "an integer in [1, 8]"),
+}
+
+
+def _check_fields(data, path):
+    """Wrong-typed known fields are refused here, before anything uses them."""
+    for key, (ok, expected) in _FIELDS.items():
+        value = data.get(key)
+        if value is not None and not ok(value):
+            raise UserError(f"strategy file '{path}': '{key}' is {json.dumps(value)[:60]}; "
+                            f"expected {expected}")
 
 
 def load_strategy(path_or_preset):
@@ -91,7 +125,9 @@ def load_strategy(path_or_preset):
     if not isinstance(data, dict) or not isinstance(data.get("strategy"), list):
         raise UserError(f"strategy file '{path_or_preset}' has no 'strategy' list; expected "
                         '{"mode": ..., "layers": [...], "strategy": [...]} (DESIGN.md section 9)')
-    data.setdefault("mode", infer_mode(data["strategy"]))
+    _check_fields(data, path_or_preset)
+    if data.get("mode") is None:
+        data["mode"] = infer_mode(data["strategy"])
     data.setdefault("layers", None)
     data["source"] = os.path.abspath(path_or_preset)
     return data

@@ -19,9 +19,12 @@ def _bar(desc, n, enabled):
     return Bar(desc or "progress", max=n, suffix="%(index)d/%(max)d %(elapsed_td)s eta %(eta_td)s")
 
 
-def _autocast(device, enabled):
-    if not enabled:
+def _autocast(device, amp):
+    """``amp``: False/None (full precision), True (fp16 on GPU, bf16 on CPU) or a torch dtype."""
+    if not amp:
         return contextlib.nullcontext()
+    if isinstance(amp, torch.dtype):
+        return torch.autocast(device.type, dtype=amp)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
 
