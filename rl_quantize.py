@@ -95,8 +95,9 @@ def get_args_parser():
     p.add_argument("--resume", default="default", type=str,
                    help="agent weights (agent.pth.tar of an earlier search) to start from")
     p.add_argument("-a", "--arch", default="mobilenetv2", type=str,
-                   help="registry model (see models.list_models(); Q archs for linear mode) "
-                        "or a torchvision classifier name")
+                   help="registry model (see models.list_models()) or a torchvision classifier "
+                        "name; linear mode uses a Q twin where one exists, else swaps the "
+                        "model's Conv2d/Linear for QConv2d/QLinear")
     p.add_argument("--gpu_id", default="1", type=str,
                    help="GPU index used with --device cuda (falls back to 0 if absent)")
     # additions
@@ -145,23 +146,22 @@ def check_args(args):
         if "q" + args.arch in list_models():
             log.info("linear quantization: using %s (the Q twin of %s)", "q" + args.arch, args.arch)
             args.arch = "q" + args.arch
-        else:
-            raise UserError(f"--linear_quantization needs a model with QConv2d/QLinear layers; "
-                            f"expected a Q arch such as qmobilenetv2, got '{args.arch}'")
     for name in ("train_episode", "data_bsize", "train_size", "val_size", "bsize", "rmsize"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
 
 
 def build_model(args, device):
-    """The pretrained model (Q archs start from their float twin's checkpoint)."""
+    """The pretrained model (Q archs and swapped models start from the float checkpoint)."""
     from lib.utils.data_utils import dataset_defaults
+    from lib.utils.run_utils import has_default_width
     from models import get_model, load_pretrained_weights
     info = dataset_defaults(args.dataset, args.dataset_root)
-    if args.width_mult is None and "mobilenet" in args.arch:
+    if args.width_mult is None and has_default_width(args.arch):
         args.width_mult = info.width_mult
+    # linear mode: any model without a Q twin gets its layers swapped (lib/quantize/swap.py)
     model = get_model(args.arch, num_classes=info.num_classes, input_size=info.input_size,
-                      width_mult=args.width_mult)
+                      width_mult=args.width_mult, linear=args.linear_quantization)
     load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
     return model.to(device), info
 
