@@ -28,6 +28,14 @@ Linear fake quantization (:mod:`lib.quantize.linear`)::
     calibrate(model, loader, device=None)   # one batch sets every range (KL clip below 5 bits)
     fake_quantize(x, r, bits, signed)       # the STE/PACT fake-quant op; kl_clip(x, bits, signed)
 
+Linear mode for any model (:mod:`lib.quantize.swap`)::
+
+    quantize_model(model, example_input=None, half_wave=None, method="auto")
+        # every Conv2d/Linear -> QConv2d/QLinear in place (Parameters shared, bits -1 = float)
+    infer_half_wave(model, example_input=None, method="auto") -> {name: bool}
+        # non-negative inputs from the torch.fx graph (fallback: hooks on an example batch)
+    linear_mode(model)                    # Q twins unchanged, anything else swapped
+
 Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a bad one::
 
     apply_kmeans_policy(model, policy, **kmeans_kwargs) -> codebooks
@@ -38,6 +46,7 @@ from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, Codebook, codebo
                                  inertia, kmeans_1d, kmeans_quantize_layer, kmeans_quantize_model,
                                  load_codebooks, masked_loop_update)
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip, quant_layers
+from lib.quantize.swap import infer_half_wave, linear_mode, quantize_model
 from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy, resolve_kmeans_policy,
                                  resolve_linear_policy)
 
@@ -45,5 +54,6 @@ __all__ = [
     "FAST_MIN_ITER", "CentroidSharer", "Codebook", "codebooks_state_dict", "inertia", "kmeans_1d",
     "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks", "masked_loop_update",
     "QConv2d", "QLinear", "calibrate", "fake_quantize", "kl_clip", "quant_layers",
+    "infer_half_wave", "linear_mode", "quantize_model",
     "apply_kmeans_policy", "apply_linear_policy", "resolve_kmeans_policy", "resolve_linear_policy",
 ]

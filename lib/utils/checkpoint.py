@@ -41,8 +41,12 @@ def save_checkpoint(obj, path):
     _atomic(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(path, data):
+    _atomic(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path, text):
-    _atomic(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, obj):
