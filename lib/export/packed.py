@@ -83,30 +83,42 @@ def _kmeans_entry(payload, name, weight, bits):
             "indices": payload.add(pack_bits(idx.numpy(), bits))}
 
 
-def _linear_codes(module, bits):
-    """(codes u, scale) of a QConv2d/QLinear weight under its own fake quantization."""
-    t = float(module.weight_range.detach().reshape(-1)[0])
-    if t <= 0:
-        raise UserError("a linear layer has no calibrated weight_range; expected a fine-tuned "
-                        "linear-mode checkpoint")
-    fq = module.quantized_weight().detach().cpu().double().reshape(-1)
-    steps = n_steps(bits, signed=True)
-    if steps == 0:      # 1 bit: t * sign(w)
-        return (fq > 0).long(), t
+def _integer_codes(fq, t, steps):
+    """Codes u = q + steps of fake-quantized weights ``fq`` on the grid of clip ``t``, or None."""
     scale = float(np.float32(t / steps))
     q = torch.round(fq / scale)
-    if (q.abs() > steps).any() or (q * scale - fq).abs().max() > 1e-6 * max(t, 1e-12):
-        raise UserError("a linear layer's quantized weights are not integers times "
-                        "weight_range / (2^(b-1) - 1); expected a checkpoint whose weight_range "
-                        "is the clip its fine-tune used")
+    if (q.abs() > steps).any() or (q * scale - fq).abs().max() > 1e-6 * t:
+        return None
     return (q.long() + steps), scale
 
 
+def _linear_codes(module, bits):
+    """(codes, scale, clip t) of a QConv2d/QLinear weight under its own fake quantization.
+
+    The clip is the layer's ``weight_range`` (fixed at calibration).  Checkpoints of code that
+    clipped at the current max|w| instead are recognised by their grid and packed with that
+    clip, which the file then records as ``weight_range``.
+    """
+    fq = module.quantized_weight().detach().cpu().double().reshape(-1)
+    steps = n_steps(bits, signed=True)
+    if steps == 0:      # 1 bit: t * sign(w)
+        t = float(fq.abs().max())
+        return (fq > 0).long(), t, t
+    candidates = [float(module.weight_range.detach().reshape(-1)[0]), float(fq.abs().max())]
+    for t in candidates:
+        codes = _integer_codes(fq, t, steps) if t > 0 else None
+        if codes is not None:
+            return codes[0], codes[1], t
+    raise UserError("a linear layer's quantized weights are not integers times "
+                    "weight_range / (2^(b-1) - 1); expected a fine-tuned linear-mode checkpoint")
+
+
 def _linear_entry(payload, name, module, bits):
-    codes, scale = _linear_codes(module, bits)
-    return {"encoding": "linear", "bits": bits, "count": codes.numel(),
-            "scale": dict(_float_block(payload, torch.tensor([scale])), count=1),
-            "indices": payload.add(pack_bits(codes.numpy(), bits))}
+    codes, scale, clip = _linear_codes(module, bits)
+    entry = {"encoding": "linear", "bits": bits, "count": codes.numel(),
+             "scale": dict(_float_block(payload, torch.tensor([scale])), count=1),
+             "indices": payload.add(pack_bits(codes.numpy(), bits))}
+    return entry, clip
 
 
 def _quantized_weights(model, mode, policy):
@@ -132,17 +144,23 @@ def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source
     model = model.cpu()
     quantized = _quantized_weights(model, mode, policy)
     float_weights = {f"{n}.weight" for n, _ in _policy_layers(model, mode)} - set(quantized)
-    payload, entries = _Payload(), []
+    payload, entries, clips = _Payload(), [], {}
     sizes = dict.fromkeys(PARTS, 0)
     for key, tensor in model.state_dict().items():
         if key in quantized:
             name, module, bits = quantized[key]
-            entry = (_kmeans_entry(payload, name, tensor, bits) if mode == "kmeans"
-                     else _linear_entry(payload, name, module, bits))
+            if mode == "kmeans":
+                entry = _kmeans_entry(payload, name, tensor, bits)
+            else:
+                entry, clip = _linear_entry(payload, name, module, bits)
+                # weight is listed before its layer's weight_range buffer in state_dict order
+                clips[f"{name}.weight_range" if name else "weight_range"] = clip
             side = entry["codebook"] if mode == "kmeans" else entry["scale"]
             sizes["weights"] += entry["indices"]["nbytes"]
             sizes["codebooks_scales"] += side["nbytes"]
         else:
+            if key in clips:
+                tensor = torch.full_like(tensor, clips[key])
             entry = dict(_float_block(payload, tensor), encoding="float")
             sizes["weights" if key in float_weights else "float"] += entry["nbytes"]
         entries.append(dict(entry, key=key, shape=list(tensor.shape)))
