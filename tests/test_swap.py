@@ -152,3 +152,18 @@ def test_linear_search_and_finetune_take_a_model_without_twin(tmp_path):
     # the fine-tuned layers are Q layers whose ranges were calibrated and saved
     assert float(ckpt["state_dict"]["features.1.block.0.0.weight_range"]) > 0
     assert "classifier.3.activation_range" in ckpt["state_dict"]
+
+
+def test_a_user_registered_model_gets_linear_mode():
+    from models import registry
+
+    @registry.register_model(name="user_net_for_test")
+    def user_net(num_classes=10, input_size=32):
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 3), nn.ReLU6(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+    try:
+        model = get_model("user_net_for_test", linear=True)
+        assert [m.half_wave for m in quant_layers(model)] == [False, False, True]
+        assert len(quant_layers(get_model("user_net_for_test", linear=True))) == 3
+    finally:
+        registry._REGISTRY.pop("user_net_for_test")
