@@ -164,6 +164,5 @@ def test_a_user_registered_model_gets_linear_mode():
     try:
         model = get_model("user_net_for_test", linear=True)
         assert [m.half_wave for m in quant_layers(model)] == [False, False, True]
-        assert len(quant_layers(get_model("user_net_for_test", linear=True))) == 3
     finally:
         registry._REGISTRY.pop("user_net_for_test")

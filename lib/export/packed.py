@@ -4,7 +4,7 @@ Layout (all integers little-endian)::
 
     8 bytes   magic  b"HAQPACK1"
     8 bytes   uint64 length H of the header
-    H bytes   header: UTF-8 JSON (strict: no NaN/Infinity)
+    H bytes   header: UTF-8 JSON (strict: no NaN/Infinity), zlib-compressed (RFC 1950)
     P bytes   payload: the blocks the header's entries point at (offsets from the payload start)
     32 bytes  SHA-256 of everything above
 
@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
@@ -168,7 +169,8 @@ def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source
               "model_kwargs": model_kwargs, "mode": mode, "policy": list(policy),
               "layers": layer_names, "half_wave": _half_wave(model, mode), "source": source,
               "sizes": sizes, "entries": entries}
-    head = json.dumps(header, allow_nan=False).encode("utf-8")
+    # the header names every tensor: compressed it is ~10x smaller (~5 KB for MobileNet-V2)
+    head = zlib.compress(json.dumps(header, allow_nan=False).encode("utf-8"), 9)
     body = MAGIC + _LEN.pack(len(head)) + head + b"".join(payload.blocks)
     return body + hashlib.sha256(body).digest()
 
@@ -205,7 +207,7 @@ def read_header(data, path="<bytes>"):
         raise UserError(f"'{path}' fails its SHA-256 checksum (truncated or altered); expected "
                         "the file exactly as python -m lib.export wrote it")
     (head_len,) = _LEN.unpack_from(data, len(MAGIC))
-    header = json.loads(data[fixed:fixed + head_len].decode("utf-8"))
+    header = json.loads(zlib.decompress(data[fixed:fixed + head_len]).decode("utf-8"))
     if header.get("version") != FORMAT_VERSION:
         raise UserError(f"'{path}' has format version {header.get('version')}; expected "
                         f"{FORMAT_VERSION}")

@@ -7,17 +7,31 @@ expected sizes are counted from the model: a codebook of 2^b float32 centroids p
 layer, one float32 scale per linear layer, 4 bytes per float element elsewhere.
 """
 import logging
+import os
+
+import torch
 
 from lib.export.packed import PARTS, write_packed
 from lib.quantize.policy import apply_linear_policy
 from lib.simulator import SizeCost
-from lib.utils.checkpoint import extract_state_dict, load_checkpoint
+from lib.utils.checkpoint import extract_state_dict
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
 log = logging.getLogger(__name__)
 
 FLOAT_BIT = 32
+
+
+def read_checkpoint(path):
+    """A finetune.py checkpoint, loaded with ``weights_only=True`` (reading it runs no code)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' not found; expected a finetune.py checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted, not a torch file, or holds more than tensors
+        raise UserError(f"checkpoint '{path}' could not be read with weights_only=True "
+                        f"({type(exc).__name__}); expected a finetune.py checkpoint") from None
 
 
 def model_from_checkpoint(ckpt):
@@ -40,7 +54,7 @@ def model_from_checkpoint(ckpt):
 
 def export_checkpoint(path, output):
     """Write the packed file of finetune.py checkpoint ``path`` to ``output``; return its header."""
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt)
     policy = ckpt["policy"]
     return write_packed(output, model, ckpt["arch"], ckpt["model_kwargs"], ckpt["mode"],
