@@ -58,26 +58,34 @@ def kmeans_ckpt(tmp_path_factory, tiny_pretrained):
 
 @pytest.fixture(scope="module")
 def linear_ckpt(tmp_path_factory):
-    """A linear-mode checkpoint in finetune.py's format for a swapped torchvision ResNet-18.
+    """A linear-mode checkpoint in finetune.py's format for torchvision's mobilenet_v3_small
+    (no Q twin: its layers are swapped), every width 1..8 among its weights.
 
     ``weight_range`` is set to max|w| explicitly, so the clip is the same whether the
     fake quantization reads the stored range or recomputes max|w|.
     """
     torch.manual_seed(0)
     kwargs = dict(num_classes=10, input_size=32, width_mult=None)
-    model = get_model("resnet18", linear=True, **kwargs)
+    model = get_model("mobilenet_v3_small", linear=True, **kwargs)
     n = len(quant_layers(model))
-    policy = [[8, -1]] + [[b, 9 - b] for b in (1, 2, 3, 4, 5, 6, 7, 8)] * 3
+    policy = [[8, -1]] + [[b, 9 - b] for b in (1, 2, 3, 4, 5, 6, 7, 8)] * 7
     policy = policy[:n - 1] + [[8, 8]]
     apply_linear_policy(model, policy)
     calibrate(model, torch.randn(8, 3, 32, 32))
     for m in quant_layers(model):
         m.weight_range.fill_(float(m.weight.detach().abs().max()))
-    path = tmp_path_factory.mktemp("export_lin") / "checkpoint.pth.tar"
-    save_checkpoint({"state_dict": model.state_dict(), "arch": "resnet18", "mode": "linear",
-                     "model_kwargs": kwargs, "epoch": 1,
+    root = tmp_path_factory.mktemp("export_lin")
+    path = root / "checkpoint.pth.tar"
+    save_checkpoint({"state_dict": model.state_dict(), "arch": "mobilenet_v3_small",
+                     "mode": "linear", "model_kwargs": kwargs, "epoch": 1,
                      "policy": {"mode": "linear", "strategy": policy, "layers": None}}, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def linear_packed(linear_ckpt, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("packed") / "lin.haq")
+    return out, export_checkpoint(linear_ckpt, out)
 
 
 def _max_logit_diff(packed, ckpt):
@@ -110,24 +118,25 @@ def test_kmeans_export_rebuilds_the_same_logits(kmeans_ckpt, tmp_path, capsys):
     assert os.path.getsize(out) == header["file_bytes"]
 
 
-def test_linear_export_rebuilds_the_same_logits(linear_ckpt, tmp_path):
-    out = str(tmp_path / "lin.haq")
-    header = export_checkpoint(linear_ckpt, out)
+def test_linear_export_rebuilds_the_same_logits(linear_ckpt, linear_packed):
+    out, header = linear_packed
     diff, scale = _max_logit_diff(out, linear_ckpt)
     assert diff <= 1e-6 and scale > 0
     entries = {e["key"]: e for e in header["entries"]}
-    assert entries["conv1.weight"]["encoding"] == "linear" and entries["conv1.weight"]["bits"] == 8
-    assert entries["layer1.0.conv1.weight"]["bits"] == 1       # 1-bit sign weights
-    assert entries["bn1.weight"]["encoding"] == "float" and entries["bn1.weight"]["dtype"] == "float32"
+    first, second = entries["features.0.0.weight"], entries["features.1.block.0.0.weight"]
+    assert first["encoding"] == "linear" and first["bits"] == 8
+    assert second["bits"] == 1 and second["indices"]["nbytes"] == packed_nbytes(second["count"], 1)
+    bn = entries["features.0.1.weight"]
+    assert bn["encoding"] == "float" and bn["dtype"] == "float32"
+    # the file records the half-wave decisions (the stem reads the signed image)
+    assert header["half_wave"]["features.0.0"] is False
     report = "\n".join(size_report(header))
     assert "weights" in report and "codebooks_scales" in report and "whole file" in report
 
 
-def test_load_cli_prints_sizes_and_logit_difference(linear_ckpt, tmp_path):
-    out = str(tmp_path / "lin.haq")
-    export_checkpoint(linear_ckpt, out)
-    proc = subprocess.run([sys.executable, "-m", "lib.export", "--load", out, "--resume",
-                           linear_ckpt], cwd=ROOT, capture_output=True, text=True)
+def test_load_cli_prints_sizes_and_logit_difference(linear_ckpt, linear_packed):
+    proc = subprocess.run([sys.executable, "-m", "lib.export", "--load", linear_packed[0],
+                           "--resume", linear_ckpt], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     line = [ln for ln in proc.stderr.splitlines() if "max |logit difference|" in ln][0]
     assert float(line.rsplit(":", 1)[1]) <= 1e-6
@@ -147,10 +156,9 @@ def _corrupt(src, dst, how):
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "header"])
-def test_truncated_or_altered_file_is_refused_with_one_line(linear_ckpt, tmp_path, how, capsys):
-    good, bad = str(tmp_path / "ok.haq"), str(tmp_path / "bad.haq")
-    export_checkpoint(linear_ckpt, good)
-    _corrupt(good, bad, how)
+def test_truncated_or_altered_file_is_refused_with_one_line(linear_packed, tmp_path, how, capsys):
+    bad = str(tmp_path / "bad.haq")
+    _corrupt(linear_packed[0], bad, how)
     with pytest.raises(UserError, match="checksum"):
         load_packed(bad)
     with pytest.raises(SystemExit) as exc:
