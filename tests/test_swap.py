@@ -166,3 +166,18 @@ def test_a_user_registered_model_gets_linear_mode():
         assert [m.half_wave for m in quant_layers(model)] == [False, False, True]
     finally:
         registry._REGISTRY.pop("user_net_for_test")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0",
+                                  "regnet_x_400mf"])
+def test_issue_archs_build_in_linear_mode(arch):
+    """get_model(linear=True): every Conv2d/Linear swapped, same output with quantization off."""
+    torch.manual_seed(0)
+    ref = get_model(arch, num_classes=10, input_size=32).eval()
+    n_float = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in ref.modules())
+    torch.manual_seed(0)
+    model = get_model(arch, num_classes=10, input_size=32, linear=True).eval()
+    assert len(quant_layers(model)) == n_float
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))

@@ -36,7 +36,7 @@ import zlib
 import numpy as np
 import torch
 
-from lib.export.bitpack import pack_bits, packed_nbytes, unpack_bits
+from lib.export.bitpack import pack_bits, unpack_bits
 from lib.quantize.linear import n_steps
 from lib.quantize.policy import (apply_linear_policy, resolve_kmeans_policy,
                                  resolve_linear_policy)

@@ -12,8 +12,10 @@ qresnet50, ...) state this per layer; :func:`quantize_model` decides it from the
    ReLU6, Hardsigmoid, Sigmoid, Softmax, abs), or of a sign-preserving op whose tensor inputs
    are all non-negative (pooling, dropout, flatten/view/indexing; add, mul and cat of
    non-negative tensors and non-negative constants).  Everything else -- the image, BN, a
-   conv, SiLU, Hardswish, GELU, the sum of a residual branch and a signed shortcut -- is
-   signed.  This is a proof, not a guess: it holds for every input.
+   conv, SiLU, Hardswish, GELU, the sum of a residual branch and a signed shortcut, any op
+   not listed -- is signed.  A half-wave verdict is a proof (it holds for every input); an
+   unknown op errs on the safe side, since a signed grid represents any input, at one bit
+   less resolution.
 2. **observation** (fallback when the model cannot be traced, or on request): forward
    pre-hooks record each layer's input on an example batch (``example_input``; a real
    calibration batch is best), and a layer is half-wave when no input value was negative.
@@ -22,12 +24,10 @@ With every bit width at -1 (the state right after the swap) a QConv2d/QLinear co
 exactly what the float layer did, so the swapped model's output is the float model's.
 """
 import logging
-import operator
 
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lib.quantize.linear import QConv2d, QLinear, quant_layers
 from lib.utils.errors import UserError
