@@ -49,11 +49,6 @@ def get_model(name, num_classes=1000, input_size=224, width_mult=None, linear=Fa
     return model
 
 
-def accepts_width(name):
-    """Whether ``name`` is one of our constructors with a ``width_mult`` argument."""
-    return name in _REGISTRY and "width_mult" in inspect.signature(_REGISTRY[name]).parameters
-
-
 def _build(name, num_classes, input_size, width_mult, **kwargs):
     if name in _REGISTRY:
         fn = _REGISTRY[name]
