@@ -75,6 +75,9 @@ def _float_block(payload, tensor):
 def _kmeans_entry(payload, name, weight, bits):
     w = weight.detach().cpu().float().reshape(-1)
     codebook, idx = torch.unique(w, sorted=True, return_inverse=True)
+    if codebook.numel() == 2 ** bits + 1 and bool((codebook == 0).any()):
+        raise UserError(f"layer '{name}' holds 2^{bits} centroids plus pruned zeros; pruned "
+                        "(--is_pruned) layers cannot be packed yet: expected an unpruned policy")
     if codebook.numel() > 2 ** bits:
         raise UserError(f"layer '{name}' holds {codebook.numel()} distinct weights, more than "
                         f"2^{bits}; expected a fully quantized K-Means checkpoint (after the last "
