@@ -105,7 +105,8 @@ def get_args_parser():
                         "on GPU and bf16 on CPU) or an autocast dtype (fp16, bf16)")
     p.add_argument("-a", "--arch", default=None, metavar="ARCH",
                    help=f"model: {', '.join(list_models())}, or a torchvision classifier by name "
-                        "(K-Means mode); default: the strategy's arch")
+                        "(linear mode swaps in QConv2d/QLinear where no Q twin exists); "
+                        "default: the strategy's arch")
     p.add_argument("--width_mult", type=cli.width_mult, default=None,
                    help="MobileNet width (default: the strategy's, else the dataset's: 0.5 on mnist5k)")
     p.add_argument("--min_bit", type=cli.bit_width, default=1, help="lowest bit width a policy may use")
@@ -217,13 +218,13 @@ def resolve_setup(args):
 
 def build_model(setup, args, device):
     """The model of ``setup`` with its policy validated against the model's layers."""
-    model = get_model(setup.arch, **setup.model_kwargs).to(device)
     linear = setup.mode == "linear"
+    # linear mode: a Q twin as is, any other model swapped to QConv2d/QLinear
+    model = get_model(setup.arch, linear=linear, **setup.model_kwargs).to(device)
     names = [name for name, _ in quantizable_layers(model, linear=linear)]
     if not names:
-        raise UserError(f"arch '{setup.arch}' has no {'QConv2d/QLinear' if linear else 'Conv2d/Linear'} "
-                        "layers; linear mode expects a quantized arch (qmobilenet, qmobilenetv2, "
-                        "qresnet50)")
+        raise UserError(f"arch '{setup.arch}' has no Conv2d/Linear layers to quantize; expected "
+                        "a CNN classifier")
     setup.strategy = validate_strategy(setup.strategy, names, setup.mode, args.min_bit, args.max_bit)
     setup.layer_names = names
     return model

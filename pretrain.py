@@ -35,8 +35,9 @@ log = logging.getLogger("pretrain")
 
 def get_args_parser():
     p = ArgumentParser(description="Full-precision training (HAQ's pretrained models)")
-    p.add_argument("-a", "--arch", default="mobilenetv2", choices=list_models(),
-                   help="model to train")
+    p.add_argument("-a", "--arch", default="mobilenetv2", choices=list_models(include_torchvision=True),
+                   metavar="ARCH",
+                   help="model to train: a registry name or a torchvision classifier")
     p.add_argument("--dataset", default="mnist5k",
                    help=f"{', '.join(list_datasets())} or an ImageFolder root")
     p.add_argument("--dataset_root", default=None, help="dataset folder (default data/<dataset>)")

@@ -117,8 +117,9 @@ def get_args_parser():
     p.add_argument("--resume", default="default", type=str,
                    help="agent weights (agent.pth.tar of an earlier search) to start from")
     p.add_argument("-a", "--arch", default="mobilenetv2", type=str,
-                   help="registry model (see models.list_models(); Q archs for linear mode) "
-                        "or a torchvision classifier name")
+                   help="registry model (see models.list_models()) or a torchvision classifier "
+                        "name; linear mode uses a Q twin where one exists, else swaps the "
+                        "model's Conv2d/Linear for QConv2d/QLinear")
     p.add_argument("--gpu_id", default="1", type=str,
                    help="GPU index used with --device cuda (falls back to 0 if absent)")
     # additions
@@ -168,9 +169,6 @@ def check_args(args):
         if "q" + args.arch in list_models():
             log.info("linear quantization: using %s (the Q twin of %s)", "q" + args.arch, args.arch)
             args.arch = "q" + args.arch
-        else:
-            raise UserError(f"--linear_quantization needs a model with QConv2d/QLinear layers; "
-                            f"expected a Q arch such as qmobilenetv2, got '{args.arch}'")
     if args.min_bit > args.max_bit:
         raise UserError(f"--min_bit {args.min_bit} > --max_bit {args.max_bit}; expected "
                         "min_bit <= max_bit")
@@ -181,14 +179,16 @@ def check_args(args):
 
 
 def build_model(args, device):
-    """The pretrained model (Q archs start from their float twin's checkpoint)."""
+    """The pretrained model (Q archs and swapped models start from the float checkpoint)."""
     from lib.utils.data_utils import dataset_defaults
+    from lib.utils.run_utils import has_default_width
     from models import get_model, load_pretrained_weights
     info = dataset_defaults(args.dataset, args.dataset_root)
-    if args.width_mult is None and "mobilenet" in args.arch:
+    if args.width_mult is None and has_default_width(args.arch):
         args.width_mult = info.width_mult
+    # linear mode: any model without a Q twin gets its layers swapped (lib/quantize/swap.py)
     model = get_model(args.arch, num_classes=info.num_classes, input_size=info.input_size,
-                      width_mult=args.width_mult)
+                      width_mult=args.width_mult, linear=args.linear_quantization)
     load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
     return model.to(device), info
 
@@ -243,8 +243,8 @@ def load_agent_weights(agent, path):
     """--resume: actor/critic weights of an earlier search; UserError when they do not fit."""
     from lib.utils.checkpoint import load_checkpoint
     state = load_checkpoint(path)
-    expected = (f"expected agent.pth.tar of a search with the same model, --hidden1 and "
-                f"--hidden2")
+    expected = ("expected agent.pth.tar of a search with the same model, --hidden1 and "
+                "--hidden2")
     if not isinstance(state, dict) or not all(isinstance(state.get(k), dict)
                                               for k in ("actor", "critic")):
         raise UserError(f"--resume '{path}' holds no 'actor' and 'critic' weights; {expected}")

@@ -34,12 +34,22 @@ def list_models(include_torchvision=False):
     return names
 
 
-def get_model(name, num_classes=1000, input_size=224, width_mult=None, **kwargs):
+def get_model(name, num_classes=1000, input_size=224, width_mult=None, linear=False, **kwargs):
     """Build model ``name`` for ``num_classes`` classes at ``input_size`` pixels.
 
     Small inputs (<= 64 px) get a CIFAR-style stem (stride 1) in our own models.
-    ``width_mult`` applies to the MobileNets; None means 1.0.
+    ``width_mult`` applies to the MobileNets; None means 1.0.  ``linear``: a model for
+    linear mode -- a Q twin as is, any other model with its Conv2d/Linear layers swapped
+    for QConv2d/QLinear (:func:`lib.quantize.swap.quantize_model`).
     """
+    model = _build(name, num_classes, input_size, width_mult, **kwargs)
+    if linear:
+        from lib.quantize.swap import linear_mode
+        model = linear_mode(model)
+    return model
+
+
+def _build(name, num_classes, input_size, width_mult, **kwargs):
     if name in _REGISTRY:
         fn = _REGISTRY[name]
         params = inspect.signature(fn).parameters

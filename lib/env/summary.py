@@ -75,7 +75,8 @@ def cost_model_for(strategy):
 
     arch, dataset, linear = strategy["arch"], strategy.get("dataset", "imagenet"), \
         strategy["mode"] == "linear"
-    model = get_model(arch, **model_kwargs_for(arch, dataset, None, strategy.get("width_mult")))
+    model = get_model(arch, linear=linear,
+                      **model_kwargs_for(arch, dataset, None, strategy.get("width_mult")))
     layers = quantizable_layers(model, linear=linear)
     if not linear:
         return SizeCost([m.weight.numel() for _, m in layers]), [n for n, _ in layers]

@@ -33,6 +33,14 @@ Linear fake quantization (:mod:`lib.quantize.linear`)::
     fake_quantize(x, r, bits, signed, clip_grad=True)   # the STE/PACT fake-quant op
     kl_clip(x, bits)                        # the released divergence clip (kl_max_bit's rule)
 
+Linear mode for any model (:mod:`lib.quantize.swap`)::
+
+    quantize_model(model, example_input=None, half_wave=None, method="auto")
+        # every Conv2d/Linear -> QConv2d/QLinear in place (Parameters shared, bits -1 = float)
+    infer_half_wave(model, example_input=None, method="auto") -> {name: bool}
+        # non-negative inputs from the torch.fx graph (fallback: hooks on an example batch)
+    linear_mode(model)                    # Q twins unchanged, anything else swapped
+
 Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a bad one::
 
     apply_kmeans_policy(model, policy, **kmeans_kwargs) -> codebooks
@@ -43,6 +51,7 @@ from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, Codebook, codebo
                                  fully_quantized, inertia, kmeans_1d, kmeans_quantize_layer,
                                  kmeans_quantize_model, load_codebooks, masked_loop_update)
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip, quant_layers
+from lib.quantize.swap import infer_half_wave, linear_mode, quantize_model
 from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy, resolve_kmeans_policy,
                                  resolve_linear_policy)
 
@@ -51,5 +60,6 @@ __all__ = [
     "inertia", "kmeans_1d",
     "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks", "masked_loop_update",
     "QConv2d", "QLinear", "calibrate", "fake_quantize", "kl_clip", "quant_layers",
+    "infer_half_wave", "linear_mode", "quantize_model",
     "apply_kmeans_policy", "apply_linear_policy", "resolve_kmeans_policy", "resolve_linear_policy",
 ]

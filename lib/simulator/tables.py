@@ -132,7 +132,7 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
     if model is None:
         from models import get_model
         model = get_model(arch, num_classes=num_classes, input_size=input_size,
-                          width_mult=width_mult)
+                          width_mult=width_mult, linear=linear)
 
     start = time.perf_counter()
     shapes = extract_layer_shapes(model, input_size, batch=batch, linear=linear)

@@ -123,8 +123,12 @@ def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def finite_or_none(value):

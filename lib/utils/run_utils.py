@@ -21,14 +21,23 @@ def seed_everything(seed):
 def model_kwargs_for(arch, dataset, data_root=None, width_mult=None):
     """``get_model`` keyword arguments for ``arch`` trained on ``dataset``.
 
-    The MobileNets take the dataset's default width (0.5 on mnist5k) unless
-    ``width_mult`` says otherwise; other archs have no width.
+    Our MobileNets (and their Q twins) take the dataset's default width (0.5 on mnist5k)
+    unless ``width_mult`` says otherwise; other archs (torchvision's mobilenet_v3_small
+    included) get no width unless one is asked for.
     """
     info = dataset_defaults(dataset, data_root)
-    width = width_mult if width_mult is not None else info.width_mult
-    if "mobilenet" not in arch:
-        width = None
+    width = width_mult
+    if width is None and has_default_width(arch):
+        width = info.width_mult
     return dict(num_classes=info.num_classes, input_size=info.input_size, width_mult=width)
+
+
+WIDTH_ARCHS = ("mobilenet", "qmobilenet", "mobilenetv2", "qmobilenetv2")
+
+
+def has_default_width(arch):
+    """Whether ``arch`` is one of our MobileNets, built at the dataset's default width."""
+    return arch in WIDTH_ARCHS
 
 
 def lr_setter(optimizer, lr_at, epoch):

@@ -1,0 +1,65 @@
+"""CLI: write or load the packed file of a fine-tuned policy.
+
+    python -m lib.export --resume checkpoints/<run>/checkpoint.pth.tar --output model.haq
+    python -m lib.export --load model.haq                      # rebuild, print the sizes
+    python -m lib.export --load model.haq --resume CKPT        # ... and compare the logits
+
+Both print the file's size per part against the simulator's size prediction.  ``--load`` with
+``--resume`` runs one batch (``--batch`` images of the dataset's size, standard normal) through
+the rebuilt model and the checkpoint's and prints the largest logit difference.
+"""
+import logging
+import sys
+
+import torch
+
+from lib.utils.cli import ArgumentParser
+from lib.utils.errors import UserError, run_cli
+
+log = logging.getLogger("lib.export")
+
+
+def get_args_parser():
+    p = ArgumentParser(prog="python -m lib.export",
+                       description="HAQ: a fine-tuned policy as a packed, bit-exact file")
+    p.add_argument("--resume", default=None, help="finetune.py checkpoint to export (or compare)")
+    p.add_argument("--output", default=None, help="packed file to write (e.g. model.haq)")
+    p.add_argument("--load", default=None, help="packed file to rebuild a model from")
+    p.add_argument("--batch", type=int, default=8, help="images of the logit comparison")
+    p.add_argument("--seed", type=int, default=0, help="seed of the comparison batch")
+    return p
+
+
+def compare_logits(model, reference, header, batch, seed):
+    """Largest |logit difference| of two models on one standard-normal batch."""
+    size = header["model_kwargs"].get("input_size", 224)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return float((model(x) - reference(x)).abs().max())
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from lib.export import export_checkpoint, load_packed, model_from_checkpoint, size_report
+    from lib.export.report import read_checkpoint
+    if args.load:
+        model, header = load_packed(args.load)
+        log.info("rebuilt %s from %s", header["arch"], args.load)
+        if args.resume:
+            reference = model_from_checkpoint(read_checkpoint(args.resume))
+            diff = compare_logits(model, reference, header, args.batch, args.seed)
+            log.info("max |logit difference| vs %s on %d images: %.3g", args.resume, args.batch,
+                     diff)
+    elif args.resume and args.output:
+        header = export_checkpoint(args.resume, args.output)
+        log.info("wrote %s", args.output)
+    else:
+        raise UserError("expected --resume CKPT --output FILE (export) or --load FILE")
+    for line in size_report(header):
+        log.info("%s", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -1,0 +1,285 @@
+"""The packed file of a fine-tuned policy (DESIGN.md section 15): write, verify, rebuild.
+
+Layout (all integers little-endian)::
+
+    8 bytes   magic  b"HAQPACK1"
+    8 bytes   uint64 length H of the header
+    H bytes   header: UTF-8 JSON (strict: no NaN/Infinity), zlib-compressed (RFC 1950)
+    P bytes   payload: the blocks the header's entries point at (offsets from the payload start)
+    32 bytes  SHA-256 of everything above
+
+The header holds the architecture (``arch``, ``model_kwargs``), the ``mode`` and ``policy``,
+the linear layers' ``half_wave`` flags, and one entry per state_dict tensor, in state_dict
+order, with its ``key``, ``shape`` and ``encoding``:
+
+* ``kmeans``: a K-Means layer's weight (HAQ's weight sharing, Han et al.'s Deep Compression):
+  ``codebook`` = k <= 2^b float32 centroids (ascending), ``indices`` = one b-bit index per
+  weight, bit-packed (:mod:`lib.export.bitpack`), so the weights take exactly
+  ceil(n * b / 8) bytes;
+* ``linear``: a linearly quantized weight: ``scale`` = one float32, ``indices`` = b-bit
+  unsigned codes u = q + 2^(b-1) - 1 of the integers q = round(clamp(w, -t, t) / scale),
+  scale = t / (2^(b-1) - 1), t = the layer's ``weight_range`` (DESIGN.md section 4); the
+  weight is q * scale.  One bit (b = 1) stores sign(w): the weight is (2u - 1) * t;
+* ``float``: a raw little-endian array: IEEE-754 binary32 (``float32``) for every floating
+  tensor (BN parameters and statistics, biases, ranges, layers the policy leaves float),
+  ``int64`` for integer buffers (BN's ``num_batches_tracked``).
+
+No pickle anywhere: reading the file runs no code.  A file whose checksum or length does not
+match is refused (:class:`lib.utils.errors.UserError`).
+"""
+import hashlib
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import torch
+
+from lib.export.bitpack import pack_bits, unpack_bits
+from lib.quantize.linear import n_steps
+from lib.quantize.policy import (apply_linear_policy, resolve_kmeans_policy,
+                                 resolve_linear_policy)
+from lib.utils.checkpoint import atomic_write_bytes
+from lib.utils.errors import UserError
+
+MAGIC = b"HAQPACK1"
+FORMAT_VERSION = 1
+_LEN = struct.Struct("<Q")
+_DIGEST = 32
+PARTS = ("weights", "codebooks_scales", "float")
+
+
+class _Payload:
+    """Appends blocks and records where each went."""
+
+    def __init__(self):
+        self.blocks, self.size = [], 0
+
+    def add(self, data):
+        block = {"offset": self.size, "nbytes": len(data)}
+        self.blocks.append(data)
+        self.size += len(data)
+        return block
+
+
+def _float_block(payload, tensor):
+    t = tensor.detach().cpu()
+    if t.is_floating_point():
+        arr, dtype = t.float().numpy().astype("<f4"), "float32"
+    else:
+        arr, dtype = t.long().numpy().astype("<i8"), "int64"
+    return dict(payload.add(arr.tobytes()), dtype=dtype)
+
+
+def _kmeans_entry(payload, name, weight, bits):
+    w = weight.detach().cpu().float().reshape(-1)
+    codebook, idx = torch.unique(w, sorted=True, return_inverse=True)
+    if codebook.numel() == 2 ** bits + 1 and bool((codebook == 0).any()):
+        raise UserError(f"layer '{name}' holds 2^{bits} centroids plus pruned zeros; pruned "
+                        "(--is_pruned) layers cannot be packed yet: expected an unpruned policy")
+    if codebook.numel() > 2 ** bits:
+        raise UserError(f"layer '{name}' holds {codebook.numel()} distinct weights, more than "
+                        f"2^{bits}; expected a fully quantized K-Means checkpoint (after the last "
+                        "epoch, when --free_high_bit layers are clustered)")
+    return {"encoding": "kmeans", "bits": bits, "count": w.numel(),
+            "codebook": dict(_float_block(payload, codebook), count=codebook.numel()),
+            "indices": payload.add(pack_bits(idx.numpy(), bits))}
+
+
+def _integer_codes(fq, t, steps):
+    """Codes u = q + steps of fake-quantized weights ``fq`` on the grid of clip ``t``, or None."""
+    scale = float(np.float32(t / steps))
+    q = torch.round(fq / scale)
+    if (q.abs() > steps).any() or (q * scale - fq).abs().max() > 1e-6 * t:
+        return None
+    return (q.long() + steps), scale
+
+
+def _linear_codes(module, bits):
+    """(codes, scale, clip t) of a QConv2d/QLinear weight under its own fake quantization.
+
+    The clip is the layer's ``weight_range`` (fixed at calibration).  Checkpoints of code that
+    clipped at the current max|w| instead are recognised by their grid and packed with that
+    clip, which the file then records as ``weight_range``.
+    """
+    fq = module.quantized_weight().detach().cpu().double().reshape(-1)
+    steps = n_steps(bits, signed=True)
+    if steps == 0:      # 1 bit: t * sign(w)
+        t = float(fq.abs().max())
+        return (fq > 0).long(), t, t
+    candidates = [float(module.weight_range.detach().reshape(-1)[0]), float(fq.abs().max())]
+    for t in candidates:
+        codes = _integer_codes(fq, t, steps) if t > 0 else None
+        if codes is not None:
+            return codes[0], codes[1], t
+    raise UserError("a linear layer's quantized weights are not integers times "
+                    "weight_range / (2^(b-1) - 1); expected a fine-tuned linear-mode checkpoint")
+
+
+def _linear_entry(payload, name, module, bits):
+    codes, scale, clip = _linear_codes(module, bits)
+    entry = {"encoding": "linear", "bits": bits, "count": codes.numel(),
+             "scale": dict(_float_block(payload, torch.tensor([scale])), count=1),
+             "indices": payload.add(pack_bits(codes.numpy(), bits))}
+    return entry, clip
+
+
+def _quantized_weights(model, mode, policy):
+    """{weight key: (layer name, module, bits)} of the layers the policy quantizes."""
+    out = {}
+    if mode == "kmeans":
+        for name, module, bits in resolve_kmeans_policy(model, policy):
+            if bits is not None:
+                out[f"{name}.weight" if name else "weight"] = (name, module, bits)
+    else:
+        for name, module, w_bit, _ in resolve_linear_policy(model, policy):
+            if w_bit > 0:
+                out[f"{name}.weight" if name else "weight"] = (name, module, w_bit)
+    return out
+
+
+def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source=None):
+    """The packed file's bytes for ``model`` quantized by ``policy`` (see the module doc).
+
+    ``model`` holds the fine-tuned weights (K-Means: already shared; linear: Q layers with
+    the policy applied and ``weight_range`` calibrated).
+    """
+    model = model.cpu()
+    quantized = _quantized_weights(model, mode, policy)
+    float_weights = {f"{n}.weight" for n, _ in _policy_layers(model, mode)} - set(quantized)
+    payload, entries, clips = _Payload(), [], {}
+    sizes = dict.fromkeys(PARTS, 0)
+    for key, tensor in model.state_dict().items():
+        if key in quantized:
+            name, module, bits = quantized[key]
+            if mode == "kmeans":
+                entry = _kmeans_entry(payload, name, tensor, bits)
+            else:
+                entry, clip = _linear_entry(payload, name, module, bits)
+                # weight is listed before its layer's weight_range buffer in state_dict order
+                clips[f"{name}.weight_range" if name else "weight_range"] = clip
+            side = entry["codebook"] if mode == "kmeans" else entry["scale"]
+            sizes["weights"] += entry["indices"]["nbytes"]
+            sizes["codebooks_scales"] += side["nbytes"]
+        else:
+            if key in clips:
+                tensor = torch.full_like(tensor, clips[key])
+            entry = dict(_float_block(payload, tensor), encoding="float")
+            sizes["weights" if key in float_weights else "float"] += entry["nbytes"]
+        entries.append(dict(entry, key=key, shape=list(tensor.shape)))
+    header = {"format": "haq-packed", "version": FORMAT_VERSION, "arch": arch,
+              "model_kwargs": model_kwargs, "mode": mode, "policy": list(policy),
+              "layers": layer_names, "half_wave": _half_wave(model, mode), "source": source,
+              "sizes": sizes, "entries": entries}
+    # the header names every tensor: compressed it is ~10x smaller (~5 KB for MobileNet-V2)
+    head = zlib.compress(json.dumps(header, allow_nan=False).encode("utf-8"), 9)
+    body = MAGIC + _LEN.pack(len(head)) + head + b"".join(payload.blocks)
+    return body + hashlib.sha256(body).digest()
+
+
+def _policy_layers(model, mode):
+    from lib.utils.layers import quantizable_layers
+    return quantizable_layers(model, linear=mode == "linear")
+
+
+def _half_wave(model, mode):
+    if mode != "linear":
+        return None
+    return {n: bool(m.half_wave) for n, m in _policy_layers(model, mode)}
+
+
+def write_packed(path, model, arch, model_kwargs, mode, policy, layer_names=None, source=None):
+    """Write the packed file atomically; returns its header (with the sizes)."""
+    data = pack_model(model, arch, model_kwargs, mode, policy, layer_names, source)
+    atomic_write_bytes(path, data)
+    return read_header(data, path)
+
+
+# ------------------------------------------------------------------------------ reading
+def read_header(data, path="<bytes>"):
+    """Check magic, length and checksum of a packed file's bytes; return its header dict."""
+    fixed = len(MAGIC) + _LEN.size
+    if len(data) < fixed + _DIGEST or data[:len(MAGIC)] != MAGIC:
+        if data[:len(MAGIC)] == MAGIC:
+            raise UserError(f"'{path}' is truncated ({len(data)} bytes); expected a complete "
+                            "packed file written by python -m lib.export")
+        raise UserError(f"'{path}' is not a packed HAQ model; expected a file written by "
+                        "python -m lib.export")
+    if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
+        raise UserError(f"'{path}' fails its SHA-256 checksum (truncated or altered); expected "
+                        "the file exactly as python -m lib.export wrote it")
+    (head_len,) = _LEN.unpack_from(data, len(MAGIC))
+    header = json.loads(zlib.decompress(data[fixed:fixed + head_len]).decode("utf-8"))
+    if header.get("version") != FORMAT_VERSION:
+        raise UserError(f"'{path}' has format version {header.get('version')}; expected "
+                        f"{FORMAT_VERSION}")
+    header["payload_offset"] = fixed + head_len
+    header["file_bytes"] = len(data)
+    return header
+
+
+def _block(data, header, block):
+    start = header["payload_offset"] + block["offset"]
+    return data[start:start + block["nbytes"]]
+
+
+def _float_array(data, header, block):
+    dtype = {"float32": "<f4", "int64": "<i8"}[block["dtype"]]
+    return torch.from_numpy(np.frombuffer(_block(data, header, block), dtype=dtype).copy())
+
+
+def _decode(data, header, entry):
+    enc = entry["encoding"]
+    if enc == "float":
+        values = _float_array(data, header, entry)
+    else:
+        codes = torch.from_numpy(unpack_bits(_block(data, header, entry["indices"]),
+                                             entry["bits"], entry["count"]))
+        if enc == "kmeans":
+            values = _float_array(data, header, entry["codebook"])[codes]
+        else:
+            scale = float(_float_array(data, header, entry["scale"])[0])
+            steps = n_steps(entry["bits"], signed=True)
+            q = (2 * codes - 1) if steps == 0 else (codes - steps)
+            values = q.float() * torch.tensor(scale, dtype=torch.float32)
+    return values.reshape(entry["shape"])
+
+
+def read_packed(path):
+    """``(state_dict, header)`` of a packed file."""
+    if not os.path.isfile(path):
+        raise UserError(f"packed model '{path}' not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    header = read_header(data, path)
+    state = {e["key"]: _decode(data, header, e) for e in header["entries"]}
+    return state, header
+
+
+def load_packed(path):
+    """Rebuild the torch model a packed file describes; returns ``(model, header)`` (eval mode).
+
+    Only the file is read: the architecture is built from ``arch``/``model_kwargs`` (linear
+    mode: a Q twin, or the model with its layers swapped), every tensor is loaded strictly,
+    the linear policy and half-wave flags are set as recorded.
+    """
+    from models import get_model
+    state, header = read_packed(path)
+    linear = header["mode"] == "linear"
+    model = get_model(header["arch"], linear=linear, **header["model_kwargs"])
+    if linear:
+        for name, module in _policy_layers(model, "linear"):
+            module.half_wave = header["half_wave"][name]
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own:
+            state[key] = value.to(own[key].dtype)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"'{path}' does not fit arch '{header['arch']}' "
+                        f"({str(exc).splitlines()[0]})") from None
+    if linear:
+        apply_linear_policy(model, header["policy"])
+    return model.eval(), header
