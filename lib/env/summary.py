@@ -11,12 +11,11 @@ The HAQ claim under test: at the same or lower cost, the searched mixed-precisio
 policy is more accurate than the best uniform one after the same fine-tune.
 """
 import argparse
-import json
 import logging
 import os
 import sys
 
-from lib.utils.checkpoint import atomic_write_json, atomic_write_text
+from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from lib.utils.cli import ArgumentParser, check_output_dir, check_output_file
 from lib.utils.errors import UserError, run_cli
 from lib.utils.strategy import load_strategy
@@ -27,27 +26,9 @@ log = logging.getLogger(__name__)
 MODES = ("linear", "kmeans")
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not a number in strict JSON")
-
-
 def _read_json(path):
     """Strict JSON (NaN/Infinity refused) of an earlier step's output."""
-    if not os.path.isfile(path):
-        raise UserError(f"'{path}' not found; expected the output of an earlier demo step")
-    try:
-        with open(path) as f:
-            return json.load(f, parse_constant=_no_constant)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    except RecursionError as exc:
-        raise UserError(f"'{path}' is nested too deeply to read; expected the output of an "
-                        "earlier demo step") from exc
-    except ValueError as exc:
-        raise UserError(f"'{path}' is not valid JSON ({exc}); expected finite numbers or null") \
-            from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"'{path}' could not be read ({type(exc).__name__})") from exc
+    return read_json(path, "file", "the output of an earlier demo step")
 
 
 def recorded_cost_table(strategy):

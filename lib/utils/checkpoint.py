@@ -131,6 +131,34 @@ def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number in strict JSON")
+
+
+def read_json(path, what, expected):
+    """Strict JSON (NaN/Infinity refused) of ``path``; every failure is a one-line UserError.
+
+    ``what`` names the file in the message ("strategy file"), ``expected`` says what it should be.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' not found; expected {expected}")
+    try:
+        with open(path) as f:
+            return json.load(f, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} '{path}' is not valid JSON (line {exc.lineno}, column "
+                        f"{exc.colno}: {exc.msg}); expected {expected}") from exc
+    except RecursionError as exc:
+        raise UserError(f"{what} '{path}' is nested too deeply to read; expected {expected}") \
+            from exc
+    except ValueError as exc:
+        raise UserError(f"{what} '{path}' is not strict JSON ({exc}); expected finite numbers "
+                        "or null") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} '{path}' could not be read ({type(exc).__name__}); expected "
+                        f"{expected}") from exc
+
+
 def finite_or_none(value):
     """``value`` as a float, or None when it is NaN/inf (strict JSON has no NaN)."""
     if value is None:

@@ -17,6 +17,7 @@ import math
 import os
 from numbers import Integral, Real
 
+from .checkpoint import read_json
 from .errors import UserError
 
 MODES = ("kmeans", "linear")
@@ -60,19 +61,7 @@ def infer_mode(policy):
 
 
 def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"strategy file '{path}' is not valid JSON (line {exc.lineno}, column "
-                        f"{exc.colno}: {exc.msg}); expected a strategy.json as written by "
-                        "rl_quantize.py") from exc
-    except RecursionError as exc:
-        raise UserError(f"strategy file '{path}' is nested too deeply to read; expected a "
-                        "strategy.json as written by rl_quantize.py") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"strategy file '{path}' could not be read ({exc}); expected a "
-                        "readable strategy.json") from exc
+    return read_json(path, "strategy file", "a strategy.json as written by rl_quantize.py")
 
 
 def _finite_in(value, lo, hi):
