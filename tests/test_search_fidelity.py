@@ -9,20 +9,12 @@ import torch
 import torch.nn as nn
 
 import rl_quantize
+from test_env import tiny_cnn
 from lib.env import (EnvConfig, FinetuneConfig, KMeansQuantizeEnv, LinearQuantizeEnv,
                      ShortFinetune, layer_features)
 from lib.simulator.costs import TableCost
 
 BITS = [7, 2, 3, 8]   # tiny_cnn: 216, 72, 256 and 320 weights
-
-
-def tiny_cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 32, 1, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
 def pruned_cnn():
