@@ -97,6 +97,8 @@ class Mnist5k(Dataset):
     """
 
     def __init__(self, train=True, augment=None):
+        # Draws the augmentation when set (get_dataset's ``seed``); None = torch's global RNG.
+        self.generator = None
         x, y = mnist5k_arrays()
         order = np.random.RandomState(SPLIT_SEED).permutation(len(x))
         idx = order[:4000] if train else order[4000:]
@@ -129,10 +131,10 @@ class Mnist5k(Dataset):
         distortions are the classic MNIST augmentation. Drawn from torch's RNG, so
         the CLI's seed fixes them.
         """
-        n = imgs.size(0)
-        angle = (torch.rand(n) * 2 - 1) * math.radians(8.0)
-        scale = 0.92 + 0.16 * torch.rand(n)
-        shift = (torch.rand(n, 2) * 2 - 1) * (2 * 2 / 32)
+        n, gen = imgs.size(0), self.generator
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(8.0)
+        scale = 0.92 + 0.16 * torch.rand(n, generator=gen)
+        shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * 2 / 32)
         theta = torch.empty(n, 2, 3)
         theta[:, 0, 0] = torch.cos(angle) / scale
         theta[:, 0, 1] = -torch.sin(angle) / scale
@@ -140,19 +142,19 @@ class Mnist5k(Dataset):
         theta[:, 1, 1] = torch.cos(angle) / scale
         theta[:, :, 2] = shift
         grid = F.affine_grid(theta, (n, 1, 32, 32), align_corners=False)
-        grid = grid + _elastic_field(n, 32, ELASTIC_ALPHA, ELASTIC_SIGMA)
+        grid = grid + _elastic_field(n, 32, ELASTIC_ALPHA, ELASTIC_SIGMA, gen)
         # Shift so the background is 0: grid_sample pads with zeros, i.e. "black".
         out = F.grid_sample(imgs[:, :1] - self.background, grid, align_corners=False)
         return (out + self.background).expand(-1, 3, -1, -1)
 
 
-def _elastic_field(n, size, alpha, sigma):
+def _elastic_field(n, size, alpha, sigma, generator=None):
     """Smooth random displacements (Simard et al., 2003) in grid_sample's [-1, 1] units."""
     radius = int(3 * sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-x ** 2 / (2 * sigma ** 2))
     k = k / k.sum()
-    field = torch.rand(n * 2, 1, size, size) * 2 - 1
+    field = torch.rand(n * 2, 1, size, size, generator=generator) * 2 - 1
     field = F.conv2d(field, k.view(1, 1, 1, -1), padding=(0, radius))
     field = F.conv2d(field, k.view(1, 1, -1, 1), padding=(radius, 0))
     return (field.view(n, 2, size, size) * alpha * 2 / size).permute(0, 2, 3, 1)
@@ -201,24 +203,66 @@ def build_datasets(name, data_root=None, train_transform=True):
 def _loader(ds, batch_size, n_worker, shuffle, sampler=None, generator=None):
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=n_worker, pin_memory=torch.cuda.is_available(),
-                      generator=generator, persistent_workers=False)
+                      generator=generator, persistent_workers=False,
+                      worker_init_fn=_reseed_worker_augmentation if n_worker else None)
+
+
+def _base_dataset(ds):
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def _reseed_worker_augmentation(worker_id):
+    """A DataLoader worker's own augmentation stream.
+
+    Every worker gets a copy of the dataset, generator state included, so without
+    this each worker would draw the same distortions. ``info.seed`` is the worker's
+    torch seed, which the loader derives from its own (seeded) generator.
+    """
+    info = torch.utils.data.get_worker_info()
+    gen = getattr(_base_dataset(info.dataset), "generator", None)
+    if gen is not None:
+        gen.manual_seed(info.seed)
+
+
+def _seeded_streams(seed, rank=0):
+    """(shuffle generator, augmentation generator): independent streams from one seed.
+
+    Data order and augmentation then depend on the seed alone, not on how many
+    numbers model construction (or anything else) drew from torch's global RNG first.
+    Under torchrun each rank distorts its own images with a stream of its own.
+    """
+    shuffle_seed = np.random.SeedSequence([seed, 0]).generate_state(1, dtype=np.uint64)[0]
+    augment_seed = np.random.SeedSequence([seed, 1, rank]).generate_state(1, dtype=np.uint64)[0]
+    return (torch.Generator().manual_seed(int(shuffle_seed)),
+            torch.Generator().manual_seed(int(augment_seed)))
 
 
 def get_dataset(dataset, batch_size, n_worker, data_root=None, distributed=False,
-                train_subset=None, val_batch_size=None):
+                train_subset=None, val_batch_size=None, seed=None):
     """Train and validation loaders of a dataset; returns (train_loader, val_loader, n_class).
 
     ``distributed`` shards both splits with DistributedSampler (torchrun);
-    ``train_subset`` keeps only the first N training images (smoke tests).
+    ``train_subset`` keeps only the first N training images (smoke tests);
+    ``seed`` (optional) fixes the training order and the mnist5k augmentation with
+    generators of their own (None: torch's global RNG).
     """
     train_set, val_set = build_datasets(dataset, data_root)
+    shuffle_gen = None
+    if seed is not None:
+        rank = torch.distributed.get_rank() if distributed else 0
+        shuffle_gen, augment_gen = _seeded_streams(seed, rank)
+        if isinstance(train_set, Mnist5k):  # torchvision's transforms draw from torch's RNG
+            train_set.generator = augment_gen
     if train_subset:
         train_set = Subset(train_set, range(min(train_subset, len(train_set))))
         val_set = Subset(val_set, range(min(train_subset, len(val_set))))
-    train_sampler = DistributedSampler(train_set, shuffle=True) if distributed else None
+    train_sampler = (DistributedSampler(train_set, shuffle=True, seed=seed or 0)
+                     if distributed else None)
     val_sampler = DistributedSampler(val_set, shuffle=False) if distributed else None
     n_class = dataset_defaults(dataset, data_root).num_classes
-    return (_loader(train_set, batch_size, n_worker, True, train_sampler),
+    return (_loader(train_set, batch_size, n_worker, True, train_sampler, shuffle_gen),
             _loader(val_set, val_batch_size or batch_size, n_worker, False, val_sampler), n_class)
 
 
