@@ -26,7 +26,7 @@ from lib.quantize import (CentroidSharer, apply_kmeans_policy, apply_linear_poli
 from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_checkpoint,
                                   load_state_dict, save_checkpoint)
 from lib.utils.cli import ArgumentParser
-from lib.utils.data_utils import get_dataset, list_datasets
+from lib.utils.data_utils import dataset_label, get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
@@ -205,7 +205,8 @@ def deferred_layers(setup, codebooks):
 
 
 def default_output(setup):
-    return os.path.join("checkpoints", f"{setup.arch}_{setup.dataset}_{setup.mode}_finetune")
+    return os.path.join("checkpoints",
+                        f"{setup.arch}_{dataset_label(setup.dataset)}_{setup.mode}_finetune")
 
 
 class Finetune:
