@@ -145,8 +145,9 @@ class Mnist5k(Dataset):
         bend with a smooth elastic field (about 0.8 px typical displacement).
 
         4,000 digits overfit a MobileNet within a few epochs; these small
-        distortions are the classic MNIST augmentation. Drawn from torch's RNG, so
-        the CLI's seed fixes them.
+        distortions are the classic MNIST augmentation. Drawn from ``self.generator``
+        (seeded by get_dataset's ``seed``), else from torch's global RNG, so the CLI's
+        seed fixes them either way.
         """
         n, gen = imgs.size(0), self.generator
         angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(8.0)
