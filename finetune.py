@@ -32,7 +32,7 @@ from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, finite_
                                   save_checkpoint)
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser, check_output_dir
-from lib.utils.data_utils import get_dataset, list_datasets
+from lib.utils.data_utils import dataset_label, get_dataset, list_datasets
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
@@ -255,7 +255,7 @@ def deferred_layers(setup, codebooks):
 
 def default_run_name(setup):
     """Base name of the default output folders: checkpoints/<this>-runN."""
-    return f"{setup.arch}_{setup.dataset}_{setup.mode}_finetune"
+    return f"{setup.arch}_{dataset_label(setup.dataset)}_{setup.mode}_finetune"
 
 
 def output_folder(args, setup):

@@ -260,7 +260,8 @@ def load_agent_weights(agent, path):
 
 # ------------------------------------------------------------ output folder
 def base_name(args):
-    return f"{args.arch}_{args.dataset}" + (f"_{args.suffix}" if args.suffix else "")
+    from lib.utils.data_utils import dataset_label
+    return f"{args.arch}_{dataset_label(args.dataset)}" + (f"_{args.suffix}" if args.suffix else "")
 
 
 def output_folder(args):

@@ -79,9 +79,11 @@ def default_pretrained_path(arch, dataset, root="checkpoints/pretrained"):
     """Where pretrain.py writes (and the search/finetune look for) weights.
 
     ImageNet weights are ``<arch>.pth.tar`` (DESIGN.md section 6); weights trained
-    on another dataset are ``<arch>_<dataset>.pth.tar``. Quantized archs share their
+    on another dataset are ``<arch>_<dataset>.pth.tar`` (a dataset given as a folder by its
+    last component, see ``dataset_label``). Quantized archs share their
     float twin's file.
     """
+    from lib.utils.data_utils import dataset_label
     base = float_twin(arch)
-    fname = f"{base}.pth.tar" if dataset == "imagenet" else f"{base}_{dataset}.pth.tar"
+    fname = f"{base}.pth.tar" if dataset == "imagenet" else f"{base}_{dataset_label(dataset)}.pth.tar"
     return os.path.join(root, fname)

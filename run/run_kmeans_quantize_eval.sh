@@ -19,5 +19,5 @@ exec "${PYTHON:-python}" finetune.py \
     --data_name imagenet \
     -d "${DATA:-data/imagenet}" \
     --test_batch 512 \
-    --workers 16 \
+    --workers 32 \
     "$@"

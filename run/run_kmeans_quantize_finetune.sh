@@ -32,7 +32,7 @@ exec "${LAUNCH[@]}" finetune.py \
     --wd 1e-5 \
     --train_batch "$BATCH" \
     --test_batch 512 \
-    --workers 16 \
+    --workers 32 \
     --pretrained \
     --free_high_bit \
     "$@"

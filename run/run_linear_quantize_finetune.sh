@@ -33,6 +33,6 @@ exec "${LAUNCH[@]}" finetune.py \
     --wd 4e-5 \
     --train_batch "$BATCH" \
     --test_batch 512 \
-    --workers 16 \
+    --workers 32 \
     --pretrained \
     "$@"

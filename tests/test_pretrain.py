@@ -22,11 +22,31 @@ def test_pretrain_tiny_then_resume(repo_root, tmp_path):
     ck = load_checkpoint(out)
     assert ck["epoch"] == 1 and ck["arch"] == "mobilenetv2"
     assert ck["model_kwargs"] == {"num_classes": 10, "input_size": 32, "width_mult": 0.25}
+    assert ck["num_threads"] == 1 and ck["seed"] == 2019   # OMP_NUM_THREADS=1 is respected
     r = _run(base + ["--epochs", "2", "--resume"], repo_root)
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out)["epoch"] == 2
     log = open(str(tmp_path / "m_log" / "log.txt")).read().splitlines()
     assert [line.split("\t")[0] for line in log] == ["epoch", "1", "2"]
+
+
+def test_same_command_same_weights_with_threads_pinned(repo_root, tmp_path):
+    """OMP_NUM_THREADS unset: pretrain pins its thread count, and a rerun is bit-identical."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"   # the two threads sleep rather than spin on a busy machine
+    cks = []
+    for name in ("a", "b"):
+        out = str(tmp_path / f"{name}.pth.tar")
+        r = subprocess.run([sys.executable, "pretrain.py", "--width_mult", "0.25", "--train_subset",
+                            "96", "--epochs", "1", "--output", out, "--no-progress"],
+                           cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        cks.append(load_checkpoint(out))
+    from pretrain import DEFAULT_CPU_THREADS
+    assert cks[0]["num_threads"] == DEFAULT_CPU_THREADS == 2
+    for key in ("state_dict", "train_state_dict"):
+        a, b = cks[0][key], cks[1][key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -70,9 +70,10 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
 
 
 def table_path(arch, dataset, hardware, metric, batch, cache_dir=CACHE_DIR):
-    """Cache file of a table (DESIGN.md section 5 naming)."""
+    """Cache file of a table (DESIGN.md section 5 naming; a dataset folder by its last component)."""
+    from lib.utils.data_utils import dataset_label
     name = getattr(hardware, "name", hardware)
-    return Path(cache_dir) / f"{arch}_{dataset}_batch{batch}_{name}_{metric}_table.npy"
+    return Path(cache_dir) / f"{arch}_{dataset_label(dataset)}_batch{batch}_{name}_{metric}_table.npy"
 
 
 def save_table(table, path, meta=None):

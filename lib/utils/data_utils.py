@@ -7,8 +7,10 @@ embedded ``mnist5k`` default (DESIGN.md sections 7 and 10).
 """
 import copy
 import functools
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +21,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_write
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -52,14 +56,27 @@ def dataset_info(name):
     return info.num_classes, info.input_size
 
 
+def dataset_label(name):
+    """A dataset's name as it may appear inside file and folder names.
+
+    A named dataset is itself. A dataset given as a folder ('/data/foo', '../x/')
+    becomes its last path component with anything but letters, digits, '.', '_' and
+    '-' replaced, so output folders and cache files built from it never nest under
+    (or climb out through) that path.
+    """
+    if name in _INFO:
+        return name
+    base = os.path.basename(os.path.normpath(os.path.abspath(name)))
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".") or "dataset"
+
+
 def dataset_defaults(name, data_root=None):
     if name in _INFO:
         return _INFO[name]
     root = data_root or name
     train = os.path.join(root, "train")
     if os.path.isdir(train):
-        classes = [d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))]
-        return DatasetInfo(len(classes), 224)
+        return DatasetInfo(len(image_class_names(train)), 224)
     raise UserError(f"unknown dataset '{name}'; expected one of {', '.join(list_datasets())} "
                     "or a folder in ImageFolder layout (root/train/<class>/*, root/val/<class>/*)")
 
@@ -95,6 +112,8 @@ class Mnist5k(Dataset):
     """
 
     def __init__(self, train=True, augment=None):
+        # Draws the augmentation when set (get_dataset's ``seed``); None = torch's global RNG.
+        self.generator = None
         x, y = mnist5k_arrays()
         order = np.random.RandomState(SPLIT_SEED).permutation(len(x))
         idx = order[:4000] if train else order[4000:]
@@ -124,13 +143,14 @@ class Mnist5k(Dataset):
         bend with a smooth elastic field (about 0.8 px typical displacement).
 
         4,000 digits overfit a MobileNet within a few epochs; these small
-        distortions are the classic MNIST augmentation. Drawn from torch's RNG, so
-        the CLI's seed fixes them.
+        distortions are the classic MNIST augmentation. Drawn from ``self.generator``
+        (seeded by get_dataset's ``seed``), else from torch's global RNG, so the CLI's
+        seed fixes them either way.
         """
-        n = imgs.size(0)
-        angle = (torch.rand(n) * 2 - 1) * math.radians(8.0)
-        scale = 0.92 + 0.16 * torch.rand(n)
-        shift = (torch.rand(n, 2) * 2 - 1) * (2 * 2 / 32)
+        n, gen = imgs.size(0), self.generator
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(8.0)
+        scale = 0.92 + 0.16 * torch.rand(n, generator=gen)
+        shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 * 2 / 32)
         theta = torch.empty(n, 2, 3)
         theta[:, 0, 0] = torch.cos(angle) / scale
         theta[:, 0, 1] = -torch.sin(angle) / scale
@@ -138,19 +158,19 @@ class Mnist5k(Dataset):
         theta[:, 1, 1] = torch.cos(angle) / scale
         theta[:, :, 2] = shift
         grid = F.affine_grid(theta, (n, 1, 32, 32), align_corners=False)
-        grid = grid + _elastic_field(n, 32, ELASTIC_ALPHA, ELASTIC_SIGMA)
+        grid = grid + _elastic_field(n, 32, ELASTIC_ALPHA, ELASTIC_SIGMA, gen)
         # Shift so the background is 0: grid_sample pads with zeros, i.e. "black".
         out = F.grid_sample(imgs[:, :1] - self.background, grid, align_corners=False)
         return (out + self.background).expand(-1, 3, -1, -1)
 
 
-def _elastic_field(n, size, alpha, sigma):
+def _elastic_field(n, size, alpha, sigma, generator=None):
     """Smooth random displacements (Simard et al., 2003) in grid_sample's [-1, 1] units."""
     radius = int(3 * sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-x ** 2 / (2 * sigma ** 2))
     k = k / k.sum()
-    field = torch.rand(n * 2, 1, size, size) * 2 - 1
+    field = torch.rand(n * 2, 1, size, size, generator=generator) * 2 - 1
     field = F.conv2d(field, k.view(1, 1, 1, -1), padding=(0, radius))
     field = F.conv2d(field, k.view(1, 1, -1, 1), padding=(radius, 0))
     return (field.view(n, 2, size, size) * alpha * 2 / size).permute(0, 2, 3, 1)
@@ -171,16 +191,168 @@ def _default_root(name):
     return os.path.join("data", name)
 
 
-def _image_folder(root, split, input_size, train_transform):
-    from torchvision.datasets import ImageFolder
-    path = os.path.join(root, split)
-    if not os.path.isdir(path):
-        raise UserError(f"dataset folder '{path}' not found; expected ImageFolder layout "
-                        f"{root}/{{train,val}}/<class>/*.JPEG (see lib/utils/make_data.py)")
+# First bytes of each format torchvision's ImageFolder reads (its IMG_EXTENSIONS).
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
+                     b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_WARN_NAMES = 3   # how many offending names a warning or error quotes
+
+
+def _names(items, n=_WARN_NAMES):
+    """'a, b, c (+4 more)': the first few of a list, for one-line messages."""
+    items = list(items)
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(str(i) for i in items[:n]) + more
+
+
+def _has_image_header(path):
+    """True when the file starts like a JPEG/PNG/BMP/TIFF/PPM/PGM/WebP (one 12-byte read)."""
     try:
-        return ImageFolder(path, _imagenet_transforms(input_size, train_transform))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"dataset folder '{path}' is malformed: {exc}") from exc
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def image_class_names(split_dir):
+    """Sorted class folder names of one split (symlinked folders count; hidden ones do not)."""
+    with os.scandir(split_dir) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _folder_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _class_files(class_dir, other_classes=()):
+    """Every file under a class folder once, in torchvision's order (folders, then names sorted).
+
+    Symlinked folders are followed, but a folder reached twice (a symlink loop, or two
+    links to one folder) is walked once, and a file reached twice (a link to a file of
+    the same class, a hard link) is listed once, so no image is counted twice. The
+    folders ``other_classes`` (ids from ``_folder_id``) are not entered: a link up the
+    tree must not pull another class's images into this one.
+    """
+    seen_dirs, seen_files, folders, pending = set(other_classes), set(), [], [class_dir]
+    while pending:
+        folder = pending.pop()
+        try:
+            folder_id = _folder_id(folder)
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        if folder_id in seen_dirs:
+            continue
+        seen_dirs.add(folder_id)
+        files = []
+        for e in entries:
+            try:
+                if e.is_dir():
+                    pending.append(e.path)
+                elif e.is_file():
+                    key = (e.stat().st_dev, e.stat().st_ino)
+                    if key not in seen_files:
+                        seen_files.add(key)
+                        files.append(e.name)
+            except OSError:   # a dangling link
+                continue
+        folders.append((folder, sorted(files)))
+    return [os.path.join(folder, name) for folder, names in sorted(folders) for name in names]
+
+
+def scan_image_folder(split_dir, classes):
+    """(samples [(path, class index)], skipped paths) of one split, ``classes`` giving the indices.
+
+    A file is kept when its extension is an image one *and* its first bytes are an
+    image header (a cheap read that catches text or HTML saved as .JPEG); the rest are
+    skipped. A class left without images is a UserError.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    samples, skipped, empty = [], [], []
+    roots = {name: _folder_id(os.path.join(split_dir, name)) for name in classes}
+    for index, name in enumerate(classes):
+        kept = 0
+        others = set(roots.values()) - {roots[name]}
+        for path in _class_files(os.path.join(split_dir, name), others):
+            if path.lower().endswith(IMG_EXTENSIONS) and _has_image_header(path):
+                samples.append((path, index))
+                kept += 1
+            else:
+                skipped.append(path)
+        if not kept:
+            empty.append(name)
+    if empty:
+        raise UserError(f"no images in {len(empty)} class folder(s) of '{split_dir}': {_names(empty)}; "
+                        f"expected image files ({', '.join(IMG_EXTENSIONS)})")
+    return samples, skipped
+
+
+class ImageFolderSplit(Dataset):
+    """One split of an ImageFolder dataset with a class list given from outside.
+
+    Train and val share one class list (the train split's), so a class index means
+    the same class in both. An image that cannot be decoded at load time (e.g. a
+    truncated JPEG) is replaced by the next decodable image of its class, with a
+    warning, instead of ending the epoch with a traceback.
+    """
+
+    def __init__(self, split_dir, classes, transform=None):
+        self.root, self.classes, self.transform = split_dir, list(classes), transform
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples, skipped = scan_image_folder(split_dir, self.classes)
+        self.targets = [t for _, t in self.samples]
+        if skipped:
+            log.warning("skipped %d file(s) of '%s' that are not images: %s", len(skipped),
+                        split_dir, _names(skipped))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _same_class(self, index):
+        """Indices of the other images of ``index``'s class, starting after it."""
+        target = self.targets[index]
+        order = list(range(index + 1, len(self.samples))) + list(range(index))
+        return [i for i in order if self.targets[i] == target]
+
+    def __getitem__(self, index):
+        from torchvision.datasets.folder import default_loader
+        for i in [index] + self._same_class(index):
+            path, target = self.samples[i]
+            try:
+                image = default_loader(path)
+            except (OSError, ValueError, SyntaxError) as exc:   # PIL's decode errors
+                log.warning("cannot read image '%s' (%s); using another image of its class",
+                            path, exc)
+                continue
+            return (self.transform(image) if self.transform else image), target
+        raise UserError(f"no image of class '{self.classes[self.targets[index]]}' in "
+                        f"'{self.root}' can be decoded; expected readable image files")
+
+
+def _image_folders(root, input_size, train_transform):
+    """(train, val) ImageFolderSplits of ``root`` with train's class list; UserError on a mismatch."""
+    split_dirs = {split: os.path.join(root, split) for split in ("train", "val")}
+    for path in split_dirs.values():
+        if not os.path.isdir(path):
+            raise UserError(f"dataset folder '{path}' not found; expected ImageFolder layout "
+                            f"{root}/{{train,val}}/<class>/*.JPEG (see lib/utils/make_data.py)")
+    classes = image_class_names(split_dirs["train"])
+    val_classes = set(image_class_names(split_dirs["val"]))
+    missing = [c for c in classes if c not in val_classes]
+    extra = sorted(val_classes - set(classes))
+    if missing or extra:
+        parts = ([f"missing in val/: {_names(missing)}"] if missing else []) + \
+                ([f"only in val/: {_names(extra)}"] if extra else [])
+        raise UserError(f"train/ and val/ of '{root}' have different class folders ("
+                        f"{'; '.join(parts)}); expected the same class folders in both")
+    if not classes:
+        raise UserError(f"no class folders in '{split_dirs['train']}'; expected "
+                        f"{root}/train/<class>/*.JPEG")
+    return (ImageFolderSplit(split_dirs["train"], classes,
+                             _imagenet_transforms(input_size, train_transform)),
+            ImageFolderSplit(split_dirs["val"], classes, _imagenet_transforms(input_size, False)))
 
 
 def build_datasets(name, data_root=None, train_transform=True):
@@ -192,31 +364,72 @@ def build_datasets(name, data_root=None, train_transform=True):
     if not os.path.isdir(root):
         raise UserError(f"dataset root '{root}' not found; expected a folder with train/ and val/ "
                         "in ImageFolder layout (pass --dataset_root / --data)")
-    return (_image_folder(root, "train", info.input_size, train_transform),
-            _image_folder(root, "val", info.input_size, False))
+    return _image_folders(root, info.input_size, train_transform)
 
 
 def _loader(ds, batch_size, n_worker, shuffle, sampler=None, generator=None):
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=n_worker, pin_memory=torch.cuda.is_available(),
-                      generator=generator, persistent_workers=False)
+                      generator=generator, persistent_workers=False,
+                      worker_init_fn=_reseed_worker_augmentation if n_worker else None)
+
+
+def _base_dataset(ds):
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def _reseed_worker_augmentation(worker_id):
+    """A DataLoader worker's own augmentation stream.
+
+    Every worker gets a copy of the dataset, generator state included, so without
+    this each worker would draw the same distortions. ``info.seed`` is the worker's
+    torch seed, which the loader derives from its own (seeded) generator.
+    """
+    info = torch.utils.data.get_worker_info()
+    gen = getattr(_base_dataset(info.dataset), "generator", None)
+    if gen is not None:
+        gen.manual_seed(info.seed)
+
+
+def _seeded_streams(seed, rank=0):
+    """(shuffle generator, augmentation generator): independent streams from one seed.
+
+    Data order and augmentation then depend on the seed alone, not on how many
+    numbers model construction (or anything else) drew from torch's global RNG first.
+    Under torchrun each rank distorts its own images with a stream of its own.
+    """
+    shuffle_seed = np.random.SeedSequence([seed, 0]).generate_state(1, dtype=np.uint64)[0]
+    augment_seed = np.random.SeedSequence([seed, 1, rank]).generate_state(1, dtype=np.uint64)[0]
+    return (torch.Generator().manual_seed(int(shuffle_seed)),
+            torch.Generator().manual_seed(int(augment_seed)))
 
 
 def get_dataset(dataset, batch_size, n_worker, data_root=None, distributed=False,
-                train_subset=None, val_batch_size=None):
+                train_subset=None, val_batch_size=None, seed=None):
     """Train and validation loaders of a dataset; returns (train_loader, val_loader, n_class).
 
     ``distributed`` shards both splits with DistributedSampler (torchrun);
-    ``train_subset`` keeps only the first N training images (smoke tests).
+    ``train_subset`` keeps only the first N training images (smoke tests);
+    ``seed`` (optional) fixes the training order and the mnist5k augmentation with
+    generators of their own (None: torch's global RNG).
     """
     train_set, val_set = build_datasets(dataset, data_root)
+    shuffle_gen = None
+    if seed is not None:
+        rank = torch.distributed.get_rank() if distributed else 0
+        shuffle_gen, augment_gen = _seeded_streams(seed, rank)
+        if isinstance(train_set, Mnist5k):  # torchvision's transforms draw from torch's RNG
+            train_set.generator = augment_gen
     if train_subset:
         train_set = Subset(train_set, range(min(train_subset, len(train_set))))
         val_set = Subset(val_set, range(min(train_subset, len(val_set))))
-    train_sampler = DistributedSampler(train_set, shuffle=True) if distributed else None
+    train_sampler = (DistributedSampler(train_set, shuffle=True, seed=seed or 0)
+                     if distributed else None)
     val_sampler = DistributedSampler(val_set, shuffle=False) if distributed else None
     n_class = dataset_defaults(dataset, data_root).num_classes
-    return (_loader(train_set, batch_size, n_worker, True, train_sampler),
+    return (_loader(train_set, batch_size, n_worker, True, train_sampler, shuffle_gen),
             _loader(val_set, val_batch_size or batch_size, n_worker, False, val_sampler), n_class)
 
 
