@@ -27,7 +27,18 @@ def test_split_is_deterministic_and_disjoint():
     val, train = a
     assert len(val) == 1000 and len(train) == 2000
     assert not set(val) & set(train)
-    assert split_indices(4000, 1000, 2000, seed=1) != a
+    assert split_indices(4000, 1000, 2000, seed=2) != a
+
+
+def test_search_subsets_are_the_released_ones():
+    """The release: np.random.seed(1); np.random.shuffle(list(range(n))); val first, then train."""
+    import numpy as np
+    n, val_size, train_size = 12811, 1000, 2000
+    np.random.seed(1)
+    indices = list(range(n))
+    np.random.shuffle(indices)
+    assert split_indices(n, val_size, train_size) == \
+        (indices[:val_size], indices[val_size:val_size + train_size])
 
 
 def test_split_loaders_use_disjoint_images():
