@@ -8,7 +8,8 @@ a cost c_lj. With binaries x_lj (HAWQ-V3's formulation, Yao et al. 2021, eq. 11)
     minimise   sum_lj s_lj x_lj
     subject to sum_j x_lj = 1 for every layer,   sum_lj c_lj x_lj <= budget,
 
-solved exactly (zero relative gap) by scipy.optimize.milp. Costs come from the
+solved exactly (zero relative gap) by scipy.optimize.milp; ties go to the policy
+that spends the most of the budget. Costs come from the
 env-like object's own ``cost(policy)`` (size, or the latency/energy table), pins
 from its ``pins``, the range from its ``cfg.min_bit``..``cfg.max_bit``: the same
 budget as every other allocation method. Nothing here knows of RL.
@@ -24,34 +25,52 @@ from lib.utils.errors import UserError
 log = logging.getLogger(__name__)
 
 BUDGET_SLACK = 1e-9   # relative: keeps the solver's feasibility tolerance inside the budget
+SCORE_TOL = 1e-7      # relative: policies this close to the lowest summed score count as tied
 
 
 def solve_choices(scores, costs, budget, scale=None):
     """Indices j_l minimising sum s_l[j_l] subject to sum c_l[j_l] <= budget (exact MILP).
 
     ``scores``/``costs``: one 1-D array per layer (same lengths). ``scale``: the cost unit
-    the solver's tolerances are relative to (default: the budget). Returns a list of
-    option indices, or raises UserError when no choice fits the budget.
+    the solver's tolerances are relative to (default: the budget). Among policies of the
+    lowest summed score (within SCORE_TOL of it) the one that spends the most of the
+    budget is returned: a second program breaks the ties that flat scores leave (a width
+    that loses nothing measurable costs nothing to keep). Raises UserError when no
+    choice fits the budget.
     """
     sizes = [len(s) for s in scores]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     n = int(offsets[-1])
-    c = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores])
+    score = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores])
     cost = np.concatenate([np.asarray(x, dtype=np.float64) for x in costs])
     # Costs in units of ``scale``: the solver's absolute tolerances then mean "of the budget".
     scale = float(scale or abs(budget) or 1.0)
     one_hot = np.zeros((len(sizes), n))
     for layer, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
         one_hot[layer, lo:hi] = 1.0
+    rhs = max(budget / scale - BUDGET_SLACK, min(budget / scale, 0.0))
     constraints = [LinearConstraint(one_hot, 1.0, 1.0),
-                   LinearConstraint(cost[None, :] / scale, -np.inf,
-                                    max(budget / scale - BUDGET_SLACK, min(budget / scale, 0.0)))]
-    res = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0.0, 1.0),
-               options={"mip_rel_gap": 0.0})
+                   LinearConstraint(cost[None, :] / scale, -np.inf, rhs)]
+    best = _milp(score, constraints, n)
+    if best is None:
+        raise UserError("the integer program found no policy within the budget; expected a "
+                        "reachable --preserve_ratio")
+    # Second program: the most budget among the (near-)lowest-score policies.
+    unit = max(1.0, abs(float(score @ best)))
+    tied = LinearConstraint(score[None, :] / unit, -np.inf, float(score @ best) / unit + SCORE_TOL)
+    spent = _milp(-cost / scale, constraints + [tied], n)
+    x = best if spent is None else spent
+    return [int(np.argmax(x[lo:hi])) for lo, hi in zip(offsets[:-1], offsets[1:])]
+
+
+def _milp(objective, constraints, n):
+    """The binary solution of ``min objective @ x`` (zero relative gap), or None if infeasible."""
+    res = milp(objective, constraints=constraints, integrality=np.ones(n),
+               bounds=Bounds(0.0, 1.0), options={"mip_rel_gap": 0.0})
     if res.x is None:
-        raise UserError(f"the integer program found no policy within the budget ({res.message}); "
-                        "expected a reachable --preserve_ratio")
-    return [int(np.argmax(res.x[lo:hi])) for lo, hi in zip(offsets[:-1], offsets[1:])]
+        log.debug("milp: %s", res.message)
+        return None
+    return np.round(res.x)
 
 
 def step_options(env, step):
