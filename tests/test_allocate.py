@@ -327,6 +327,7 @@ def test_ilp_search_outputs_and_resume_reuses_the_scores(cli_assets, tmp_path, m
     validate_strategy(s, names("mobilenetv2", False), "kmeans", min_bit=3, max_bit=4)
 
 
+@pytest.mark.slow
 def test_ilp_linear_search_respects_pins_range_and_budget(cli_assets, tmp_path):
     rl_quantize.main(cli(cli_assets, tmp_path, "ilp", extra=LINEAR + (
         "--cost_table", cli_assets["table"])))

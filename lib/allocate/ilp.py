@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 BUDGET_SLACK = 1e-9   # relative: keeps the solver's feasibility tolerance inside the budget
 SCORE_TOL = 1e-7      # relative: policies this close to the lowest summed score count as tied
+# The tie-break (most budget among the lowest-score policies) is a knapsack that HiGHS can take
+# long to prove optimal; its best solution after this many seconds is kept (it is always tied).
+TIEBREAK_SECONDS = 2.0
 
 
 def solve_choices(scores, costs, budget, scale=None):
@@ -34,8 +37,9 @@ def solve_choices(scores, costs, budget, scale=None):
     ``scores``/``costs``: one 1-D array per layer (same lengths). ``scale``: the cost unit
     the solver's tolerances are relative to (default: the budget). Among policies of the
     lowest summed score (within SCORE_TOL of it) the one that spends the most of the
-    budget is returned: a second program breaks the ties that flat scores leave (a width
-    that loses nothing measurable costs nothing to keep). Raises UserError when no
+    budget is returned (best effort within TIEBREAK_SECONDS): a second program breaks the
+    ties that flat scores leave (a width that loses nothing measurable costs nothing to
+    keep). Raises UserError when no
     choice fits the budget.
     """
     sizes = [len(s) for s in scores]
@@ -58,15 +62,21 @@ def solve_choices(scores, costs, budget, scale=None):
     # Second program: the most budget among the (near-)lowest-score policies.
     unit = max(1.0, abs(float(score @ best)))
     tied = LinearConstraint(score[None, :] / unit, -np.inf, float(score @ best) / unit + SCORE_TOL)
-    spent = _milp(-cost / scale, constraints + [tied], n)
+    spent = _milp(-cost / scale, constraints + [tied], n, time_limit=TIEBREAK_SECONDS)
     x = best if spent is None else spent
     return [int(np.argmax(x[lo:hi])) for lo, hi in zip(offsets[:-1], offsets[1:])]
 
 
-def _milp(objective, constraints, n):
-    """The binary solution of ``min objective @ x`` (zero relative gap), or None if infeasible."""
+def _milp(objective, constraints, n, time_limit=None):
+    """The binary solution of ``min objective @ x`` (zero relative gap), or None if infeasible.
+
+    With ``time_limit`` the best feasible solution found by then is returned.
+    """
+    options = {"mip_rel_gap": 0.0}
+    if time_limit is not None:
+        options["time_limit"] = time_limit
     res = milp(objective, constraints=constraints, integrality=np.ones(n),
-               bounds=Bounds(0.0, 1.0), options={"mip_rel_gap": 0.0})
+               bounds=Bounds(0.0, 1.0), options=options)
     if res.x is None:
         log.debug("milp: %s", res.message)
         return None
