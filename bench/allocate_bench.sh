@@ -3,7 +3,8 @@
 # the demo's settings (run/run_demo.sh), measured one after the other in one run on the same
 # machine, for both modes; then the demo's fine-tune of each method's policy (DESIGN.md section 14).
 #   bash bench/allocate_bench.sh                    # both modes, 40 DDPG episodes, 2 fine-tune epochs
-#   MODES=kmeans EPISODES=40 FT_EPOCHS=2 OUT=outputs/allocate_bench bash bench/allocate_bench.sh
+#   MODES=kmeans METHODS="ddpg ilp ilp:hessian random" FT_EPOCHS=0 bash bench/allocate_bench.sh
+# A method entry "ilp:hessian" runs --method ilp --sensitivity hessian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/allocate_bench}
@@ -11,7 +12,7 @@ MODES=${MODES:-"linear kmeans"}
 EPISODES=${EPISODES:-40}
 WARMUP=${WARMUP:-12}
 FT_EPOCHS=${FT_EPOCHS:-2}
-METHODS=${METHODS:-"ddpg ilp"}
+METHODS=${METHODS:-"ddpg ilp ilp:hessian"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 PY=${PYTHON:-python}
 SEARCH_DATA=(--dataset mnist5k --train_size 600 --val_size 500 --data_bsize 100 --n_worker 0)
@@ -29,28 +30,33 @@ flags() {  # mode -> the demo's search flags of that mode
 }
 
 for mode in $MODES; do
-    for method in $METHODS; do
-        dir="$OUT/${mode}_${method}"
+    for entry in $METHODS; do
+        method=${entry%%:*}
+        sens=loss
+        [ "$entry" != "$method" ] && sens=${entry#*:}
+        name=${entry/:/_}
+        dir="$OUT/${mode}_${name}"
         rm -rf "$dir"
-        echo "== $mode: --method $method"
+        echo "== $mode: --method $method --sensitivity $sens"
         start=$(date +%s.%N)
         # shellcheck disable=SC2046
         "$PY" rl_quantize.py $(flags "$mode") "${SEARCH_DATA[@]}" --train_episode "$EPISODES" \
-            --warmup "$WARMUP" --device cpu --output "$dir" --method "$method" \
+            --warmup "$WARMUP" --device cpu --output "$dir" --method "$method" --sensitivity "$sens" \
             > "$dir.strategy_path" 2> "$dir.log"
         end=$(date +%s.%N)
-        echo -e "$mode\t$method\t$(echo "$end - $start" | bc)" >> "$TIMES"
+        echo -e "$mode\t$name\t$(echo "$end - $start" | bc)" >> "$TIMES"
         tail -n 2 "$dir.log"
     done
 done
 
 if [ "$FT_EPOCHS" -gt 0 ]; then
     for mode in $MODES; do
-        for method in $METHODS; do
-            echo "== $mode: fine-tuning the $method policy ($FT_EPOCHS epochs)"
-            "$PY" finetune.py --strategy "$(cat "$OUT/${mode}_${method}.strategy_path")" "${FT[@]}" \
-                -c "$OUT/${mode}_${method}_ft" 2> "$OUT/${mode}_${method}_ft.log" > /dev/null
-            tail -n 1 "$OUT/${mode}_${method}_ft.log"
+        for entry in $METHODS; do
+            name=${entry/:/_}
+            echo "== $mode: fine-tuning the $name policy ($FT_EPOCHS epochs)"
+            "$PY" finetune.py --strategy "$(cat "$OUT/${mode}_${name}.strategy_path")" "${FT[@]}" \
+                -c "$OUT/${mode}_${name}_ft" 2> "$OUT/${mode}_${name}_ft.log" > /dev/null
+            tail -n 1 "$OUT/${mode}_${name}_ft.log"
         done
     done
 fi
@@ -66,7 +72,7 @@ with open(os.path.join(out, "times.tsv")) as f:
 print("| mode | method | wall (s) | short fine-tune top-1 (%) | cost ratio | fine-tuned top-1 (%) |")
 print("|---|---|---|---|---|---|")
 for mode in modes:
-    for method in ("ddpg", "ilp", "random"):
+    for method in ("ddpg", "ilp", "ilp_hessian", "random"):
         if (mode, method) not in times:
             continue
         with open(open(os.path.join(out, f"{mode}_{method}.strategy_path")).read().strip()) as f:
@@ -75,6 +81,8 @@ for mode in modes:
         ft = json.load(open(res))["best_top1"] if os.path.isfile(res) else None
         print(f"| {mode} | {method} | {times[(mode, method)]:.1f} | {s['accuracy']:.2f} | "
               f"{s['cost_ratio']:.4f} | {'-' if ft is None else f'{ft:.2f}'} |")
-    if (mode, "ddpg") in times and (mode, "ilp") in times:
-        print(f"{mode}: DDPG / ILP wall time = {times[(mode, 'ddpg')] / times[(mode, 'ilp')]:.1f}x")
+    for ilp in ("ilp", "ilp_hessian"):
+        if (mode, "ddpg") in times and (mode, ilp) in times:
+            print(f"{mode}: DDPG / {ilp} wall time = "
+                  f"{times[(mode, 'ddpg')] / times[(mode, ilp)]:.1f}x")
 PYEOF
