@@ -207,7 +207,8 @@ def test_hutchinson_estimates_each_blocks_trace():
     params = [torch.randn(6, requires_grad=True), torch.randn(4, requires_grad=True)]
     x = torch.cat(params)
     loss = 0.5 * x @ hess @ x
-    traces = hutchinson_traces(loss, params, n_iter=4000, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    traces = hutchinson_traces(loss, params, n_iter=4000, generator=generator)
     expect = [float(hess[:6, :6].trace()), float(hess[6:, 6:].trace())]
     np.testing.assert_allclose(traces, expect, rtol=0.08)
 
@@ -238,8 +239,8 @@ def cli(assets, out, method, episodes=3, extra=()):
 
 KMEANS = ("--arch", "mobilenetv2", "--max_bit", "4", "--preserve_ratio", "0.15")
 # Two widths per step keep the 53-layer ILP runs to a few hundred 16-image evaluations.
-KMEANS_ILP = ("--arch", "mobilenetv2", "--min_bit", "3", "--max_bit", "4", "--preserve_ratio", "0.11",
-              "--sensitivity_images", "16")
+KMEANS_ILP = ("--arch", "mobilenetv2", "--min_bit", "3", "--max_bit", "4",
+              "--preserve_ratio", "0.11", "--sensitivity_images", "16")
 LINEAR = ("--arch", "qmobilenetv2", "--linear_quantization", "--min_bit", "7",
           "--preserve_ratio", "0.85", "--sensitivity_images", "16")
 
@@ -351,3 +352,14 @@ def test_unreachable_budget_is_the_same_error_as_ddpg(cli_assets, tmp_path, caps
         assert not any("Traceback" in ln for ln in err)
         lines.append(err[-1])
     assert lines[0] == lines[1] and lines[0].startswith("error: ") and "unreachable" in lines[0]
+
+
+@pytest.mark.parametrize("method", ["ilp", "random"])
+def test_agent_weights_need_ddpg(cli_assets, tmp_path, capsys, method):
+    with pytest.raises(SystemExit):
+        run_cli(rl_quantize.main, cli(cli_assets, tmp_path, method, extra=KMEANS + (
+            "--resume", str(tmp_path / "agent.pth.tar"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --resume loads DDPG agent weights; expected --method ddpg " \
+                      f"(got --method {method})"
+    assert not os.path.exists(tmp_path / "mobilenetv2_mnist5k-run1")
