@@ -18,7 +18,7 @@ from .sensitivity import METRICS, bit_widths, hutchinson_traces, layer_scores, s
 
 
 def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
-    """Scores from ``folder``/sensitivity.json when made for this setting, else computed and cached."""
+    """Scores from ``folder``/sensitivity.json if made for this setting; else computed, cached."""
     path = os.path.join(folder, CACHE_FILE)
     expect = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
               "requested_images": n_images,

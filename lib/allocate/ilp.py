@@ -97,7 +97,7 @@ def layer_options(env, layer):
 
 
 def _score_of(scores, layer, option, min_bit):
-    """Summed score of one option: weight score (+ activation score in linear mode); pins score 0."""
+    """Summed score of one option: weight (+ activation, linear mode) score; pins score 0."""
     total = 0.0
     for kind, bits in zip(("weight", "activation"), option):
         table = scores.get(kind)

@@ -33,7 +33,7 @@ from lib.utils.train import evaluate
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "hessian")
-NONFINITE_SCORE = 1e6   # a width whose loss is NaN/inf: worse than any real score, still strict JSON
+NONFINITE_SCORE = 1e6   # a width whose loss is NaN/inf: worse than any real score; strict JSON
 
 
 def bit_widths(env):
