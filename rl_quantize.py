@@ -9,6 +9,8 @@
 ``--method random`` replaces the agent by uniform random actions (its warmup
 distribution) and ``--method ilp`` by the policy of an exact integer program over
 per-layer sensitivity scores (DESIGN.md section 14); both play the same episodes.
+The ilp run also leaves its scores (sensitivity.json, reused on resume) and their
+heat map (sensitivity.png) in the output folder.
 
 Every flag of the released tool is kept (DESIGN.md section 8). The output folder
 (``--output/<arch>_<dataset>[_<suffix>]-runN``) receives strategy.json (the best
