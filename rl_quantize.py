@@ -6,6 +6,12 @@
     # K-Means weight sharing under a model-size budget (10% of fp32)
     python rl_quantize.py --arch mobilenetv2 --dataset mnist5k --preserve_ratio 0.1
 
+``--method random`` replaces the agent by uniform random actions (its warmup
+distribution) and ``--method ilp`` by the policy of an exact integer program over
+per-layer sensitivity scores (DESIGN.md section 14); both play the same episodes.
+The ilp run also leaves its scores (sensitivity.json, reused on resume) and their
+heat map (sensitivity.png) in the output folder.
+
 Every flag of the released tool is kept (DESIGN.md section 8). The output folder
 (``--output/<arch>_<dataset>[_<suffix>]-runN``) receives strategy.json (the best
 policy), log.txt (one line per episode), TensorBoard events, agent.pth.tar,
@@ -43,7 +49,7 @@ INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of t
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
-               "free_high_bit")
+               "free_high_bit", "method", "sensitivity")
 
 
 def get_args_parser():
@@ -140,7 +146,21 @@ def get_args_parser():
                    help="continue a stopped search: its output folder, or the latest run of "
                         "these flags when no folder is given")
     cli.bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
+    add_method_args(p)
     return p
+
+
+def add_method_args(p):
+    """--method and the integer program's sensitivity settings (DESIGN.md section 14)."""
+    p.add_argument("--method", default="ddpg", choices=["ddpg", "ilp", "random"],
+                   help="ddpg: the RL search; random: uniform random actions, same episodes; "
+                        "ilp: sensitivity scores + exact integer program, one evaluated episode")
+    p.add_argument("--sensitivity", default="loss", choices=["loss", "hessian"],
+                   help="ilp's per-layer score: loss increase, or Hessian trace x quant. error")
+    p.add_argument("--sensitivity_images", default=100, type=cli.positive_int,
+                   help="ilp: validation-subset images the scores are measured on")
+    p.add_argument("--hessian_iters", default=16, type=cli.positive_int,
+                   help="ilp --sensitivity hessian: Hutchinson samples of each trace")
 
 
 # ------------------------------------------------------------------ set-up
@@ -176,6 +196,18 @@ def check_args(args):
         raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
                         "reference model at least as wide as any policy")
     cli.check_output_dir(args.output, "--output")
+
+
+def check_method_args(args):
+    if args.method != "ddpg" and args.resume != "default":
+        raise UserError(f"--resume loads DDPG agent weights; expected --method ddpg "
+                        f"(got --method {args.method})")
+    for name in ("sensitivity_images", "hessian_iters"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
+    if args.method == "ilp" and args.train_episode != 1:
+        log.info("--method ilp evaluates one policy: one episode (--train_episode ignored)")
+        args.train_episode = 1
 
 
 def build_model(args, device):
@@ -230,6 +262,12 @@ def build_env(args, model, info, loaders, device):
 
 
 def build_agent(args, env, device):
+    """The source of each episode's actions: the DDPG agent, or a non-learning one (section 14)."""
+    from lib.allocate import FixedActions, UniformActions
+    if args.method == "random":
+        return UniformActions(args.seed)
+    if args.method == "ilp":
+        return FixedActions(args.min_bit, args.max_bit)   # planned by plan_ilp
     from lib.rl import DDPG, DDPGConfig
     cfg = DDPGConfig(hidden1=args.hidden1, hidden2=args.hidden2, lr_c=args.lr_c, lr_a=args.lr_a,
                      warmup=args.warmup, discount=args.discount, bsize=args.bsize,
@@ -350,6 +388,25 @@ def set_rng_states(states):
 
 
 # ------------------------------------------------------------------ search
+def plan_ilp(args, search):
+    """Score the layers (or reuse the cached scores) and plan the integer program's policy."""
+    from lib.allocate import plan_policy
+    if search.start >= search.args.train_episode:
+        return
+    search._save_state(search.start)   # a kill while scoring can now be resumed
+    search.agent.plan(plan_policy(search.env, search.out, args.sensitivity,
+                                  args.sensitivity_images, args.hessian_iters, args.seed))
+
+
+def history_labels(args):
+    """(warmup, labels) of the accuracy-vs-cost plot for the search method."""
+    if args.method == "random":
+        return args.train_episode, ("random", "")
+    if args.method == "ilp":
+        return 0, ("", "integer program")
+    return args.warmup, ("warmup (random)", "DDPG")
+
+
 def play_episode(env, agent, episode):
     """One pass over the layers; every transition is stored with the episode's final reward."""
     state, transitions, done = env.reset(), [], False
@@ -373,7 +430,7 @@ class Search:
                      "metric": args.cost, "hardware": args.hardware if args.linear_quantization
                      else None, "preserve_ratio": args.preserve_ratio, "dataset": args.dataset,
                      "width_mult": args.width_mult, "min_bit": args.min_bit,
-                     "max_bit": args.max_bit}
+                     "max_bit": args.max_bit, "method": args.method}
         if cost_table_of(env) is not None:   # DESIGN.md section 9
             self.meta["cost_table"] = cost_table_of(env)
         self.start, self.best, self.history = 0, None, []
@@ -398,7 +455,7 @@ class Search:
         env, agent = self.env, self.agent
         transitions, info = play_episode(env, agent, episode)
         losses = []
-        if episode >= self.args.warmup:
+        if self.args.method == "ddpg" and episode >= self.args.warmup:
             for _ in range(len(transitions) * self.args.n_update):
                 losses.append(agent.update_policy())
         return info, losses
@@ -449,8 +506,9 @@ class Search:
         w.add_scalar("reward/best", self.best["reward"], episode)
         w.add_scalar("info/accuracy", info["accuracy"], episode)
         w.add_scalar("info/cost_ratio", info["cost_ratio"], episode)
-        w.add_scalar("info/exploration_sigma", self.agent.sigma(episode)
-                     if episode >= self.args.warmup else 1.0, episode)
+        if self.args.method == "ddpg":
+            w.add_scalar("info/exploration_sigma", self.agent.sigma(episode)
+                         if episode >= self.args.warmup else 1.0, episode)
         for i, bits in enumerate(info["policy"]):
             if isinstance(bits, list):
                 w.add_scalar(f"bits_w/{i:03d}", bits[0], episode)
@@ -469,7 +527,8 @@ class Search:
 
     def _save_state(self, next_episode):
         from lib.utils.checkpoint import save_checkpoint
-        save_checkpoint(self.agent.weights(), os.path.join(self.out, "agent.pth.tar"))
+        if self.args.method == "ddpg":
+            save_checkpoint(self.agent.weights(), os.path.join(self.out, "agent.pth.tar"))
         save_checkpoint({"episode": next_episode, "agent": self.agent.state_dict(),
                          "env": self.env.state_dict(), "best": self.best,
                          "history": self.history, "rng": rng_states(),
@@ -483,8 +542,9 @@ class Search:
         plot_policy(os.path.join(self.out, "best_policy.png"), b["policy"], self.env.layer_names,
                     f"{self.args.arch} best policy (episode {b['episode']}): "
                     f"acc {b['accuracy']:.2f}%, {self.args.cost} ratio {b['cost_ratio']:.3f}")
+        warmup, labels = history_labels(self.args)
         plot_history(os.path.join(self.out, "accuracy_vs_cost.png"), self.history, b["episode"],
-                     self.args.warmup, self.args.preserve_ratio, self.args.cost)
+                     warmup, self.args.preserve_ratio, self.args.cost, labels=labels)
 
 
 def main(argv=None):
@@ -492,6 +552,7 @@ def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     setup_logging(verbose=args.debug)
     check_args(args)
+    check_method_args(args)
     seed_everything(args.seed)   # the only place seeds are set
     device = resolve_device(args.device, gpu_index(args.gpu_id))
     loaders = build_loaders(args)
@@ -509,7 +570,10 @@ def main(argv=None):
                  "budget %.3f of the reference %s", args.arch, args.dataset, len(env.layers),
                  env.n_steps, acc, args.preserve_ratio, args.cost)
     log.info("output folder %s (%s)", out_dir, device)
-    best = Search(args, env, agent, out_dir, state).run()
+    search = Search(args, env, agent, out_dir, state)
+    if args.method == "ilp":
+        plan_ilp(args, search)
+    best = search.run()
     log.info("best: episode %d, accuracy %.2f%%, %s ratio %.4f, strategy %s", best["episode"],
              best["accuracy"], args.cost, best["cost_ratio"], json.dumps(best["policy"]))
     # stdout carries only the strategy path, so scripts can hand it to finetune.py.

@@ -44,7 +44,7 @@ RL = {
     "--lr_c": ((), ["11"]), "--lr_a": ((), ["11"]), "--warmup": ({"0"}, []),
     "--discount": ({"0"}, ["1.5"]), "--bsize": ((), []), "--rmsize": ((), []),
     "--window_length": ((), ["2"]), "--tau": ((), ["1.5"]), "--init_delta": ({"0"}, ["11"]),
-    "--delta_decay": ((), ["1.5"]), "--n_update": ((), []), "--max_episode_length": ((), []),
+    "--delta_decay": ((), ["1.5"]), "--n_update": ((), []), "--sensitivity_images": ((), []), "--hessian_iters": ((), []), "--max_episode_length": ((), []),
     "--init_w": ((), ["2"]), "--train_episode": ((), []), "--epsilon": ({"0"}, []),
     "--seed": ({"0"}, ["4294967296"]), "--n_worker": ({"0"}, ["1025"]), "--data_bsize": ((), []),
     "--finetune_epoch": ((), []), "--finetune_gamma": ((), ["1.5"]), "--finetune_lr": ((), ["11"]),

@@ -31,7 +31,8 @@ def strategy_record(best, layer_names, meta):
               "accuracy": _rounded(best["accuracy"], 4), "episode": int(best["episode"]),
               "layers": list(layer_names), "strategy": best["policy"]}
     # Extra context (finetune.py needs only the fields above).
-    for key in ("dataset", "width_mult", "min_bit", "max_bit", "cost_table"):
+    for key in ("dataset", "width_mult", "min_bit", "max_bit", "original_accuracy", "method",
+                "cost_table"):
         if key in meta:
             record[key] = meta[key]
     if "original_accuracy" in meta:
@@ -81,18 +82,22 @@ def plot_policy(path, policy, layer_names, title=""):
     plt.close(fig)
 
 
-def plot_history(path, history, best_episode, warmup, preserve_ratio, metric):
-    """Accuracy vs cost ratio of every episode; warmup (random) episodes, learned ones, the best."""
+def plot_history(path, history, best_episode, warmup, preserve_ratio, metric,
+                 labels=("warmup (random)", "DDPG")):
+    """Accuracy vs cost ratio of every episode; warmup (random) episodes, learned ones, the best.
+
+    ``labels``: legend names of the episodes before and from ``warmup`` (other methods).
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     rand = [h for h in history if h["episode"] < warmup]
     learned = [h for h in history if h["episode"] >= warmup]
     if rand:
         ax.scatter([h["cost_ratio"] for h in rand], [h["accuracy"] for h in rand], s=12,
-                   c="#999999", label="warmup (random)")
+                   c="#999999", label=labels[0])
     if learned:
         ax.scatter([h["cost_ratio"] for h in learned], [h["accuracy"] for h in learned], s=12,
-                   c=[h["episode"] for h in learned], cmap="viridis", label="DDPG")
+                   c=[h["episode"] for h in learned], cmap="viridis", label=labels[1])
     best = [h for h in history if h["episode"] == best_episode]
     if best:
         ax.scatter([best[0]["cost_ratio"]], [best[0]["accuracy"]], s=120, marker="*",

@@ -1,0 +1,43 @@
+"""Allocators beside the DDPG search (DESIGN.md section 14); nothing here knows of RL.
+
+They take an env-like object (lib.env) for its layers, costs, pins, bit range,
+budget and quantizers::
+
+    scores = cached_layer_scores(env, folder, metric="loss", n_images=100)  # sensitivity.json/.png
+    flat_bits = allocate_bits(env, solver_scores(scores))   # exact integer program, env's budget
+    flat_bits = plan_policy(env, folder, "loss")            # both of the above
+    FixedActions(min_bit, max_bit, flat_bits)   # replays it through the env like an episode
+    UniformActions(seed)                        # random search: uniform actions on [0, 1]
+"""
+import os
+
+from .actions import FixedActions, UniformActions, bits_to_action
+from .ilp import allocate_bits, layer_options, solve_choices
+from .scores_io import CACHE_FILE, HEATMAP_FILE, load_scores, plot_scores, save_scores
+from .sensitivity import METRICS, bit_widths, hutchinson_traces, layer_scores, solver_scores
+
+
+def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
+    """Scores from ``folder``/sensitivity.json if made for this setting; else computed, cached."""
+    path = os.path.join(folder, CACHE_FILE)
+    expect = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
+              "requested_images": n_images,
+              "hessian_iters": hessian_iters if metric == "hessian" else None}
+    scores = load_scores(path, expect)
+    if scores is None:
+        scores = layer_scores(env, metric, n_images, hessian_iters, seed)
+        save_scores(path, scores)
+    plot_scores(os.path.join(folder, HEATMAP_FILE), scores)
+    return scores
+
+
+def plan_policy(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
+    """Per-step bits of the exact integer program on the (cached) sensitivity scores."""
+    scores = cached_layer_scores(env, folder, metric, n_images, hessian_iters, seed)
+    return allocate_bits(env, solver_scores(scores))
+
+
+__all__ = ["FixedActions", "UniformActions", "bits_to_action", "allocate_bits", "layer_options",
+           "solve_choices", "CACHE_FILE", "HEATMAP_FILE", "load_scores", "plot_scores",
+           "save_scores", "METRICS", "bit_widths", "hutchinson_traces", "layer_scores",
+           "cached_layer_scores", "solver_scores", "plan_policy"]

@@ -1,0 +1,81 @@
+"""The sensitivity cache (sensitivity.json in the search's output folder) and its heat map.
+
+The cache is strict JSON written atomically; a resumed run reuses it when it was
+made for the same layers, widths, metric and image count, and recomputes it
+otherwise. The heat map shows layers (by their ``named_modules()`` name) against
+widths, one panel per kind (weights; activations in linear mode).
+"""
+import json
+import logging
+import os
+
+import numpy as np
+
+from lib.utils.checkpoint import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "sensitivity.json"
+HEATMAP_FILE = "sensitivity.png"
+KINDS = ("weight", "activation")
+
+
+def save_scores(path, scores):
+    record = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in scores.items()}
+    atomic_write_json(path, record)
+
+
+def _reject_constant(name):
+    raise ValueError(f"non-finite number {name} in a strict JSON file")
+
+
+def load_scores(path, expect):
+    """The cached scores at ``path`` if they match ``expect`` (metric, bits, layers, n_images).
+
+    Returns None when the file is missing, unreadable or made for something else.
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f, parse_constant=_reject_constant)
+        differs = [k for k, v in expect.items() if record.get(k) != v]
+        if differs:
+            log.info("%s was scored with another %s; scoring again", path, differs[0])
+            return None
+        for kind in KINDS:
+            if record.get(kind) is not None:
+                record[kind] = np.asarray(record[kind], dtype=np.float64)
+                if record[kind].shape != (len(expect["layers"]), len(expect["bits"])):
+                    raise ValueError(f"'{kind}' has shape {record[kind].shape}")
+    except (ValueError, OSError) as exc:
+        log.warning("ignoring %s (%s); scoring again", path, exc)
+        return None
+    log.info("sensitivity scores from %s (%s, %.1fs when computed)", path, record["metric"],
+             record.get("seconds", float("nan")))
+    return record
+
+
+def plot_scores(path, scores):
+    """Heat map of the scores, layers x widths (one panel per kind)."""
+    import matplotlib
+    matplotlib.use("Agg")   # files only; never needs a display
+    import matplotlib.pyplot as plt
+    kinds = [k for k in KINDS if scores.get(k) is not None]
+    layers, bits = scores["layers"], scores["bits"]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds) + 2.5,
+                                                     max(4.0, 0.16 * len(layers) + 1.5)),
+                             squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        image = ax.imshow(np.asarray(scores[kind]), aspect="auto", cmap="viridis",
+                          interpolation="nearest")
+        ax.set_xticks(range(len(bits)))
+        ax.set_xticklabels(bits)
+        ax.set_xlabel(f"{kind} bits")
+        ax.set_yticks(range(len(layers)))
+        ax.set_yticklabels(layers, fontsize=5)
+        ax.set_title(f"{kind} sensitivity ({scores['metric']})", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.08)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""Per-layer, per-width sensitivity scores for the integer program (DESIGN.md section 14).
+
+Two metrics, both over a fixed part of the search's validation subset and both on
+the env's own quantizers (K-Means codebooks as the K-Means mode builds them;
+fake quantization calibrated as the linear mode calibrates it):
+
+* ``loss``: the increase of the cross-entropy when only layer l is quantized at
+  width b, everything else float (linear mode: weights and activations measured
+  separately);
+* ``hessian``: HAWQ-V2's weight score (Dong et al. 2020, eq. 5 / Yao et al. 2021,
+  eq. 10), ``Tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2`` with the trace of the layer's
+  Hessian block estimated by Hutchinson's method (E[v^T H v] over Rademacher v);
+  activations keep the ``loss`` score.
+
+Scores are arrays of shape (n_layers, max_bit - min_bit + 1), column j being width
+``min_bit + j``; pinned steps (linear mode's first/last layers) score 0. The env
+is used only for its model, layers, pretrained weights, loaders and quantizer
+settings; nothing here knows of RL.
+"""
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lib.quantize.kmeans import kmeans_quantize_layer
+from lib.quantize.linear import calibrate
+from lib.quantize.policy import apply_kmeans_policy
+from lib.utils.train import evaluate
+
+log = logging.getLogger(__name__)
+
+METRICS = ("loss", "hessian")
+NONFINITE_SCORE = 1e6   # a width whose loss is NaN/inf: worse than any real score; strict JSON
+
+
+def bit_widths(env):
+    return list(range(env.cfg.min_bit, env.cfg.max_bit + 1))
+
+
+def fixed_batches(loader, n_images):
+    """The first ``n_images`` images of ``loader`` as a list of (inputs, targets) batches."""
+    batches, count = [], 0
+    for images, target in loader:
+        take = min(len(target), n_images - count)
+        batches.append((images[:take], target[:take]))
+        count += take
+        if count >= n_images:
+            break
+    if not batches:
+        raise ValueError("the validation loader gave no images to score sensitivity on")
+    return batches
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _loss(model, batches):
+    """Mean cross-entropy of ``model`` on ``batches`` (the project's one validation loop)."""
+    return evaluate(model, batches, nn.CrossEntropyLoss(), _device(model), progress=False)["loss"]
+
+
+def _finite(scores):
+    return np.nan_to_num(scores, nan=NONFINITE_SCORE, posinf=NONFINITE_SCORE,
+                         neginf=-NONFINITE_SCORE)
+
+
+# ------------------------------------------------------------------ K-Means mode
+def _kmeans_weight(env, module, bits):
+    """A copy of ``module``'s weight K-Means-quantized at ``bits`` with the env's settings."""
+    w = module.weight.detach().clone()
+    kmeans_quantize_layer(w, bits, env.n_iter, env.method, env.is_pruned, env.cfg.seed)
+    return w
+
+
+def _kmeans_loss_scores(env, batches):
+    model, widths = env.model, bit_widths(env)
+    base = _loss(model, batches)
+    scores = np.zeros((len(env.layers), len(widths)))
+    for layer, (name, module) in enumerate(env.layers):
+        original = module.weight.detach().clone()
+        for j, bits in enumerate(widths):
+            apply_kmeans_policy(model, {name: bits}, n_iter=env.n_iter, method=env.method,
+                                is_pruned=env.is_pruned, seed=env.cfg.seed)
+            scores[layer, j] = _loss(model, batches) - base
+            module.weight.data.copy_(original)
+        log.debug("loss sensitivity of %s: %s", name, np.round(scores[layer], 4).tolist())
+    return {"weight": scores}, base
+
+
+# ------------------------------------------------------------------- linear mode
+class _FloatCalibration:
+    """The linear model in float with the ranges a single quantized layer gets.
+
+    The env calibrates every range on one batch after applying a policy. With only
+    layer l quantized, l's input comes from float layers, so its range equals the
+    one a float calibration gives, unless the width is at or below the KL threshold
+    (then the clip depends on the width and is recalibrated for that one score).
+    """
+
+    def __init__(self, env):
+        self.env, self.model = env, env.model
+        batch = next(iter(env.calib_loader))
+        self.inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        env.unquantize()
+        calibrate(self.model, self.inputs, _device(self.model))
+        self.ranges = {n: (m.activation_range.detach().clone(), m.weight_range.detach().clone())
+                       for n, m in env.layers}
+
+    def set(self, module, w_bit=-1, a_bit=-1):
+        module.set_bits(w_bit, a_bit)
+        if 0 < max(w_bit, a_bit) <= module.kl_max_bit:
+            calibrate(self.model, self.inputs, _device(self.model))
+
+    def reset(self, module):
+        module.set_bits(-1, -1)
+        with torch.no_grad():
+            for name, m in self.env.layers:
+                act, wr = self.ranges[name]
+                m.activation_range.copy_(act)
+                m.weight_range.copy_(wr)
+
+
+def _linear_loss_scores(env, batches, kinds=("weight", "activation")):
+    model, widths = env.model, bit_widths(env)
+    calib = _FloatCalibration(env)
+    base = _loss(model, batches)
+    scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
+    for layer, (name, module) in enumerate(env.layers):
+        for kind in kinds:
+            step = 2 * layer + (kind == "activation")
+            if step in env.pins:
+                continue
+            for j, bits in enumerate(widths):
+                if kind == "weight":
+                    calib.set(module, w_bit=bits)
+                else:
+                    calib.set(module, a_bit=bits)
+                scores[kind][layer, j] = _loss(model, batches) - base
+                calib.reset(module)
+        log.debug("loss sensitivity of %s: %s", name,
+                  {k: np.round(v[layer], 4).tolist() for k, v in scores.items()})
+    return scores, base
+
+
+def _linear_weight(calib, module, bits):
+    calib.set(module, w_bit=bits)
+    w = module.quantized_weight().detach().clone()
+    calib.reset(module)
+    return w
+
+
+# ---------------------------------------------------------------------- hessian
+def hutchinson_traces(loss, params, n_iter, generator=None):
+    """Tr of each parameter's Hessian block, E[v^T H v] over Rademacher v (Hutchinson 1990).
+
+    One Hessian-vector product per iteration serves every block at once: the cross
+    terms v_l^T H_lk v_k (k != l) have zero mean. Returns a float64 numpy array.
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    traces = np.zeros(len(params))
+    for _ in range(n_iter):
+        vs = [torch.randint(0, 2, p.shape, generator=generator, dtype=p.dtype).to(p.device) * 2 - 1
+              for p in params]
+        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+        traces += np.array([float((v * hv).sum()) for v, hv in zip(vs, hvs)])
+    return traces / n_iter
+
+
+def _hessian_traces(env, batches, n_iter, seed):
+    model = env.model
+    model.eval()
+    device = _device(model)
+    inputs = torch.cat([x for x, _ in batches]).to(device)
+    targets = torch.cat([y for _, y in batches]).to(device)
+    loss = nn.functional.cross_entropy(model(inputs), targets)
+    params = [m.weight for _, m in env.layers]
+    generator = torch.Generator().manual_seed(seed)
+    return hutchinson_traces(loss, params, n_iter, generator)
+
+
+def _hessian_weight_scores(env, traces, quantized_weight):
+    """Tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2 for every layer and width."""
+    widths = bit_widths(env)
+    scores = np.zeros((len(env.layers), len(widths)))
+    for layer, (name, module) in enumerate(env.layers):
+        if env.linear and 2 * layer in env.pins:
+            continue
+        w = module.weight.detach()
+        for j, bits in enumerate(widths):
+            error = float(((w - quantized_weight(module, bits)) ** 2).sum())
+            scores[layer, j] = traces[layer] / w.numel() * error
+    return scores
+
+
+def solver_scores(scores):
+    """The scores the integer program minimises: each row non-increasing in bits and >= 0.
+
+    A narrower width never helps in expectation, but a score measured on a few hundred
+    images can dip below zero or below a wider width's by chance; the running maximum
+    from the widest width down (clipped at 0) keeps the solver from spending the budget
+    on such noise. Returns a new dict; the cached raw scores are untouched.
+    """
+    out = dict(scores)
+    for kind in ("weight", "activation"):
+        table = scores.get(kind)
+        if table is not None:
+            rows = np.maximum(np.asarray(table, dtype=np.float64), 0.0)
+            out[kind] = np.maximum.accumulate(rows[:, ::-1], axis=1)[:, ::-1]
+    return out
+
+
+# ------------------------------------------------------------------------- entry
+def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
+    """Sensitivity of every layer at every width of the env's range; a dict for the cache.
+
+    Keys: ``metric``, ``bits`` (the widths of the columns), ``layers`` (names),
+    ``weight`` and, in linear mode, ``activation`` (n_layers x n_widths arrays),
+    ``baseline_loss``, ``n_images`` (used; ``requested_images`` asked), ``hessian_iters``
+    and ``seconds``. The model is left holding its
+    pretrained weights (float).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown sensitivity metric {metric!r}; expected one of {METRICS}")
+    start = time.perf_counter()
+    batches = fixed_batches(env.evaluator.val_loader, n_images)
+    env.restore_weights()
+    if metric == "loss":
+        scores, base = (_linear_loss_scores(env, batches) if env.linear
+                        else _kmeans_loss_scores(env, batches))
+    else:
+        if env.linear:
+            scores, base = _linear_loss_scores(env, batches, kinds=("activation",))
+            calib = _FloatCalibration(env)
+            traces = _hessian_traces(env, batches, hessian_iters, seed)
+            scores["weight"] = _hessian_weight_scores(
+                env, traces, lambda m, b: _linear_weight(calib, m, b))
+        else:
+            base = _loss(env.model, batches)
+            traces = _hessian_traces(env, batches, hessian_iters, seed)
+            scores = {"weight": _hessian_weight_scores(
+                env, traces, lambda m, b: _kmeans_weight(env, m, b))}
+        log.info("Hessian traces / #weights: %s",
+                 np.round(traces / [m.weight.numel() for _, m in env.layers], 6).tolist())
+    env.restore_weights()
+    if env.linear:
+        env.unquantize()
+    seconds = time.perf_counter() - start
+    log.info("%s sensitivity of %d layers x %d widths on %d images: %.1fs", metric,
+             len(env.layers), len(bit_widths(env)), sum(len(y) for _, y in batches), seconds)
+    result = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
+              "n_images": sum(len(y) for _, y in batches), "requested_images": n_images,
+              "hessian_iters": hessian_iters if metric == "hessian" else None,
+              "baseline_loss": float(base) if math.isfinite(base) else NONFINITE_SCORE,
+              "seconds": seconds}
+    for kind, table in scores.items():
+        result[kind] = _finite(table)
+    return result

@@ -1,0 +1,365 @@
+"""The allocators beside DDPG (lib/allocate, rl_quantize.py --method ilp / random).
+
+Toy models of four layers with a 1..3-bit range are small enough to enumerate every
+policy, so the integer program is checked against brute force through the real
+envs (their costs, pins and budgets). The CLI runs use the tiny random-init
+MobileNet-V2 of conftest.py on 32 mnist5k images.
+"""
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import rl_quantize
+from lib.allocate import (allocate_bits, hutchinson_traces, layer_options, layer_scores,
+                          solver_scores)
+from lib.env import (EnvConfig, FinetuneConfig, KMeansQuantizeEnv, LinearQuantizeEnv,
+                     ShortFinetune)
+from lib.quantize.linear import QConv2d, QLinear
+from lib.simulator.costs import TableCost
+from lib.utils.checkpoint import load_checkpoint
+from lib.utils.errors import run_cli
+from lib.utils.layers import quantizable_layers
+from lib.utils.strategy import load_strategy, validate_strategy
+from models import get_model
+
+
+# ----------------------------------------------------------------- toy envs
+def toy_data(n=96, seed=0):
+    """Three classes of 1x8x8 images: a class-specific pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(3, 1, 8, 8, generator=g)
+    y = torch.arange(n) % 3
+    x = patterns[y] + 0.7 * torch.randn(n, 1, 8, 8, generator=g)
+    return TensorDataset(x, y)
+
+
+def toy_model(linear=False):
+    conv, fc = (QConv2d, QLinear) if linear else (nn.Conv2d, nn.Linear)
+    kw = {"half_wave": False} if linear else {}
+    return nn.Sequential(conv(1, 6, 3, padding=1, **kw), nn.ReLU6(),
+                         conv(6, 6, 3, padding=1), nn.ReLU6(),
+                         conv(6, 8, 3, stride=2, padding=1), nn.ReLU6(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc(8, 3))
+
+
+def train(model, data, steps=150):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    loader = DataLoader(data, batch_size=32, shuffle=True)
+    for _, (x, y) in zip(range(steps), itertools.cycle(loader)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def toy_env(linear=False, ratio=0.5, min_bit=1, max_bit=3, trained=False, table_seed=0):
+    torch.manual_seed(1)
+    data = toy_data()
+    model = toy_model(linear)
+    if trained:
+        train(model, data)
+    loader = DataLoader(data, batch_size=48)
+    evaluator = ShortFinetune(loader, loader, "cpu", FinetuneConfig(finetune_flag=False))
+    cfg = EnvConfig(preserve_ratio=ratio, min_bit=min_bit, max_bit=max_bit, input_size=8, seed=3)
+    if not linear:
+        env = KMeansQuantizeEnv(model, evaluator, cfg)
+    else:
+        rng = np.random.default_rng(table_seed)
+        table = rng.uniform(1, 5, (4, 1, 1)) * np.outer(np.arange(1, 9), np.arange(1, 9))[None] \
+            * rng.uniform(0.7, 1.3, (4, 8, 8))
+        table[[0, 3]] *= 0.05     # the pinned layers: a small share, so budgets can bind
+        env = LinearQuantizeEnv(model, evaluator, cfg, TableCost(table, min_bit=min_bit,
+                                                                 max_bit=8), loader, "cpu")
+    env.measure_original()
+    return env
+
+
+def binding_budget(env, frac):
+    """Set the budget a fraction ``frac`` of the way from the cheapest to the widest policy."""
+    lo = env.min_cost_ratio()
+    widest = [env.pins.get(i, env.cfg.max_bit) for i in range(env.n_steps)]
+    hi = env.cost(env.policy_from_bits(widest)) / env.reference_cost()
+    env.cfg.preserve_ratio = lo + frac * (hi - lo)
+    return env
+
+
+def brute_force(env, scores):
+    """(lowest summed score, its bits) over every in-budget policy of the env."""
+    best = (np.inf, None)
+    k, lo = env.actions_per_layer, env.cfg.min_bit
+    per_layer = [layer_options(env, layer) for layer in range(len(env.layers))]
+    for combo in itertools.product(*per_layer):
+        bits = [b for option in combo for b in option]
+        if env.cost(env.policy_from_bits(bits)) > env.budget():
+            continue
+        total = 0.0
+        for step, b in enumerate(bits):
+            if step in env.pins:
+                continue
+            kind = "activation" if k == 2 and step % 2 else "weight"
+            total += scores[kind][step // k, b - lo]
+        best = min(best, (total, bits), key=lambda t: t[0])
+    return best
+
+
+def summed(env, scores, bits):
+    k, lo = env.actions_per_layer, env.cfg.min_bit
+    return sum(scores["activation" if k == 2 and s % 2 else "weight"][s // k, b - lo]
+               for s, b in enumerate(bits) if s not in env.pins)
+
+
+# ------------------------------------------------------- the integer program
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("seed,frac", [(0, 0.3), (1, 0.5), (2, 0.7)])
+def test_ilp_policy_is_the_best_in_budget_policy(linear, seed, frac):
+    env = binding_budget(toy_env(linear=linear, ratio=1.0, table_seed=seed), frac)
+    rng = np.random.default_rng(seed)
+    n = len(env.layers)
+    # Raw scores (negative ones too): the solver must be exact whatever they are.
+    scores = {"weight": rng.normal(size=(n, 3)) + np.array([2.0, 1.0, 0.0])}
+    if linear:
+        scores["activation"] = rng.normal(size=(n, 3)) + np.array([2.0, 1.0, 0.0])
+    best_total, _ = brute_force(env, scores)
+    bits = allocate_bits(env, scores)
+    assert env.cost(env.policy_from_bits(bits)) <= env.budget()
+    assert summed(env, scores, bits) == pytest.approx(best_total, rel=1e-6, abs=1e-6)
+    # Pins and bit range (linear: first layer [8, -1], last [8, 8]; the rest in 1..3).
+    free = [b for s, b in enumerate(bits) if s not in env.pins]
+    assert free and all(1 <= b <= 3 for b in free)
+    if linear:
+        policy = env.policy_from_bits(bits)
+        assert policy[0] == [8, -1] and policy[-1] == [8, 8]
+
+
+def test_ilp_trades_weight_and_activation_bits_through_the_table():
+    """Linear mode chooses (w, a) jointly: a cheap pair beats a split bit-count choice."""
+    env = binding_budget(toy_env(linear=True, ratio=1.0), 0.5)
+    n = len(env.layers)
+    scores = {"weight": np.tile([3.0, 1.0, 0.0], (n, 1)), "activation": np.tile([3.0, 1.0, 0.0],
+                                                                                (n, 1))}
+    best_total, best_bits = brute_force(env, scores)
+    bits = allocate_bits(env, scores)
+    assert summed(env, scores, bits) == pytest.approx(best_total, rel=1e-6, abs=1e-6)
+    assert env.cost(env.policy_from_bits(bits)) <= env.budget()
+
+
+def test_ilp_ties_spend_the_budget():
+    """Flat (all-zero) scores: every policy ties, and the widest in-budget one is returned."""
+    env = binding_budget(toy_env(ratio=1.0), 0.6)
+    n = len(env.layers)
+    bits = allocate_bits(env, {"weight": np.zeros((n, 3))})
+    spent = env.cost(env.policy_from_bits(bits))
+    feasible = [env.cost(env.policy_from_bits(list(c)))
+                for c in itertools.product(range(1, 4), repeat=n)]
+    assert spent == max(c for c in feasible if c <= env.budget())
+
+
+def test_solver_scores_are_monotone_and_non_negative():
+    raw = {"weight": np.array([[0.5, -0.1, 0.2, 0.0], [-1.0, -2.0, 0.3, 0.1]])}
+    out = solver_scores(raw)["weight"]
+    np.testing.assert_allclose(out, [[0.5, 0.2, 0.2, 0.0], [0.3, 0.3, 0.3, 0.1]])
+    assert raw["weight"][0, 1] == -0.1   # the raw (cached) scores are untouched
+
+
+# ---------------------------------------------------------------- sensitivity
+def test_loss_sensitivity_is_zero_at_an_exact_width():
+    """A layer holding 4 distinct weight values is reproduced exactly by 2-bit K-Means."""
+    env = toy_env(trained=True, min_bit=1, max_bit=4)
+    name, module = env.layers[1]
+    values = torch.tensor([-0.3, -0.05, 0.1, 0.4])
+    idx = torch.randint(0, 4, module.weight.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.weight.copy_(values[idx])
+    env.pretrained_state = {k: v.detach().clone() for k, v in env.model.state_dict().items()}
+    s = layer_scores(env, "loss", n_images=96)["weight"]
+    assert abs(s[1, 0]) > 1e-4                  # 1 bit (2 centroids) changes the weights
+    assert np.all(np.abs(s[1, 1:]) < 1e-6)      # 2, 3, 4 bits reproduce the weights exactly
+    assert torch.equal(module.weight, values[idx])   # the model is left as it was
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_loss_sensitivity_grows_as_bits_fall_on_a_trained_model(linear):
+    env = toy_env(linear=linear, trained=True, min_bit=1 if not linear else 2, max_bit=6)
+    scores = layer_scores(env, "loss", n_images=96)
+    kinds = ["weight", "activation"] if linear else ["weight"]
+    for kind in kinds:
+        free = [i for i in range(len(env.layers))
+                if (2 * i + (kind == "activation") if linear else i) not in env.pins]
+        mean = scores[kind][free].mean(axis=0)     # one value per width, narrowest first
+        assert np.all(np.diff(mean) <= 1e-3), (kind, mean)
+        assert mean[0] > max(1e-4, 10 * abs(mean[-1])), (kind, mean)
+    # The float model is back in place (no layer left quantized).
+    assert all(getattr(m, "w_bit", -1) == -1 and getattr(m, "a_bit", -1) == -1
+               for _, m in env.layers)
+
+
+def test_hutchinson_estimates_each_blocks_trace():
+    torch.manual_seed(0)
+    a = torch.randn(10, 10)
+    hess = a @ a.T + torch.eye(10)               # Hessian of the quadratic below, blocks 6 + 4
+    params = [torch.randn(6, requires_grad=True), torch.randn(4, requires_grad=True)]
+    x = torch.cat(params)
+    loss = 0.5 * x @ hess @ x
+    generator = torch.Generator().manual_seed(0)
+    traces = hutchinson_traces(loss, params, n_iter=4000, generator=generator)
+    expect = [float(hess[:6, :6].trace()), float(hess[6:, 6:].trace())]
+    np.testing.assert_allclose(traces, expect, rtol=0.08)
+
+
+def test_hessian_scores_fall_with_bits():
+    env = toy_env(trained=True, min_bit=1, max_bit=5)
+    s = layer_scores(env, "hessian", n_images=96, hessian_iters=32)["weight"]
+    assert np.all(s >= 0) and np.all(np.diff(s, axis=1) <= 1e-12)
+    assert np.all(s[:, 0] > s[:, -1])
+
+
+# ------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def cli_assets(tmp_path_factory, tiny_pretrained):
+    d = tmp_path_factory.mktemp("alloc")
+    scale = np.linspace(1, 5, 53)
+    table = scale[:, None, None] * np.outer(np.arange(1, 9), np.arange(1, 9))[None]
+    np.save(d / "table.npy", table)
+    return {"ckpt": tiny_pretrained[0], "table": str(d / "table.npy")}
+
+
+def cli(assets, out, method, episodes=3, extra=()):
+    return ["--dataset", "mnist5k", "--width_mult", "0.25", "--pretrained_path", assets["ckpt"],
+            "--train_size", "32", "--val_size", "32", "--data_bsize", "32", "--n_worker", "0",
+            "--warmup", "2", "--train_episode", str(episodes), "--output", str(out),
+            "--seed", "1", "--method", method, *extra]
+
+
+KMEANS = ("--arch", "mobilenetv2", "--max_bit", "4", "--preserve_ratio", "0.15")
+# Two widths per step keep the 53-layer ILP runs to a few hundred 16-image evaluations.
+KMEANS_ILP = ("--arch", "mobilenetv2", "--min_bit", "3", "--max_bit", "4",
+              "--preserve_ratio", "0.11", "--sensitivity_images", "16")
+LINEAR = ("--arch", "qmobilenetv2", "--linear_quantization", "--min_bit", "7",
+          "--preserve_ratio", "0.85", "--sensitivity_images", "16")
+
+
+def folder_of(out):
+    (d,) = [os.path.join(out, x) for x in os.listdir(out)]
+    return d
+
+
+def log_rows(folder):
+    with open(os.path.join(folder, "log.txt")) as f:
+        lines = f.read().splitlines()[1:]
+    return [ln.split("\t") for ln in lines if ln]
+
+
+def names(arch, linear):
+    model = get_model(arch, num_classes=10, input_size=32, width_mult=0.25)
+    return [n for n, _ in quantizable_layers(model, linear=linear)]
+
+
+def test_random_search_draws_differ_within_budget_and_resume_logs_once(cli_assets, tmp_path,
+                                                                      monkeypatch):
+    full = cli(cli_assets, tmp_path / "full", "random", episodes=4, extra=KMEANS)
+    rl_quantize.main(full)
+    ref = log_rows(folder_of(tmp_path / "full"))
+    policies = [r[-1] for r in ref]
+    assert [int(r[0]) for r in ref] == [0, 1, 2, 3]
+    assert len(set(policies)) == 4                                   # a new draw per episode
+    assert all(float(r[3]) <= 0.15 for r in ref)                     # within the budget
+    assert all(1 <= b <= 4 for p in policies for b in json.loads(p))
+    # Killed between episode 2's log line and its state save, then resumed.
+    argv = cli(cli_assets, tmp_path / "cut", "random", episodes=4, extra=KMEANS)
+    real_save = rl_quantize.Search._save_state
+
+    def dying_save(self, next_episode):
+        if next_episode == 3:
+            raise KeyboardInterrupt
+        real_save(self, next_episode)
+
+    monkeypatch.setattr(rl_quantize.Search, "_save_state", dying_save)
+    with pytest.raises(SystemExit):
+        run_cli(rl_quantize.main, argv)
+    monkeypatch.setattr(rl_quantize.Search, "_save_state", real_save)
+    rl_quantize.main(argv + ["--resume_search"])
+    folder = folder_of(tmp_path / "cut")
+    rows = log_rows(folder)
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 3]                 # each episode once
+    assert [r[-1] for r in rows] == policies                         # the same draws
+    s = load_strategy(os.path.join(folder, "strategy.json"))
+    assert s["method"] == "random" and s["cost_ratio"] <= 0.15
+    validate_strategy(s, names("mobilenetv2", False), "kmeans", min_bit=1, max_bit=4)
+
+
+def test_ilp_search_outputs_and_resume_reuses_the_scores(cli_assets, tmp_path, monkeypatch):
+    argv = cli(cli_assets, tmp_path, "ilp", extra=KMEANS_ILP)
+    # Killed during the evaluation of the planned policy: the scores are already cached.
+    real_finish = rl_quantize.Search.record
+
+    def dying_record(self, episode, info, losses):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl_quantize.Search, "record", dying_record)
+    with pytest.raises(SystemExit):
+        run_cli(rl_quantize.main, argv)
+    folder = folder_of(tmp_path)
+    with open(os.path.join(folder, "sensitivity.json")) as f:
+        cached = json.load(f)
+    assert len(cached["weight"]) == 53 and cached["bits"] == [3, 4]
+    assert load_checkpoint(os.path.join(folder, rl_quantize.STATE_FILE))["episode"] == 0
+    monkeypatch.setattr(rl_quantize.Search, "record", real_finish)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the resumed run scored the layers again")
+
+    monkeypatch.setattr("lib.allocate.layer_scores", no_scoring)
+    best = rl_quantize.main(argv + ["--resume_search"])
+    assert [int(r[0]) for r in log_rows(folder)] == [0]               # one evaluated episode
+    for name in ("strategy.json", "log.txt", "search_state.pth.tar", "best_policy.png",
+                 "accuracy_vs_cost.png", "sensitivity.png"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0, name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(folder))
+    s = load_strategy(os.path.join(folder, "strategy.json"))
+    assert s["method"] == "ilp" and s["cost_ratio"] <= 0.11 and s["strategy"] == best["policy"]
+    assert set(s["strategy"]) == {3, 4}     # the budget binds: some layers at each width
+    validate_strategy(s, names("mobilenetv2", False), "kmeans", min_bit=3, max_bit=4)
+
+
+@pytest.mark.slow
+def test_ilp_linear_search_respects_pins_range_and_budget(cli_assets, tmp_path):
+    rl_quantize.main(cli(cli_assets, tmp_path, "ilp", extra=LINEAR + (
+        "--cost_table", cli_assets["table"])))
+    s = load_strategy(os.path.join(folder_of(tmp_path), "strategy.json"))
+    assert s["strategy"][0] == [8, -1] and s["strategy"][-1] == [8, 8]
+    assert all(7 <= b <= 8 for w, a in s["strategy"][1:-1] for b in (w, a))
+    assert {b for w, a in s["strategy"][1:-1] for b in (w, a)} == {7, 8}    # the budget binds
+    assert s["cost_ratio"] <= 0.85 and s["mode"] == "linear"
+    validate_strategy(s, names("qmobilenetv2", True), "linear", min_bit=7, max_bit=8)
+
+
+@pytest.mark.parametrize("method", ["ilp", "random"])
+def test_unreachable_budget_is_the_same_error_as_ddpg(cli_assets, tmp_path, capsys, method):
+    lines = []
+    for m in ("ddpg", method):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(rl_quantize.main, cli(cli_assets, tmp_path / m, m, extra=(
+                "--arch", "mobilenetv2", "--preserve_ratio", "0.01", "--min_bit", "2")))
+        assert exc.value.code != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert not any("Traceback" in ln for ln in err)
+        lines.append(err[-1])
+    assert lines[0] == lines[1] and lines[0].startswith("error: ") and "unreachable" in lines[0]
+
+
+@pytest.mark.parametrize("method", ["ilp", "random"])
+def test_agent_weights_need_ddpg(cli_assets, tmp_path, capsys, method):
+    with pytest.raises(SystemExit):
+        run_cli(rl_quantize.main, cli(cli_assets, tmp_path, method, extra=KMEANS + (
+            "--resume", str(tmp_path / "agent.pth.tar"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --resume loads DDPG agent weights; expected --method ddpg " \
+                      f"(got --method {method})"
+    assert not os.path.exists(tmp_path / "mobilenetv2_mnist5k-run1")
