@@ -27,12 +27,13 @@ from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, load_ch
                                   load_state_dict, save_checkpoint)
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
-from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.distributed import cleanup, init_distributed, is_distributed, sync_buffers
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging
 from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
-from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
+from lib.utils.run_utils import (check_input_size, lr_setter, model_kwargs_for, open_run_logs,
+                                 seed_everything)
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
 from lib.utils.train import evaluate, train_one_epoch
 from models import float_twin, get_model, list_models, load_pretrained_weights
@@ -87,6 +88,9 @@ def get_args_parser():
                         "(K-Means mode); default: the strategy's arch")
     p.add_argument("--width_mult", type=float, default=None,
                    help="MobileNet width (default: the strategy's, else the dataset's: 0.5 on mnist5k)")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image size in pixels (default: the strategy's, else the dataset's: 224, "
+                        "32 for mnist5k)")
     p.add_argument("--min_bit", type=int, default=1, help="lowest bit width a policy may use")
     p.add_argument("--max_bit", type=int, default=8, help="highest bit width a policy may use")
     p.add_argument("--manualSeed", type=int, default=2019, help="seed (set once, here)")
@@ -163,7 +167,8 @@ def resolve_setup(args):
     arch = _arch_for_mode(args.arch or strategy.get("arch") or DEFAULT_ARCH[mode], mode)
     dataset = args.data_name or strategy.get("dataset") or "mnist5k"
     width = args.width_mult if args.width_mult is not None else strategy.get("width_mult")
-    kwargs = model_kwargs_for(arch, dataset, args.data, width)
+    kwargs = model_kwargs_for(arch, dataset, args.data, width,
+                              args.input_size or strategy.get("input_size"))
     return Setup(arch, mode, dataset, kwargs, strategy, foreign=ckpt)
 
 
@@ -218,13 +223,20 @@ class Finetune:
         self.model = build_model(setup, args, device)
         self.train_loader, self.val_loader, _ = get_dataset(
             setup.dataset, args.train_batch, args.workers, args.data, distributed=is_distributed(),
-            train_subset=args.train_subset, val_batch_size=args.test_batch)
+            train_subset=args.train_subset, val_batch_size=args.test_batch,
+            input_size=setup.model_kwargs.get("input_size"))
         self.codebooks = None
         self.results = {"fp32_top1": None, "quant_top1": None, "best_top1": 0.0}
         self.net = self.model
 
     # ------------------------------------------------------------------ preparation
     def validate(self):
+        """Accuracy on the validation split, every image counted once over all ranks.
+
+        Rank 0's BN statistics go to every rank first (after an epoch each holds its
+        own last batch's), so all ranks score the same model.
+        """
+        sync_buffers(self.model)
         return evaluate_model(self.model, self.val_loader, self.criterion, self.device, self.args)
 
     def prepare_fresh(self):
@@ -429,6 +441,7 @@ def main(argv=None):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
     device, rank, world = init_distributed(args.device)
     setup_logging(rank=rank)
+    check_input_size(args.input_size)
     seed_everything(args.manualSeed)
     if args.gpu_id and "," in args.gpu_id and world == 1:
         log.info("--gpu_id lists several GPUs; this process uses one (run under torchrun "

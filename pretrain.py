@@ -20,11 +20,13 @@ from torch.optim.swa_utils import AveragedModel
 from lib.utils.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
-from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.distributed import (cleanup, init_distributed, is_distributed, model_tensors,
+                                   ranks_agree, sync_buffers)
 from lib.utils.errors import UserError, run_cli
 from lib.utils.logger import setup_logging
 from lib.utils.lr_schedule import make_lr_schedule
-from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
+from lib.utils.run_utils import (check_input_size, lr_setter, model_kwargs_for, open_run_logs,
+                                 seed_everything)
 from lib.utils.train import evaluate, train_one_epoch
 from models import default_pretrained_path, get_model, list_models
 
@@ -40,6 +42,9 @@ def get_args_parser():
     p.add_argument("--dataset_root", default=None, help="dataset folder (default data/<dataset>)")
     p.add_argument("--width_mult", type=float, default=None,
                    help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image size in pixels (default: the dataset's, 224 or 32 for mnist5k); "
+                        "<= 64 px gets small-image transforms and the CIFAR-style stem")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("-b", "--batch_size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=0.05)
@@ -83,41 +88,21 @@ def ema_update(decay):
     return update
 
 
-def sync_buffers(*modules):
-    """Copy rank 0's buffers (BN statistics) to every rank, as DDP does before each forward.
-
-    After the last step of an epoch each rank holds statistics of its own batch, and
-    the weight average has folded them in; the copy makes the evaluated and saved
-    models the same on every rank.
-    """
-    for module in modules:
-        for buf in module.buffers():
-            torch.distributed.broadcast(buf, 0)
-
-
-def ranks_agree(model, device):
-    """True when every rank holds the same weights (checked once per run under torchrun)."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.state_dict().values()
-                      if p.is_floating_point()]).to(device)
-    ref = flat.clone()
-    torch.distributed.broadcast(ref, 0)
-    diff = torch.tensor([float((flat - ref).abs().max())], device=device)
-    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-    return diff.item() == 0.0
-
-
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     device, rank, world = init_distributed(args.device)
     setup_logging(rank=rank)
     seed_everything(args.seed)
-    model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult)
+    check_input_size(args.input_size)
+    model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult,
+                                    args.input_size)
     model = get_model(args.arch, **model_kwargs).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
                                               args.dataset_root, distributed=is_distributed(),
-                                              train_subset=args.train_subset, val_batch_size=256)
+                                              train_subset=args.train_subset, val_batch_size=256,
+                                              input_size=model_kwargs["input_size"])
     output = args.output or default_pretrained_path(args.arch, args.dataset)
     log_dir = output.replace(".pth.tar", "") + "_log"
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -179,7 +164,7 @@ def main(argv=None):
                              train_state_dict=model.state_dict())
             save_checkpoint(state, output)
     if is_distributed():
-        agree = all(ranks_agree(m, device) for m in kept)
+        agree = all(ranks_agree(model_tensors(m), device) for m in kept)
         if rank == 0:
             log.info("weights %s on %d ranks", "identical" if agree else "DIFFER", world)
     if rank == 0:

@@ -22,6 +22,7 @@ from lib.simulator.shapes import extract_layer_shapes
 from lib.simulator.tables import (CACHE_DIR, METRICS, UNITS, check_metric, get_table,
                                   table_path)
 from lib.utils.cli import ArgumentParser
+from lib.utils.run_utils import check_input_size
 from lib.utils.errors import UserError, run_cli
 
 log = logging.getLogger("lib.simulator")
@@ -34,7 +35,9 @@ def parse_args(argv):
     p.add_argument("--hardware", required=True, help=f"one of: {', '.join(HARDWARE)}")
     p.add_argument("--metric", default="latency", help=f"one of: {', '.join(METRICS)}")
     p.add_argument("--batch", type=int, default=16, help="batch size the table is built for")
-    p.add_argument("--input_size", type=int, default=None, help="default: the dataset's")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image size the layers are traced at (default: the dataset's, 224 or 32 "
+                        "for mnist5k); <= 64 px uses the CIFAR-style stem")
     p.add_argument("--width_mult", type=float, default=None, help="MobileNet width (default 1.0)")
     p.add_argument("--max_bit", type=int, default=8)
     p.add_argument("--top", type=int, default=5, help="how many of the costliest layers to list")
@@ -43,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--plot", default=None, help="PNG path (default: next to the table)")
     p.add_argument("--no_plot", action="store_true")
     args = p.parse_args(argv)
+    check_input_size(args.input_size)
     if args.batch < 1 or args.max_bit < 4:
         raise UserError("--batch must be >= 1 and --max_bit >= 4 (the summary shows w4a4)")
     return args
@@ -121,7 +125,7 @@ def main(argv=None):
                       width_mult=args.width_mult)
     table = get_table(args.arch, args.dataset, hw, args.metric, args.batch, model=model,
                       input_size=size, cache_dir=args.cache_dir, max_bit=args.max_bit,
-                      rebuild=args.rebuild)
+                      rebuild=args.rebuild, width_mult=args.width_mult)
     shapes = extract_layer_shapes(model, size, batch=args.batch)
     print(f"{args.arch} on {args.dataset} at {size}px, batch {args.batch}; {hw.name} {args.metric} "
           f"({UNITS[args.metric]}); table {tuple(table.shape)} indexed [layer, w-1, a-1]")
@@ -129,7 +133,7 @@ def main(argv=None):
     print("\n".join(summarize(shapes, table, hw, args.metric, args.top)))
     if not args.no_plot:
         path = args.plot or table_path(args.arch, args.dataset, hw, args.metric, args.batch,
-                                       args.cache_dir).with_suffix(".png")
+                                       args.cache_dir, size, args.width_mult).with_suffix(".png")
         plot_layers(table, shapes, path, f"{args.arch} {hw.name} {args.metric}, batch {args.batch}",
                     UNITS[args.metric])
         print(f"plot: {path}")
