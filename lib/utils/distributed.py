@@ -99,10 +99,12 @@ def broadcast_tensors(tensors, src=0):
         return tensors
     dev = _comm_device()
     for t in tensors:
-        buf = t.detach().to(dev).contiguous()
+        buf = t.detach()
+        if buf.device != dev or not buf.is_contiguous():
+            buf = buf.to(dev).contiguous()
         dist.broadcast(buf, src)
-        if buf is not t:
-            t.data.copy_(buf.to(t.device))
+        if buf.data_ptr() != t.data_ptr():
+            t.data.copy_(buf)
     return tensors
 
 

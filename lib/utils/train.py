@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .distributed import is_distributed
+from .distributed import all_reduce_sum, is_distributed
 from .meters import AverageMeter, correct_counts
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,15 @@ def _batches(model, loader, device, n, progress):
         progress.finish()
 
 
+def _all_finite(value, device):
+    """Whether ``value`` is finite on every rank: under DDP all ranks must stop together
+    (a rank that stopped alone would leave the others waiting in backward)."""
+    if not is_distributed():
+        return math.isfinite(value)
+    flag = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+    return all_reduce_sum(flag).item() == 0.0
+
+
 def _new_meters():
     return {k: AverageMeter() for k in ("loss", "top1", "top5")}
 
@@ -130,7 +139,7 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_h
             output = model(images)
             loss = criterion(output, target)
         loss_value = loss.item()  # one host sync per step, shared with the meters
-        if not math.isfinite(loss_value):
+        if not _all_finite(loss_value, device):
             nonfinite = True
             break
         optimizer.zero_grad(set_to_none=True)
