@@ -66,13 +66,15 @@ class ShortFinetune:
     def _net(self, model):
         """``model`` itself, or (torchrun) its DDP wrapper, built once and reused.
 
-        find_unused_parameters: linear mode leaves the image's activation_range
-        (first layer, a_bit = -1) out of the forward pass.
+        A Q layer with an unquantized input (linear mode's first layer, a_bit = -1)
+        leaves its activation_range out of the forward pass, which DDP must be told.
         """
         if not is_distributed():
             return model
         if self._ddp is None or self._ddp.module is not model:
-            self._ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            unused = any(getattr(m, "a_bit", 1) <= 0 for m in model.modules()
+                         if hasattr(m, "activation_range"))
+            self._ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
         return self._ddp
 
     def _next_pass(self):
