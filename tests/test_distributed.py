@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from lib.utils.distributed import ShardSampler
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_VAL = 7   # does not divide by 2: DistributedSampler would pad it to 8
 
 
@@ -79,11 +80,11 @@ def _torchrun(port):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, repo_root):
+def trained(tmp_path_factory):
     """A briefly trained width-0.25 MobileNet-V2, so that accuracies differ between policies."""
     out = str(tmp_path_factory.mktemp("pre") / "m.pth.tar")
     r = _run([sys.executable, "pretrain.py", "--width_mult", "0.25", "--train_subset", "1024",
-              "--epochs", "1", "--output", out, "--no-progress", "--ema_decay", "0"], repo_root)
+              "--epochs", "1", "--output", out, "--no-progress", "--ema_decay", "0"], ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

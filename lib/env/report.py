@@ -21,7 +21,7 @@ def strategy_record(best, layer_names, meta):
               "accuracy": round(float(best["accuracy"]), 4), "episode": int(best["episode"]),
               "layers": list(layer_names), "strategy": best["policy"]}
     # Extra context (finetune.py needs only the fields above).
-    for key in ("dataset", "width_mult", "min_bit", "max_bit", "original_accuracy"):
+    for key in ("dataset", "width_mult", "input_size", "min_bit", "max_bit", "original_accuracy"):
         if key in meta:
             record[key] = meta[key]
     record["reward"] = round(float(best["reward"]), 6)

@@ -73,7 +73,7 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
 def _dataset_tag(dataset):
     """A file-name-safe name of a dataset (an ImageFolder root is named by its last folder)."""
     tag = os.path.basename(os.path.normpath(str(dataset))) or "dataset"
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in tag)
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in tag)
 
 
 def table_path(arch, dataset, hardware, metric, batch, cache_dir=CACHE_DIR, input_size=224,
