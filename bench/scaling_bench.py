@@ -1,0 +1,81 @@
+"""Search episode time on 1 and N processes (torchrun, gloo on CPU, 1 thread each), side by side.
+
+    python bench/scaling_bench.py [--procs 2] [--mode kmeans] [--train_size 2000 --val_size 1000]
+
+Runs the same short search of the embedded default (mnist5k, the pretrained
+width-0.5 MobileNet-V2) once per process count, each under
+``python -m torch.distributed.run --nproc_per_node N`` with OMP_NUM_THREADS=1,
+and reads each episode's wall time from the search's own log line. The first
+episode (warm-up of caches and allocators) is dropped; the median of the rest is
+reported, with the 1-process / N-process ratio. The episodes of a run are past
+the agent's warmup only if --warmup says so; the default (all random) keeps the
+agent's update out of the measurement, as the fine-tune and validation are what
+is spread over the processes.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPISODE_LINE = re.compile(r"episode (\d+)/\d+ .*\)\s+([0-9.]+)s\s+eta")
+
+
+def search_cmd(procs, port, a, out):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+           "--master_port", str(port), "rl_quantize.py", "--dataset", "mnist5k",
+           "--train_size", str(a.train_size), "--val_size", str(a.val_size),
+           "--data_bsize", str(a.data_bsize), "--n_worker", "0", "--device", "cpu",
+           "--train_episode", str(a.episodes), "--warmup", str(a.warmup), "--output", out]
+    if a.pretrained_path:
+        cmd += ["--pretrained_path", a.pretrained_path]
+    if a.mode == "linear":
+        cmd += ["--arch", "qmobilenetv2", "--linear_quantization", "--preserve_ratio", "0.5",
+                "--min_bit", "3"]
+    else:
+        cmd += ["--preserve_ratio", "0.1", "--min_bit", "2"]
+    return cmd
+
+
+def run(procs, port, a):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        r = subprocess.run(search_cmd(procs, port, a, out), cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if r.returncode != 0:
+        sys.exit(f"error: the {procs}-process search failed:\n{r.stderr[-3000:]}")
+    times = [float(t) for _, t in EPISODE_LINE.findall(r.stderr)]
+    return times, wall
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--procs", type=int, default=2, help="processes of the parallel run")
+    p.add_argument("--mode", default="kmeans", choices=["kmeans", "linear"])
+    p.add_argument("--train_size", type=int, default=2000)
+    p.add_argument("--val_size", type=int, default=1000)
+    p.add_argument("--data_bsize", type=int, default=100, help="global batch")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--pretrained_path", default=None,
+                   help="default checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar")
+    a = p.parse_args(argv)
+    results = {}
+    for procs, port in ((1, 29561), (a.procs, 29562)):
+        times, wall = run(procs, port, a)
+        results[procs] = statistics.median(times[1:])
+        print(f"{procs} process(es) x 1 thread: episodes {', '.join(f'{t:.1f}' for t in times)} s "
+              f"-> median {results[procs]:.2f} s (first dropped); whole run {wall:.0f} s")
+    print(f"{a.mode} episode, train {a.train_size} / val {a.val_size}, global batch "
+          f"{a.data_bsize}: 1 / {a.procs} processes = {results[1] / results[a.procs]:.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()
