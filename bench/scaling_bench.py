@@ -7,7 +7,9 @@ width-0.5 MobileNet-V2) once per process count, each under
 ``python -m torch.distributed.run --nproc_per_node N`` with OMP_NUM_THREADS=1,
 and reads each episode's wall time from the search's own log line. The first
 episode (warm-up of caches and allocators) is dropped; the median of the rest is
-reported, with the 1-process / N-process ratio. The episodes of a run are past
+reported, with the 1-process / N-process ratio. ``--rounds`` alternates the two
+runs that many times (on a shared machine the load drifts; alternating spreads
+it over both). The episodes of a run are past
 the agent's warmup only if --warmup says so; the default (all random) keeps the
 agent's update out of the measurement, as the fine-tune and validation are what
 is spread over the processes.
@@ -63,15 +65,20 @@ def main(argv=None):
     p.add_argument("--data_bsize", type=int, default=100, help="global batch")
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=1, help="alternate 1 and N processes this often")
     p.add_argument("--pretrained_path", default=None,
                    help="default checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar")
     a = p.parse_args(argv)
-    results = {}
-    for procs, port in ((1, 29561), (a.procs, 29562)):
-        times, wall = run(procs, port, a)
-        results[procs] = statistics.median(times[1:])
-        print(f"{procs} process(es) x 1 thread: episodes {', '.join(f'{t:.1f}' for t in times)} s "
-              f"-> median {results[procs]:.2f} s (first dropped); whole run {wall:.0f} s")
+    episodes = {1: [], a.procs: []}
+    for _ in range(a.rounds):
+        for procs, port in ((1, 29561), (a.procs, 29562)):
+            times, wall = run(procs, port, a)
+            episodes[procs] += times[1:]
+            print(f"{procs} process(es) x 1 thread: episodes "
+                  f"{', '.join(f'{t:.1f}' for t in times)} s (first dropped); whole run {wall:.0f} s")
+    results = {procs: statistics.median(t) for procs, t in episodes.items()}
+    for procs, median in results.items():
+        print(f"{procs} process(es): median episode {median:.2f} s over {len(episodes[procs])}")
     print(f"{a.mode} episode, train {a.train_size} / val {a.val_size}, global batch "
           f"{a.data_bsize}: 1 / {a.procs} processes = {results[1] / results[a.procs]:.2f}x")
     return results
