@@ -68,6 +68,67 @@ def test_distributed_validation_counts_every_image_once(tmp_path):
         assert stats["loss"] == pytest.approx(single["loss"], rel=1e-6)
 
 
+class _RecordingEvaluator:
+    """Stands in for the fine-tune: keeps the quantized model and the sharer's codebooks."""
+
+    def finetune(self, model, step_hook=None):
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.codebooks = getattr(getattr(step_hook, "__self__", None), "codebooks", None)
+        return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "nonfinite": False}
+
+    def validate(self, model):
+        return {"top1": 0.0, "top5": 0.0, "loss": 0.0}
+
+
+def _quantize_on_rank(rank, world, init_file, out_dir, linear):
+    """Apply one policy on this rank; the env's seed and calibration images differ per rank."""
+    import numpy as np
+
+    from lib.env import EnvConfig, KMeansQuantizeEnv, LinearQuantizeEnv
+    from lib.simulator.costs import TableCost
+    from models import get_model
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)    # the same pretrained weights on every rank
+        model = get_model("qmobilenetv2" if linear else "mobilenetv2", num_classes=10,
+                          input_size=32, width_mult=0.25)
+        cfg = EnvConfig(preserve_ratio=1.0, min_bit=2, max_bit=8, input_size=32, seed=100 + rank)
+        evaluator = _RecordingEvaluator()
+        if linear:
+            images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+            n = 53
+            env = LinearQuantizeEnv(model, evaluator, cfg, TableCost(np.ones((n, 8, 8))), images,
+                                    torch.device("cpu"))
+            env.evaluate_policy([[8, -1]] + [[4, 3]] * (n - 2) + [[8, 8]])
+        else:
+            env = KMeansQuantizeEnv(model, evaluator, cfg)
+            env.evaluate_policy([3] * len(env.layers))
+            evaluator.state.update({f"{k}.labels": cb.labels for k, cb in
+                                    evaluator.codebooks.items()})
+        torch.save(evaluator.state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["kmeans", "linear"])
+def test_quantization_runs_on_rank_0_and_ranks_agree(tmp_path, linear):
+    """K-Means (own seed per rank) / calibration (own images per rank): rank 0's result everywhere."""
+    mp.start_processes(_quantize_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path), linear),
+                       nprocs=2, join=True, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    if linear:
+        ranges = [k for k in r0 if k.endswith("activation_range")]
+        assert ranges and any(float(r0[k]) != 6.0 for k in ranges)   # calibrated, not the init
+    else:
+        assert any(k.endswith(".labels") for k in r0)
+        w = r0["features.2.conv.0.weight"]
+        assert w.unique().numel() <= 8                                  # 3-bit K-Means
+
+
 # --------------------------------------------------------------------------- slow: torchrun
 def _run(args, cwd, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1")
