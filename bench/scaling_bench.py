@@ -9,7 +9,9 @@ and reads each episode's wall time from the search's own log line. The first
 episode (warm-up of caches and allocators) is dropped; the median of the rest is
 reported, with the 1-process / N-process ratio. ``--rounds`` alternates the two
 runs that many times (on a shared machine the load drifts; alternating spreads
-it over both). The episodes of a run are past
+it over both). ``--control`` adds a third run, one process on 1/N of the work
+(train, val and batch divided by N): on a busy machine it tells the cost of the
+collectives (N processes on the whole work vs one on a share) from the load. The episodes of a run are past
 the agent's warmup only if --warmup says so; the default (all random) keeps the
 agent's update out of the measurement, as the fine-tune and validation are what
 is spread over the processes.
@@ -66,21 +68,30 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--rounds", type=int, default=1, help="alternate 1 and N processes this often")
+    p.add_argument("--control", action="store_true",
+                   help="also run 1 process on 1/N of the work (see the module docstring)")
     p.add_argument("--pretrained_path", default=None,
                    help="default checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar")
     a = p.parse_args(argv)
-    episodes = {1: [], a.procs: []}
+    share = argparse.Namespace(**dict(vars(a), train_size=a.train_size // a.procs,
+                                      val_size=a.val_size // a.procs,
+                                      data_bsize=a.data_bsize // a.procs))
+    runs = [("1 process", 1, 29561, a), (f"{a.procs} processes", a.procs, 29562, a)]
+    if a.control:
+        runs.append((f"1 process, 1/{a.procs} of the work", 1, 29563, share))
+    episodes = {name: [] for name, *_ in runs}
     for _ in range(a.rounds):
-        for procs, port in ((1, 29561), (a.procs, 29562)):
-            times, wall = run(procs, port, a)
-            episodes[procs] += times[1:]
-            print(f"{procs} process(es) x 1 thread: episodes "
-                  f"{', '.join(f'{t:.1f}' for t in times)} s (first dropped); whole run {wall:.0f} s")
-    results = {procs: statistics.median(t) for procs, t in episodes.items()}
-    for procs, median in results.items():
-        print(f"{procs} process(es): median episode {median:.2f} s over {len(episodes[procs])}")
+        for name, procs, port, args in runs:
+            times, wall = run(procs, port, args)
+            episodes[name] += times[1:]
+            print(f"{name} x 1 thread: episodes {', '.join(f'{t:.1f}' for t in times)} s "
+                  f"(first dropped); whole run {wall:.0f} s", flush=True)
+    results = {name: statistics.median(t) for name, t in episodes.items()}
+    for name, median in results.items():
+        print(f"{name}: median episode {median:.2f} s over {len(episodes[name])}")
     print(f"{a.mode} episode, train {a.train_size} / val {a.val_size}, global batch "
-          f"{a.data_bsize}: 1 / {a.procs} processes = {results[1] / results[a.procs]:.2f}x")
+          f"{a.data_bsize}: 1 / {a.procs} processes = "
+          f"{results['1 process'] / results[f'{a.procs} processes']:.2f}x")
     return results
 
 
