@@ -118,3 +118,50 @@ def test_search_and_pretrain_take_the_input_size(repo_root, tmp_path, tiny_pretr
     pretrain.main(["--width_mult", "0.25", "--train_subset", "32", "--epochs", "1",
                    "--input_size", "16", "--output", out, "--no-progress", "--batch_size", "16"])
     assert load_checkpoint(out)["model_kwargs"]["input_size"] == 16
+
+
+@pytest.mark.slow
+def test_small_imagefolder_pretrain_search_finetune_at_32_px(repo_root, tmp_path):
+    """A 32-px digits ImageFolder end to end at --input_size 32: every stage uses 32 px."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from lib.utils.checkpoint import load_checkpoint
+    from lib.utils.data_utils import mnist5k_arrays
+    x, y = mnist5k_arrays()
+    root = tmp_path / "digits"
+    for split, idx in (("train", range(0, 600)), ("val", range(600, 800))):
+        for i in idx:
+            d = root / split / str(int(y[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.pad(x[i].reshape(28, 28), 2), mode="L").save(d / f"{i}.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(args):
+        r = subprocess.run([sys.executable] + args, cwd=repo_root, capture_output=True, text=True,
+                           timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    data = ["--dataset", "digits", "--dataset_root", str(root), "--input_size", "32",
+            "--width_mult", "0.25"]
+    ckpt = str(tmp_path / "pre.pth.tar")
+    run(["pretrain.py"] + data + ["--epochs", "1", "--output", ckpt, "--no-progress"])
+    assert load_checkpoint(ckpt)["model_kwargs"]["input_size"] == 32
+    r = run(["rl_quantize.py"] + data + ["--pretrained_path", ckpt, "--linear_quantization",
+                                         "--preserve_ratio", "0.6", "--min_bit", "4",
+                                         "--train_size", "200", "--val_size", "100",
+                                         "--data_bsize", "50", "--n_worker", "0", "--warmup", "1",
+                                         "--train_episode", "2", "--output", str(tmp_path / "s")])
+    strategy = r.stdout.strip().splitlines()[-1]
+    with open(strategy) as f:
+        assert json.load(f)["input_size"] == 32
+    run(["finetune.py", "--strategy", strategy, "--data_name", "digits", "-d", str(root),
+         "--pretrained_path", ckpt, "--epochs", "1", "--train_batch", "64", "--no-progress",
+         "-c", str(tmp_path / "ft")])
+    ft = load_checkpoint(str(tmp_path / "ft" / "checkpoint.pth.tar"))
+    assert ft["model_kwargs"]["input_size"] == 32
+    model = get_model(ft["arch"], **ft["model_kwargs"])
+    assert model.features[0][0].stride == (1, 1)
