@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from lib.simulator.shapes import extract_layer_shapes
-from lib.utils.distributed import (broadcast_tensors, broadcast_values, get_rank,
-                                   is_distributed, model_tensors, ranks_agree)
+from lib.utils.distributed import (broadcast_values, get_rank, is_distributed, model_tensors,
+                                   ranks_agree)
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
