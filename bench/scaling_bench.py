@@ -19,6 +19,7 @@ is spread over the processes.
 import argparse
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,11 +46,18 @@ def search_cmd(procs, port, a, out):
     return cmd
 
 
-def run(procs, port, a):
+def free_port():
+    """A port nothing listens on now (another job may hold a fixed one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(procs, a):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        r = subprocess.run(search_cmd(procs, port, a, out), cwd=ROOT, env=env,
+        r = subprocess.run(search_cmd(procs, free_port(), a, out), cwd=ROOT, env=env,
                            capture_output=True, text=True)
         wall = time.perf_counter() - start
     if r.returncode != 0:
@@ -76,13 +84,13 @@ def main(argv=None):
     share = argparse.Namespace(**dict(vars(a), train_size=a.train_size // a.procs,
                                       val_size=a.val_size // a.procs,
                                       data_bsize=a.data_bsize // a.procs))
-    runs = [("1 process", 1, 29561, a), (f"{a.procs} processes", a.procs, 29562, a)]
+    runs = [("1 process", 1, a), (f"{a.procs} processes", a.procs, a)]
     if a.control:
-        runs.append((f"1 process, 1/{a.procs} of the work", 1, 29563, share))
+        runs.append((f"1 process, 1/{a.procs} of the work", 1, share))
     episodes = {name: [] for name, *_ in runs}
     for _ in range(a.rounds):
-        for name, procs, port, args in runs:
-            times, wall = run(procs, port, args)
+        for name, procs, args in runs:
+            times, wall = run(procs, args)
             episodes[name] += times[1:]
             print(f"{name} x 1 thread: episodes {', '.join(f'{t:.1f}' for t in times)} s "
                   f"(first dropped); whole run {wall:.0f} s", flush=True)

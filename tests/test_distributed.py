@@ -135,9 +135,17 @@ def _run(args, cwd, timeout=900):
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _torchrun(port):
+def _free_port():
+    """A port nothing listens on now (a fixed one may be taken by another job's torchrun)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun():
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(port)]
+            "--master_port", str(_free_port())]
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +193,7 @@ def test_torchrun_search_scores_like_one_process(repo_root, tmp_path, trained, l
     one, two = tmp_path / "one", tmp_path / "two"
     r = _run([sys.executable] + _search_args(trained, one, linear, False), repo_root)
     assert r.returncode == 0, r.stderr[-2000:]
-    r2 = _run(_torchrun(29541 + linear) + _search_args(trained, two, linear, False), repo_root)
+    r2 = _run(_torchrun() + _search_args(trained, two, linear, False), repo_root)
     assert r2.returncode == 0, r2.stderr[-3000:]
     rows1, rows2 = _log_rows(_one_run(one)), _log_rows(_one_run(two))
     assert rows2 == rows1                       # same policies, exactly the same accuracies
@@ -198,13 +206,13 @@ def test_torchrun_search_scores_like_one_process(repo_root, tmp_path, trained, l
 def test_torchrun_search_finetunes_on_shards_and_resumes(repo_root, tmp_path, trained):
     """Fine-tuning on (DDP): the ranks agree every episode; a torchrun resume logs each episode once."""
     out = tmp_path / "ft"
-    r = _run(_torchrun(29545) + _search_args(trained, out, False, True, episodes=2), repo_root)
+    r = _run(_torchrun() + _search_args(trained, out, False, True, episodes=2), repo_root)
     assert r.returncode == 0, r.stderr[-3000:]
     folder = _one_run(out)
     rows = _log_rows(folder)
     assert [e for e, _, _ in rows] == [0, 1]
     assert _follower_rows(r.stderr) == [(p, round(a, 4)) for _, a, p in rows]
-    r = _run(_torchrun(29546) + _search_args(trained, out, False, True, episodes=3)
+    r = _run(_torchrun() + _search_args(trained, out, False, True, episodes=3)
              + ["--resume_search", folder], repo_root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _one_run(out) == folder
