@@ -33,7 +33,7 @@ from lib.utils.checkpoint import (atomic_write_json, extract_state_dict, finite_
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser, check_output_dir
 from lib.utils.data_utils import dataset_label, get_dataset, list_datasets
-from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.distributed import cleanup, init_distributed, is_distributed, sync_buffers
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging, trim_log
@@ -109,6 +109,9 @@ def get_args_parser():
                         "default: the strategy's arch")
     p.add_argument("--width_mult", type=cli.width_mult, default=None,
                    help="MobileNet width (default: the strategy's, else the dataset's: 0.5 on mnist5k)")
+    p.add_argument("--input_size", type=cli.input_size, default=None,
+                   help="image size in pixels (default: the strategy's, else the dataset's: 224, "
+                        "32 for mnist5k)")
     p.add_argument("--min_bit", type=cli.bit_width, default=1, help="lowest bit width a policy may use")
     p.add_argument("--max_bit", type=cli.bit_width, default=8, help="highest bit width a policy may use")
     p.add_argument("--manualSeed", type=cli.seed_int, default=2019, help="seed (set once, here)")
@@ -212,7 +215,8 @@ def resolve_setup(args):
     arch = _arch_for_mode(args.arch or strategy.get("arch") or DEFAULT_ARCH[mode], mode)
     dataset = args.data_name or strategy.get("dataset") or "mnist5k"
     width = args.width_mult if args.width_mult is not None else strategy.get("width_mult")
-    kwargs = model_kwargs_for(arch, dataset, args.data, width)
+    kwargs = model_kwargs_for(arch, dataset, args.data, width,
+                              args.input_size or strategy.get("input_size"))
     return Setup(arch, mode, dataset, kwargs, strategy, foreign=ckpt)
 
 
@@ -316,7 +320,8 @@ class Finetune:
         self.model = build_model(setup, args, device)
         self.train_loader, self.val_loader, _ = get_dataset(
             setup.dataset, args.train_batch, args.workers, args.data, distributed=is_distributed(),
-            train_subset=args.train_subset, val_batch_size=args.test_batch)
+            train_subset=args.train_subset, val_batch_size=args.test_batch,
+            input_size=setup.model_kwargs.get("input_size"))
         self.codebooks = None
         # the rule that set the weight ranges: this run's, or the resumed checkpoint's
         self.kl_max_bit = args.kl_max_bit if setup.mode == "linear" else None
@@ -325,6 +330,12 @@ class Finetune:
 
     # ------------------------------------------------------------------ preparation
     def validate(self):
+        """Accuracy on the validation split, every image counted once over all ranks.
+
+        Rank 0's BN statistics go to every rank first (after an epoch each holds its
+        own last batch's), so all ranks score the same model.
+        """
+        sync_buffers(self.model)
         return evaluate_model(self.model, self.val_loader, self.criterion, self.device, self.args)
 
     def free_layers(self):

@@ -22,7 +22,8 @@ from lib.utils.checkpoint import (load_checkpoint, load_state_dict, remove_stale
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
-from lib.utils.distributed import cleanup, init_distributed, is_distributed
+from lib.utils.distributed import (cleanup, init_distributed, is_distributed, model_tensors,
+                                   ranks_agree, sync_buffers)
 from lib.utils.errors import UserError, run_cli
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
@@ -47,6 +48,9 @@ def get_args_parser():
     p.add_argument("--dataset_root", default=None, help="dataset folder (default data/<dataset>)")
     p.add_argument("--width_mult", type=cli.width_mult, default=None,
                    help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
+    p.add_argument("--input_size", type=cli.input_size, default=None,
+                   help="image size in pixels (default: the dataset's, 224 or 32 for mnist5k); "
+                        "<= 64 px gets small-image transforms and the CIFAR-style stem")
     p.add_argument("--epochs", type=cli.positive_int, default=15)
     p.add_argument("-b", "--batch_size", type=cli.positive_int, default=32, help="per process")
     p.add_argument("--lr", type=cli.learning_rate, default=0.05)
@@ -129,29 +133,6 @@ def ema_update(decay):
     return update
 
 
-def sync_buffers(*modules):
-    """Copy rank 0's buffers (BN statistics) to every rank, as DDP does before each forward.
-
-    After the last step of an epoch each rank holds statistics of its own batch, and
-    the weight average has folded them in; the copy makes the evaluated and saved
-    models the same on every rank.
-    """
-    for module in modules:
-        for buf in module.buffers():
-            torch.distributed.broadcast(buf, 0)
-
-
-def ranks_agree(model, device):
-    """True when every rank holds the same weights (checked once per run under torchrun)."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.state_dict().values()
-                      if p.is_floating_point()]).to(device)
-    ref = flat.clone()
-    torch.distributed.broadcast(ref, 0)
-    diff = torch.tensor([float((flat - ref).abs().max())], device=device)
-    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-    return diff.item() == 0.0
-
-
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     output = check_args(args)
@@ -162,14 +143,16 @@ def main(argv=None):
         log.info("seed %d, %d CPU thread(s)%s, deterministic algorithms %s", args.seed, threads,
                  "" if os.environ.get("OMP_NUM_THREADS") else " (OMP_NUM_THREADS unset)",
                  "on" if args.deterministic else "off")
-    model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult)
+    model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult,
+                                    args.input_size)
     model = get_model(args.arch, **model_kwargs).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
                                               args.dataset_root, distributed=is_distributed(),
                                               train_subset=args.train_subset, val_batch_size=256,
-                                              seed=args.seed)
+                                              seed=args.seed,
+                                              input_size=model_kwargs["input_size"])
     log_dir = log_folder(output)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.wd, nesterov=True)
@@ -237,7 +220,7 @@ def main(argv=None):
                              train_state_dict=model.state_dict())
             save_checkpoint(state, output)
     if is_distributed():
-        agree = all(ranks_agree(m, device) for m in kept)
+        agree = all(ranks_agree(model_tensors(m), device) for m in kept)
         if rank == 0:
             log.info("weights %s on %d ranks", "identical" if agree else "DIFFER", world)
     if rank == 0:

@@ -32,7 +32,7 @@ import torch
 from lib.utils.checkpoint import remove_stale_tmp
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
-from lib.utils.distributed import resolve_device
+from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.run_utils import list_runs, new_run_folder, seed_everything
 
@@ -49,7 +49,7 @@ INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of t
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
-               "free_high_bit", "method", "sensitivity")
+               "free_high_bit", "method", "sensitivity", "input_size")
 
 
 def get_args_parser():
@@ -147,6 +147,9 @@ def get_args_parser():
                         "these flags when no folder is given")
     cli.bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
     add_method_args(p)
+    p.add_argument("--input_size", default=None, type=cli.input_size,
+                   help="image size in pixels (default: the dataset's, 224 or 32 for mnist5k); "
+                        "the cost table is traced at it")
     return p
 
 
@@ -205,6 +208,9 @@ def check_method_args(args):
     for name in ("sensitivity_images", "hessian_iters"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
+    if args.method == "ilp" and is_distributed():
+        raise UserError("--method ilp scores layers in one process; expected it without torchrun "
+                        "(ddpg and random run under torchrun)")
     if args.method == "ilp" and args.train_episode != 1:
         log.info("--method ilp evaluates one policy: one episode (--train_episode ignored)")
         args.train_episode = 1
@@ -218,8 +224,9 @@ def build_model(args, device):
     info = dataset_defaults(args.dataset, args.dataset_root)
     if args.width_mult is None and has_default_width(args.arch):
         args.width_mult = info.width_mult
+    args.input_size = args.input_size or info.input_size
     # linear mode: any model without a Q twin gets its layers swapped (lib/quantize/swap.py)
-    model = get_model(args.arch, num_classes=info.num_classes, input_size=info.input_size,
+    model = get_model(args.arch, num_classes=info.num_classes, input_size=args.input_size,
                       width_mult=args.width_mult, linear=args.linear_quantization)
     load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
     return model.to(device), info
@@ -229,34 +236,36 @@ def build_cost(args, model):
     """Linear mode's cost model: the simulator's table (cached) or the user's."""
     from lib.simulator import linear_cost_model
     return linear_cost_model(model, args.arch, args.dataset, args.hardware, args.cost,
-                             args.cost_batch, args.min_bit, args.max_bit, args.cost_table,
-                             args.width_mult)
+                             batch=args.cost_batch, min_bit=args.min_bit, max_bit=args.max_bit,
+                             cost_table=args.cost_table, width_mult=args.width_mult,
+                             input_size=args.input_size)
 
 
 def build_loaders(args):
-    """The search's two disjoint subsets of the train split (missing data fails here, first)."""
-    from lib.utils.data_utils import get_split_train_dataset
+    """The search's two disjoint subsets of the train split (missing data fails here, first).
+
+    Under torchrun each rank gets its shard (--data_bsize is the global batch).
+    """
+    from lib.utils.data_utils import get_search_data
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_worker = min(args.n_worker, cores or 1)
-    train_loader, val_loader, _ = get_split_train_dataset(
-        args.dataset, args.data_bsize, n_worker, val_size=args.val_size,
-        train_size=args.train_size, data_root=args.dataset_root)
-    return train_loader, val_loader
+    return get_search_data(args.dataset, args.data_bsize, n_worker, val_size=args.val_size,
+                           train_size=args.train_size, data_root=args.dataset_root,
+                           input_size=args.input_size, distributed=is_distributed())
 
 
 def build_env(args, model, info, loaders, device):
     from lib.env import (EnvConfig, FinetuneConfig, KMeansQuantizeEnv, LinearQuantizeEnv,
                          ShortFinetune)
-    train_loader, val_loader = loaders
-    evaluator = ShortFinetune(train_loader, val_loader, device, FinetuneConfig(
+    evaluator = ShortFinetune(loaders.train, loaders.val, device, FinetuneConfig(
         finetune_flag=args.finetune_flag, finetune_epoch=args.finetune_epoch,
         finetune_lr=args.finetune_lr, finetune_gamma=args.finetune_gamma, progress=args.progress))
     cfg = EnvConfig(preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
-                    float_bit=args.float_bit, input_size=info.input_size, use_top5=args.use_top5,
+                    float_bit=args.float_bit, input_size=args.input_size, use_top5=args.use_top5,
                     seed=args.seed)
     if args.linear_quantization:
         cost = build_cost(args, model)
-        return LinearQuantizeEnv(model, evaluator, cfg, cost, train_loader, device)
+        return LinearQuantizeEnv(model, evaluator, cfg, cost, loaders.calib, device)
     return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned,
                              free_high_bit=args.free_high_bit)
 
@@ -430,7 +439,8 @@ class Search:
                      "metric": args.cost, "hardware": args.hardware if args.linear_quantization
                      else None, "preserve_ratio": args.preserve_ratio, "dataset": args.dataset,
                      "width_mult": args.width_mult, "min_bit": args.min_bit,
-                     "max_bit": args.max_bit, "method": args.method}
+                     "max_bit": args.max_bit, "method": args.method,
+                     "input_size": args.input_size}
         if cost_table_of(env) is not None:   # DESIGN.md section 9
             self.meta["cost_table"] = cost_table_of(env)
         self.start, self.best, self.history = 0, None, []
@@ -554,11 +564,15 @@ def main(argv=None):
     check_args(args)
     check_method_args(args)
     seed_everything(args.seed)   # the only place seeds are set
-    device = resolve_device(args.device, gpu_index(args.gpu_id))
+    device, rank, _ = init_distributed(args.device, gpu_index(args.gpu_id))
+    setup_logging(verbose=args.debug, rank=rank)
     loaders = build_loaders(args)
     model, info = build_model(args, device)
     env = build_env(args, model, info, loaders, device)
     env.check_budget()
+    if rank != 0:   # torchrun: one agent and one set of outputs, on rank 0 (DESIGN.md 13)
+        env.run_follower(resumed=args.resume_search is not None)
+        return cleanup()
     agent = build_agent(args, env, device)
     if args.resume != "default":
         load_agent_weights(agent, args.resume)
@@ -571,9 +585,12 @@ def main(argv=None):
                  env.n_steps, acc, args.preserve_ratio, args.cost)
     log.info("output folder %s (%s)", out_dir, device)
     search = Search(args, env, agent, out_dir, state)
+    env.sync_from_main()
     if args.method == "ilp":
         plan_ilp(args, search)
     best = search.run()
+    env.release_followers()
+    cleanup()
     log.info("best: episode %d, accuracy %.2f%%, %s ratio %.4f, strategy %s", best["episode"],
              best["accuracy"], args.cost, best["cost_ratio"], json.dumps(best["policy"]))
     # stdout carries only the strategy path, so scripts can hand it to finetune.py.

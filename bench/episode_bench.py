@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rl_quantize  # noqa: E402  (the CLI's builders: same model, data and env as a search)
+from lib.utils.distributed import resolve_device  # noqa: E402
 from lib.utils.train import evaluate, train_one_epoch  # noqa: E402
 
 
@@ -52,8 +53,8 @@ def fp32_pass(args, loaders, device):
     opt = torch.optim.SGD(model.parameters(), lr=args.finetune_lr, momentum=0.9,
                           weight_decay=4e-5)
     start = time.perf_counter()
-    train_one_epoch(model, loaders[0], crit, opt, device, progress=False)
-    evaluate(model, loaders[1], crit, device, progress=False)
+    train_one_epoch(model, loaders.train, crit, opt, device, progress=False)
+    evaluate(model, loaders.val, crit, device, progress=False)
     return time.perf_counter() - start
 
 
@@ -117,7 +118,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     np.random.seed(234)
     torch.manual_seed(234)
-    device = rl_quantize.resolve_device(a.device)
+    device = resolve_device(a.device)
     modes = ["kmeans", "linear"] if a.mode == "both" else [a.mode]
     return {m: bench_mode(m, a, device) for m in modes}
 

@@ -152,7 +152,7 @@ def test_get_table_shapes_cache_and_rebuild(tmp_path, nets):
     rn = get_table("resnet50", "imagenet", "bitfusion", "energy", 16,
                    model=nets["resnet50"], cache_dir=tmp_path)
     assert rn.shape == (54, 8, 8)
-    path = tmp_path / "mobilenetv2_imagenet_batch16_bismo_edge_latency_table.npy"
+    path = tmp_path / "mobilenetv2_imagenet_224px_w1_batch16_bismo_edge_latency_table.npy"
     meta = json.loads(path.with_suffix(".meta.json").read_text())
     assert meta["unit"] == "ms" and len(meta["layers"]) == 53
     assert not list(tmp_path.glob("*.tmp"))

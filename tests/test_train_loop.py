@@ -70,3 +70,23 @@ def test_channels_last_model_gets_channels_last_batches_and_same_results():
     b = evaluate(fast, loader, ce, cpu, progress=False)
     assert seen and all(seen)
     assert abs(a["loss"] - b["loss"]) < 1e-4 and a["top1"] == b["top1"]
+
+
+def test_progress_lines_without_a_bar(monkeypatch, caplog):
+    """No bar (--no-progress or no terminal): a log line at least every PROGRESS_INTERVAL_S."""
+    import logging
+
+    import lib.utils.train as train
+    monkeypatch.setattr(train, "PROGRESS_INTERVAL_S", 0.0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.INFO, logger="lib.utils.train"):
+        train_one_epoch(model, _data(), nn.CrossEntropyLoss(), opt, torch.device("cpu"),
+                        progress=False, desc="tiny")
+        evaluate(model, _data(), nn.CrossEntropyLoss(), torch.device("cpu"), progress=True)
+    lines = [r.getMessage() for r in caplog.records]
+    # 4 batches each: a line after batches 1-3 (the epoch's own summary follows batch 4);
+    # pytest's stderr is no terminal, so progress=True shows no bar and logs too
+    assert [ln.split("  ")[0] for ln in lines] == [f"tiny: batch {i}/4" for i in (1, 2, 3)] + \
+        [f"eval: batch {i}/4" for i in (1, 2, 3)]
+    assert all("eta" in ln for ln in lines)

@@ -16,14 +16,24 @@ The base class owns layer discovery, the state embedding, action -> bits, the
 budget wall and the reward; a mode subclass only says how many actions a layer
 takes, how a policy is applied to the model, and what a policy costs. Nothing
 here knows about the agent: the CLI passes numpy states to it and actions back.
+
+Under torchrun (DESIGN.md section 13) the agent lives on rank 0 only. Every
+other rank builds the same env and calls :meth:`QuantizeEnv.follow`: rank 0
+broadcasts each episode's bits in :meth:`QuantizeEnv.finish_episode`, every
+rank applies them (the mode shares rank 0's K-Means codebooks or calibrated
+ranges), fine-tunes its shard under DDP and validates its shard, and the
+validation counts are all-reduced, so every rank scores the same accuracy.
 """
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lib.simulator.shapes import extract_layer_shapes
+from lib.utils.distributed import (broadcast_values, get_rank, is_distributed, model_tensors,
+                                   ranks_agree)
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
@@ -225,7 +235,12 @@ class QuantizeEnv:
         return self.embed(self.n_steps - 1, bits), info["reward"], True, info
 
     def finish_episode(self, raw_bits):
-        """Pins, wall, evaluation and reward of a complete episode's bits."""
+        """Pins, wall, evaluation and reward of a complete episode's bits.
+
+        Under torchrun rank 0's bits are sent to the followers first (see :meth:`follow`).
+        """
+        if is_distributed() and get_rank() == 0:
+            self._send_episode(raw_bits)
         bits = list(raw_bits)
         for i, b in self.pins.items():
             bits[i] = b
@@ -258,13 +273,73 @@ class QuantizeEnv:
         return self.org_acc
 
     def state_dict(self):
-        """What a resumed search needs from the env (its generator and acc_original).
+        """What a resumed search needs from the env (its generator, acc_original and the
+        evaluator's pass counter, which orders the sharded training data).
 
         Plain dicts, ints and floats, so the search state loads with weights_only=True.
         """
         org_acc = None if self.org_acc is None else float(self.org_acc)
-        return {"rng": self.rng.bit_generator.state, "org_acc": org_acc}
+        state = {"rng": self.rng.bit_generator.state, "org_acc": org_acc}
+        if hasattr(self.evaluator, "state_dict"):
+            state["evaluator"] = self.evaluator.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state["rng"]
         self.org_acc = state["org_acc"]
+        if "evaluator" in state and hasattr(self.evaluator, "load_state_dict"):
+            self.evaluator.load_state_dict(state["evaluator"])
+
+    # ------------------------------------------------------------ torchrun
+    def _send_episode(self, raw_bits):
+        """Rank 0: tell the followers to evaluate ``raw_bits`` (flag 1 + one value per step)."""
+        broadcast_values([1] + [int(b) for b in raw_bits], dtype=torch.int64)
+
+    def release_followers(self):
+        """Rank 0, at the end of a search: the followers' :meth:`follow` returns."""
+        if is_distributed() and get_rank() == 0:
+            broadcast_values([0] * (self.n_steps + 1), dtype=torch.int64)
+
+    def sync_from_main(self):
+        """Every rank: take rank 0's acc_original and evaluator state (after a resume there)."""
+        if not is_distributed():
+            return
+        org = -1.0 if self.org_acc is None else float(self.org_acc)
+        org = broadcast_values([org])[0]
+        self.org_acc = org if org >= 0 else None
+        if hasattr(self.evaluator, "sync_from_main"):
+            self.evaluator.sync_from_main()
+
+    def run_follower(self, resumed=False):
+        """A rank > 0's whole search: the same collectives as rank 0, in the same order.
+
+        Rank 0 measures acc_original (unless it resumes), loads any saved state,
+        then evaluates its episodes; this rank joins each of those steps.
+        """
+        if not resumed:
+            self.measure_original()
+        self.sync_from_main()
+        return self.follow()
+
+    def follow(self):
+        """Ranks > 0: evaluate every episode rank 0 announces, until it releases them.
+
+        Returns the number of episodes evaluated. Each rank logs its own line per
+        episode so the logs show that all ranks applied the same policy and scored
+        the same accuracy.
+        """
+        log.setLevel(logging.INFO)   # this rank's root logger shows warnings only
+        done = 0
+        while True:
+            msg = broadcast_values([0] * (self.n_steps + 1), dtype=torch.int64)
+            if not msg[0]:
+                return done
+            info = self.finish_episode([int(b) for b in msg[1:]])
+            done += 1
+            log.info("rank %d: policy %s accuracy %.4f", get_rank(), info["policy"],
+                     info["accuracy"])
+
+    def check_ranks_agree(self, what):
+        """Raise unless every rank holds the same model (after rank 0's quantization is shared)."""
+        if is_distributed() and not ranks_agree(model_tensors(self.model)):
+            raise RuntimeError(f"ranks hold different models after {what}")

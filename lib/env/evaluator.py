@@ -5,6 +5,10 @@ After a policy is applied, the model is fine-tuned for ``finetune_epoch`` epochs
 weight decay 4e-5, lr ``finetune_lr * finetune_gamma ** epoch``) and validated on
 the search's held-out validation subset. Both passes are the project's one
 training loop and one validation loop (lib.utils.train).
+
+Under torchrun the fine-tune runs as DDP over each rank's shard of the training
+subset (DistributedSampler, reshuffled every pass) and validation counts each
+rank's shard once, all-reduced: every rank returns the same metrics.
 """
 import contextlib
 import logging
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lib.utils.distributed import broadcast_values, is_distributed, sync_buffers
 from lib.utils.train import evaluate, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,37 @@ class ShortFinetune:
         self.cfg = config or FinetuneConfig()
         self.criterion = nn.CrossEntropyLoss()
         self.timings = {"finetune": 0.0, "validate": 0.0}   # seconds, for bench/episode_bench.py
+        self.passes = 0      # training passes so far: the DistributedSampler's epoch
+        self._ddp = None
+
+    def state_dict(self):
+        return {"passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.passes = int(state["passes"])
+
+    def sync_from_main(self):
+        self.passes = int(broadcast_values([self.passes])[0])
+
+    def _net(self, model):
+        """``model`` itself, or (torchrun) its DDP wrapper, built once and reused.
+
+        A Q layer with an unquantized input (linear mode's first layer, a_bit = -1)
+        leaves its activation_range out of the forward pass, which DDP must be told.
+        """
+        if not is_distributed():
+            return model
+        if self._ddp is None or self._ddp.module is not model:
+            unused = any(getattr(m, "a_bit", 1) <= 0 for m in model.modules()
+                         if hasattr(m, "activation_range"))
+            self._ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
+        return self._ddp
+
+    def _next_pass(self):
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.passes)
+        self.passes += 1
 
     def validate(self, model):
         start = time.perf_counter()
@@ -70,11 +106,13 @@ class ShortFinetune:
             for group in optimizer.param_groups:
                 group["lr"] = self.cfg.finetune_lr * self.cfg.finetune_gamma ** epoch
             start = time.perf_counter()
-            stats = train_one_epoch(model, self.train_loader, self.criterion, optimizer,
+            self._next_pass()
+            stats = train_one_epoch(self._net(model), self.train_loader, self.criterion, optimizer,
                                     self.device, epoch=epoch, step_hook=step_hook,
                                     max_batches=self.cfg.max_train_batches,
                                     progress=self.cfg.progress, desc="search finetune")
             self.timings["finetune"] += time.perf_counter() - start
+            sync_buffers(model)   # rank 0's BN statistics: every rank validates the same model
             nonfinite = nonfinite or stats["nonfinite"]
             if not _finite_weights(model):
                 log.warning("fine-tune left non-finite weights; scoring the episode as 0%%")

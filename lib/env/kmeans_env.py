@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from lib.quantize.kmeans import CentroidSharer, fully_quantized
+from lib.quantize.kmeans import CentroidSharer, Codebook, fully_quantized
 from lib.quantize.policy import apply_kmeans_policy
 from lib.simulator.costs import SizeCost
+from lib.utils.distributed import broadcast_tensors, broadcast_values, get_rank, is_distributed
 
 from .base import QuantizeEnv
 
@@ -63,15 +64,54 @@ class KMeansQuantizeEnv(QuantizeEnv):
         start = time.perf_counter()
         # One seed per episode from the env's own generator: reproducible and resumable.
         seed = int(self.rng.integers(2 ** 31 - 1))
-        codebooks = apply_kmeans_policy(self.model, policy, n_iter=self.n_iter,
-                                        method=self.method, is_pruned=self.is_pruned, seed=seed)
+        codebooks = None
+        if get_rank() == 0:
+            codebooks = apply_kmeans_policy(self.model, policy, n_iter=self.n_iter,
+                                            method=self.method, is_pruned=self.is_pruned,
+                                            seed=seed)
+        if is_distributed():
+            codebooks = self.share_codebooks(codebooks, policy)
+            self.check_ranks_agree("K-Means")
         sharer = CentroidSharer(self.model, codebooks, free_high_bit=self.free_high_bit)
         self.timings["quantize"] += time.perf_counter() - start
         free = sharer.free_layers()
 
         def scoring():
             # Every validation sees the free layers clustered again (the search's k-means).
+            # Under torchrun every rank clusters its own copy: DDP keeps the weights equal
+            # and the seed is shared, so the ranks get the same clusters.
             return fully_quantized(self.model, free, n_iter=self.n_iter, method=self.method,
                                    is_pruned=self.is_pruned, seed=seed)
 
         return self.evaluator.finetune(self.model, step_hook=sharer.step, scoring=scoring)
+
+    def share_codebooks(self, codebooks, policy):
+        """Rank 0's K-Means result on every rank: clustered once, then broadcast.
+
+        Clustering on every rank would give the same result on CPUs, but not
+        reliably on GPUs (atomic adds), and labels that disagree across ranks would
+        break the centroid sharing under DDP. Sent: per layer the centroid count and
+        label dtype, then the centroids, labels and quantized weight.
+        """
+        modules = dict(self.model.named_modules())
+        dtypes = (torch.uint8, torch.int16, torch.int32, torch.int64)
+        header = [0] * (2 * len(self.layer_names))
+        if codebooks is not None:
+            header = [v for name in self.layer_names for v in
+                      (codebooks[name].centroids.numel(), dtypes.index(codebooks[name].labels.dtype))]
+        header = broadcast_values(header, dtype=torch.int64)
+        shared = {}
+        for i, name in enumerate(self.layer_names):
+            weight = modules[name].weight
+            n, dtype = int(header[2 * i]), dtypes[int(header[2 * i + 1])]
+            if codebooks is None:
+                cb = Codebook(torch.empty(n), torch.empty(weight.numel(), dtype=dtype),
+                              int(policy[i]), self.is_pruned)
+            else:
+                cb = codebooks[name]
+            # labels travel as int32: not every backend broadcasts 8/16-bit integers
+            labels = cb.labels.to(torch.int32)
+            broadcast_tensors([cb.centroids, labels, weight.data])
+            cb.labels = labels.to(dtype)
+            shared[name] = cb
+        return shared

@@ -15,8 +15,9 @@ difference (README, "Where this differs from the released code").
 import logging
 import time
 
-from lib.quantize.linear import calibrate
+from lib.quantize.linear import calibrate, quant_layers
 from lib.quantize.policy import apply_linear_policy
+from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed
 
 from .base import QuantizeEnv
 
@@ -60,9 +61,18 @@ class LinearQuantizeEnv(QuantizeEnv):
         self.restore_weights()
         start = time.perf_counter()
         apply_linear_policy(self.model, policy)
-        calibrate(self.model, self.calib_loader, self.device)
+        self.calibrate()
         self.timings["quantize"] += time.perf_counter() - start
         return self.evaluator.finetune(self.model)
+
+    def calibrate(self):
+        """Set the ranges on one batch: on rank 0, then broadcast (every rank the same ranges)."""
+        if get_rank() == 0:
+            calibrate(self.model, self.calib_loader, self.device)
+        if is_distributed():
+            broadcast_tensors([t for m in quant_layers(self.model)
+                               for t in (m.weight_range, m.activation_range)])
+            self.check_ranks_agree("calibration")
 
     def unquantize(self):
         """Back to float (w_bit = a_bit = -1 everywhere), e.g. to measure acc_original."""

@@ -56,8 +56,9 @@ def cost_model_for(strategy):
 
     arch, dataset, linear = strategy["arch"], strategy.get("dataset", "imagenet"), \
         strategy["mode"] == "linear"
-    model = get_model(arch, linear=linear,
-                      **model_kwargs_for(arch, dataset, None, strategy.get("width_mult")))
+    kwargs = model_kwargs_for(arch, dataset, None, strategy.get("width_mult"),
+                              strategy.get("input_size"))
+    model = get_model(arch, linear=linear, **kwargs)
     layers = quantizable_layers(model, linear=linear)
     if not linear:
         return SizeCost([m.weight.numel() for _, m in layers]), [n for n, _ in layers]
@@ -65,7 +66,7 @@ def cost_model_for(strategy):
     cost = linear_cost_model(model, arch, dataset, strategy["hardware"], strategy["metric"],
                              min_bit=strategy.get("min_bit", 1), max_bit=strategy.get("max_bit", 8),
                              cost_table=table, width_mult=strategy.get("width_mult"),
-                             cost_table_sha256=sha256)
+                             cost_table_sha256=sha256, input_size=kwargs["input_size"])
     return cost, [n for n, _ in layers]
 
 

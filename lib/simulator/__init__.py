@@ -23,7 +23,7 @@ Tables (``tables.py``)
                                    -> ndarray (n_layers, max_bit, max_bit), [layer, w-1, a-1];
     ``get_table(arch, dataset, hardware, metric, batch, model=None, input_size=None, ...)``
                                    cached in lookup_tables/ as
-                                   {arch}_{dataset}_batch{B}_{hardware}_{metric}_table.npy;
+                                   {arch}_{dataset}_{size}px_w{width}_batch{B}_{hardware}_{metric}_table.npy;
     ``load_user_table(path, n_layers, max_bit=8)``  a measured table (``--cost_table``)
                                    and its {path, sha256} record;
     ``UNITS``: latency in ms, energy in mJ, size in bits (cycles: ``LayerCost.cycles``).

@@ -37,8 +37,9 @@ def get_args_parser():
     p.add_argument("--metric", default="latency", help=f"one of: {', '.join(METRICS)}")
     p.add_argument("--batch", type=cli.positive_int, default=16,
                    help="batch size the table is built for")
-    p.add_argument("--input_size", type=cli.number(int, 8, 4096), default=None,
-                   help="input pixels, 8..4096 (default: the dataset's)")
+    p.add_argument("--input_size", type=cli.input_size, default=None,
+                   help="image size the layers are traced at, 8..1024 (default: the dataset's, 224 "
+                        "or 32 for mnist5k); <= 64 px uses the CIFAR-style stem")
     p.add_argument("--width_mult", type=cli.width_mult, default=None,
                    help="MobileNet width (default 1.0)")
     p.add_argument("--max_bit", type=cli.number(int, 8, 16), default=8,
@@ -137,7 +138,7 @@ def main(argv=None):
                       width_mult=args.width_mult)
     table = get_table(args.arch, args.dataset, hw, args.metric, args.batch, model=model,
                       input_size=size, cache_dir=args.cache_dir, max_bit=args.max_bit,
-                      rebuild=args.rebuild)
+                      rebuild=args.rebuild, width_mult=args.width_mult)
     shapes = extract_layer_shapes(model, size, batch=args.batch)
     print(f"{args.arch} on {args.dataset} at {size}px, batch {args.batch}; {hw.name} {args.metric} "
           f"({UNITS[args.metric]}); table {tuple(table.shape)} indexed [layer, w-1, a-1]")
@@ -145,7 +146,7 @@ def main(argv=None):
     print("\n".join(summarize(shapes, table, hw, args.metric, args.top)))
     if not args.no_plot:
         path = args.plot or table_path(args.arch, args.dataset, hw, args.metric, args.batch,
-                                       args.cache_dir).with_suffix(".png")
+                                       args.cache_dir, size, args.width_mult).with_suffix(".png")
         written = plot_layers(table, shapes, path,
                               f"{args.arch} {hw.name} {args.metric}, batch {args.batch}",
                               UNITS[args.metric])

@@ -112,14 +112,16 @@ class TableCost:
 
 
 def linear_cost_model(model, arch, dataset, hardware, metric, batch=16, min_bit=1, max_bit=8,
-                      cost_table=None, width_mult=None, cost_table_sha256=None):
+                      cost_table=None, width_mult=None, cost_table_sha256=None,
+                      input_size=None):
     """The linear-mode TableCost of ``model``: a user's .npy table, or the simulator's (cached).
 
     A user table is recorded in the cost model's ``source`` (path and sha256); with
     ``cost_table_sha256`` (a recorded table) it must still have that content.
 
     The model itself is traced (not rebuilt from its name) so a reduced width is costed as
-    such; pinned layers are 8-bit whatever ``max_bit`` is, so the table has >= 8 bits.
+    such, at ``input_size`` (default: the dataset's); pinned layers are 8-bit whatever
+    ``max_bit`` is, so the table has >= 8 bits.
     """
     from lib.simulator.tables import get_table, load_user_table
     from lib.utils.layers import quantizable_layers
@@ -130,6 +132,6 @@ def linear_cost_model(model, arch, dataset, hardware, metric, batch=16, min_bit=
                                         table_bits, expected_sha256=cost_table_sha256)
     else:
         table = get_table(arch, dataset, hardware, metric, batch, model=model, max_bit=table_bits,
-                          linear=True, width_mult=width_mult)
+                          linear=True, width_mult=width_mult, input_size=input_size)
     return TableCost(table, min_bit=min_bit, max_bit=table_bits, float_bit=8, metric=metric,
                      source=source)

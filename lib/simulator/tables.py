@@ -3,7 +3,9 @@
 A table has shape ``(n_layers, max_bit, max_bit)`` and is indexed
 ``[layer, w_bit - 1, a_bit - 1]`` (DESIGN.md section 5), the format of the table
 the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are cached as
-``lookup_tables/{arch}_{dataset}_batch{B}_{hardware}_{metric}_table.npy``.
+``lookup_tables/{arch}_{dataset}_{size}px_w{width}_batch{B}_{hardware}_{metric}_table.npy``
+(DESIGN.md section 7: the name carries everything that changes the table, so
+tables of different sizes or widths never overwrite each other).
 """
 import hashlib
 import io
@@ -69,11 +71,15 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
     return table
 
 
-def table_path(arch, dataset, hardware, metric, batch, cache_dir=CACHE_DIR):
-    """Cache file of a table (DESIGN.md section 5 naming; a dataset folder by its last component)."""
+def table_path(arch, dataset, hardware, metric, batch, cache_dir=CACHE_DIR, input_size=224,
+                width_mult=None):
+    """Cache file of a table: arch, dataset (an ImageFolder path by its last component), input
+    size, width, batch, hardware and metric."""
     from lib.utils.data_utils import dataset_label
     name = getattr(hardware, "name", hardware)
-    return Path(cache_dir) / f"{arch}_{dataset_label(dataset)}_batch{batch}_{name}_{metric}_table.npy"
+    width = 1.0 if width_mult is None else float(width_mult)
+    return Path(cache_dir) / (f"{arch}_{dataset_label(dataset)}_{input_size}px_w{width:g}_"
+                              f"batch{batch}_{name}_{metric}_table.npy")
 
 
 def save_table(table, path, meta=None):
@@ -123,13 +129,15 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
     The cache is keyed by the DESIGN.md file name plus a ``.meta.json`` sidecar
     holding a fingerprint of the layer shapes and hardware, so a table built for
     another width, input size or simulator version is rebuilt rather than reused.
-    ``input_size`` defaults to the dataset's.
+    ``input_size`` defaults to the dataset's; ``width_mult`` names the MobileNet width
+    (of ``model`` when given) in the cache file.
     """
-    from lib.utils.data_utils import dataset_info
     hw = get_hardware(hardware)
     check_metric(hw, metric)
-    num_classes, default_size = dataset_info(dataset)
-    input_size = input_size or default_size
+    if input_size is None or model is None:
+        from lib.utils.data_utils import dataset_info
+        num_classes, default_size = dataset_info(dataset)
+        input_size = input_size or default_size
     if model is None:
         from models import get_model
         model = get_model(arch, num_classes=num_classes, input_size=input_size,
@@ -137,7 +145,7 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
 
     start = time.perf_counter()
     shapes = extract_layer_shapes(model, input_size, batch=batch, linear=linear)
-    path = table_path(arch, dataset, hw, metric, batch, cache_dir)
+    path = table_path(arch, dataset, hw, metric, batch, cache_dir, input_size, width_mult)
     key = fingerprint(shapes, hw, metric, max_bit)
     table = None if rebuild else _cached(path, key)
     if table is not None:
@@ -146,6 +154,7 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
     table = build_table(shapes, hw, metric, max_bit=max_bit)
     meta = {"fingerprint": key, "arch": arch, "dataset": dataset, "hardware": hw.name,
             "metric": metric, "unit": UNITS[metric], "batch": batch, "input_size": input_size,
+            "width_mult": width_mult,
             "index": "[layer, w_bit-1, a_bit-1]", "layers": [s.name for s in shapes]}
     save_table(table, path, meta)
     log.info("built %s table %s in %.2f s", metric, path, time.perf_counter() - start)

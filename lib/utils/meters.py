@@ -18,6 +18,12 @@ class AverageMeter:
         self.count += n
         self.avg = self.sum / max(self.count, 1)
 
+    def add(self, total, n):
+        """Add a batch's ``total`` over ``n`` items (exact when totals are whole numbers)."""
+        self.sum += float(total)
+        self.count += int(n)
+        self.avg = self.sum / max(self.count, 1)
+
 
 @torch.no_grad()
 def accuracy(output, target, topk=(1,)):
@@ -27,3 +33,15 @@ def accuracy(output, target, topk=(1,)):
     correct = pred.t().eq(target.view(1, -1))
     return [correct[:min(k, maxk)].reshape(-1).float().sum().mul_(100.0 / target.size(0)).item()
             for k in topk]
+
+
+@torch.no_grad()
+def correct_counts(output, target, topk=(1,)):
+    """How many samples have their target among the top k predictions, per k (ints).
+
+    Counts, unlike percentages, add up exactly over batches and over ranks.
+    """
+    maxk = min(max(topk), output.size(1))
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.view(1, -1))
+    return [int(correct[:min(k, maxk)].sum().item()) for k in topk]

@@ -18,18 +18,20 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def model_kwargs_for(arch, dataset, data_root=None, width_mult=None):
+def model_kwargs_for(arch, dataset, data_root=None, width_mult=None, input_size=None):
     """``get_model`` keyword arguments for ``arch`` trained on ``dataset``.
 
     Our MobileNets (and their Q twins) take the dataset's default width (0.5 on mnist5k)
     unless ``width_mult`` says otherwise; other archs (torchvision's mobilenet_v3_small
-    included) get no width unless one is asked for.
+    included) get no width unless one is asked for. ``input_size`` (``--input_size``)
+    defaults to the dataset's (224, or 32 for mnist5k).
     """
     info = dataset_defaults(dataset, data_root)
     width = width_mult
     if width is None and has_default_width(arch):
         width = info.width_mult
-    return dict(num_classes=info.num_classes, input_size=info.input_size, width_mult=width)
+    return dict(num_classes=info.num_classes, input_size=input_size or info.input_size,
+                width_mult=width)
 
 
 WIDTH_ARCHS = ("mobilenet", "qmobilenet", "mobilenetv2", "qmobilenetv2")
