@@ -243,7 +243,7 @@ def test_dataset_given_as_a_path_names_files_by_its_last_component(tmp_path, mon
         assert os.path.basename(default_pretrained_path("mobilenetv2", given)) == \
             "mobilenetv2_foo.pth.tar"
         assert table_path("qmobilenetv2", given, "bismo_cloud", "latency", 1, tmp_path).name == \
-            "qmobilenetv2_foo_batch1_bismo_cloud_latency_table.npy"
+            "qmobilenetv2_foo_224px_w1_batch1_bismo_cloud_latency_table.npy"
         assert base_name(argparse.Namespace(arch="qmobilenetv2", dataset=given, suffix=None)) == \
             "qmobilenetv2_foo"
         setup = argparse.Namespace(arch="mobilenetv2", dataset=given, mode="linear")

@@ -71,7 +71,7 @@ def test_distributed_validation_counts_every_image_once(tmp_path):
 class _RecordingEvaluator:
     """Stands in for the fine-tune: keeps the quantized model and the sharer's codebooks."""
 
-    def finetune(self, model, step_hook=None):
+    def finetune(self, model, step_hook=None, scoring=None):
         self.state = {k: v.clone() for k, v in model.state_dict().items()}
         self.codebooks = getattr(getattr(step_hook, "__self__", None), "codebooks", None)
         return {"top1": 0.0, "top5": 0.0, "loss": 0.0, "nonfinite": False}
