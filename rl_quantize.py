@@ -48,7 +48,8 @@ RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_
 
 def get_args_parser():
     p = ArgumentParser(description="HAQ: hardware-aware automated quantization (RL search)")
-    p.add_argument("--suffix", default=None, type=str, help="suffix of the output folder name")
+    p.add_argument("--suffix", default=None, type=cli.name_part,
+                   help="suffix of the output folder name (letters, digits, '.', '_', '-')")
     # environment
     p.add_argument("--dataset", default="imagenet", type=str,
                    help="imagenet, imagenet100, mnist5k or an ImageFolder root")
