@@ -169,6 +169,10 @@ def check_args(args):
         raise UserError("--window_length: expected 1 (a state is one layer's embedding)")
     if args.cost is None:
         args.cost = "latency" if args.linear_quantization else "size"
+    if not args.linear_quantization and args.cost_table is not None:
+        raise UserError(f"--cost_table {args.cost_table} is a latency/energy table, which K-Means "
+                        "mode does not use (it budgets the model size); expected "
+                        "--linear_quantization with it, or no --cost_table")
     if not args.linear_quantization and args.cost != "size":
         raise UserError(f"--cost {args.cost} needs activation bits; expected --cost size with "
                         "K-Means, or --linear_quantization")

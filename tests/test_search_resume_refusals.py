@@ -130,3 +130,13 @@ def test_suffix_is_one_folder_name(tiny_pretrained, tmp_path, capsys, suffix):
     last = _refused(_argv(tiny_pretrained[0], out) + ["--suffix", suffix], capsys)
     assert last.startswith("error: ") and "argument --suffix" in last and suffix in last, last
     assert os.listdir(tmp_path) == []   # no folder made, inside --output or out of it
+
+
+def test_kmeans_search_refuses_a_cost_table_it_would_ignore(tiny_pretrained, tmp_path, capsys):
+    """K-Means budgets the size; a user's latency table there was silently unused."""
+    table = tmp_path / "table.npy"
+    table.write_bytes(b"")
+    out = tmp_path / "out"
+    last = _refused(_argv(tiny_pretrained[0], out) + ["--cost_table", str(table)], capsys)
+    assert last.startswith("error: --cost_table") and "--linear_quantization" in last, last
+    assert not out.exists()
