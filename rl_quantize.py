@@ -420,8 +420,9 @@ class Search:
             set_rng_states(state["rng"])
             start, best, history = int(state["episode"]), state["best"], list(state["history"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()),
-                          type(exc).__name__)
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            # torch's "Error(s) in loading state_dict for Actor:" says why on the next line
+            reason = next((ln for ln in lines if not ln.endswith(":")), type(exc).__name__)
             raise UserError(f"--resume_search: the state in '{self.out}' does not fit this "
                             f"search ({type(exc).__name__}: {reason[:160]}); expected the "
                             "state of a search with the same model and flags") from exc

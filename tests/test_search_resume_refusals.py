@@ -96,7 +96,7 @@ def _bad_history(state):
 @pytest.mark.parametrize("edit,expected", [
     (_older_format, "not a search state of this version"),
     (_unrecorded_flag, "records no --finetune_lr"),
-    (_bigger_agent, "does not fit this search"),
+    (_bigger_agent, "size mismatch for fc1.weight"),
     (_other_memory, "does not fit this search"),
     (_bad_history, "inconsistent"),
 ])
