@@ -247,7 +247,15 @@ def build_agent(args, env, device):
                      rmsize=args.rmsize, tau=args.tau, init_delta=args.init_delta,
                      delta_decay=args.delta_decay, init_w=args.init_w)
     # rmsize x #layers transitions, as released (not x steps: linear mode takes 2 per layer)
-    return DDPG(env.state_dim, len(env.layers), cfg, device=device, seed=args.seed)
+    try:
+        return DDPG(env.state_dim, len(env.layers), cfg, device=device, seed=args.seed)
+    except (MemoryError, RuntimeError) as exc:   # numpy's / torch's failed allocation
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise UserError(f"the agent does not fit in memory (--rmsize {args.rmsize} x "
+                        f"{len(env.layers)} layers of replay memory, --hidden1 {args.hidden1}, "
+                        f"--hidden2 {args.hidden2}); expected smaller values (released: 128, "
+                        "300, 300)") from exc
 
 
 def load_agent_weights(agent, path):

@@ -140,3 +140,11 @@ def test_kmeans_search_refuses_a_cost_table_it_would_ignore(tiny_pretrained, tmp
     last = _refused(_argv(tiny_pretrained[0], out) + ["--cost_table", str(table)], capsys)
     assert last.startswith("error: --cost_table") and "--linear_quantization" in last, last
     assert not out.exists()
+
+
+def test_an_agent_too_big_for_memory_is_a_one_line_error(tiny_pretrained, tmp_path, capsys):
+    """--rmsize at its parse-time maximum asks numpy for terabytes: refused, nothing written."""
+    out = tmp_path / "out"
+    last = _refused(_argv(tiny_pretrained[0], out) + ["--rmsize", "2147483647"], capsys)
+    assert last.startswith("error: the agent does not fit in memory (--rmsize 2147483647"), last
+    assert not out.exists()
