@@ -37,7 +37,7 @@ PLOT_INTERVAL_S = 60
 LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
 # Flags a resumed search must share with the one it continues.
 FLOAT_BIT = cli.number(int, 1, 32)
-HIDDEN = cli.number(int, 1, 65536)
+HIDDEN = cli.number(int, 1, 4096)       # released 300; 65536 asked for ~70 GB of weights
 SIGMA = cli.number(float, 0.0, 10.0)                  # exploration sigma; 0 = none
 INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of the last layers
 # Every flag that changes what the search does (the environment, the agent, the short
