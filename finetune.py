@@ -178,7 +178,47 @@ def _arch_for_mode(arch, mode):
     return arch
 
 
+CKPT_EXPECTED = "expected a checkpoint written by finetune.py"
+
+
+def _positive_int(value):
+    return type(value) is int and value > 0
+
+
+def check_finetune_checkpoint(path, ckpt, evaluate):
+    """UserError unless ``ckpt`` has the fields of a finetune.py checkpoint, well typed.
+
+    Checked before any model is built, so an edited or older file is a one-line error
+    naming the field, not a KeyError or TypeError deep in model construction or logging.
+    """
+    def bad(field, value):
+        raise UserError(f"--resume '{path}': '{field}' is {value!r}; {CKPT_EXPECTED}")
+    if ckpt.get("mode") not in ("kmeans", "linear"):
+        bad("mode", ckpt.get("mode"))
+    kwargs = ckpt.get("model_kwargs")
+    if not isinstance(kwargs, dict) or not _positive_int(kwargs.get("num_classes")) or not (
+            kwargs.get("input_size") is None or _positive_int(kwargs.get("input_size"))):
+        bad("model_kwargs", kwargs)
+    width = kwargs.get("width_mult")
+    if width is not None and (type(width) not in (int, float) or not 0 < width <= 8):
+        bad("model_kwargs", kwargs)
+    if not isinstance(ckpt.get("arch"), str):
+        bad("arch", ckpt.get("arch"))
+    epoch = ckpt.get("epoch")
+    if type(epoch) is not int or epoch < 0:
+        bad("epoch", epoch)
+    codebooks = ckpt.get("codebooks")
+    if codebooks is not None and not (isinstance(codebooks, dict) and all(
+            isinstance(c, dict) for c in codebooks.values())):
+        bad("codebooks", type(codebooks).__name__ if not isinstance(codebooks, dict)
+            else "a dict with non-dict entries")
+    if not evaluate and not isinstance(ckpt.get("optimizer"), dict):
+        raise UserError(f"--resume '{path}' holds no optimizer state, so training cannot "
+                        f"continue from it; {CKPT_EXPECTED}, or -e to evaluate it")
+
+
 def _setup_from_checkpoint(args, ckpt):
+    check_finetune_checkpoint(args.resume, ckpt, args.evaluate)
     mode = ckpt["mode"]
     if args.linear_quantization is not None and args.linear_quantization != (mode == "linear"):
         raise UserError(f"--resume '{args.resume}' holds a {mode}-mode model; expected "
@@ -385,13 +425,27 @@ class Finetune:
             apply_linear_policy(self.model, self.setup.strategy["strategy"])
             self.adopt_recorded_ranges(ckpt)
         elif ckpt.get("codebooks") is not None:
-            self.codebooks = load_codebooks(ckpt["codebooks"])
+            self.codebooks = self.recorded_codebooks(ckpt["codebooks"])
         for key in ("fp32_top1", "quant_top1"):
             self.results[key] = ckpt.get(key)
         self.results["best_top1"] = ckpt.get("best_acc", 0.0)
         self.wrap_ddp()
         log.info("loaded %s (epoch %d, recorded top1 %.2f)", self.args.resume, ckpt["epoch"],
                  ckpt.get("acc", float("nan")))
+
+    def recorded_codebooks(self, state):
+        """The checkpoint's codebooks, each for a layer of this model; UserError otherwise."""
+        unknown = [n for n in state if n not in self.setup.layer_names]
+        if unknown:
+            raise UserError(f"--resume '{self.args.resume}' holds codebooks of layers this "
+                            f"model lacks ({', '.join(map(repr, unknown[:4]))}); "
+                            f"{CKPT_EXPECTED}")
+        try:
+            return load_codebooks(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"--resume '{self.args.resume}' holds codebooks that cannot be "
+                            f"read ({type(exc).__name__}: {str(exc)[:120]}); "
+                            f"{CKPT_EXPECTED}") from exc
 
     def prepare_foreign(self):
         """Evaluation of other weights (e.g. a released checkpoint) under the given policy."""
@@ -463,12 +517,17 @@ class Finetune:
                 "fp32_top1": self.results["fp32_top1"], "quant_top1": self.results["quant_top1"],
                 "args": vars(self.args)}
 
-    def train(self, writer, logger):
-        args = self.args
+    def resumed_optimizer(self):
+        """SGD with the resumed checkpoint's state (before any output is written), or fresh."""
         optimizer = self.optimizer()
+        if self.setup.ckpt is not None:
+            self.load_optimizer(optimizer, self.setup.ckpt["optimizer"])
+        return optimizer
+
+    def train(self, writer, logger, optimizer):
+        args = self.args
         start_epoch = args.start_epoch
         if self.setup.ckpt is not None:
-            optimizer.load_state_dict(self.setup.ckpt["optimizer"])
             start_epoch = self.setup.ckpt["epoch"]
         lr_at = make_lr_schedule(args.lr_type, args.lr, args.epochs, args.warmup_epoch,
                                  args.gamma, args.schedule)
@@ -499,6 +558,14 @@ class Finetune:
                 self.report_epoch(epoch, optimizer, tr, final, writer, logger, note)
                 self.save(epoch + 1, final["top1"], optimizer)
         return final
+
+    def load_optimizer(self, optimizer, state):
+        """The resumed checkpoint's SGD state; UserError when it belongs to another model."""
+        try:
+            optimizer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"--resume '{self.args.resume}': its optimizer state does not fit "
+                            f"this model ({str(exc)[:120]}); {CKPT_EXPECTED}") from exc
 
     def report_epoch(self, epoch, optimizer, tr, va, writer, logger, note=""):
         lr = optimizer.param_groups[0]["lr"]
@@ -573,6 +640,7 @@ def run_training(run, start):
         run.prepare_resumed()
     else:
         run.prepare_fresh()
+    optimizer = run.resumed_optimizer()
     writer = logger = None
     resumed = run.setup.ckpt is not None
     if run.rank == 0:
@@ -587,7 +655,7 @@ def run_training(run, start):
             writer.add_scalar("val/top1", q, 0)
             if run.results["fp32_top1"] is not None:
                 writer.add_scalar("val/fp32_top1", run.results["fp32_top1"], 0)
-    final = run.train(writer, logger)
+    final = run.train(writer, logger, optimizer)
     out = None
     if run.rank == 0:
         writer.close()

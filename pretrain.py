@@ -10,6 +10,7 @@ SGD + cosine schedule, TensorBoard + log.txt, checkpoint/resume, runs under
 """
 import argparse
 import logging
+import math
 import os
 import time
 
@@ -133,6 +134,50 @@ def ema_update(decay):
     return update
 
 
+RESUME_EXPECTED = "expected a checkpoint written by an earlier pretrain.py run of this --arch"
+
+
+def _resume_fields(output, ckpt):
+    """(weights, epoch, best_acc) of a pretrain.py checkpoint; UserError naming what is wrong."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("optimizer"), dict):
+        raise UserError(f"--resume: '{output}' holds no optimizer state (a weights-only file?); "
+                        f"{RESUME_EXPECTED}")
+    epoch, best = ckpt.get("epoch"), ckpt.get("best_acc", 0.0)
+    if type(epoch) is not int or epoch < 0:
+        raise UserError(f"--resume: '{output}' records epoch {epoch!r}; {RESUME_EXPECTED}")
+    if type(best) not in (int, float) or not math.isfinite(best):
+        raise UserError(f"--resume: '{output}' records best_acc {best!r}; {RESUME_EXPECTED}")
+    weights = ckpt.get("train_state_dict", ckpt.get("state_dict"))
+    if not isinstance(weights, dict):
+        raise UserError(f"--resume: '{output}' holds no state_dict; {RESUME_EXPECTED}")
+    return weights, epoch, float(best)
+
+
+def resume_from(output, model, optimizer, ema, epochs):
+    """Load the training state of ``output``; returns (start_epoch, best_acc).
+
+    Everything is checked before training starts, so a file that does not fit is a
+    one-line error and is left as it was.
+    """
+    ckpt = load_checkpoint(output)
+    weights, start_epoch, best_acc = _resume_fields(output, ckpt)
+    if start_epoch >= epochs:
+        raise UserError(f"--resume: '{output}' has already trained {start_epoch} epochs; "
+                        "expected --epochs above that to continue")
+    load_state_dict(model, weights, source=output)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if not ln.endswith(":")), type(exc).__name__)
+        raise UserError(f"--resume: the optimizer or averaged-weights state in '{output}' does "
+                        f"not fit ({reason[:160]}); {RESUME_EXPECTED}") from exc
+    log.info("resumed from %s at epoch %d", output, start_epoch)
+    return start_epoch, best_acc
+
+
 def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     output = check_args(args)
@@ -162,16 +207,7 @@ def main(argv=None):
     kept = [model] if ema is None else [model, ema.module]   # must match across ranks
     start_epoch, best_acc, acc = 0, 0.0, None
     if args.resume and os.path.isfile(output):
-        ckpt = load_checkpoint(output)
-        load_state_dict(model, ckpt.get("train_state_dict", ckpt["state_dict"]), source=output)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch, best_acc = ckpt["epoch"], ckpt.get("best_acc", 0.0)
-        if start_epoch >= args.epochs:
-            raise UserError(f"--resume: '{output}' has already trained {start_epoch} epochs; "
-                            "expected --epochs above that to continue")
-        log.info("resumed from %s at epoch %d", output, start_epoch)
+        start_epoch, best_acc = resume_from(output, model, optimizer, ema, args.epochs)
     elif args.resume:
         raise UserError(f"--resume given but '{output}' does not exist; expected a checkpoint "
                         "written by an earlier pretrain.py run")

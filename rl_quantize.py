@@ -43,18 +43,25 @@ PLOT_INTERVAL_S = 60
 LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
 # Flags a resumed search must share with the one it continues.
 FLOAT_BIT = cli.number(int, 1, 32)
-HIDDEN = cli.number(int, 1, 65536)
+HIDDEN = cli.number(int, 1, 4096)       # released 300; 65536 asked for ~70 GB of weights
 SIGMA = cli.number(float, 0.0, 10.0)                  # exploration sigma; 0 = none
 INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of the last layers
+# Every flag that changes what the search does (the environment, the agent, the short
+# fine-tune); --train_episode may grow, the rest (output, workers, logging) may change.
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
-               "free_high_bit", "method", "sensitivity", "input_size")
+               "free_high_bit", "method", "sensitivity", "input_size", "lr_c", "lr_a", "discount",
+               "bsize", "tau", "init_delta", "delta_decay", "n_update", "init_w", "data_bsize",
+               "finetune_epoch", "finetune_gamma", "finetune_lr", "finetune_flag", "cost_batch")
+BEST_KEYS = {"episode", "reward", "accuracy", "cost_ratio", "cost", "policy"}
+STATE_KEYS = {"args", "agent", "env", "episode", "best", "history", "rng"}
 
 
 def get_args_parser():
     p = ArgumentParser(description="HAQ: hardware-aware automated quantization (RL search)")
-    p.add_argument("--suffix", default=None, type=str, help="suffix of the output folder name")
+    p.add_argument("--suffix", default=None, type=cli.name_part,
+                   help="suffix of the output folder name (letters, digits, '.', '_', '-')")
     # environment
     p.add_argument("--dataset", default="imagenet", type=str,
                    help="imagenet, imagenet100, mnist5k or an ImageFolder root")
@@ -185,6 +192,10 @@ def check_args(args):
         raise UserError("--window_length: expected 1 (a state is one layer's embedding)")
     if args.cost is None:
         args.cost = "latency" if args.linear_quantization else "size"
+    if not args.linear_quantization and args.cost_table is not None:
+        raise UserError(f"--cost_table {args.cost_table} is a latency/energy table, which K-Means "
+                        "mode does not use (it budgets the model size); expected "
+                        "--linear_quantization with it, or no --cost_table")
     if not args.linear_quantization and args.cost != "size":
         raise UserError(f"--cost {args.cost} needs activation bits; expected --cost size with "
                         "K-Means, or --linear_quantization")
@@ -283,7 +294,15 @@ def build_agent(args, env, device):
                      rmsize=args.rmsize, tau=args.tau, init_delta=args.init_delta,
                      delta_decay=args.delta_decay, init_w=args.init_w)
     # rmsize x #layers transitions, as released (not x steps: linear mode takes 2 per layer)
-    return DDPG(env.state_dim, len(env.layers), cfg, device=device, seed=args.seed)
+    try:
+        return DDPG(env.state_dim, len(env.layers), cfg, device=device, seed=args.seed)
+    except (MemoryError, RuntimeError) as exc:   # numpy's / torch's failed allocation
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise UserError(f"the agent does not fit in memory (--rmsize {args.rmsize} x "
+                        f"{len(env.layers)} layers of replay memory, --hidden1 {args.hidden1}, "
+                        f"--hidden2 {args.hidden2}); expected smaller values (released: 128, "
+                        "300, 300)") from exc
 
 
 def load_agent_weights(agent, path):
@@ -359,12 +378,19 @@ def check_same_cost_table(path, recorded, current):
 def load_search_state(path, args, env):
     """The saved state of the search in ``path``, refused if its flags or cost table differ."""
     from lib.utils.checkpoint import load_checkpoint
-    state = load_checkpoint(os.path.join(path, STATE_FILE))
-    if not isinstance(state, dict) or not {"args", "agent", "env", "episode"} <= set(state):
-        raise UserError(f"--resume_search: '{os.path.join(path, STATE_FILE)}' is not a search "
-                        "state; expected the file rl_quantize.py saves")
+    file = os.path.join(path, STATE_FILE)
+    state = load_checkpoint(file)
+    if (not isinstance(state, dict) or not STATE_KEYS <= set(state)
+            or not isinstance(state["args"], dict)):
+        raise UserError(f"--resume_search: '{file}' is not a search state of this version; "
+                        "expected the file rl_quantize.py saves")
     saved = state["args"]
-    diff = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
+    unrecorded = [k for k in RESUME_KEYS if k not in saved]
+    if unrecorded:   # an older version's state: whether its flags match cannot be checked
+        raise UserError(f"--resume_search: '{file}' records no --{unrecorded[0]} (written by an "
+                        "older version?); expected a state that records every flag of its "
+                        "search, or start a new search")
+    diff = [k for k in RESUME_KEYS if saved[k] != getattr(args, k)]
     if diff:
         k = diff[0]
         raise UserError(f"--resume_search: '{path}' was searched with --{k} {saved[k]}; "
@@ -447,10 +473,7 @@ class Search:
         self._last_plot = time.time()
         log_path = os.path.join(out_dir, "log.txt")
         if state is not None:
-            agent.load_state_dict(state["agent"])
-            env.load_state_dict(state["env"])
-            self.start, self.best, self.history = state["episode"], state["best"], state["history"]
-            set_rng_states(state["rng"])
+            self._restore(state)
             trim_log(log_path, self.start)
             log.info("resuming %s at episode %d", out_dir, self.start)
         self.meta["original_accuracy"] = env.org_acc
@@ -460,6 +483,33 @@ class Search:
             self._write_best()
         if state is None:   # so a search killed in its first episode can be resumed
             self._save_state(0)
+
+    def _restore(self, state):
+        """Agent, env, progress and generators of a saved state; UserError if they do not fit.
+
+        Nothing is written before this succeeds, so a refused state loses nothing.
+        """
+        try:
+            self.agent.load_state_dict(state["agent"])
+            self.env.load_state_dict(state["env"])
+            set_rng_states(state["rng"])
+            start, best, history = int(state["episode"]), state["best"], list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            # torch's "Error(s) in loading state_dict for Actor:" says why on the next line
+            reason = next((ln for ln in lines if not ln.endswith(":")), type(exc).__name__)
+            raise UserError(f"--resume_search: the state in '{self.out}' does not fit this "
+                            f"search ({type(exc).__name__}: {reason[:160]}); expected the "
+                            "state of a search with the same model and flags") from exc
+        if start < 0 or len(history) != start or (best is None) != (start == 0) or (
+                best is not None and not (isinstance(best, dict) and BEST_KEYS <= set(best))):
+            raise UserError(f"--resume_search: the state in '{self.out}' is inconsistent "
+                            f"(episode {start}, {len(history)} episodes in its history); expected "
+                            "the state rl_quantize.py saves")
+        if start > self.args.train_episode:
+            raise UserError(f"--resume_search: '{self.out}' has already run {start} episodes; "
+                            f"expected --train_episode of at least {start}")
+        self.start, self.best, self.history = start, best, history
 
     def run_episode(self, episode):
         env, agent = self.env, self.agent
@@ -501,8 +551,7 @@ class Search:
         improved = (self.best is None or info["reward"] > self.best["reward"]
                     or not np.isfinite(self.best["reward"]))
         if improved:
-            self.best = {k: info[k] for k in ("episode", "reward", "accuracy", "cost_ratio",
-                                             "cost", "policy")}
+            self.best = {k: info[k] for k in BEST_KEYS}
             self._write_best()
         self._tensorboard(episode, info, losses)
         self._save_state(episode + 1)

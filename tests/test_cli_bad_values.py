@@ -16,7 +16,7 @@ import finetune
 import pretrain
 import rl_quantize
 from lib.simulator import __main__ as simulator_cli
-from lib.utils.cli import BoolAction
+from lib.utils.cli import BoolAction, name_part
 from lib.utils.errors import run_cli
 
 GENERIC = ("0", "-1", "nan", "-inf", "inf", "1e30", "99999999999999999999")
@@ -41,7 +41,7 @@ PRETRAIN = {
 }
 RL = {
     "--preserve_ratio": ((), ["1.5"]), "--min_bit": ((), ["9"]), "--max_bit": ((), ["9"]),
-    "--float_bit": ((), ["33", "4"]), "--hidden1": ((), ["65537"]), "--hidden2": ((), ["65537"]),
+    "--float_bit": ((), ["33", "4"]), "--hidden1": ((), ["4097"]), "--hidden2": ((), ["4097"]),
     "--lr_c": ((), ["11"]), "--lr_a": ((), ["11"]), "--warmup": ({"0"}, []),
     "--discount": ({"0"}, ["1.5"]), "--bsize": ((), []), "--rmsize": ((), []),
     "--window_length": ((), ["2"]), "--tau": ((), ["1.5"]), "--init_delta": ({"0"}, ["11"]),
@@ -86,7 +86,8 @@ def numeric_flags(parser):
     """The first long name of every flag whose value is a number (typed, not boolean)."""
     flags = set()
     for action in parser._actions:
-        if isinstance(action, (BoolAction, argparse._HelpAction)) or action.type in (None, str):
+        textual = action.type in (None, str, name_part)
+        if isinstance(action, (BoolAction, argparse._HelpAction)) or textual:
             continue
         longs = [o for o in action.option_strings if o.startswith("--")]
         flags.add(longs[0] if longs else action.option_strings[0])

@@ -276,3 +276,22 @@ def test_plot_reports_the_file_it_wrote(tmp_path, capsys):
     assert reported == [str(tmp_path / "costs.png")]
     with open(reported[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_data_never_writes_inside_its_source(tmp_path, capsys):
+    """A --dst under --src (or above it) is refused: the source's class folders stay as they were."""
+    src = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (src / split / "n00000001").mkdir(parents=True)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n00000001\n")
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    for dst in (src / "train" / "subset", src / "subset", tmp_path):
+        err = _one_line_error(capsys, make_data.main, ["--src", str(src), "--dst", str(dst),
+                                                       "--classes", str(classes)])
+        assert "one inside the other" in err, (dst, err)
+        assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
+    classes.write_text("[" * 5000 + "\n")   # the message quotes at most 40 characters of it
+    err = _one_line_error(capsys, make_data.main, ["--src", str(src), "--dst",
+                                                   str(tmp_path / "d"), "--classes", str(classes)])
+    assert "WordNet id" in err and len(err) < 300

@@ -188,3 +188,31 @@ def test_unshared_kmeans_weights_are_refused(tmp_path, tiny_pretrained):
                      "policy": {"strategy": [4] * n, "layers": None}}, path)
     with pytest.raises(UserError, match="distinct weights, more than 2\\^4"):
         export_checkpoint(str(path), str(tmp_path / "x.haq"))
+
+
+@pytest.mark.parametrize("case", ["output_is_folder", "output_is_checkpoint", "batch_0",
+                                  "batch_negative", "seed_negative"])
+def test_export_bad_arguments_are_one_line_errors(kmeans_ckpt, tmp_path, capsys, case):
+    """Nothing is written; the checkpoint stays as it was (an --output naming it replaced it)."""
+    with open(kmeans_ckpt, "rb") as f:
+        before = f.read()
+    (tmp_path / "in").mkdir()
+    ckpt = str(tmp_path / "in" / "checkpoint.pth.tar")
+    with open(ckpt, "wb") as f:
+        f.write(before)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = str(folder / "model.haq")
+    argv = {"output_is_folder": ["--resume", ckpt, "--output", str(folder)],
+            "output_is_checkpoint": ["--resume", ckpt, "--output", ckpt],
+            "batch_0": ["--resume", ckpt, "--output", out, "--batch", "0"],
+            "batch_negative": ["--resume", ckpt, "--output", out, "--batch", "-3"],
+            "seed_negative": ["--resume", ckpt, "--output", out, "--seed", "-1"]}[case]
+    with pytest.raises(SystemExit) as exc:
+        run_cli(export_main, argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert os.listdir(folder) == [] and os.listdir(tmp_path / "in") == ["checkpoint.pth.tar"]
+    with open(ckpt, "rb") as f:
+        assert f.read() == before

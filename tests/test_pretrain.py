@@ -5,7 +5,9 @@ import sys
 import pytest
 import torch
 
-from lib.utils.checkpoint import load_checkpoint
+import pretrain
+from lib.utils.checkpoint import load_checkpoint, save_checkpoint
+from lib.utils.errors import run_cli
 
 
 def _run(args, cwd, timeout=300):
@@ -96,3 +98,46 @@ def test_pretrain_with_ema_saves_the_weights_it_scored(repo_root, tmp_path):
     acc = evaluate(model, val_loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"),
                    progress=False)["top1"]
     assert abs(acc - ck["acc"]) < 1e-6
+
+
+def _edited(ckpt, case):
+    """A copy of a pretrain.py checkpoint broken as ``case`` says."""
+    ckpt = dict(ckpt)
+    if case == "weights_only":
+        return {"state_dict": ckpt["state_dict"]}
+    if case == "not_a_dict":
+        return [ckpt["epoch"]]
+    if case == "epoch_text":
+        ckpt["epoch"] = "one"
+    elif case == "epoch_negative":
+        ckpt["epoch"] = -3
+    elif case == "optimizer_of_another_model":
+        ckpt["optimizer"] = {"state": {}, "param_groups": [{"params": [0, 1]}]}
+    elif case == "average_of_another_model":
+        ckpt["ema"] = {"x": torch.zeros(1)}
+    return ckpt
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("weights_only", "holds no optimizer state"), ("not_a_dict", "holds no optimizer state"),
+    ("epoch_text", "records epoch 'one'"), ("epoch_negative", "records epoch -3"),
+    ("optimizer_of_another_model", "parameter group"),
+    ("average_of_another_model", "averaged-weights state")])
+def test_resume_of_a_file_that_does_not_fit_is_a_one_line_error(tmp_path, capsys, case,
+                                                                 expected):
+    """Refused before any training: the file and the log are left as they were."""
+    out = str(tmp_path / "m.pth.tar")
+    base = ["--dataset", "mnist5k", "--width_mult", "0.25", "--train_subset", "32",
+            "--output", out, "--no-progress", "--device", "cpu"]
+    pretrain.main(base + ["--epochs", "1"])
+    save_checkpoint(_edited(load_checkpoint(out), case), out)
+    before = open(out, "rb").read(), os.listdir(tmp_path / "m_log")
+    log_before = open(str(tmp_path / "m_log" / "log.txt")).read()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(pretrain.main, base + ["--epochs", "3", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: --resume") and expected in err[-1], err[-1]
+    assert (open(out, "rb").read(), os.listdir(tmp_path / "m_log")) == before
+    assert open(str(tmp_path / "m_log" / "log.txt")).read() == log_before

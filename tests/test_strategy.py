@@ -93,3 +93,13 @@ def test_mode_mismatch_and_clean_copy():
     s = validate_strategy({"strategy": [2] * 5}, NAMES, "kmeans", min_bit=2, max_bit=3)
     with pytest.raises(UserError, match="\\[2, 3\\]"):
         validate_strategy({"strategy": [1] * 5}, NAMES, "kmeans", min_bit=2, max_bit=3)
+
+
+def test_a_binary_file_given_as_strategy_is_named_as_such(tmp_path):
+    """A checkpoint passed to --strategy: the error says a JSON text was expected, not 'NaN'."""
+    path = tmp_path / "model.pth.tar"
+    path.write_bytes(b"\x80\x02}q\x00.")   # a pickle's first bytes
+    with pytest.raises(UserError) as exc:
+        load_strategy(str(path))
+    message = str(exc.value)
+    assert "is not text" in message and "strict JSON" not in message and "finite" not in message

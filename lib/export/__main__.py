@@ -9,10 +9,12 @@ Both print the file's size per part against the simulator's size prediction.  ``
 the rebuilt model and the checkpoint's and prints the largest logit difference.
 """
 import logging
+import os
 import sys
 
 import torch
 
+from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 
@@ -25,8 +27,9 @@ def get_args_parser():
     p.add_argument("--resume", default=None, help="finetune.py checkpoint to export (or compare)")
     p.add_argument("--output", default=None, help="packed file to write (e.g. model.haq)")
     p.add_argument("--load", default=None, help="packed file to rebuild a model from")
-    p.add_argument("--batch", type=int, default=8, help="images of the logit comparison")
-    p.add_argument("--seed", type=int, default=0, help="seed of the comparison batch")
+    p.add_argument("--batch", type=cli.number(int, 1, 4096), default=8,
+                   help="images of the logit comparison (1..4096)")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the comparison batch")
     return p
 
 
@@ -36,6 +39,14 @@ def compare_logits(model, reference, header, batch, seed):
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return float((model(x) - reference(x)).abs().max())
+
+
+def check_export_output(source, output):
+    """UserError unless ``output`` is a writable file path other than the checkpoint ``source``."""
+    cli.check_output_file(output, "--output")
+    if os.path.exists(output) and os.path.samefile(source, output):
+        raise UserError(f"--output '{output}' is the checkpoint given to --resume; expected "
+                        "another path (the checkpoint is never overwritten)")
 
 
 def main(argv=None):
@@ -52,6 +63,7 @@ def main(argv=None):
             log.info("max |logit difference| vs %s on %d images: %.3g", args.resume, args.batch,
                      diff)
     elif args.resume and args.output:
+        check_export_output(args.resume, args.output)
         header = export_checkpoint(args.resume, args.output)
         log.info("wrote %s", args.output)
     else:

@@ -145,6 +145,9 @@ def read_json(path, what, expected):
     try:
         with open(path) as f:
             return json.load(f, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:   # a ValueError too: before the NaN branch below
+        raise UserError(f"{what} '{path}' is not text (a binary file?); expected "
+                        f"{expected}") from exc
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} '{path}' is not valid JSON (line {exc.lineno}, column "
                         f"{exc.colno}: {exc.msg}); expected {expected}") from exc
@@ -154,7 +157,7 @@ def read_json(path, what, expected):
     except ValueError as exc:
         raise UserError(f"{what} '{path}' is not strict JSON ({exc}); expected finite numbers "
                         "or null") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UserError(f"{what} '{path}' could not be read ({type(exc).__name__}); expected "
                         f"{expected}") from exc
 

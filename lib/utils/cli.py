@@ -8,6 +8,7 @@ loaded or written. Output paths are checked with :func:`check_output_dir` /
 import argparse
 import math
 import os
+import re
 import tempfile
 
 from .errors import UserError
@@ -133,6 +134,19 @@ learning_rate = number(float, 0.0, 10.0, lo_open=True)    # SGD/Adam diverge lon
 width_mult = number(float, 0.0, 8.0, lo_open=True)
 bit_width = number(int, 1, 8)
 input_size = number(int, 8, 1024)                         # pixels; the models' stems need >= 8
+
+
+# ------------------------------------------------------------------ names
+_NAME_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def name_part(text):
+    """argparse ``type=``: a piece of a file or folder name (no '/', no leading '.')."""
+    if text and not _NAME_PART.fullmatch(text):   # "" = no suffix
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not usable in a folder name; expected letters, digits, '.', '_' and "
+            "'-' (not starting with '.'), so the output stays a single folder under --output")
+    return text
 
 
 # ------------------------------------------------------------------ output paths

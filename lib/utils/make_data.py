@@ -33,7 +33,9 @@ def read_classes(path=CLASS_LIST):
                         "expected a text file with one WordNet id per line") from exc
     bad = [c for c in classes if not WNID.fullmatch(c)]
     if bad or not classes:
-        got = f"'{bad[0]}'" if bad else "no ids"
+        first = bad[0] if bad else ""
+        shown = first if len(first) <= 40 else first[:40] + "..."   # one readable line
+        got = f"'{shown}'" if bad else "no ids"
         raise UserError(f"class list '{path}' holds {got}; expected one WordNet id (n + 8 "
                         "digits, e.g. n01440764) per line")
     if len(set(classes)) != len(classes):
@@ -47,8 +49,14 @@ def check_paths(src, dst):
     if not os.path.isdir(src):
         raise UserError(f"--src '{src}' is not a folder; expected ImageNet in ImageFolder layout "
                         "(train/ and val/ by WordNet id)")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_src == real_dst:
         raise UserError(f"--dst '{dst}' is --src; expected a different folder for the subset")
+    # a subset inside the source would add a class folder to its train/ or val/ (and the
+    # reverse would link the source into itself)
+    if os.path.commonpath([real_src, real_dst]) in (real_src, real_dst):
+        raise UserError(f"--dst '{dst}' and --src '{src}' lie one inside the other; expected "
+                        "separate folders (the subset must not change the source dataset)")
     check_output_dir(dst, "--dst")
     for split in ("train", "val"):
         check_output_dir(os.path.join(dst, split), "--dst")
