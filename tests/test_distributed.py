@@ -164,7 +164,7 @@ def _search_args(ckpt, out, linear, finetune, episodes=3):
             "--warmup", "2", "--train_episode", str(episodes), "--seed", "1", "--device", "cpu",
             "--output", str(out), "--finetune_flag", str(finetune)]
     if linear:
-        return args + ["--linear_quantization", "--preserve_ratio", "0.8", "--min_bit", "4"]
+        return args + ["--linear_quantization", "--preserve_ratio", "0.5", "--min_bit", "2"]
     return args + ["--preserve_ratio", "0.25", "--min_bit", "3"]
 
 
