@@ -30,6 +30,7 @@ class FinetuneConfig:
     weight_decay: float = 4e-5
     max_train_batches: int = None   # cap per epoch (benchmarks, smoke runs)
     progress: bool = False
+    amp: object = None              # autocast dtype of fine-tune and validation; None = fp32
 
 
 class ShortFinetune:
@@ -54,7 +55,7 @@ class ShortFinetune:
     def validate(self, model):
         start = time.perf_counter()
         metrics = evaluate(model, self.val_loader, self.criterion, self.device,
-                           progress=self.cfg.progress, desc="search val")
+                           progress=self.cfg.progress, desc="search val", amp=self.cfg.amp)
         self.timings["validate"] += time.perf_counter() - start
         return metrics
 
@@ -73,7 +74,8 @@ class ShortFinetune:
             stats = train_one_epoch(model, self.train_loader, self.criterion, optimizer,
                                     self.device, epoch=epoch, step_hook=step_hook,
                                     max_batches=self.cfg.max_train_batches,
-                                    progress=self.cfg.progress, desc="search finetune")
+                                    progress=self.cfg.progress, desc="search finetune",
+                                    amp=self.cfg.amp)
             self.timings["finetune"] += time.perf_counter() - start
             nonfinite = nonfinite or stats["nonfinite"]
             if not _finite_weights(model):
