@@ -140,6 +140,14 @@ def test_accelerator_path_never_reads_a_tensor_to_the_host():
             build()(torch.empty(2, 3, 32, 32, device="meta"))
 
 
+def test_compiled_graph_takes_the_tensor_path(monkeypatch):
+    """Under torch.compile the range stays a tensor (no graph break per layer) even on the CPU."""
+    x = torch.empty(2)
+    assert linear._host_scalars(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not linear._host_scalars(x)
+
+
 @pytest.mark.parametrize("flags,dtype", [([], torch.float32),
                                          (["--half", "--half_type", "bf16"], torch.bfloat16),
                                          (["--half"], torch.bfloat16)])

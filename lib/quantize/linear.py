@@ -95,8 +95,13 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def _host_scalars(x):
-    """Whether the range may be read to the host (free on the CPU; a sync on a GPU)."""
-    return x.device.type == "cpu"
+    """Whether the range may be read to the host (free on the CPU; a sync on a GPU).
+
+    Not under torch.compile: a host read breaks the graph at every layer, while the tensor
+    path lets the compiler fuse the fake quantization into its neighbours (measured on the
+    CPU: bench/quant_bench.py --only d --compile).
+    """
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _pass_inside(grad, x, lo, hi):
