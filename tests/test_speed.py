@@ -175,3 +175,39 @@ def test_search_finetune_runs_under_autocast_with_half(tiny_pretrained, tmp_path
     assert not torch.equal(before, layer.weight.detach())
     assert np.isfinite(metrics["loss"]) and not metrics["nonfinite"]
     assert not math.isnan(metrics["top1"])
+
+
+def test_finetune_compile_trains_through_the_compiled_model(tiny_pretrained, tmp_path,
+                                                            monkeypatch):
+    """finetune.py --compile: the training steps run through torch.compile's module (here with
+    the 'eager' backend, to keep the test short), and the checkpoint is the plain model's."""
+    import json
+
+    import finetune
+    from lib.utils.checkpoint import load_checkpoint
+    weights, model = tiny_pretrained
+    names = [n for n, _ in quantizable_layers(model)]
+    strategy = tmp_path / "linear.json"
+    strategy.write_text(json.dumps({"mode": "linear", "layers": names,
+                                    "strategy": [[8, -1]] + [[4, 4]] * (len(names) - 1)}))
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(module, **kw):
+        wrapped = real_compile(module, backend="eager", **kw)
+        compiled.append(module)
+        wrapped.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+        return wrapped
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    out = str(tmp_path / "run")
+    finetune.main(["--strategy", str(strategy), "--pretrained_path", weights, "-c", out,
+                   "--epochs", "1", "--no-eval_fp32", "--compile", "--width_mult", "0.25",
+                   "--device", "cpu", "--no-progress", "--train_subset", "32",
+                   "--train_batch", "16", "--test_batch", "32"])
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert calls   # the training forward went through the compiled module
+    sd = load_checkpoint(f"{out}/checkpoint.pth.tar")["state_dict"]
+    assert set(sd) == set(compiled[0].state_dict())
+    assert not any(k.startswith("_orig_mod") for k in sd)
