@@ -122,7 +122,7 @@ def bench_update(args):
     diff = max((a - b).abs().max().item() for a, b in zip(results["shared"], results["masked"]))
     t_new, t_old = min(times["shared"]), min(times["masked"])
     print(f"(b) centroid-shared update of all {len(layers)} ResNet-50 layers (best of "
-          f"{args.update_reps}): bincount/take {t_new * 1e3:.1f} ms vs per-centroid "
+          f"{args.update_reps}): bincount/gather {t_new * 1e3:.1f} ms vs per-centroid "
           f"masked loop {t_old * 1e3:.1f} ms -> {t_old / t_new:.1f}x  (max |diff| {diff:.1e};"
           f" goal >= 10x)")
 
