@@ -64,13 +64,17 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("block", [None, 4096])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("bits,signed,clip_grad", [(4, False, True), (2, False, True),
                                                    (4, True, True), (3, True, True),
                                                    (1, True, True), (4, True, False)])
-def test_fast_fake_quant_equals_reference(layout, bits, signed, clip_grad):
-    """Outputs bit for bit, dL/dx bit for bit, dL/dr to float rounding (a sum), on a tensor
-    large enough for several blocks, with values on the clip boundaries and beyond them."""
+def test_fast_fake_quant_equals_reference(monkeypatch, block, layout, bits, signed, clip_grad):
+    """Outputs bit for bit, dL/dx bit for bit, dL/dr to float rounding (a sum), with values on
+    the clip boundaries and beyond them; in one block and in many blocks with a partial last
+    one (the CPU's blocked passes)."""
+    if block is not None:
+        monkeypatch.setattr(linear, "_BLOCK", block)
     gen = torch.Generator().manual_seed(bits + 10 * signed)
     x0 = torch.rand(3, 8, 61, 67, generator=gen) * 9 - (4.5 if signed else 1.0)
     r0 = torch.tensor([3.0])
