@@ -101,8 +101,9 @@ def get_args_parser():
                   "K-Means: zero weights are pruned (kept out of clustering, stay zero)")
     cli.bool_flag(p, "--half", False, "mixed precision via torch autocast (see --half_type)")
     cli.bool_flag(p, "--compile", False,
-                  "train through torch.compile (CPU, batch 16 at 224: w4a4 step 1.11x the compiled "
-                  "fp32 one vs 1.3-1.4x eager; compiling takes minutes, so only for long runs)")
+                  "train through torch.compile (measured on the CPU, batch 16 at 224: a w4a4 step "
+                  "1.01-1.11x the compiled fp32 one, 1.3-1.5x eager; compiling takes minutes, so "
+                  "for long runs)")
     p.add_argument("--half_type", default="O1", choices=sorted(HALF_TYPES),
                    help="with --half: the released apex levels (O0: fp32; O1/O2/O3: autocast, fp16 "
                         "on GPU and bf16 on CPU) or an autocast dtype (fp16, bf16)")
