@@ -383,7 +383,7 @@ def _write_back(flat, cb):
     """flat[:] = centroids[labels] without a full-size int64 copy of the labels."""
     c = cb.centroids.to(device=flat.device, dtype=flat.dtype)
     # chunks: the int32 copy of the 1-byte labels stays in cache (on the CPU this measured
-    # 1.3x faster than numpy's take on the uint8 labels, bench/quant_bench.py (b))
+    # 1.3x faster than numpy's take on the uint8 labels, for 2.4M weights and 16 centroids)
     for i in range(0, flat.numel(), _CHUNK):
         idx = cb.labels[i:i + _CHUNK].to(device=flat.device, dtype=torch.int32)
         torch.index_select(c, 0, idx, out=flat[i:i + _CHUNK])

@@ -112,10 +112,11 @@ def _blocked_quantize(x, lo, r, scale):
     """round(clamp(x, lo, r) / scale) * scale, one cache-sized block at a time (host scalars).
 
     Why: the four passes then read and write main memory once instead of four times.
-    Returns None when ``x`` is not densely laid out (the caller takes the whole-tensor path).
+    Returns None when ``x`` is not densely laid out or fits one block (the caller then takes
+    the whole-tensor path).
     """
     flat_x = _flat(x)
-    if flat_x is None:
+    if flat_x is None or flat_x.numel() <= _BLOCK:   # one block: nothing to gain, more calls
         return None
     y = torch.empty_like(x)
     flat_y = _flat(y)
@@ -143,10 +144,12 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     Why: on the CPU the whole-tensor version allocates a full-size temporary per dL/dr term,
     and a fresh large buffer costs more in page faults than the pass that fills it; the
     blocks reuse one small buffer while the block of ``grad`` and ``x`` is still in cache.
-    Returns None when ``grad`` and ``x`` are not laid out alike (the caller falls back).
+    Returns None when ``grad`` and ``x`` are not laid out alike or fit one block (the caller
+    falls back).
     """
     flat_g, flat_x = _flat(grad), _flat(x)
-    if flat_g is None or flat_x is None or _layout(grad) != _layout(x):
+    if flat_g is None or flat_x is None or _layout(grad) != _layout(x) \
+            or flat_g.numel() <= _BLOCK:
         return None
     n = flat_g.numel()
     grad_x = torch.empty_like(grad) if want_x else None
