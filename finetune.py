@@ -100,6 +100,10 @@ def get_args_parser():
     cli.bool_flag(p, "--is_pruned", False,
                   "K-Means: zero weights are pruned (kept out of clustering, stay zero)")
     cli.bool_flag(p, "--half", False, "mixed precision via torch autocast (see --half_type)")
+    cli.bool_flag(p, "--compile", False,
+                  "train through torch.compile (measured on the CPU, batch 16 at 224: a w4a4 step "
+                  "1.01-1.11x the compiled fp32 one, 1.3-1.5x eager; compiling takes minutes, so "
+                  "for long runs)")
     p.add_argument("--half_type", default="O1", choices=sorted(HALF_TYPES),
                    help="with --half: the released apex levels (O0: fp32; O1/O2/O3: autocast, fp16 "
                         "on GPU and bf16 on CPU) or an autocast dtype (fp16, bf16)")
@@ -535,11 +539,13 @@ class Finetune:
         scaler = (torch.amp.GradScaler("cuda") if amp == torch.float16 and self.device.type == "cuda"
                   else None)
         sharer, final = None, None
+        # the compiled module shares self.net's parameters; checkpoints still save self.model
+        net = torch.compile(self.net) if args.compile else self.net
         for epoch in range(start_epoch, args.epochs):
             if is_distributed():
                 self.train_loader.sampler.set_epoch(epoch)
             sharer = self.sharer_for_epoch(epoch, sharer)
-            tr = train_one_epoch(self.net, self.train_loader, self.criterion, optimizer,
+            tr = train_one_epoch(net, self.train_loader, self.criterion, optimizer,
                                  self.device, epoch, step_hook=sharer and sharer.step,
                                  lr_fn=lr_setter(optimizer, lr_at, epoch), amp=amp,
                                  scaler=scaler, progress=args.progress and self.rank == 0)

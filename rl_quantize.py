@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from finetune import HALF_TYPES, autocast_dtype
 from lib.utils.checkpoint import remove_stale_tmp
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
@@ -122,6 +123,11 @@ def get_args_parser():
     p.add_argument("--finetune_lr", default=0.001, type=cli.learning_rate,
                    help="short fine-tune learning rate")
     cli.bool_flag(p, "--finetune_flag", True, "fine-tune before validating each episode")
+    cli.bool_flag(p, "--half", False, "mixed precision (torch autocast) in the episodes' "
+                  "fine-tune and validation, as finetune.py's --half (see --half_type)")
+    p.add_argument("--half_type", default="O1", choices=sorted(HALF_TYPES),
+                   help="with --half: as finetune.py's --half_type (O1-O3: fp16 on GPU, bf16 on "
+                        "CPU; or fp16, bf16)")
     cli.bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
     p.add_argument("--train_size", default=20000, type=cli.positive_int,
                    help="search training subset size")
@@ -270,7 +276,8 @@ def build_env(args, model, info, loaders, device):
                          ShortFinetune)
     evaluator = ShortFinetune(loaders.train, loaders.val, device, FinetuneConfig(
         finetune_flag=args.finetune_flag, finetune_epoch=args.finetune_epoch,
-        finetune_lr=args.finetune_lr, finetune_gamma=args.finetune_gamma, progress=args.progress))
+        finetune_lr=args.finetune_lr, finetune_gamma=args.finetune_gamma, progress=args.progress,
+        amp=autocast_dtype(args, torch.device(device))))
     cfg = EnvConfig(preserve_ratio=args.preserve_ratio, min_bit=args.min_bit, max_bit=args.max_bit,
                     float_bit=args.float_bit, input_size=args.input_size, use_top5=args.use_top5,
                     seed=args.seed)

@@ -35,6 +35,7 @@ class FinetuneConfig:
     weight_decay: float = 4e-5
     max_train_batches: int = None   # cap per epoch (benchmarks, smoke runs)
     progress: bool = False
+    amp: object = None              # autocast dtype of fine-tune and validation; None = fp32
 
 
 class ShortFinetune:
@@ -90,7 +91,7 @@ class ShortFinetune:
     def validate(self, model):
         start = time.perf_counter()
         metrics = evaluate(model, self.val_loader, self.criterion, self.device,
-                           progress=self.cfg.progress, desc="search val")
+                           progress=self.cfg.progress, desc="search val", amp=self.cfg.amp)
         self.timings["validate"] += time.perf_counter() - start
         return metrics
 
@@ -110,7 +111,8 @@ class ShortFinetune:
             stats = train_one_epoch(self._net(model), self.train_loader, self.criterion, optimizer,
                                     self.device, epoch=epoch, step_hook=step_hook,
                                     max_batches=self.cfg.max_train_batches,
-                                    progress=self.cfg.progress, desc="search finetune")
+                                    progress=self.cfg.progress, desc="search finetune",
+                                    amp=self.cfg.amp)
             self.timings["finetune"] += time.perf_counter() - start
             sync_buffers(model)   # rank 0's BN statistics: every rank validates the same model
             nonfinite = nonfinite or stats["nonfinite"]

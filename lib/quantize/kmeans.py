@@ -361,13 +361,29 @@ def _commit(weight, flat):
         weight.data.copy_(flat.view(weight.shape))
 
 
+def _cluster_sums(flat, labels, n):
+    """Float64 sums of ``flat`` per label (bincount), ``n`` bins.
+
+    Sums in float64: a float32 running sum over ~10^6 members drifts by ~1e-2 relative, far
+    more than one optimizer step moves a centroid.  On the CPU, chunk by chunk, so that the
+    int32 labels and float64 weights torch.bincount wants are cache-sized copies (1.5-1.9x
+    faster than one whole-layer numpy bincount, which converts both at full size).
+    """
+    labels = labels.to(flat.device)
+    if flat.device.type != "cpu":
+        return torch.bincount(labels.int(), weights=flat.double(), minlength=n)
+    sums = torch.zeros(n, dtype=torch.float64)
+    for i in range(0, flat.numel(), _CHUNK):
+        sums += torch.bincount(labels[i:i + _CHUNK].int(), weights=flat[i:i + _CHUNK].double(),
+                               minlength=n)
+    return sums
+
+
 def _write_back(flat, cb):
     """flat[:] = centroids[labels] without a full-size int64 copy of the labels."""
     c = cb.centroids.to(device=flat.device, dtype=flat.dtype)
-    if flat.device.type == "cpu" and flat.is_contiguous():
-        # numpy's take reads uint8 indices directly: ~4x faster than index_select here
-        np.take(c.numpy(), cb.labels.numpy(), out=flat.numpy(), mode="clip")
-        return
+    # chunks: the int32 copy of the 1-byte labels stays in cache (on the CPU this measured
+    # 1.3x faster than numpy's take on the uint8 labels, for 2.4M weights and 16 centroids)
     for i in range(0, flat.numel(), _CHUNK):
         idx = cb.labels[i:i + _CHUNK].to(device=flat.device, dtype=torch.int32)
         torch.index_select(c, 0, idx, out=flat[i:i + _CHUNK])
@@ -404,7 +420,7 @@ class CentroidSharer:
     members' updated weights and the members are reset to it.  Labels never change, so the
     cluster sizes are computed once here; an update is one ``bincount`` (weighted sums) and
     one gather (write-back) per layer, O(#weights) in total, instead of one masked pass per
-    centroid.  On the CPU numpy does both, reading the 1-byte labels directly.
+    centroid, both chunk by chunk on the CPU (:func:`_cluster_sums`, :func:`_write_back`).
 
     With ``free_high_bit`` the layers above 6 bits are skipped (they train freely) until
     :meth:`recluster` clusters them again, e.g. before the last epoch.
@@ -465,15 +481,7 @@ class CentroidSharer:
 
     @staticmethod
     def _update(flat, cb, count):
-        # sums in float64: a float32 running sum over ~10^6 members drifts by ~1e-2 relative,
-        # far more than one optimizer step moves a centroid
-        if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
-            # numpy reads the small label dtype directly (torch wants int32/int64 copies)
-            sums = torch.from_numpy(np.bincount(cb.labels.numpy(), weights=flat.numpy(),
-                                                minlength=count.numel()))
-        else:
-            labels = cb.labels.to(device=flat.device, dtype=torch.int32)
-            sums = torch.bincount(labels, weights=flat.double(), minlength=count.numel())
+        sums = _cluster_sums(flat, cb.labels, count.numel())
         count = count.to(sums.device)
         # an empty cluster keeps its centroid; a pruned layer's zero slot stays exactly 0
         new = torch.where(count > 0, sums / count.clamp(min=1),
