@@ -36,3 +36,21 @@ def tiny_pretrained(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pretrained") / "tiny.pth.tar")
     save_checkpoint({"state_dict": model.state_dict()}, path)
     return path, model
+
+
+@pytest.fixture
+def kill_before_state_save(monkeypatch):
+    """``kill(n)``: the search dies (KeyboardInterrupt) when it is about to save the state that
+    starts episode ``n``, i.e. after episode n-1's log line: the worst moment for a resume.
+    ``kill(None)`` puts the real save back."""
+    import rl_quantize
+    real_save = rl_quantize.Search._save_state
+
+    def kill(next_episode):
+        def dying_save(self, episode):
+            if episode == next_episode:
+                raise KeyboardInterrupt
+            real_save(self, episode)
+        monkeypatch.setattr(rl_quantize.Search, "_save_state",
+                            real_save if next_episode is None else dying_save)
+    return kill

@@ -262,7 +262,7 @@ def names(arch, linear):
 
 
 def test_random_search_draws_differ_within_budget_and_resume_logs_once(cli_assets, tmp_path,
-                                                                      monkeypatch):
+                                                                      kill_before_state_save):
     full = cli(cli_assets, tmp_path / "full", "random", episodes=4, extra=KMEANS)
     rl_quantize.main(full)
     ref = log_rows(folder_of(tmp_path / "full"))
@@ -273,17 +273,10 @@ def test_random_search_draws_differ_within_budget_and_resume_logs_once(cli_asset
     assert all(1 <= b <= 4 for p in policies for b in json.loads(p))
     # Killed between episode 2's log line and its state save, then resumed.
     argv = cli(cli_assets, tmp_path / "cut", "random", episodes=4, extra=KMEANS)
-    real_save = rl_quantize.Search._save_state
-
-    def dying_save(self, next_episode):
-        if next_episode == 3:
-            raise KeyboardInterrupt
-        real_save(self, next_episode)
-
-    monkeypatch.setattr(rl_quantize.Search, "_save_state", dying_save)
+    kill_before_state_save(3)
     with pytest.raises(SystemExit):
         run_cli(rl_quantize.main, argv)
-    monkeypatch.setattr(rl_quantize.Search, "_save_state", real_save)
+    kill_before_state_save(None)
     rl_quantize.main(argv + ["--resume_search"])
     folder = folder_of(tmp_path / "cut")
     rows = log_rows(folder)

@@ -128,24 +128,18 @@ def test_linear_search_writes_valid_strategy(assets, tmp_path):
     resolve_linear_policy(model, dict(zip(s["layers"], s["strategy"])))
 
 
-def test_crash_between_log_and_state_save_resumes_exactly_once(assets, tmp_path, monkeypatch):
+def test_crash_between_log_and_state_save_resumes_exactly_once(assets, tmp_path,
+                                                               kill_before_state_save):
     """The worst moment to die: episode 2 is in log.txt but not in the saved state."""
     argv = common(assets, tmp_path, episodes=4) + ["--arch", "mobilenetv2", "--max_bit", "4",
                                                    "--preserve_ratio", "0.2"]
-    real_save = rl_quantize.Search._save_state
-
-    def dying_save(self, next_episode):
-        if next_episode == 3:
-            raise KeyboardInterrupt
-        real_save(self, next_episode)
-
-    monkeypatch.setattr(rl_quantize.Search, "_save_state", dying_save)
+    kill_before_state_save(3)
     with pytest.raises(SystemExit):
         run_cli(rl_quantize.main, argv)
     folder = run_dir(tmp_path)
     assert log_episodes(folder) == [0, 1, 2]
     assert load_checkpoint(os.path.join(folder, rl_quantize.STATE_FILE))["episode"] == 2
-    monkeypatch.setattr(rl_quantize.Search, "_save_state", real_save)
+    kill_before_state_save(None)
     rl_quantize.main(argv + ["--resume_search"])
     assert log_episodes(folder) == [0, 1, 2, 3]
     state = load_checkpoint(os.path.join(folder, rl_quantize.STATE_FILE))
