@@ -225,9 +225,6 @@ def check_method_args(args):
     for name in ("sensitivity_images", "hessian_iters"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
-    if args.method == "ilp" and is_distributed():
-        raise UserError("--method ilp scores layers in one process; expected it without torchrun "
-                        "(ddpg and random run under torchrun)")
     if args.method == "ilp" and args.train_episode != 1:
         log.info("--method ilp evaluates one policy: one episode (--train_episode ignored)")
         args.train_episode = 1
@@ -430,14 +427,23 @@ def set_rng_states(states):
 
 
 # ------------------------------------------------------------------ search
-def plan_ilp(args, search):
-    """Score the layers (or reuse the cached scores) and plan the integer program's policy."""
+def plan_ilp(args, env, search=None):
+    """Score the layers (or reuse the cached scores) and plan the integer program's policy.
+
+    Rank 0 passes its ``search``; under torchrun the other ranks call it too (without
+    one) and join the scoring, which runs on every rank's shard of the validation subset.
+    """
     from lib.allocate import plan_policy
-    if search.start >= search.args.train_episode:
+    from lib.utils.distributed import broadcast_values
+    pending = search is not None and search.start < search.args.train_episode
+    if not broadcast_values([pending])[0]:
         return
-    search._save_state(search.start)   # a kill while scoring can now be resumed
-    search.agent.plan(plan_policy(search.env, search.out, args.sensitivity,
-                                  args.sensitivity_images, args.hessian_iters, args.seed))
+    if search is not None:
+        search._save_state(search.start)   # a kill while scoring can now be resumed
+    bits = plan_policy(env, search.out if search else None, args.sensitivity,
+                       args.sensitivity_images, args.hessian_iters, args.seed)
+    if search is not None:
+        search.agent.plan(bits)
 
 
 def history_labels(args):
@@ -627,7 +633,8 @@ def main(argv=None):
     env = build_env(args, model, info, loaders, device)
     env.check_budget()
     if rank != 0:   # torchrun: one agent and one set of outputs, on rank 0 (DESIGN.md 13)
-        env.run_follower(resumed=args.resume_search is not None)
+        env.run_follower(resumed=args.resume_search is not None,
+                         prologue=(lambda: plan_ilp(args, env)) if args.method == "ilp" else None)
         return cleanup()
     agent = build_agent(args, env, device)
     if args.resume != "default":
@@ -643,7 +650,7 @@ def main(argv=None):
     search = Search(args, env, agent, out_dir, state)
     env.sync_from_main()
     if args.method == "ilp":
-        plan_ilp(args, search)
+        plan_ilp(args, env, search)
     best = search.run()
     env.release_followers()
     cleanup()

@@ -223,3 +223,29 @@ def test_torchrun_search_finetunes_on_shards_and_resumes(repo_root, tmp_path, tr
                  "accuracy_vs_cost.png"):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
     assert sum(f.startswith("events.out.tfevents") for f in os.listdir(folder)) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("linear,metric", [(True, "loss"), (False, "hessian")],
+                         ids=["linear-loss", "kmeans-hessian"])
+def test_torchrun_ilp_scores_on_shards_like_one_process(repo_root, tmp_path, trained, linear,
+                                                        metric):
+    """--method ilp under torchrun: every rank scores its shard of the validation subset (all
+    37 images between them), so the scores, the planned policy and its accuracy are the
+    1-process run's; rank 0 alone writes the score cache."""
+    import numpy as np
+    extra = ["--method", "ilp", "--sensitivity", metric, "--sensitivity_images", "37",
+             "--hessian_iters", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = _run([sys.executable] + _search_args(trained, one, linear, False) + extra, repo_root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r2 = _run(_torchrun() + _search_args(trained, two, linear, False) + extra, repo_root)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    rows1, rows2 = _log_rows(_one_run(one)), _log_rows(_one_run(two))
+    assert len(rows1) == 1 and rows2 == rows1          # the same planned policy and accuracy
+    assert _follower_rows(r2.stderr) == [(p, round(a, 4)) for _, a, p in rows2]
+    with open(os.path.join(_one_run(one), "sensitivity.json")) as f1, \
+            open(os.path.join(_one_run(two), "sensitivity.json")) as f2:
+        s1, s2 = json.load(f1), json.load(f2)
+    for kind in ("weight", "activation") if linear else ("weight",):
+        assert np.allclose(s1[kind], s2[kind], rtol=1e-4, atol=1e-6), kind

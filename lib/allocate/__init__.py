@@ -11,6 +11,8 @@ budget and quantizers::
 """
 import os
 
+from lib.utils.distributed import broadcast_values, get_rank
+
 from .actions import FixedActions, UniformActions, bits_to_action
 from .ilp import allocate_bits, layer_options, solve_choices
 from .scores_io import CACHE_FILE, HEATMAP_FILE, load_scores, plot_scores, save_scores
@@ -18,23 +20,38 @@ from .sensitivity import METRICS, bit_widths, hutchinson_traces, layer_scores, s
 
 
 def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
-    """Scores from ``folder``/sensitivity.json if made for this setting; else computed, cached."""
-    path = os.path.join(folder, CACHE_FILE)
-    expect = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
-              "requested_images": n_images,
-              "hessian_iters": hessian_iters if metric == "hessian" else None}
-    scores = load_scores(path, expect)
-    if scores is None:
+    """Scores from ``folder``/sensitivity.json if made for this setting; else computed, cached.
+
+    Under torchrun every rank calls it (``folder`` matters on rank 0 only): rank 0 says
+    whether its cache holds the scores; if not, all ranks score together, each on its
+    shard of the validation subset with the losses all-reduced, so the scores are those
+    of the union of the shards on every rank. Returns the scores (None on ranks > 0 when
+    rank 0 had them cached).
+    """
+    main = get_rank() == 0
+    scores = None
+    if main:
+        expect = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
+                  "requested_images": n_images,
+                  "hessian_iters": hessian_iters if metric == "hessian" else None}
+        scores = load_scores(os.path.join(folder, CACHE_FILE), expect)
+    if broadcast_values([scores is None])[0]:
         scores = layer_scores(env, metric, n_images, hessian_iters, seed)
-        save_scores(path, scores)
-    plot_scores(os.path.join(folder, HEATMAP_FILE), scores)
+        if main:
+            save_scores(os.path.join(folder, CACHE_FILE), scores)
+    if main:
+        plot_scores(os.path.join(folder, HEATMAP_FILE), scores)
     return scores
 
 
 def plan_policy(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
-    """Per-step bits of the exact integer program on the (cached) sensitivity scores."""
+    """Per-step bits of the exact integer program on the (cached) sensitivity scores.
+
+    Under torchrun every rank calls it (see :func:`cached_layer_scores`); the bits are
+    returned on rank 0 and None elsewhere.
+    """
     scores = cached_layer_scores(env, folder, metric, n_images, hessian_iters, seed)
-    return allocate_bits(env, solver_scores(scores))
+    return allocate_bits(env, solver_scores(scores)) if get_rank() == 0 else None
 
 
 __all__ = ["FixedActions", "UniformActions", "bits_to_action", "allocate_bits", "layer_options",

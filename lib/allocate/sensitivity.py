@@ -28,6 +28,7 @@ import torch.nn as nn
 from lib.quantize.kmeans import kmeans_quantize_layer
 from lib.quantize.linear import calibrate
 from lib.quantize.policy import apply_kmeans_policy
+from lib.utils.distributed import all_reduce_sum
 from lib.utils.train import evaluate
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,12 @@ def _hessian_traces(env, batches, n_iter, seed):
     loss = nn.functional.cross_entropy(model(inputs), targets)
     params = [m.weight for _, m in env.layers]
     generator = torch.Generator().manual_seed(seed)
-    return hutchinson_traces(loss, params, n_iter, generator)
+    traces = hutchinson_traces(loss, params, n_iter, generator)
+    # torchrun: each rank's loss is the mean over its shard, so the union's trace is the
+    # shard traces weighted by shard size (every rank draws the same v from the same seed).
+    weighted = torch.tensor(np.append(traces * len(targets), len(targets)), dtype=torch.float64)
+    weighted = all_reduce_sum(weighted).numpy()
+    return weighted[:-1] / weighted[-1]
 
 
 def _hessian_weight_scores(env, traces, quantized_weight):

@@ -310,15 +310,18 @@ class QuantizeEnv:
         if hasattr(self.evaluator, "sync_from_main"):
             self.evaluator.sync_from_main()
 
-    def run_follower(self, resumed=False):
+    def run_follower(self, resumed=False, prologue=None):
         """A rank > 0's whole search: the same collectives as rank 0, in the same order.
 
-        Rank 0 measures acc_original (unless it resumes), loads any saved state,
+        Rank 0 measures acc_original (unless it resumes), loads any saved state, runs
+        what comes before its episodes (``prologue``: the integer program's scoring),
         then evaluates its episodes; this rank joins each of those steps.
         """
         if not resumed:
             self.measure_original()
         self.sync_from_main()
+        if prologue is not None:
+            prologue()
         return self.follow()
 
     def follow(self):
