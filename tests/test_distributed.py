@@ -187,13 +187,15 @@ def _follower_rows(stderr):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("linear", [False, True], ids=["kmeans", "linear"])
-def test_torchrun_search_scores_like_one_process(repo_root, tmp_path, trained, linear):
+@pytest.mark.parametrize("linear,method", [(False, "ddpg"), (True, "ddpg"), (False, "random")],
+                         ids=["kmeans", "linear", "kmeans-random"])
+def test_torchrun_search_scores_like_one_process(repo_root, tmp_path, trained, linear, method):
     """Fine-tuning off: 2 ranks (37 = 19 + 18 validation images) log exactly the 1-process search."""
     one, two = tmp_path / "one", tmp_path / "two"
-    r = _run([sys.executable] + _search_args(trained, one, linear, False), repo_root)
+    extra = ["--method", method]
+    r = _run([sys.executable] + _search_args(trained, one, linear, False) + extra, repo_root)
     assert r.returncode == 0, r.stderr[-2000:]
-    r2 = _run(_torchrun() + _search_args(trained, two, linear, False), repo_root)
+    r2 = _run(_torchrun() + _search_args(trained, two, linear, False) + extra, repo_root)
     assert r2.returncode == 0, r2.stderr[-3000:]
     rows1, rows2 = _log_rows(_one_run(one)), _log_rows(_one_run(two))
     assert rows2 == rows1                       # same policies, exactly the same accuracies
