@@ -120,6 +120,21 @@ def test_hostile_pickle_is_refused_by_load_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+def test_plain_pickle_of_any_protocol_is_refused_in_one_line(tmp_path, recwarn):
+    """A bare pickle.dump (protocol 4, not torch.save): one UserError, no torch warning first."""
+    import pickle
+    marker = tmp_path / "pwned"
+    for protocol in (2, 4, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"p{protocol}.pth.tar"
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": _CreatesFile(str(marker))}, f, protocol=protocol)
+        with pytest.raises(UserError, match="refused") as exc:
+            load_checkpoint(str(path))
+        assert "\n" not in str(exc.value)
+    assert not marker.exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def _misfit(kind, tmp_path, weights):
     """A --pretrained_path file that does not fit the width-0.25 MobileNet-V2 of mnist5k."""
     path = str(tmp_path / f"{kind}.pth.tar")

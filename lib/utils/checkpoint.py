@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 
 import torch
 
@@ -180,11 +181,20 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a foreign pickle protocol before refusing the file below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():   # a class or function: unpickling it could run code
             raise UserError(f"checkpoint '{path}' holds objects other than tensors, numbers, "
                             "strings, lists and dicts; refused (loading it could run code); "
+                            "expected a file written by this project") from None
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"   # PROTO opcode: a raw pickle, not torch.save's zip
+        if is_pickle:
+            raise UserError(f"checkpoint '{path}' is not a plain torch.save file (its pickle uses "
+                            "instructions the safe loader refuses); refused without running it; "
                             "expected a file written by this project") from None
         raise UserError(f"checkpoint '{path}' could not be read (UnpicklingError); "
                         "expected a file written by torch.save") from None
