@@ -53,12 +53,12 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from lib.export import export_checkpoint, load_packed, model_from_checkpoint, size_report
-    from lib.export.report import read_checkpoint
+    from lib.utils.checkpoint import load_checkpoint
     if args.load:
         model, header = load_packed(args.load)
         log.info("rebuilt %s from %s", header["arch"], args.load)
         if args.resume:
-            reference = model_from_checkpoint(read_checkpoint(args.resume))
+            reference = model_from_checkpoint(load_checkpoint(args.resume))
             diff = compare_logits(model, reference, header, args.batch, args.seed)
             log.info("max |logit difference| vs %s on %d images: %.3g", args.resume, args.batch,
                      diff)

@@ -42,6 +42,7 @@ from lib.quantize.policy import (apply_linear_policy, resolve_kmeans_policy,
                                  resolve_linear_policy)
 from lib.utils.checkpoint import atomic_write_bytes
 from lib.utils.errors import UserError
+from lib.utils.layers import quantizable_layers
 
 MAGIC = b"HAQPACK1"
 FORMAT_VERSION = 1
@@ -179,7 +180,6 @@ def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source
 
 
 def _policy_layers(model, mode):
-    from lib.utils.layers import quantizable_layers
     return quantizable_layers(model, linear=mode == "linear")
 
 

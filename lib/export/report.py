@@ -6,9 +6,6 @@ quantity the K-Means search budgets.  The other parts have no simulator counterp
 expected sizes are counted from the model: a codebook of 2^b float32 centroids per K-Means
 layer, one float32 scale per linear layer, 4 bytes per float element elsewhere.
 """
-import logging
-
-
 from lib.export.packed import PARTS, write_packed
 from lib.quantize.policy import apply_linear_policy
 from lib.simulator import SizeCost
@@ -16,14 +13,7 @@ from lib.utils.checkpoint import extract_state_dict, load_checkpoint
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
-log = logging.getLogger(__name__)
-
 FLOAT_BIT = 32
-
-
-def read_checkpoint(path):
-    """A finetune.py checkpoint, read by the project's one safe loader (``weights_only=True``)."""
-    return load_checkpoint(path)
 
 
 def model_from_checkpoint(ckpt):
@@ -46,7 +36,7 @@ def model_from_checkpoint(ckpt):
 
 def export_checkpoint(path, output):
     """Write the packed file of finetune.py checkpoint ``path`` to ``output``; return its header."""
-    ckpt = read_checkpoint(path)
+    ckpt = load_checkpoint(path)   # the one safe loader (weights_only=True)
     model = model_from_checkpoint(ckpt)
     policy = ckpt["policy"]
     return write_packed(output, model, ckpt["arch"], ckpt["model_kwargs"], ckpt["mode"],

@@ -34,6 +34,8 @@ from lib.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# The layers quantize_model swaps (and whose input sign is decided).
+_LAYER_TYPES = (nn.Conv2d, nn.Linear)
 # Modules whose output is >= 0 whatever their input.
 NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardsigmoid, nn.Sigmoid, nn.Softmax)
 # Modules whose output is >= 0 when their input is (order- and sign-preserving).
@@ -108,10 +110,6 @@ class _SignAnalysis:
         return False             # placeholders (the image), get_attr, anything unknown
 
 
-def _layer_types():
-    return (nn.Conv2d, nn.Linear)
-
-
 def half_wave_by_structure(model):
     """``{layer name: half_wave}`` from the model's fx graph (see the module docstring).
 
@@ -121,7 +119,7 @@ def half_wave_by_structure(model):
     analysis = _SignAnalysis(gm)
     result = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(analysis.modules[node.target], _layer_types()):
+        if node.op == "call_module" and isinstance(analysis.modules[node.target], _LAYER_TYPES):
             # a module called twice must be non-negative on every call to be half-wave
             result[node.target] = result.get(node.target, True) and analysis.nonneg(node.args[0])
     return result
@@ -132,7 +130,7 @@ def half_wave_by_observation(model, example_input):
     """``{layer name: half_wave}``: no negative value in the layer's input on ``example_input``."""
     seen, handles = {}, []
     for name, mod in model.named_modules():
-        if isinstance(mod, _layer_types()):
+        if isinstance(mod, _LAYER_TYPES):
             def hook(_, args, name=name):
                 seen[name] = seen.get(name, True) and bool((args[0] >= 0).all())
             handles.append(mod.register_forward_pre_hook(hook))
@@ -198,7 +196,7 @@ def quantize_model(model, example_input=None, half_wave=None, method="auto"):
     decided = infer_half_wave(model, example_input, method)
     decided.update(half_wave or {})
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, _layer_types()) and not isinstance(m, (QConv2d, QLinear))]
+               if isinstance(m, _LAYER_TYPES) and not isinstance(m, (QConv2d, QLinear))]
     for name, mod in targets:
         if name not in decided:   # not called in this forward (e.g. an auxiliary head)
             logger.info("layer '%s' is not called in the forward: full-wave input", name)

@@ -7,6 +7,7 @@ embedded ``mnist5k`` default (DESIGN.md sections 7 and 10).
 """
 import copy
 import functools
+import itertools
 import logging
 import math
 import os
@@ -335,15 +336,21 @@ class ImageFolderSplit(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _same_class(self, index):
-        """Indices of the other images of ``index``'s class, starting after it."""
+    def _candidates(self, index):
+        """``index``, then the other images of its class, starting after it.
+
+        Lazy: the scan of the other samples runs only when an image fails to decode,
+        not on every load.
+        """
+        yield index
         target = self.targets[index]
-        order = list(range(index + 1, len(self.samples))) + list(range(index))
-        return [i for i in order if self.targets[i] == target]
+        for i in itertools.chain(range(index + 1, len(self.samples)), range(index)):
+            if self.targets[i] == target:
+                yield i
 
     def __getitem__(self, index):
         from torchvision.datasets.folder import default_loader
-        for i in [index] + self._same_class(index):
+        for i in self._candidates(index):
             path, target = self.samples[i]
             try:
                 image = default_loader(path)

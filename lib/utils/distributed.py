@@ -61,10 +61,6 @@ def get_world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process():
-    return get_rank() == 0
-
-
 def _comm_device(device=None):
     """Where collective buffers live: nccl needs the process's GPU, gloo the CPU."""
     if device is not None:

@@ -28,11 +28,7 @@ class AverageMeter:
 @torch.no_grad()
 def accuracy(output, target, topk=(1,)):
     """Top-k accuracies in percent; k larger than the class count counts as all correct."""
-    maxk = min(max(topk), output.size(1))
-    _, pred = output.topk(maxk, 1, True, True)
-    correct = pred.t().eq(target.view(1, -1))
-    return [correct[:min(k, maxk)].reshape(-1).float().sum().mul_(100.0 / target.size(0)).item()
-            for k in topk]
+    return [100.0 * c / target.size(0) for c in correct_counts(output, target, topk)]
 
 
 @torch.no_grad()

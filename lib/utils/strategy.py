@@ -69,6 +69,10 @@ def _finite_in(value, lo, hi):
             and lo < value <= hi)
 
 
+# min_bit and max_bit share one check
+_BIT_FIELD = (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8,
+              "an integer in [1, 8]")
+
 # field -> (check, what is expected); None is always allowed (the field is then unknown)
 _FIELDS = {
     "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
@@ -78,10 +82,8 @@ _FIELDS = {
     "hardware": (lambda v: isinstance(v, str), "a hardware preset name (string)"),
     "width_mult": (lambda v: _finite_in(v, 0, 8), "a number in (0, 8]"),
     "preserve_ratio": (lambda v: _finite_in(v, 0, 1), "a number in (0, 1]"),
-    "min_bit": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8,
-                "an integer in [1, 8]"),
-    "max_bit": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8,
-                "an integer in [1, 8]"),
+    "min_bit": _BIT_FIELD,
+    "max_bit": _BIT_FIELD,
 }
 
 

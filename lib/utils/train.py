@@ -123,7 +123,7 @@ def _record(meters, loss, output, target):
 
 def train_one_epoch(model, loader, criterion, optimizer, device, epoch=0, step_hook=None,
                     lr_fn=None, max_batches=None, progress=True, desc="", amp=False, scaler=None):
-    """One pass over ``loader``; returns dict(loss, top1, top5, nonfinite, batches).
+    """One pass over ``loader``; returns dict(loss, top1, top5, count, nonfinite, batches).
 
     ``lr_fn(batch_index, n_batches)`` (optional) sets the learning rate before each
     step; ``step_hook()`` runs after every optimizer step (K-Means centroid sharing).
