@@ -42,7 +42,6 @@ log = logging.getLogger("rl_quantize")
 STATE_FILE = "search_state.pth.tar"
 PLOT_INTERVAL_S = 60
 LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
-# Flags a resumed search must share with the one it continues.
 FLOAT_BIT = cli.number(int, 1, 32)
 HIDDEN = cli.number(int, 1, 4096)       # released 300; 65536 asked for ~70 GB of weights
 SIGMA = cli.number(float, 0.0, 10.0)                  # exploration sigma; 0 = none
