@@ -221,9 +221,6 @@ def check_method_args(args):
     if args.method != "ddpg" and args.resume != "default":
         raise UserError(f"--resume loads DDPG agent weights; expected --method ddpg "
                         f"(got --method {args.method})")
-    for name in ("sensitivity_images", "hessian_iters"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
     if args.method == "ilp" and args.train_episode != 1:
         log.info("--method ilp evaluates one policy: one episode (--train_episode ignored)")
         args.train_episode = 1
