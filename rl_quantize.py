@@ -476,8 +476,8 @@ class Search:
                      "width_mult": args.width_mult, "min_bit": args.min_bit,
                      "max_bit": args.max_bit, "method": args.method,
                      "input_size": args.input_size}
-        if cost_table_of(env) is not None:   # DESIGN.md section 9
-            self.meta["cost_table"] = cost_table_of(env)
+        if (table := cost_table_of(env)) is not None:   # DESIGN.md section 9
+            self.meta["cost_table"] = table
         self.start, self.best, self.history = 0, None, []
         self._last_plot = time.time()
         log_path = os.path.join(out_dir, "log.txt")
