@@ -46,7 +46,8 @@ def write_folder(root):
 
 
 def step_time(root, size, steps, batch):
-    """Median seconds per training step at ``size`` (one warm-up step dropped)."""
+    """(median seconds per training step at ``size``, one warm-up step dropped; the train
+    transform used)."""
     torch.manual_seed(0)
     model = get_model("mobilenetv2", num_classes=10, input_size=size, width_mult=0.5)
     model = model.to(memory_format=torch.channels_last)
