@@ -1,4 +1,4 @@
-"""Full-precision training of any registry model on any supported dataset.
+"""Full-precision training of any registry model or torchvision classifier on any supported dataset.
 
 Makes the "pretrained" model the search starts from when no checkpoint can be
 downloaded (the embedded default: a reduced-width MobileNet-V2 on mnist5k).
