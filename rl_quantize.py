@@ -14,7 +14,7 @@ heat map (sensitivity.png) in the output folder.
 
 Every flag of the released tool is kept (DESIGN.md section 8). The output folder
 (``--output/<arch>_<dataset>[_<suffix>]-runN``) receives strategy.json (the best
-policy), log.txt (one line per episode), TensorBoard events, agent.pth.tar,
+policy), log.txt (one line per episode), TensorBoard events, agent.pth.tar (DDPG only),
 best_policy.png, accuracy_vs_cost.png and search_state.pth.tar, saved after every
 episode so ``--resume_search`` continues exactly where a killed search stopped.
 """
