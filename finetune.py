@@ -295,12 +295,6 @@ def quantize(model, setup, args, calib_loader, device):
     return codebooks
 
 
-def deferred_layers(setup, codebooks):
-    """{name: bits} of the K-Means layers --free_high_bit has left float so far."""
-    return {n: b for n, b in zip(setup.layer_names, setup.strategy["strategy"])
-            if n not in codebooks}
-
-
 def default_run_name(setup):
     """Base name of the default output folders: checkpoints/<this>-runN."""
     return f"{setup.arch}_{dataset_label(setup.dataset)}_{setup.mode}_finetune"
@@ -384,7 +378,10 @@ class Finetune:
 
     def free_layers(self):
         """{name: bits} of the K-Means layers that --free_high_bit leaves float at this point."""
-        return deferred_layers(self.setup, self.codebooks) if self.codebooks is not None else {}
+        if self.codebooks is None:
+            return {}
+        return {n: b for n, b in zip(self.setup.layer_names, self.setup.strategy["strategy"])
+                if n not in self.codebooks}
 
     def all_quantized(self):
         """Context in which the model is fully quantized, to be scored or saved as the policy's.
@@ -495,7 +492,7 @@ class Finetune:
         """K-Means: the centroid sharer; clusters the --free_high_bit layers at the last epoch."""
         if self.codebooks is None:
             return None
-        deferred = deferred_layers(self.setup, self.codebooks)
+        deferred = self.free_layers()
         if deferred and epoch == self.args.epochs - 1:
             log.info("last epoch: clustering the %d layers above 6 bits (%d iterations)",
                      len(deferred), KMEANS_ITERS)
@@ -699,6 +696,7 @@ def main(argv=None):
         return run_training(run, start)
     finally:
         cleanup()
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,4 +1,4 @@
-"""Full-precision training of any registry model on any supported dataset.
+"""Full-precision training of any registry model or torchvision classifier on any supported dataset.
 
 Makes the "pretrained" model the search starts from when no checkpoint can be
 downloaded (the embedded default: a reduced-width MobileNet-V2 on mnist5k).
@@ -233,8 +233,7 @@ def main(argv=None):
         if tr["nonfinite"]:
             raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "
                             "smaller --lr")
-        if is_distributed():
-            sync_buffers(*kept)
+        sync_buffers(*kept)   # no-op outside torchrun
         scored = net if ema is None else ema.module
         va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0)
         acc, best_acc = va["top1"], max(best_acc, va["top1"])

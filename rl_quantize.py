@@ -14,7 +14,7 @@ heat map (sensitivity.png) in the output folder.
 
 Every flag of the released tool is kept (DESIGN.md section 8). The output folder
 (``--output/<arch>_<dataset>[_<suffix>]-runN``) receives strategy.json (the best
-policy), log.txt (one line per episode), TensorBoard events, agent.pth.tar,
+policy), log.txt (one line per episode), TensorBoard events, agent.pth.tar (DDPG only),
 best_policy.png, accuracy_vs_cost.png and search_state.pth.tar, saved after every
 episode so ``--resume_search`` continues exactly where a killed search stopped.
 """
@@ -42,7 +42,6 @@ log = logging.getLogger("rl_quantize")
 STATE_FILE = "search_state.pth.tar"
 PLOT_INTERVAL_S = 60
 LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
-# Flags a resumed search must share with the one it continues.
 FLOAT_BIT = cli.number(int, 1, 32)
 HIDDEN = cli.number(int, 1, 4096)       # released 300; 65536 asked for ~70 GB of weights
 SIGMA = cli.number(float, 0.0, 10.0)                  # exploration sigma; 0 = none
@@ -222,9 +221,6 @@ def check_method_args(args):
     if args.method != "ddpg" and args.resume != "default":
         raise UserError(f"--resume loads DDPG agent weights; expected --method ddpg "
                         f"(got --method {args.method})")
-    for name in ("sensitivity_images", "hessian_iters"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: expected a positive number")
     if args.method == "ilp" and args.train_episode != 1:
         log.info("--method ilp evaluates one policy: one episode (--train_episode ignored)")
         args.train_episode = 1
@@ -480,8 +476,8 @@ class Search:
                      "width_mult": args.width_mult, "min_bit": args.min_bit,
                      "max_bit": args.max_bit, "method": args.method,
                      "input_size": args.input_size}
-        if cost_table_of(env) is not None:   # DESIGN.md section 9
-            self.meta["cost_table"] = cost_table_of(env)
+        if (table := cost_table_of(env)) is not None:   # DESIGN.md section 9
+            self.meta["cost_table"] = table
         self.start, self.best, self.history = 0, None, []
         self._last_plot = time.time()
         log_path = os.path.join(out_dir, "log.txt")

@@ -36,7 +36,7 @@ for mode in $MODES; do
         [ "$entry" != "$method" ] && sens=${entry#*:}
         name=${entry/:/_}
         dir="$OUT/${mode}_${name}"
-        rm -rf "$dir"
+        rm -rf "$dir" "${dir}_ft"   # finetune.py refuses a -c folder holding results
         echo "== $mode: --method $method --sensitivity $sens"
         start=$(date +%s.%N)
         # shellcheck disable=SC2046

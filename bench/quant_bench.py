@@ -198,8 +198,9 @@ def bench_qat(args):
     tf, tq = statistics.median(times["fp32"]), statistics.median(times["w4a4"])
     # each w4a4 step over the fp32 step just before it: the spread shows the machine's noise
     pairs = sorted(q / f for f, q in zip(times["fp32"], times["w4a4"]))
-    print(f"(d) QAT step (forward+backward){' compiled' if args.compile else ''} MobileNet-V2 ({source}), batch {args.qat_batch} at "
-          f"{args.qat_size}, CPU x{torch.get_num_threads()} threads, median of {args.qat_steps}: "
+    compiled = " compiled" if args.compile else ""
+    print(f"(d) QAT step (forward+backward){compiled} MobileNet-V2 ({source}), batch "
+          f"{args.qat_batch} at {args.qat_size}, CPU x{torch.get_num_threads()} threads, median of {args.qat_steps}: "
           f"w4a4 {tq:.2f} s vs fp32 {tf:.2f} s -> {tq / tf:.2f}x (per-step ratios "
           f"{pairs[0]:.2f}-{pairs[-1]:.2f}; goal <= 1.2x)")
 

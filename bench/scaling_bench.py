@@ -11,10 +11,10 @@ reported, with the 1-process / N-process ratio. ``--rounds`` alternates the two
 runs that many times (on a shared machine the load drifts; alternating spreads
 it over both). ``--control`` adds a third run, one process on 1/N of the work
 (train, val and batch divided by N): on a busy machine it tells the cost of the
-collectives (N processes on the whole work vs one on a share) from the load. The episodes of a run are past
-the agent's warmup only if --warmup says so; the default (all random) keeps the
-agent's update out of the measurement, as the fine-tune and validation are what
-is spread over the processes.
+collectives (N processes on the whole work vs one on a share) from the load.
+The episodes of a run are past the agent's warmup only if --warmup says so; the
+default (all random) keeps the agent's update out of the measurement, as the
+fine-tune and validation are what is spread over the processes.
 """
 import argparse
 import os
