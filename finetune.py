@@ -41,7 +41,7 @@ from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
 from lib.utils.run_utils import (lr_setter, model_kwargs_for, new_run_folder, open_run_logs,
                                  seed_everything)
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
-from lib.utils.train import evaluate, train_one_epoch
+from lib.utils.train import HALF_TYPES, autocast_dtype, evaluate, train_one_epoch
 from models import float_twin, get_model, list_models, load_pretrained_weights
 
 log = logging.getLogger("finetune")
@@ -50,8 +50,6 @@ KMEANS_ITERS = 50   # Lloyd iterations when fine-tuning (the search uses 3)
 DEFAULT_ARCH = {"kmeans": "mobilenetv2", "linear": "qmobilenetv2"}
 CHECKPOINT_PARENT = "checkpoints"
 RESULT_FILES = ("checkpoint.pth.tar", "model_best.pth.tar", "results.json", "log.txt")
-HALF_TYPES = {"O0": None, "O1": "auto", "O2": "auto", "O3": "auto", "fp16": torch.float16,
-              "bf16": torch.bfloat16}
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
                "best_top1"]
 
@@ -142,20 +140,6 @@ def check_args(args):
     if args.warmup_epoch > args.epochs:
         raise UserError(f"--warmup_epoch {args.warmup_epoch:g} is longer than the run; expected "
                         f"at most --epochs ({args.epochs})")
-
-
-def autocast_dtype(args, device):
-    """The autocast dtype of --half/--half_type on ``device``; None = full precision.
-
-    The release used apex levels O0-O3; here O1-O3 all mean autocast with fp32 master
-    weights (apex O2/O3 also cast the weights to fp16), O0 means no autocast.
-    """
-    if not args.half:
-        return None
-    choice = HALF_TYPES[args.half_type]
-    if choice == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    return choice
 
 
 @dataclass

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from finetune import HALF_TYPES, autocast_dtype
+from lib.utils.train import HALF_TYPES, autocast_dtype
 from lib.utils.checkpoint import remove_stale_tmp
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser

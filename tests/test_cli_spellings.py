@@ -11,7 +11,7 @@ import pretrain
 import rl_quantize
 from lib.simulator import __main__ as simulator_cli
 from lib.utils.cli import BoolAction
-from lib.utils.train import _autocast
+from lib.utils.train import _autocast, autocast_dtype
 
 PARSERS = {"finetune": finetune.get_args_parser, "pretrain": pretrain.get_args_parser,
            "rl_quantize": rl_quantize.get_args_parser, "simulator": simulator_cli.get_args_parser}
@@ -93,10 +93,10 @@ def test_eval_is_evaluate_and_free_high_bit_false_parses():
 def test_half_type_maps_to_an_autocast_dtype(half_type, cpu, cuda):
     p = finetune.get_args_parser()
     args = p.parse_args(["--half", "--half_type", half_type])
-    assert finetune.autocast_dtype(args, torch.device("cpu")) == cpu
-    assert finetune.autocast_dtype(args, torch.device("cuda")) == cuda
+    assert autocast_dtype(args, torch.device("cpu")) == cpu
+    assert autocast_dtype(args, torch.device("cuda")) == cuda
     # without --half, --half_type changes nothing (as released: apex only ran under --half)
-    assert finetune.autocast_dtype(p.parse_args(["--half_type", half_type]),
+    assert autocast_dtype(p.parse_args(["--half_type", half_type]),
                                    torch.device("cpu")) is None
     if cpu is not None:   # the dtype reaches the train/eval loops' autocast
         conv = torch.nn.Conv2d(3, 4, 3)

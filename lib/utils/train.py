@@ -50,6 +50,22 @@ class _Progress:
             self.bar.finish()
 
 
+# --half_type: the release's apex levels (O1-O3 = autocast with fp32 master weights here; apex
+# O2/O3 also cast the weights to fp16, which autocast has no equivalent of), or a dtype.
+HALF_TYPES = {"O0": None, "O1": "auto", "O2": "auto", "O3": "auto", "fp16": torch.float16,
+              "bf16": torch.bfloat16}
+
+
+def autocast_dtype(args, device):
+    """The autocast dtype of ``--half``/``--half_type`` on ``device``; None = full precision."""
+    if not args.half:
+        return None
+    choice = HALF_TYPES[args.half_type]
+    if choice == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return choice
+
+
 def _autocast(device, amp):
     """``amp``: False/None (full precision), True (fp16 on GPU, bf16 on CPU) or a torch dtype."""
     if not amp:
