@@ -22,6 +22,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from lib.utils.errors import UserError
 
+from .sensitivity import bit_widths
+
 log = logging.getLogger(__name__)
 
 BUDGET_SLACK = 1e-9   # relative: keeps the solver's feasibility tolerance inside the budget
@@ -87,7 +89,7 @@ def step_options(env, step):
     """The widths a step may take: its pin, else min_bit..max_bit."""
     if step in env.pins:
         return [env.pins[step]]
-    return list(range(env.cfg.min_bit, env.cfg.max_bit + 1))
+    return bit_widths(env)
 
 
 def layer_options(env, layer):
@@ -107,11 +109,11 @@ def _score_of(scores, layer, option, min_bit):
 
 
 def option_tables(env, scores):
-    """(options, score arrays, cost arrays) per layer for :func:`solve_choices`.
+    """(options, score arrays, cost arrays) per layer for :func:`solve_choices`, and the base cost.
 
     A layer's cost is measured through ``env.cost`` as the change from the cheapest
-    reachable policy when only that layer moves, which is exact for the additive
-    costs of the search (size and table sums).
+    reachable policy (the base cost, also returned) when only that layer moves, which is
+    exact for the additive costs of the search (size and table sums).
     """
     base = env.min_bits()
     base_cost = env.cost(env.policy_from_bits(base))

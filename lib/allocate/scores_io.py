@@ -5,13 +5,13 @@ made for the same layers, widths, metric and image count, and recomputes it
 otherwise. The heat map shows layers (by their ``named_modules()`` name) against
 widths, one panel per kind (weights; activations in linear mode).
 """
-import json
 import logging
 import os
 
 import numpy as np
 
-from lib.utils.checkpoint import atomic_write_json
+from lib.utils.checkpoint import atomic_write_json, read_json
+from lib.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,6 @@ def save_scores(path, scores):
     atomic_write_json(path, record)
 
 
-def _reject_constant(name):
-    raise ValueError(f"non-finite number {name} in a strict JSON file")
-
-
 def load_scores(path, expect):
     """The cached scores at ``path`` if they match ``expect`` (metric, bits, layers, n_images).
 
@@ -37,8 +33,7 @@ def load_scores(path, expect):
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            record = json.load(f, parse_constant=_reject_constant)
+        record = read_json(path, "sensitivity cache", "the scores of an earlier run")
         differs = [k for k, v in expect.items() if record.get(k) != v]
         if differs:
             log.info("%s was scored with another %s; scoring again", path, differs[0])
@@ -48,7 +43,7 @@ def load_scores(path, expect):
                 record[kind] = np.asarray(record[kind], dtype=np.float64)
                 if record[kind].shape != (len(expect["layers"]), len(expect["bits"])):
                     raise ValueError(f"'{kind}' has shape {record[kind].shape}")
-    except (ValueError, OSError) as exc:
+    except (UserError, ValueError) as exc:
         log.warning("ignoring %s (%s); scoring again", path, exc)
         return None
     log.info("sensitivity scores from %s (%s, %.1fs when computed)", path, record["metric"],

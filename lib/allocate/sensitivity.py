@@ -255,10 +255,11 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
     if env.linear:
         env.unquantize()
     seconds = time.perf_counter() - start
+    widths, n_used = bit_widths(env), sum(len(y) for _, y in batches)
     log.info("%s sensitivity of %d layers x %d widths on %d images: %.1fs", metric,
-             len(env.layers), len(bit_widths(env)), sum(len(y) for _, y in batches), seconds)
-    result = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
-              "n_images": sum(len(y) for _, y in batches), "requested_images": n_images,
+             len(env.layers), len(widths), n_used, seconds)
+    result = {"metric": metric, "bits": widths, "layers": list(env.layer_names),
+              "n_images": n_used, "requested_images": n_images,
               "hessian_iters": hessian_iters if metric == "hessian" else None,
               "baseline_loss": float(base) if math.isfinite(base) else NONFINITE_SCORE,
               "seconds": seconds}

@@ -23,14 +23,13 @@ from lib.simulator.shapes import extract_layer_shapes
 from lib.simulator.tables import (CACHE_DIR, METRICS, UNITS, check_metric, get_table,
                                   table_path)
 from lib.utils import cli
-from lib.utils.cli import ArgumentParser
 from lib.utils.errors import UserError, run_cli
 
 log = logging.getLogger("lib.simulator")
 
 
 def get_args_parser():
-    p = ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, help="model name from the models registry")
     p.add_argument("--dataset", default="imagenet", help="sets classes and input size")
     p.add_argument("--hardware", required=True, help=f"one of: {', '.join(HARDWARE)}")
