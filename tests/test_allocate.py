@@ -356,3 +356,14 @@ def test_agent_weights_need_ddpg(cli_assets, tmp_path, capsys, method):
     assert err[-1] == f"error: --resume loads DDPG agent weights; expected --method ddpg " \
                       f"(got --method {method})"
     assert not os.path.exists(tmp_path / "mobilenetv2_mnist5k-run1")
+
+
+def test_a_cache_that_is_not_the_scores_is_scored_again(tmp_path):
+    """A sensitivity.json that is not JSON, has NaN, or holds another JSON type is ignored (None)."""
+    from lib.allocate import load_scores
+    expect = {"metric": "loss", "bits": [2, 3], "layers": ["a"], "requested_images": 10,
+              "hessian_iters": None}
+    path = tmp_path / "sensitivity.json"
+    for text in ("[1, 2]", '"scores"', '{"metric": NaN}', "\x00\x01binary", "{"):
+        path.write_text(text)
+        assert load_scores(str(path), expect) is None, text

@@ -34,6 +34,8 @@ def load_scores(path, expect):
         return None
     try:
         record = read_json(path, "sensitivity cache", "the scores of an earlier run")
+        if not isinstance(record, dict):
+            raise ValueError(f"it holds a {type(record).__name__}, not the scores' object")
         differs = [k for k, v in expect.items() if record.get(k) != v]
         if differs:
             log.info("%s was scored with another %s; scoring again", path, differs[0])
