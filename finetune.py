@@ -129,9 +129,7 @@ def get_args_parser():
 
 def check_args(args):
     """Cross-flag checks the types cannot make; UserError before anything is loaded or written."""
-    if args.min_bit > args.max_bit:
-        raise UserError(f"--min_bit {args.min_bit} > --max_bit {args.max_bit}; expected "
-                        "min_bit <= max_bit")
+    cli.check_bit_range(args.min_bit, args.max_bit)
     if args.evaluate:
         return
     if args.start_epoch >= args.epochs:

@@ -25,7 +25,7 @@ from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
 from lib.utils.distributed import (cleanup, init_distributed, is_distributed, model_tensors,
                                    ranks_agree, sync_buffers)
-from lib.utils.errors import UserError, run_cli
+from lib.utils.errors import UserError, error_reason, run_cli
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
 from lib.utils.run_utils import lr_setter, model_kwargs_for, open_run_logs, seed_everything
@@ -170,10 +170,8 @@ def resume_from(output, model, optimizer, ema, epochs):
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if not ln.endswith(":")), type(exc).__name__)
         raise UserError(f"--resume: the optimizer or averaged-weights state in '{output}' does "
-                        f"not fit ({reason[:160]}); {RESUME_EXPECTED}") from exc
+                        f"not fit ({error_reason(exc)}); {RESUME_EXPECTED}") from exc
     log.info("resumed from %s at epoch %d", output, start_epoch)
     return start_epoch, best_acc
 

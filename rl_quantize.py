@@ -34,7 +34,7 @@ from lib.utils.checkpoint import remove_stale_tmp
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
-from lib.utils.errors import UserError, run_cli
+from lib.utils.errors import UserError, error_reason, run_cli
 from lib.utils.run_utils import list_runs, new_run_folder, seed_everything
 
 log = logging.getLogger("rl_quantize")
@@ -208,9 +208,7 @@ def check_args(args):
         if "q" + args.arch in list_models():
             log.info("linear quantization: using %s (the Q twin of %s)", "q" + args.arch, args.arch)
             args.arch = "q" + args.arch
-    if args.min_bit > args.max_bit:
-        raise UserError(f"--min_bit {args.min_bit} > --max_bit {args.max_bit}; expected "
-                        "min_bit <= max_bit")
+    cli.check_bit_range(args.min_bit, args.max_bit)
     if args.max_bit > args.float_bit:
         raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
                         "reference model at least as wide as any policy")
@@ -317,9 +315,7 @@ def load_agent_weights(agent, path):
     try:
         agent.load_weights(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
-        raise UserError(f"--resume '{path}' does not fit this agent ({reason[:200]}); "
+        raise UserError(f"--resume '{path}' does not fit this agent ({error_reason(exc, 200)}); "
                         f"{expected}") from exc
     log.info("agent weights from %s", path)
 
@@ -504,11 +500,8 @@ class Search:
             set_rng_states(state["rng"])
             start, best, history = int(state["episode"]), state["best"], list(state["history"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            # torch's "Error(s) in loading state_dict for Actor:" says why on the next line
-            reason = next((ln for ln in lines if not ln.endswith(":")), type(exc).__name__)
             raise UserError(f"--resume_search: the state in '{self.out}' does not fit this "
-                            f"search ({type(exc).__name__}: {reason[:160]}); expected the "
+                            f"search ({type(exc).__name__}: {error_reason(exc)}); expected the "
                             "state of a search with the same model and flags") from exc
         if start < 0 or len(history) != start or (best is None) != (start == 0) or (
                 best is not None and not (isinstance(best, dict) and BEST_KEYS <= set(best))):

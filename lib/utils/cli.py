@@ -149,6 +149,12 @@ def name_part(text):
     return text
 
 
+def check_bit_range(min_bit, max_bit):
+    """--min_bit may not exceed --max_bit (a cross-flag check argparse cannot make)."""
+    if min_bit > max_bit:
+        raise UserError(f"--min_bit {min_bit} > --max_bit {max_bit}; expected min_bit <= max_bit")
+
+
 # ------------------------------------------------------------------ output paths
 def _first_existing(path):
     """The nearest existing ancestor of ``path`` (itself if it exists)."""
