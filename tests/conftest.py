@@ -54,3 +54,26 @@ def kill_before_state_save(monkeypatch):
         monkeypatch.setattr(rl_quantize.Search, "_save_state",
                             real_save if next_episode is None else dying_save)
     return kill
+
+
+@pytest.fixture(scope="session")
+def kmeans_finetune_checkpoint(tmp_path_factory, tiny_pretrained):
+    """``make(bits_of_layer)``: the checkpoint.pth.tar of a real 1-epoch finetune.py K-Means run
+    of the tiny model, layer i at ``bits_of_layer(i)`` bits (codebooks and optimizer inside)."""
+    import json
+
+    import finetune
+    weights, model = tiny_pretrained
+    n = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+
+    def make(bits_of_layer):
+        root = tmp_path_factory.mktemp("kmeans_ft")
+        strategy = root / "km.json"
+        strategy.write_text(json.dumps({"mode": "kmeans",
+                                        "strategy": [bits_of_layer(i) for i in range(n)]}))
+        finetune.main(["--strategy", str(strategy), "--pretrained_path", weights, "-c",
+                       str(root / "ft"), "--epochs", "1", "--no-eval_fp32", "--width_mult",
+                       "0.25", "--train_subset", "32", "--train_batch", "16", "--test_batch",
+                       "32", "--device", "cpu", "--no-progress"])
+        return str(root / "ft" / "checkpoint.pth.tar")
+    return make

@@ -1,5 +1,4 @@
 """Packed export (issue 15, part 2): bit packing, bit-exact rebuild, sizes, refusing bad files."""
-import json
 import os
 import struct
 import subprocess
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import finetune
 from lib.export import (export_checkpoint, load_packed, pack_bits, packed_nbytes, read_packed,
                         size_report, unpack_bits)
 from lib.export.__main__ import main as export_main
@@ -20,8 +18,6 @@ from lib.utils.errors import UserError, run_cli
 from models import get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--width_mult", "0.25", "--train_subset", "32", "--train_batch", "16",
-        "--test_batch", "32", "--device", "cpu", "--no-progress", "--lr", "0.01"]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -43,17 +39,9 @@ def test_bit_packing_layout_is_little_endian():
 
 
 @pytest.fixture(scope="module")
-def kmeans_ckpt(tmp_path_factory, tiny_pretrained):
+def kmeans_ckpt(kmeans_finetune_checkpoint):
     """A real finetune.py K-Means checkpoint (1 epoch, 7-bit layers clustered at the end)."""
-    root = tmp_path_factory.mktemp("export_km")
-    weights, model = tiny_pretrained
-    n = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
-    strategy = root / "km.json"
-    strategy.write_text(json.dumps({"mode": "kmeans", "strategy": [(2, 3, 7)[i % 3]
-                                                                   for i in range(n)]}))
-    finetune.main(["--strategy", str(strategy), "--pretrained_path", weights, "-c",
-                   str(root / "ft"), "--epochs", "1", "--no-eval_fp32"] + TINY)
-    return str(root / "ft" / "checkpoint.pth.tar")
+    return kmeans_finetune_checkpoint(lambda i: (2, 3, 7)[i % 3])
 
 
 @pytest.fixture(scope="module")

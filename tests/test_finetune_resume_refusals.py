@@ -4,11 +4,9 @@ Each field the resume reads (mode, arch, model_kwargs, epoch, optimizer, codeboo
 broken in turn; training (and, where the field matters, -e) must stop with ``error: ...``
 naming it, before anything in the checkpoint's folder changes.
 """
-import json
 import os
 
 import pytest
-import torch
 
 import finetune
 from lib.utils.checkpoint import load_checkpoint, save_checkpoint
@@ -19,16 +17,9 @@ TINY = ["--width_mult", "0.25", "--train_subset", "32", "--train_batch", "16",
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_pretrained):
+def trained(kmeans_finetune_checkpoint):
     """A real one-epoch K-Means checkpoint (with codebooks and optimizer state)."""
-    root = tmp_path_factory.mktemp("ft_resume")
-    weights, model = tiny_pretrained
-    n = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
-    strategy = root / "km.json"
-    strategy.write_text(json.dumps({"mode": "kmeans", "strategy": [3] * n}))
-    finetune.main(["--strategy", str(strategy), "--pretrained_path", weights, "-c",
-                   str(root / "ft"), "--epochs", "1", "--no-eval_fp32"] + TINY)
-    return load_checkpoint(str(root / "ft" / "checkpoint.pth.tar"))
+    return load_checkpoint(kmeans_finetune_checkpoint(lambda i: 3))
 
 
 def _break(ckpt, field):
