@@ -125,9 +125,8 @@ class _FloatCalibration:
                 m.weight_range.copy_(wr)
 
 
-def _linear_loss_scores(env, batches, kinds=("weight", "activation")):
+def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
     model, widths = env.model, bit_widths(env)
-    calib = _FloatCalibration(env)
     base = _loss(model, batches)
     scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
     for layer, (name, module) in enumerate(env.layers):
@@ -235,12 +234,12 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
     batches = fixed_batches(env.evaluator.val_loader, n_images)
     env.restore_weights()
     if metric == "loss":
-        scores, base = (_linear_loss_scores(env, batches) if env.linear
+        scores, base = (_linear_loss_scores(env, batches, _FloatCalibration(env)) if env.linear
                         else _kmeans_loss_scores(env, batches))
     else:
         if env.linear:
-            scores, base = _linear_loss_scores(env, batches, kinds=("activation",))
-            calib = _FloatCalibration(env)
+            calib = _FloatCalibration(env)   # one float calibration serves both kinds of score
+            scores, base = _linear_loss_scores(env, batches, calib, kinds=("activation",))
             traces = _hessian_traces(env, batches, hessian_iters, seed)
             scores["weight"] = _hessian_weight_scores(
                 env, traces, lambda m, b: _linear_weight(calib, m, b))

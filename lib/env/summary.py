@@ -16,7 +16,7 @@ import os
 import sys
 
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
-from lib.utils.cli import ArgumentParser, check_output_dir, check_output_file
+from lib.utils.cli import ArgumentParser, check_output_dir, check_output_file, same_file
 from lib.utils.errors import UserError, run_cli
 from lib.utils.strategy import load_strategy
 
@@ -217,9 +217,7 @@ def report(demo_dir):
 
 def check_not_input(output, source):
     """The output must not be the input file (under any name): the search's result stays."""
-    same = os.path.abspath(output) == os.path.abspath(source) or (
-        os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source))
-    if same:
+    if same_file(output, source):
         raise UserError(f"output '{output}' is the input '{source}'; expected another path (the "
                         "input is never overwritten)")
 

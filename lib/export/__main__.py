@@ -9,7 +9,6 @@ Both print the file's size per part against the simulator's size prediction.  ``
 the rebuilt model and the checkpoint's and prints the largest logit difference.
 """
 import logging
-import os
 import sys
 
 import torch
@@ -44,7 +43,7 @@ def compare_logits(model, reference, header, batch, seed):
 def check_export_output(source, output):
     """UserError unless ``output`` is a writable file path other than the checkpoint ``source``."""
     cli.check_output_file(output, "--output")
-    if os.path.exists(output) and os.path.samefile(source, output):
+    if cli.same_file(source, output):
         raise UserError(f"--output '{output}' is the checkpoint given to --resume; expected "
                         "another path (the checkpoint is never overwritten)")
 

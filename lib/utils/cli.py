@@ -149,6 +149,12 @@ def name_part(text):
     return text
 
 
+def same_file(a, b):
+    """Whether paths ``a`` and ``b`` name one file (through links and other spellings too)."""
+    return os.path.abspath(a) == os.path.abspath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def check_bit_range(min_bit, max_bit):
     """--min_bit may not exceed --max_bit (a cross-flag check argparse cannot make)."""
     if min_bit > max_bit:
