@@ -26,6 +26,17 @@ def linear(quantized, in_features, out_features, bias=True, half_wave=True):
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+class PoolHead(nn.Module):
+    """Global pooling, flatten, classifier: the last stage of a model's :meth:`stages`."""
+
+    def __init__(self, pool, classifier):
+        super().__init__()
+        self.pool, self.classifier = pool, classifier
+
+    def forward(self, x):
+        return self.classifier(self.pool(x).flatten(1))
+
+
 def make_divisible(value, divisor=8):
     """Round a channel count to a multiple of ``divisor`` (never below 90% of it)."""
     new = max(divisor, int(value + divisor / 2) // divisor * divisor)

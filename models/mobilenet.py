@@ -7,7 +7,7 @@ so all of them are half-wave in the quantized twin.
 """
 import torch.nn as nn
 
-from .layers import conv, init_weights, linear, make_divisible
+from .layers import PoolHead, conv, init_weights, linear, make_divisible
 from .registry import register_model
 
 # (output channels, stride) of the 13 depthwise-separable blocks.
@@ -42,6 +42,10 @@ class MobileNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))
+
+    def stages(self):
+        """The forward as a chain of modules: applied in turn they give ``forward(x)``."""
+        return [*self.features, PoolHead(self.pool, self.classifier)]
 
 
 @register_model

@@ -11,7 +11,7 @@ they are full-wave; the stem reads the image (kept unquantized by the policy).
 """
 import torch.nn as nn
 
-from .layers import conv, init_weights, linear, make_divisible
+from .layers import PoolHead, conv, init_weights, linear, make_divisible
 from .registry import register_model
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
@@ -73,6 +73,10 @@ class MobileNetV2(nn.Module):
     def forward(self, x):
         x = self.pool(self.features(x)).flatten(1)
         return self.classifier(x)
+
+    def stages(self):
+        """The forward as a chain of modules: applied in turn they give ``forward(x)``."""
+        return [*self.features, PoolHead(self.pool, self.classifier)]
 
 
 @register_model

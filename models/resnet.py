@@ -8,7 +8,7 @@ layers. Every layer but the stem reads a ReLU output: half-wave in the Q twin.
 """
 import torch.nn as nn
 
-from .layers import conv, init_weights, linear
+from .layers import PoolHead, conv, init_weights, linear
 from .registry import register_model
 
 
@@ -91,6 +91,12 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.avgpool(x).flatten(1))
+
+    def stages(self):
+        """The forward as a chain of modules: applied in turn they give ``forward(x)``."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        blocks = [*self.layer1, *self.layer2, *self.layer3, *self.layer4]
+        return [stem, *blocks, PoolHead(self.avgpool, self.fc)]
 
 
 @register_model

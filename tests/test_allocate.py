@@ -39,10 +39,17 @@ def toy_data(n=96, seed=0):
     return TensorDataset(x, y)
 
 
-def toy_model(linear=False):
+class StagedSequential(nn.Sequential):
+    """A Sequential that offers its children as :meth:`stages` (as the project's models do)."""
+
+    def stages(self):
+        return [nn.Sequential(*self[:2]), nn.Sequential(*self[2:4]), nn.Sequential(*self[4:])]
+
+
+def toy_model(linear=False, staged=False):
     conv, fc = (QConv2d, QLinear) if linear else (nn.Conv2d, nn.Linear)
     kw = {"half_wave": False} if linear else {}
-    return nn.Sequential(conv(1, 6, 3, padding=1, **kw), nn.ReLU6(),
+    return (StagedSequential if staged else nn.Sequential)(conv(1, 6, 3, padding=1, **kw), nn.ReLU6(),
                          conv(6, 6, 3, padding=1), nn.ReLU6(),
                          conv(6, 8, 3, stride=2, padding=1), nn.ReLU6(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc(8, 3))
@@ -59,10 +66,11 @@ def train(model, data, steps=150):
     return model
 
 
-def toy_env(linear=False, ratio=0.5, min_bit=1, max_bit=3, trained=False, table_seed=0):
+def toy_env(linear=False, ratio=0.5, min_bit=1, max_bit=3, trained=False, table_seed=0,
+            staged=False):
     torch.manual_seed(1)
     data = toy_data()
-    model = toy_model(linear)
+    model = toy_model(linear, staged)
     if trained:
         train(model, data)
     loader = DataLoader(data, batch_size=48)
@@ -198,6 +206,37 @@ def test_loss_sensitivity_grows_as_bits_fall_on_a_trained_model(linear):
     # The float model is back in place (no layer left quantized).
     assert all(getattr(m, "w_bit", -1) == -1 and getattr(m, "a_bit", -1) == -1
                for _, m in env.layers)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_staged_scores_equal_whole_model_passes(linear):
+    """The prefix cache (each stage's float input computed once) changes no score."""
+    whole = layer_scores(toy_env(linear=linear, trained=True, max_bit=4), "loss", n_images=96)
+    env = toy_env(linear=linear, trained=True, max_bit=4, staged=True)
+    calls = []
+    for k, first in enumerate((0, 2, 4)):     # the first module of each stage
+        env.model[first].register_forward_hook(lambda *a, k=k: calls.append(k))
+    staged = layer_scores(env, "loss", n_images=96)
+    for kind in ("weight", "activation") if linear else ("weight",):
+        assert np.abs(staged[kind]).max() > 1e-4
+        np.testing.assert_allclose(staged[kind], whole[kind], rtol=1e-5, atol=1e-7)
+    assert staged["baseline_loss"] == pytest.approx(whole["baseline_loss"], rel=1e-6)
+    # The first stage's cached input is reused: it runs far less often than the last one.
+    assert calls.count(0) < calls.count(2) / 2
+
+
+@pytest.mark.parametrize("arch", ["mobilenet", "qmobilenetv2", "resnet18", "qresnet50"])
+def test_model_stages_chain_to_its_forward(arch):
+    torch.manual_seed(0)
+    model = get_model(arch, num_classes=7, input_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = x
+    with torch.no_grad():
+        for stage in model.stages():
+            y = stage(y)
+        assert torch.equal(y, model(x))
+    assert {id(m) for s in model.stages() for m in s.modules()} >= \
+        {id(m) for _, m in quantizable_layers(model)}
 
 
 def test_hutchinson_estimates_each_blocks_trace():

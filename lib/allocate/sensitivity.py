@@ -64,6 +64,73 @@ def _loss(model, batches):
     return evaluate(model, batches, nn.CrossEntropyLoss(), _device(model), progress=False)["loss"]
 
 
+class _Chain(nn.Module):
+    """Stages applied in turn (the tail of a model's :meth:`stages`)."""
+
+    def __init__(self, stages):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+class StagedLoss:
+    """Loss on fixed batches when one layer changes, recomputing only from that layer's stage on.
+
+    Quantizing one layer leaves every stage before the one holding it unchanged, so
+    each stage's float input on the batches is computed once and reused for every width
+    of every layer in that stage (a prefix cache). The scores are those of whole-model
+    passes: the chain is checked against the model once, and a model without
+    ``stages()`` (or whose chain differs) is run whole. Layers are visited in module
+    order; going back to an earlier stage starts the cache again from the images.
+    """
+
+    def __init__(self, model, batches, modules):
+        self.model, self.batches = model, batches
+        self.base = _loss(model, batches)
+        self.stages, self.stage_of = self._split(model, modules)
+        self.k, self.inputs = 0, batches
+        if self.stages is not None and not math.isclose(
+                _loss(_Chain(self.stages), batches), self.base, rel_tol=1e-5, abs_tol=1e-7):
+            log.warning("%s.stages() does not reproduce its forward; scoring whole passes",
+                        type(model).__name__)
+            self.stages = None
+
+    @staticmethod
+    def _split(model, modules):
+        if not callable(getattr(model, "stages", None)):
+            return None, None
+        stages = list(model.stages())
+        where = {id(m): k for k, stage in enumerate(stages) for m in stage.modules()}
+        if not all(id(m) in where for m in modules):
+            return None, None
+        return stages, [where[id(m)] for m in modules]
+
+    def __call__(self, layer):
+        """Loss of the model as it stands now, where only layer index ``layer`` differs from float."""
+        if self.stages is None:
+            return _loss(self.model, self.batches)
+        k = self.stage_of[layer]
+        self._advance(k)
+        return _loss(_Chain(self.stages[k:]), self.inputs)
+
+    def _advance(self, k):
+        if k < self.k:
+            self.k, self.inputs = 0, self.batches
+        if self.k == k:
+            return
+        device = _device(self.model)
+        self.model.eval()
+        with torch.no_grad():
+            while self.k < k:
+                stage = self.stages[self.k]
+                self.inputs = [(stage(x.to(device)), y) for x, y in self.inputs]
+                self.k += 1
+
+
 def _finite(scores):
     return np.nan_to_num(scores, nan=NONFINITE_SCORE, posinf=NONFINITE_SCORE,
                          neginf=-NONFINITE_SCORE)
@@ -79,17 +146,17 @@ def _kmeans_weight(env, module, bits):
 
 def _kmeans_loss_scores(env, batches):
     model, widths = env.model, bit_widths(env)
-    base = _loss(model, batches)
+    loss = StagedLoss(model, batches, [m for _, m in env.layers])
     scores = np.zeros((len(env.layers), len(widths)))
     for layer, (name, module) in enumerate(env.layers):
         original = module.weight.detach().clone()
         for j, bits in enumerate(widths):
             apply_kmeans_policy(model, {name: bits}, n_iter=env.n_iter, method=env.method,
                                 is_pruned=env.is_pruned, seed=env.cfg.seed)
-            scores[layer, j] = _loss(model, batches) - base
+            scores[layer, j] = loss(layer) - loss.base
             module.weight.data.copy_(original)
         log.debug("loss sensitivity of %s: %s", name, np.round(scores[layer], 4).tolist())
-    return {"weight": scores}, base
+    return {"weight": scores}, loss.base
 
 
 # ------------------------------------------------------------------- linear mode
@@ -126,8 +193,8 @@ class _FloatCalibration:
 
 
 def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
-    model, widths = env.model, bit_widths(env)
-    base = _loss(model, batches)
+    widths = bit_widths(env)
+    loss = StagedLoss(env.model, batches, [m for _, m in env.layers])
     scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
     for layer, (name, module) in enumerate(env.layers):
         for kind in kinds:
@@ -139,11 +206,11 @@ def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
                     calib.set(module, w_bit=bits)
                 else:
                     calib.set(module, a_bit=bits)
-                scores[kind][layer, j] = _loss(model, batches) - base
+                scores[kind][layer, j] = loss(layer) - loss.base
                 calib.reset(module)
         log.debug("loss sensitivity of %s: %s", name,
                   {k: np.round(v[layer], 4).tolist() for k, v in scores.items()})
-    return scores, base
+    return scores, loss.base
 
 
 def _linear_weight(calib, module, bits):
