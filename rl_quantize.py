@@ -167,9 +167,13 @@ def get_args_parser():
 
 def add_method_args(p):
     """--method and the integer program's sensitivity settings (DESIGN.md section 14)."""
-    p.add_argument("--method", default="ddpg", choices=["ddpg", "ilp", "random"],
+    p.add_argument("--method", default="ddpg", choices=["ddpg", "ilp", "random", "replay"],
                    help="ddpg: the RL search; random: uniform random actions, same episodes; "
-                        "ilp: sensitivity scores + exact integer program, one evaluated episode")
+                        "ilp: sensitivity scores + exact integer program, one evaluated episode; "
+                        "replay: every episode evaluates the --policy strategy again (the "
+                        "reward's noise: same policy, a new fine-tune data order each time)")
+    p.add_argument("--policy", default=None, metavar="STRATEGY_JSON",
+                   help="--method replay: the strategy.json whose policy every episode plays")
     p.add_argument("--sensitivity", default="loss", choices=["loss", "hessian"],
                    help="ilp's per-layer score: loss increase, or Hessian trace x quant. error")
     p.add_argument("--sensitivity_images", default=100, type=cli.positive_int,
@@ -219,6 +223,9 @@ def check_method_args(args):
     if args.method != "ddpg" and args.resume != "default":
         raise UserError(f"--resume loads DDPG agent weights; expected --method ddpg "
                         f"(got --method {args.method})")
+    if (args.method == "replay") != (args.policy is not None):
+        raise UserError("--policy goes with --method replay (and replay needs it); expected "
+                        "both or neither")
     if args.method == "ilp" and args.train_episode != 1:
         log.info("--method ilp evaluates one policy: one episode (--train_episode ignored)")
         args.train_episode = 1
@@ -286,6 +293,8 @@ def build_agent(args, env, device):
         return UniformActions(args.seed)
     if args.method == "ilp":
         return FixedActions(args.min_bit, args.max_bit)   # planned by plan_ilp
+    if args.method == "replay":
+        return FixedActions(args.min_bit, args.max_bit, replay_bits(args, env))
     from lib.rl import DDPG, DDPGConfig
     cfg = DDPGConfig(hidden1=args.hidden1, hidden2=args.hidden2, lr_c=args.lr_c, lr_a=args.lr_a,
                      warmup=args.warmup, discount=args.discount, bsize=args.bsize,
@@ -301,6 +310,25 @@ def build_agent(args, env, device):
                         f"{len(env.layers)} layers of replay memory, --hidden1 {args.hidden1}, "
                         f"--hidden2 {args.hidden2}); expected smaller values (released: 128, "
                         "300, 300)") from exc
+
+
+def replay_bits(args, env):
+    """Per-step bits of the ``--policy`` strategy, checked against the env's layers and budget."""
+    from lib.utils.strategy import load_strategy, validate_strategy
+    mode = "linear" if env.linear else "kmeans"
+    strategy = validate_strategy(load_strategy(args.policy), env.layer_names, mode,
+                                 args.min_bit, args.max_bit)
+    policy = strategy["strategy"]
+    flat = [b for pair in policy for b in pair] if env.linear else list(policy)
+    flat = [env.pins.get(i, b) for i, b in enumerate(flat)]
+    if env.policy_from_bits(flat) != policy:
+        raise UserError(f"--policy {args.policy}: the first and last layers are pinned to "
+                        f"{env.pins} in linear mode; expected a policy that keeps them")
+    ratio = env.cost(policy) / env.reference_cost()
+    if ratio > args.preserve_ratio + 1e-9:
+        raise UserError(f"--policy {args.policy} costs {ratio:.4f} of the reference {args.cost}; "
+                        f"expected --preserve_ratio >= {ratio:.4f} so the budget wall keeps it")
+    return flat
 
 
 def load_agent_weights(agent, path):
@@ -444,6 +472,8 @@ def history_labels(args):
         return args.train_episode, ("random", "")
     if args.method == "ilp":
         return 0, ("", "integer program")
+    if args.method == "replay":
+        return 0, ("", "replayed policy")
     return args.warmup, ("warmup (random)", "DDPG")
 
 

@@ -16,7 +16,8 @@ import os
 import sys
 
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
-from lib.utils.cli import ArgumentParser, check_output_dir, check_output_file, same_file
+from lib.utils.cli import (ArgumentParser, check_output_dir, check_output_file, bit_width,
+                           same_file)
 from lib.utils.errors import UserError, run_cli
 from lib.utils.strategy import load_strategy
 
@@ -77,21 +78,30 @@ def uniform_policy(bits, n_layers, linear):
     return [[8, -1]] + [[bits, bits]] * (n_layers - 2) + [[8, 8]]
 
 
+def uniform_strategy(strategy, bits, cost=None, names=None):
+    """The uniform ``bits`` policy of ``strategy``'s model, as a strategy.json dict.
+
+    Its ``preserve_ratio`` is the search's; ``cost_ratio`` is the uniform policy's own.
+    """
+    if cost is None:
+        cost, names = cost_model_for(strategy)
+    policy = uniform_policy(bits, len(names), strategy["mode"] == "linear")
+    out = {k: strategy.get(k) for k in ("arch", "mode", "metric", "hardware", "preserve_ratio",
+                                          "dataset", "width_mult", "min_bit", "max_bit")}
+    if strategy.get("cost_table") is not None:
+        out["cost_table"] = strategy["cost_table"]
+    out.update(cost_ratio=cost(policy) / cost.reference(), layers=names, strategy=policy,
+               uniform_bits=bits, accuracy=None, episode=None)
+    return out
+
+
 def best_uniform(strategy):
     """The widest uniform policy within the strategy's budget, as a strategy.json dict."""
     cost, names = cost_model_for(strategy)
-    linear = strategy["mode"] == "linear"
-    budget = strategy["preserve_ratio"] * cost.reference()
     lo, hi = strategy.get("min_bit", 1), strategy.get("max_bit", 8)
     for bits in range(hi, lo - 1, -1):
-        policy = uniform_policy(bits, len(names), linear)
-        if cost(policy) <= budget:
-            out = {k: strategy.get(k) for k in ("arch", "mode", "metric", "hardware", "preserve_ratio",
-                                                  "dataset", "width_mult", "min_bit", "max_bit")}
-            if strategy.get("cost_table") is not None:
-                out["cost_table"] = strategy["cost_table"]
-            out.update(cost_ratio=cost(policy) / cost.reference(), layers=names, strategy=policy,
-                       uniform_bits=bits, accuracy=None, episode=None)
+        out = uniform_strategy(strategy, bits, cost, names)
+        if out["cost_ratio"] <= strategy["preserve_ratio"]:
             return out
     raise UserError(f"no uniform policy of {lo}..{hi} bits fits preserve ratio "
                     f"{strategy['preserve_ratio']}")
@@ -240,6 +250,9 @@ def get_args_parser():
     u = sub.add_parser("uniform", help="best uniform policy within a search's budget")
     u.add_argument("strategy", help="the search's strategy.json")
     u.add_argument("output", help="where to write the uniform strategy.json")
+    u.add_argument("--bits", type=bit_width, default=None,
+                   help="this width in every layer instead, whatever its cost (the frontier's "
+                        "uniform curve)")
     r = sub.add_parser("report", help="summary table and plots of a demo folder")
     r.add_argument("demo_dir")
     return p
@@ -250,7 +263,11 @@ def main(argv=None):
     if args.command == "uniform":
         check_not_input(args.output, args.strategy)
         check_output_file(args.output, "output")
-        out = best_uniform(read_search_strategy(args.strategy))
+        strategy = read_search_strategy(args.strategy)
+        if args.bits is None:
+            out = best_uniform(strategy)
+        else:
+            out = uniform_strategy(strategy, args.bits)
         atomic_write_json(args.output, out)
         log.info("%s: cost ratio %.3f", _uniform_label(out), out["cost_ratio"])
         return out
