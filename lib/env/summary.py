@@ -3,9 +3,12 @@
     python -m lib.env.summary uniform SEARCH/strategy.json OUT.json
         The best *uniform* policy (same bits in every layer; linear mode keeps the
         pinned first/last layers) whose cost fits the search's budget, as a strategy.json.
+    python -m lib.env.summary uniform SEARCH/strategy.json OUT.json --bits B
+        The uniform B-bit policy whatever its cost (the frontier's uniform curve).
     python -m lib.env.summary report DEMO_DIR
-        Reads DEMO_DIR/{linear,kmeans}_{search,haq,uniform}; prints and writes summary.md
-        and summary.json, and the plots (per-layer bits, accuracy vs cost, reward).
+        Reads DEMO_DIR/{linear,kmeans}_{search,haq,uniform} (and, when the demo made them,
+        _ilp_search/_ilp and the replays in _noise); prints and writes summary.md and
+        summary.json, and the plots (per-layer bits, accuracy vs cost, reward).
 
 The HAQ claim under test: at the same or lower cost, the searched mixed-precision
 policy is more accurate than the best uniform one after the same fine-tune.
@@ -13,6 +16,7 @@ policy is more accurate than the best uniform one after the same fine-tune.
 import argparse
 import logging
 import os
+import statistics
 import sys
 
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
@@ -120,23 +124,41 @@ def _read_log(path):
 
 def _find_search(demo_dir, mode):
     """The newest run folder under DEMO_DIR/<mode>_search that holds a strategy.json."""
-    parent = os.path.join(demo_dir, f"{mode}_search")
+    return _newest_run(os.path.join(demo_dir, f"{mode}_search"), "strategy.json")
+
+
+def _newest_run(parent, holding):
+    """The newest run folder under ``parent`` that holds the file ``holding``."""
     runs = sorted((os.path.join(parent, d) for d in os.listdir(parent)), key=os.path.getmtime) \
         if os.path.isdir(parent) else []
-    runs = [r for r in runs if os.path.isfile(os.path.join(r, "strategy.json"))]
+    runs = [r for r in runs if os.path.isfile(os.path.join(r, holding))]
     if not runs:
-        raise UserError(f"no search with a strategy.json under '{parent}'")
+        raise UserError(f"no search with a {holding} under '{parent}'")
     return runs[-1]
 
 
+def replay_noise(demo_dir, mode):
+    """(SD, accuracies) of the searched policy's replays (``<mode>_noise``), or (None, [])."""
+    parent = os.path.join(demo_dir, f"{mode}_noise")
+    if not os.path.isdir(parent):
+        return None, []
+    accs = [h["accuracy"] for h in _read_log(os.path.join(_newest_run(parent, "log.txt"),
+                                                          "log.txt"))]
+    return (statistics.stdev(accs) if len(accs) > 1 else None), accs
+
+
 def collect(demo_dir, mode):
-    """Everything the summary reports for one mode."""
+    """Everything the summary reports for one mode (the ILP row when the demo ran it)."""
     search = _find_search(demo_dir, mode)
     haq = _read_json(os.path.join(search, "strategy.json"))
     uniform = _read_json(os.path.join(demo_dir, f"{mode}_uniform.json"))
     cost, _ = cost_model_for(haq)
+    policies = [("haq", haq), ("uniform", uniform)]
+    if os.path.isdir(os.path.join(demo_dir, f"{mode}_ilp")):
+        ilp = _find_search(demo_dir, f"{mode}_ilp")
+        policies.insert(1, ("ilp", _read_json(os.path.join(ilp, "strategy.json"))))
     res = {}
-    for name, strat in (("haq", haq), ("uniform", uniform)):
+    for name, strat in policies:
         r = _read_json(os.path.join(demo_dir, f"{mode}_{name}", "results.json"))
         c = cost(strat["strategy"])
         value, unit = cost.to_human(c)
@@ -145,7 +167,8 @@ def collect(demo_dir, mode):
                      "policy": strat["strategy"], "fp32_top1": r.get("fp32_top1")}
     ref_value, ref_unit = cost.to_human(cost.reference())
     res["uniform"]["label"] = _uniform_label(uniform)
-    return {"search": search, "history": _read_log(os.path.join(search, "log.txt")),
+    noise_sd, replays = replay_noise(demo_dir, mode)
+    return {"search": search, "noise_sd": noise_sd, "replays": replays, "history": _read_log(os.path.join(search, "log.txt")),
             "layers": haq["layers"], "preserve_ratio": haq["preserve_ratio"],
             "metric": haq["metric"], "hardware": haq.get("hardware"),
             "reference": {"cost": ref_value, "unit": ref_unit}, **res}
@@ -173,11 +196,28 @@ def markdown(summary):
         ref_name = "w8a8" if mode == "linear" else "fp32"
         lines.append(f"| {mode} ({budget}) | fp32 model | {_fmt(fp32)} | - | 1.000 ({ref_name}) "
                      f"| {ref['cost']:.4g} {ref['unit']} |")
-        for key, label in (("uniform", s["uniform"]["label"]), ("haq", "HAQ (searched)")):
-            r = s[key]
-            lines.append(f"| {mode} | {label} | {_fmt(r['top1'])} | {_fmt(r['quant_top1'])} "
-                         f"| {r['cost_ratio']:.3f} | {r['cost']:.4g} {r['unit']} |")
-    return "\n".join(lines) + "\n"
+        for key, label in (("uniform", s["uniform"]["label"]), ("ilp", "ILP (sensitivity)"),
+                           ("haq", "HAQ (searched)")):
+            r = s.get(key)
+            if r is not None:
+                lines.append(f"| {mode} | {label} | {_fmt(r['top1'])} | {_fmt(r['quant_top1'])} "
+                             f"| {r['cost_ratio']:.3f} | {r['cost']:.4g} {r['unit']} |")
+    return "\n".join(lines) + "\n" + "".join(_gap_line(m, summary[m]) for m in MODES
+                                             if summary.get(m))
+
+
+def _gap_line(mode, s):
+    """How far apart HAQ and uniform are after fine-tune, with the noise figures beside it."""
+    haq, uni = s["haq"]["top1"], s["uniform"]["top1"]
+    if haq is None or uni is None:
+        return ""
+    line = f"\n{mode}: HAQ - {s['uniform']['label']} = {haq - uni:+.2f} points after fine-tune"
+    if s.get("ilp") and s["ilp"]["top1"] is not None:
+        line += f" (ILP - uniform = {s['ilp']['top1'] - uni:+.2f})"
+    if s.get("noise_sd") is not None:
+        line += (f"; noise: the searched policy's search accuracy over {len(s['replays'])} "
+                 f"evaluations has SD {s['noise_sd']:.2f} points")
+    return line + ".\n"
 
 
 def plot_search(path, s, mode):
@@ -188,9 +228,10 @@ def plot_search(path, s, mode):
     ax.scatter([h["cost_ratio"] for h in hist], [h["accuracy"] for h in hist], s=10,
                c=[h["episode"] for h in hist], cmap="viridis", label="search episodes (short fine-tune)")
     for key, marker, color, label in (("haq", "*", "#d62728", "HAQ"),
+                                      ("ilp", "D", "#2ca02c", "ILP"),
                                       ("uniform", "s", "#1f77b4", s["uniform"]["label"])):
-        r = s[key]
-        if r["top1"] is not None:
+        r = s.get(key)
+        if r is not None and r["top1"] is not None:
             ax.scatter([r["cost_ratio"]], [r["top1"]], marker=marker, s=140, c=color, zorder=3,
                        edgecolors="k", label=f"{label}, after full fine-tune")
     ax.axvline(s["preserve_ratio"], color="#d62728", lw=0.8, ls="--", label="budget")
