@@ -406,3 +406,32 @@ def test_a_cache_that_is_not_the_scores_is_scored_again(tmp_path):
     for text in ("[1, 2]", '"scores"', '{"metric": NaN}', "\x00\x01binary", "{"):
         path.write_text(text)
         assert load_scores(str(path), expect) is None, text
+
+
+# ------------------------------------------------------------------ --method replay
+def test_replay_plays_one_policy_every_episode(cli_assets, tmp_path):
+    """The reward's noise: the same policy each episode, scored with a new fine-tune data order."""
+    rl_quantize.main(cli(cli_assets, tmp_path / "src", "random", episodes=2, extra=KMEANS))
+    source = os.path.join(folder_of(tmp_path / "src"), "strategy.json")
+    policy = load_strategy(source)["strategy"]
+    rl_quantize.main(cli(cli_assets, tmp_path / "rep", "replay", episodes=3,
+                         extra=KMEANS + ("--policy", source)))
+    rows = log_rows(folder_of(tmp_path / "rep"))
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    assert all(json.loads(r[-1]) == policy for r in rows)
+
+
+def test_replay_refuses_a_policy_over_budget_or_without_policy(cli_assets, tmp_path, capsys):
+    n = len(names("mobilenetv2", False))
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({"mode": "kmeans", "strategy": [4] * n}))
+    for extra, expect in ((("--policy", str(wide)), "costs 0.1250 of the reference size; "
+                           "expected --preserve_ratio >= 0.1250"),
+                          ((), "--policy goes with --method replay")):
+        with pytest.raises(SystemExit):
+            run_cli(rl_quantize.main, cli(cli_assets, tmp_path / "out", "replay",
+                                          extra=("--arch", "mobilenetv2", "--max_bit", "4",
+                                                 "--preserve_ratio", "0.1") + extra))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+    assert not os.path.exists(tmp_path / "out")

@@ -19,3 +19,40 @@ def test_uniform_linear_keeps_pins_and_is_widest_within_budget():
     cost, names = cost_model_for(s)
     wider = uniform_policy(b + 1, len(names), True)
     assert cost(wider) / cost.reference() > 0.5
+
+
+def _write(path, obj):
+    import json
+    import os
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _log(accs):
+    rows = "".join(f"{e}\t0\t{a}\t0.05\t1\t0\t[1]\n" for e, a in enumerate(accs))
+    return "episode\treward\taccuracy\tcost_ratio\tcost\tnonfinite\tpolicy\n" + rows
+
+
+def test_report_puts_ilp_and_the_noise_beside_the_gap(tmp_path):
+    """The demo's summary: uniform, ILP and HAQ rows, HAQ - uniform with the replays' SD beside it."""
+    from lib.env.summary import report
+    s = dict(BASE, arch="mobilenetv2", mode="kmeans", metric="size", hardware=None,
+             preserve_ratio=0.05, min_bit=1)
+    layers = cost_model_for(s)[1]
+    haq = dict(s, strategy=[2] * 20 + [1] * 33, accuracy=95.0, episode=20, layers=layers)
+    ilp = dict(s, strategy=[1] * 53, accuracy=93.0, episode=0, layers=layers)
+    _write(str(tmp_path / "kmeans_search/run1/strategy.json"), haq)
+    _write(str(tmp_path / "kmeans_search/run1/log.txt"), _log([80, 95]))
+    _write(str(tmp_path / "kmeans_ilp_search/run1/strategy.json"), ilp)
+    _write(str(tmp_path / "kmeans_noise/run1/log.txt"), _log([94.0, 95.0, 96.0]))
+    _write(str(tmp_path / "kmeans_uniform.json"), best_uniform(s))
+    for name, top1 in (("haq", 96.5), ("ilp", 95.25), ("uniform", 52.5)):
+        _write(str(tmp_path / f"kmeans_{name}/results.json"),
+               {"best_top1": top1, "quant_top1": 10.0, "fp32_top1": 98.1})
+    table = report(str(tmp_path))
+    assert "| kmeans | ILP (sensitivity) | 95.25 |" in table
+    assert "| kmeans | uniform 1-bit | 52.50 |" in table
+    assert ("kmeans: HAQ - uniform 1-bit = +44.00 points after fine-tune (ILP - uniform = +42.75); "
+            "noise: the searched policy's search accuracy over 3 evaluations has SD 1.00 points"
+            in table)
