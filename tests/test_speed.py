@@ -215,3 +215,18 @@ def test_finetune_compile_trains_through_the_compiled_model(tiny_pretrained, tmp
     sd = load_checkpoint(f"{out}/checkpoint.pth.tar")["state_dict"]
     assert set(sd) == set(compiled[0].state_dict())
     assert not any(k.startswith("_orig_mod") for k in sd)
+
+
+def test_centroid_update_on_an_accelerator_never_reads_to_the_host():
+    """The K-Means centroid-shared update on a non-CPU device: on the meta device any value read
+    back (bincount sizing its output, a .cpu() of the centroids) raises; the update runs."""
+    from lib.quantize.kmeans import CentroidSharer, Codebook, _cluster_sums
+    flat = torch.empty(1000, device="meta")
+    labels = torch.empty(1000, dtype=torch.uint8, device="meta")
+    sums = _cluster_sums(flat, labels, 16)
+    assert sums.device.type == "meta" and sums.shape == (16,) and sums.dtype == torch.float64
+    cb = Codebook(torch.empty(16, device="meta"), labels, bits=4)
+    CentroidSharer._update(flat, cb, torch.empty(16, dtype=torch.float64, device="meta"))
+    assert cb.centroids.device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.bincount(labels.int(), weights=flat.double(), minlength=16)   # what it replaced

@@ -371,7 +371,10 @@ def _cluster_sums(flat, labels, n):
     """
     labels = labels.to(flat.device)
     if flat.device.type != "cpu":
-        return torch.bincount(labels.int(), weights=flat.double(), minlength=n)
+        # index_add_ into n bins: bincount would read the largest label back to the host
+        # to size its output, a synchronisation per layer per step on an accelerator.
+        sums = torch.zeros(n, dtype=torch.float64, device=flat.device)
+        return sums.index_add_(0, labels.long(), flat.double())
     sums = torch.zeros(n, dtype=torch.float64)
     for i in range(0, flat.numel(), _CHUNK):
         sums += torch.bincount(labels[i:i + _CHUNK].int(), weights=flat[i:i + _CHUNK].double(),
@@ -488,7 +491,7 @@ class CentroidSharer:
                           cb.centroids.to(sums.device, torch.float64))
         if cb.pruned:
             new[-1] = 0.0
-        cb.centroids = new.to(torch.float32).cpu()
+        cb.centroids = new.to(torch.float32)   # on the weight's device: no copy to the host
         _write_back(flat, cb)
 
     def recluster(self, n_iter=50, method="fast", is_pruned=None, seed=None, names=None):
