@@ -16,7 +16,7 @@ EPISODES=${EPISODES:-40}        # search episodes per mode
 WARMUP=${WARMUP:-12}            # of which random (warmup) episodes
 FT_EPOCHS=${FT_EPOCHS:-2}       # fine-tune epochs of each policy
 LINEAR_RATIO=${LINEAR_RATIO:-0.22}
-KMEANS_RATIO=${KMEANS_RATIO:-0.05}
+KMEANS_RATIO=${KMEANS_RATIO:-0.07}
 REPLAYS=${REPLAYS:-5}           # evaluations of the searched policy: the reward's noise
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 PY=${PYTHON:-python}
@@ -58,7 +58,7 @@ search() {  # mode arch extra-flags...
 
 search linear qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud \
     --preserve_ratio "$LINEAR_RATIO" --min_bit 3
-search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 1
+search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 2
 
 echo "== summary"
 "$PY" -m lib.env.summary report "$OUT"

@@ -5,7 +5,7 @@
 # best random policy replayed). Writes $OUT/frontier.{png,md,json} and $OUT/learning.png.
 #   bash run/run_frontier.sh                 # 2 budgets per mode, 3 seeds (about 1 h on 2 cores)
 #   QUICK=1 bash run/run_frontier.sh         # 1 budget per mode, 1 seed (under 15 min)
-#   SEEDS="0 1" LINEAR_BUDGETS="0.25" KMEANS_BUDGETS="0.06" bash run/run_frontier.sh
+#   SEEDS="0 1" LINEAR_BUDGETS="0.25" KMEANS_BUDGETS="0.08" bash run/run_frontier.sh
 # A rerun skips every search and fine-tune whose results are already there (delete $OUT to redo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,15 +20,15 @@ REPLAYS=${REPLAYS:-5}
 if [ "$QUICK" = 1 ]; then
     SEEDS=${SEEDS:-"0"}
     LINEAR_BUDGETS=${LINEAR_BUDGETS:-"0.22"}
-    KMEANS_BUDGETS=${KMEANS_BUDGETS:-"0.05"}
+    KMEANS_BUDGETS=${KMEANS_BUDGETS:-"0.07"}
     LINEAR_UNIFORM=${LINEAR_UNIFORM:-"3 4 5"}
-    KMEANS_UNIFORM=${KMEANS_UNIFORM:-"1 2 3"}
+    KMEANS_UNIFORM=${KMEANS_UNIFORM:-"2 3 4"}
 else
     SEEDS=${SEEDS:-"0 1 2"}
     LINEAR_BUDGETS=${LINEAR_BUDGETS:-"0.22 0.3"}
-    KMEANS_BUDGETS=${KMEANS_BUDGETS:-"0.05 0.08"}
+    KMEANS_BUDGETS=${KMEANS_BUDGETS:-"0.07 0.1"}
     LINEAR_UNIFORM=${LINEAR_UNIFORM:-"3 4 5 6 7 8"}
-    KMEANS_UNIFORM=${KMEANS_UNIFORM:-"1 2 3 4 5 6 7 8"}
+    KMEANS_UNIFORM=${KMEANS_UNIFORM:-"2 3 4 5 6 7 8"}
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 PY=${PYTHON:-python}
@@ -45,11 +45,11 @@ if [ ! -f "$CKPT" ]; then
     "$PY" pretrain.py --arch mobilenetv2 --dataset mnist5k --no-progress
 fi
 
-flags() {  # mode -> the search flags of that mode (the demo's; K-Means from 1 bit, as released)
+flags() {  # mode -> the search flags of that mode (the demo's)
     if [ "$1" = linear ]; then
         echo "--arch qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud --min_bit 3"
     else
-        echo "--arch mobilenetv2 --cost size --min_bit 1"
+        echo "--arch mobilenetv2 --cost size --min_bit 2"
     fi
 }
 
