@@ -193,8 +193,8 @@ def gpu_index(gpu_id):
 
 
 def check_args(args):
-    from models import list_models
-    if args.arch not in list_models(include_torchvision=True):
+    from models import is_known_model, list_models
+    if not is_known_model(args.arch):
         raise UserError(f"unknown arch '{args.arch}'; expected one of "
                         f"{', '.join(list_models())} or a torchvision classifier")
     if args.window_length != 1:

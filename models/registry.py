@@ -7,8 +7,6 @@ can also be built by name (K-Means mode only needs Conv2d/Linear layers).
 import inspect
 import os
 
-import torchvision
-
 from lib.utils.errors import UserError
 
 _REGISTRY = {}
@@ -23,7 +21,13 @@ def register_model(fn=None, *, name=None):
 
 
 def _torchvision_names():
+    import torchvision   # imported on demand: it costs ~1 s, and the registry's models need none
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def is_known_model(name):
+    """Whether ``name`` is a registry model or a torchvision classifier (looked up only if needed)."""
+    return name in _REGISTRY or name in _torchvision_names()
 
 
 def list_models(include_torchvision=False):
@@ -63,6 +67,7 @@ def _build(name, num_classes, input_size, width_mult, **kwargs):
     if name in _torchvision_names():
         if width_mult not in (None, 1.0):
             raise UserError(f"--width_mult is not supported by torchvision's '{name}'")
+        import torchvision
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     raise UserError(f"unknown arch '{name}'; expected one of: {', '.join(list_models())} "
                     "or a torchvision classification model name")
