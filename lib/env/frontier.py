@@ -179,6 +179,23 @@ def _mark(goal):
     return "held" if goal.get("held") else "**not held**"
 
 
+GOAL_TEXT = {   # one line per goal of the issue, with the figures it was decided on
+    "signal": lambda g: (f"signal: noise SD {g['noise_sd']:.2f} vs best-quarter SD "
+                         f"{g['top_quarter_sd']:.2f} of random policies (goal <= 1/3)"),
+    "learning": lambda g: (f"learning: last quarter - warmup = "
+                           f"{', '.join(f'{x:.2f}' for x in g['gains'])} (goal >= "
+                           f"{g['two_noise_sd']:.2f}); best after warmup in "
+                           f"{g['best_after_warmup']}/{g['seeds']} seeds"),
+    "vs_random": lambda g: (f"DDPG vs random: search {_f(g['search'][0])} vs {_f(g['search'][1])}, "
+                            f"after fine-tune {_f(g['top1'][0])} vs {_f(g['top1'][1])}"),
+    "vs_uniform": lambda g: (f"DDPG vs uniform {g['uniform_bits']}-bit: {g['ddpg_mean']:.2f} ± "
+                             f"{g['ddpg_sd']:.2f} vs {g['uniform_top1']:.2f} (ILP "
+                             f"{_f(g['ilp_top1'])})"
+                             + ("" if g["applies"] else
+                                " (uniform loses < 1 point here: goal n/a)")),
+}
+
+
 def markdown(frontier):
     lines = ["# Accuracy vs cost on the embedded default", "",
              "Top-1 on the test split after the demo's fine-tune (mean ± SD over search seeds); "
@@ -203,31 +220,10 @@ def markdown(frontier):
     lines += ["", "## Goals", ""]
     for mode, m in frontier.items():
         for budget, b in m["budgets"].items():
-            g = b["goals"]
-            head = f"- **{mode} <= {budget}**"
-            if "signal" in g:
-                s = g["signal"]
-                lines.append(f"{head} signal: noise SD {s['noise_sd']:.2f} vs best-quarter SD "
-                             f"{s['top_quarter_sd']:.2f} of random policies (goal <= 1/3): "
-                             f"{_mark(s)}")
-            if "learning" in g:
-                s = g["learning"]
-                lines.append(f"{head} learning: last quarter - warmup = "
-                             f"{', '.join(f'{x:.2f}' for x in s['gains'])} (goal >= "
-                             f"{s['two_noise_sd']:.2f}); best after warmup in "
-                             f"{s['best_after_warmup']}/{s['seeds']} seeds: {_mark(s)}")
-            if "vs_random" in g:
-                s = g["vs_random"]
-                lines.append(f"{head} DDPG vs random: search {_f(s['search'][0])} vs "
-                             f"{_f(s['search'][1])}, after fine-tune {_f(s['top1'][0])} vs "
-                             f"{_f(s['top1'][1])}: {_mark(s)}")
-            if "vs_uniform" in g:
-                s = g["vs_uniform"]
-                scope = "" if s["applies"] else " (uniform loses < 1 point here: goal n/a)"
-                lines.append(f"{head} DDPG vs uniform {s['uniform_bits']}-bit: "
-                             f"{s['ddpg_mean']:.2f} ± {s['ddpg_sd']:.2f} vs "
-                             f"{s['uniform_top1']:.2f} (ILP {_f(s['ilp_top1'])}){scope}: "
-                             f"{_mark(s)}")
+            for key, text in GOAL_TEXT.items():
+                if key in b["goals"]:
+                    g = b["goals"][key]
+                    lines.append(f"- **{mode} <= {budget}** {text(g)}: {_mark(g)}")
     return "\n".join(lines) + "\n"
 
 
@@ -252,10 +248,19 @@ def plot_frontier(path, frontier):
                             label=method if budget == next(iter(m["budgets"])) else None)
         for budget in m["budgets"]:
             ax.axvline(float(budget), color="k", lw=0.6, ls=":")
-        ax.set_xlabel("cost ratio (latency)" if mode == "linear" else "cost ratio (size)")
-        ax.set_ylabel("top-1 after fine-tune (%)")
-        ax.set_title(f"{mode}: accuracy vs cost", fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        _label(ax, "cost ratio (latency)" if mode == "linear" else "cost ratio (size)",
+               "top-1 after fine-tune (%)", f"{mode}: accuracy vs cost")
+    _save(plt, fig, path)
+
+
+def _label(ax, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _save(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -274,13 +279,8 @@ def plot_learning(path, frontier, warmup):
             curve = [_mean([h[e] for h in hs]) for e in range(n)]
             ax.plot(range(n), curve, color=COLORS[method], lw=1, label=f"{method} (mean of {len(hs)})")
         ax.axvline(warmup - 0.5, color="k", lw=0.6, ls=":", label="end of warmup")
-        ax.set_xlabel("episode")
-        ax.set_ylabel("search accuracy (%)")
-        ax.set_title(f"{mode} <= {budget}", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _label(ax, "episode", "search accuracy (%)", f"{mode} <= {budget}")
+    _save(plt, fig, path)
 
 
 def build(out_dir, warmup):
