@@ -51,9 +51,11 @@ INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of t
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
-               "free_high_bit", "method", "sensitivity", "input_size", "lr_c", "lr_a", "discount",
+               "free_high_bit", "reuse_codebooks", "method", "sensitivity", "input_size", "lr_c", "lr_a", "discount",
                "bsize", "tau", "init_delta", "delta_decay", "n_update", "init_w", "data_bsize",
                "finetune_epoch", "finetune_gamma", "finetune_lr", "finetune_flag", "cost_batch")
+# Flags added after states were first saved: a state without one ran with this value.
+RESUME_DEFAULTS = {"reuse_codebooks": False}
 BEST_KEYS = {"episode", "reward", "accuracy", "cost_ratio", "cost", "policy"}
 STATE_KEYS = {"args", "agent", "env", "episode", "best", "history", "rng"}
 
@@ -79,6 +81,9 @@ def get_args_parser():
     cli.bool_flag(p, "--free_high_bit", True, "K-Means: layers above 6 bits train freely during the "
                   "short fine-tune (as released) and are clustered again before validating; "
                   "--free_high_bit False keeps them centroid-shared")
+    cli.bool_flag(p, "--reuse_codebooks", False, "K-Means: cluster each (layer, bits) once per "
+                  "search with --seed and reuse it in later episodes (released: a new k-means "
+                  "seed every episode, so one policy scores differently each time)")
     # DDPG
     p.add_argument("--hidden1", default=300, type=HIDDEN, help="actor/critic first hidden layer")
     p.add_argument("--hidden2", default=300, type=HIDDEN, help="actor/critic second hidden layer")
@@ -283,7 +288,8 @@ def build_env(args, model, info, loaders, device):
         cost = build_cost(args, model)
         return LinearQuantizeEnv(model, evaluator, cfg, cost, loaders.calib, device)
     return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned,
-                             free_high_bit=args.free_high_bit)
+                             free_high_bit=args.free_high_bit,
+                             reuse_codebooks=args.reuse_codebooks)
 
 
 def build_agent(args, env, device):
@@ -316,7 +322,7 @@ def replay_bits(args, env):
     """Per-step bits of the ``--policy`` strategy, checked against the env's layers and budget."""
     from lib.utils.strategy import load_strategy, validate_strategy
     mode = "linear" if env.linear else "kmeans"
-    strategy = validate_strategy(load_strategy(args.policy), env.layer_names, mode,
+    strategy = validate_strategy(load_strategy(args.policy, "--policy"), env.layer_names, mode,
                                  args.min_bit, args.max_bit)
     policy = strategy["strategy"]
     flat = [b for pair in policy for b in pair] if env.linear else list(policy)
@@ -408,7 +414,7 @@ def load_search_state(path, args, env):
             or not isinstance(state["args"], dict)):
         raise UserError(f"--resume_search: '{file}' is not a search state of this version; "
                         "expected the file rl_quantize.py saves")
-    saved = state["args"]
+    saved = dict(RESUME_DEFAULTS, **state["args"])
     unrecorded = [k for k in RESUME_KEYS if k not in saved]
     if unrecorded:   # an older version's state: whether its flags match cannot be checked
         raise UserError(f"--resume_search: '{file}' records no --{unrecorded[0]} (written by an "

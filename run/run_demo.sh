@@ -58,7 +58,7 @@ search() {  # mode arch extra-flags...
 
 search linear qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud \
     --preserve_ratio "$LINEAR_RATIO" --min_bit 3
-search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 2
+search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 2 --reuse_codebooks
 
 echo "== summary"
 "$PY" -m lib.env.summary report "$OUT"

@@ -45,11 +45,11 @@ if [ ! -f "$CKPT" ]; then
     "$PY" pretrain.py --arch mobilenetv2 --dataset mnist5k --no-progress
 fi
 
-flags() {  # mode -> the search flags of that mode (the demo's)
+flags() {  # mode -> the search flags of that mode (the demo's; README "Demo and frontier settings")
     if [ "$1" = linear ]; then
         echo "--arch qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud --min_bit 3"
     else
-        echo "--arch mobilenetv2 --cost size --min_bit 2"
+        echo "--arch mobilenetv2 --cost size --min_bit 2 --reuse_codebooks"
     fi
 }
 

@@ -226,3 +226,38 @@ def test_finetune_flag_off_only_validates():
     ev = ShortFinetune([(x, y)], [(x, y)], torch.device("cpu"), FinetuneConfig(finetune_flag=False))
     ev.finetune(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _kmeans_state(env):
+    """The quantized weights of every layer, as the stub evaluator saw them at its last call."""
+    seen = env.evaluator.seen[-1]
+    return {n: seen[n + ".weight"] for n in env.layer_names}
+
+
+def test_reused_codebooks_equal_clustering_again_with_the_search_seed():
+    """--reuse_codebooks: a (layer, bits) pair met before gets the codebook it got then, which
+    is the one clustering the pretrained weights again with the search's seed gives."""
+    from lib.quantize.policy import apply_kmeans_policy
+    env = kmeans_env(ratio=1.0)
+    env.reuse_codebooks = True
+    first, second = [2, 3, 2, 4], [2, 2, 3, 4]     # layers 0 and 3 keep their widths
+    env.evaluate_policy(first)
+    env.evaluate_policy(second)
+    reused = _kmeans_state(env)
+    fresh = kmeans_env(ratio=1.0)
+    apply_kmeans_policy(fresh.model, second, seed=fresh.cfg.seed)
+    for (name, module), bits in zip(fresh.layers, second):
+        assert torch.equal(reused[name], module.weight), name
+        assert reused[name].unique().numel() <= 2 ** bits
+    assert len(env._codebooks) == 6        # 4 pairs of the first policy + 2 new ones
+    env.evaluate_policy(second)             # the same policy again: the same weights
+    assert all(torch.equal(reused[n], w) for n, w in _kmeans_state(env).items())
+
+
+def test_without_reuse_each_episode_clusters_with_its_own_seed():
+    env = kmeans_env(ratio=1.0)
+    env.evaluate_policy([2, 2, 2, 2])
+    once = _kmeans_state(env)
+    env.evaluate_policy([2, 2, 2, 2])
+    assert not all(torch.equal(once[n], w) for n, w in _kmeans_state(env).items())
+    assert env._codebooks == {}

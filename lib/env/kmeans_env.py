@@ -33,10 +33,12 @@ class KMeansQuantizeEnv(QuantizeEnv):
     actions_per_layer = 1
 
     def __init__(self, model, evaluator, config, is_pruned=False, n_iter=3, method="fast",
-                 free_high_bit=True):
+                 free_high_bit=True, reuse_codebooks=False):
         super().__init__(model, evaluator, config)
         self.is_pruned, self.n_iter, self.method = is_pruned, n_iter, method
         self.free_high_bit = free_high_bit
+        self.reuse_codebooks = reuse_codebooks
+        self._codebooks = {}   # (layer name, bits) -> Codebook of the pretrained weights
         self.size_cost = SizeCost(self.weight_counts(), float_bit=config.float_bit)
         self.timings = {"quantize": 0.0}
 
@@ -64,11 +66,9 @@ class KMeansQuantizeEnv(QuantizeEnv):
         start = time.perf_counter()
         # One seed per episode from the env's own generator: reproducible and resumable.
         seed = int(self.rng.integers(2 ** 31 - 1))
-        codebooks = None
-        if get_rank() == 0:
-            codebooks = apply_kmeans_policy(self.model, policy, n_iter=self.n_iter,
-                                            method=self.method, is_pruned=self.is_pruned,
-                                            seed=seed)
+        if self.reuse_codebooks:
+            seed = self.cfg.seed
+        codebooks = self.cluster(policy, seed) if get_rank() == 0 else None
         if is_distributed():
             codebooks = self.share_codebooks(codebooks, policy)
             self.check_ranks_agree("K-Means")
@@ -84,6 +84,35 @@ class KMeansQuantizeEnv(QuantizeEnv):
                                    is_pruned=self.is_pruned, seed=seed)
 
         return self.evaluator.finetune(self.model, step_hook=sharer.step, scoring=scoring)
+
+    def cluster(self, policy, seed):
+        """K-Means-quantize the (restored) pretrained weights by ``policy``; return the codebooks.
+
+        Released behaviour: every episode clusters every layer with its own seed, so the
+        same policy gets other codebooks each time. With ``reuse_codebooks`` a (layer, bits)
+        pair is clustered once per search, with the search's seed, and reused by every
+        episode that picks it: the same codebooks as clustering again with that seed,
+        without the clustering time, and a reward that no longer varies with the codebooks.
+        """
+        kw = dict(n_iter=self.n_iter, method=self.method, is_pruned=self.is_pruned, seed=seed)
+        if not self.reuse_codebooks:
+            return apply_kmeans_policy(self.model, policy, **kw)
+        pairs = list(zip(self.layer_names, (int(b) for b in policy)))
+        missing = {name: bits for name, bits in pairs if (name, bits) not in self._codebooks}
+        # the whole list (-1: left alone), so layer i keeps the seed it has in a full policy
+        todo = [missing.get(name, -1) for name in self.layer_names]
+        for name, cb in apply_kmeans_policy(self.model, todo, **kw).items():
+            self._codebooks[(name, missing[name])] = cb
+        codebooks = {}
+        for (name, module), pair in zip(self.layers, pairs):
+            cached = self._codebooks[pair]
+            # the sharer replaces a codebook's centroids as they train: each episode its own
+            codebooks[name] = Codebook(cached.centroids.clone(), cached.labels, cached.bits,
+                                       cached.pruned)
+            if pair[0] not in missing:
+                with torch.no_grad():
+                    module.weight.copy_(cached.weight(module.weight.shape))
+        return codebooks
 
     def share_codebooks(self, codebooks, policy):
         """Rank 0's K-Means result on every rank: clustered once, then broadcast.

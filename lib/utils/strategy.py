@@ -96,7 +96,7 @@ def _check_fields(data, path):
                             f"expected {expected}")
 
 
-def load_strategy(path_or_preset):
+def load_strategy(path_or_preset, flag="--strategy"):
     """Return the strategy dict of a strategy.json file or a preset name.
 
     A file may also hold a bare policy list; its mode is inferred from the entries.
@@ -108,7 +108,7 @@ def load_strategy(path_or_preset):
         strategy["source"] = f"preset:{path_or_preset}"
         return strategy
     if not os.path.isfile(path_or_preset):
-        raise UserError(f"--strategy '{path_or_preset}' is neither a file nor a preset; expected "
+        raise UserError(f"{flag} '{path_or_preset}' is neither a file nor a preset; expected "
                         f"a strategy.json path or one of: {', '.join(list_presets())}")
     data = _read_json(path_or_preset)
     if isinstance(data, list):
