@@ -148,3 +148,18 @@ def test_an_agent_too_big_for_memory_is_a_one_line_error(tiny_pretrained, tmp_pa
     last = _refused(_argv(tiny_pretrained[0], out) + ["--rmsize", "2147483647"], capsys)
     assert last.startswith("error: the agent does not fit in memory (--rmsize 2147483647"), last
     assert not out.exists()
+
+
+def _before_reuse_codebooks(state):     # a state saved before --reuse_codebooks existed
+    del state["args"]["reuse_codebooks"]
+
+
+def test_a_state_from_before_reuse_codebooks_resumes_without_it(searched, tmp_path, capsys):
+    argv, folder = searched
+    copy = _with_state(folder, tmp_path, _before_reuse_codebooks)
+    last = _refused(argv + ["--reuse_codebooks", "--train_episode", "2", "--resume_search",
+                            copy], capsys)
+    assert "--reuse_codebooks False" in last, last     # it ran without reuse
+    rl_quantize.main(argv + ["--train_episode", "2", "--resume_search", copy])
+    with open(os.path.join(copy, "log.txt")) as f:
+        assert [line.split("\t")[0] for line in f.read().splitlines()[1:]] == ["0", "1"]
