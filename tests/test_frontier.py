@@ -85,7 +85,15 @@ def test_a_changed_result_file_changes_the_table(out):
     g = result["kmeans"]["budgets"]["0.07"]["goals"]
     assert result["kmeans"]["budgets"]["0.07"]["ddpg"]["top1_mean"] == pytest.approx(93.8)
     assert not g["vs_random"]["held"]
-    assert not g["vs_uniform"]["held"]     # 93.8 - 90.0 < the seed SD of (91.0, 96.6)
+    assert g["vs_uniform"]["held"] is False     # 93.8 - 90.0 < the seed SD of (91.0, 96.6)
+
+
+def test_the_uniform_goal_is_n_a_where_uniform_loses_under_a_point(out):
+    write_uniform(str(out / "kmeans" / "uniform"), 2, 0.062, 97.5)
+    result, table = frontier.build(str(out), WARMUP)
+    g = result["kmeans"]["budgets"]["0.07"]["goals"]["vs_uniform"]
+    assert not g["applies"] and g["held"] is None
+    assert "(uniform loses < 1 point here): n/a" in table
 
 
 def test_noisy_rewards_fail_the_signal_and_learning_goals(out):
