@@ -51,8 +51,9 @@ INIT_W = cli.number(float, 0.0, 1.0, lo_open=True)    # uniform(-w, w) init of t
 RESUME_KEYS = ("arch", "dataset", "linear_quantization", "preserve_ratio", "min_bit", "max_bit",
                "float_bit", "cost", "hardware", "train_size", "val_size", "seed", "warmup",
                "hidden1", "hidden2", "rmsize", "is_pruned", "use_top5", "width_mult",
-               "free_high_bit", "reuse_codebooks", "method", "sensitivity", "input_size", "lr_c", "lr_a", "discount",
-               "bsize", "tau", "init_delta", "delta_decay", "n_update", "init_w", "data_bsize",
+               "free_high_bit", "reuse_codebooks", "method", "sensitivity", "input_size", "lr_c",
+               "lr_a", "discount", "bsize", "tau", "init_delta", "delta_decay", "n_update", "init_w",
+               "data_bsize",
                "finetune_epoch", "finetune_gamma", "finetune_lr", "finetune_flag", "cost_batch")
 # Flags added after states were first saved: a state without one ran with this value.
 RESUME_DEFAULTS = {"reuse_codebooks": False}

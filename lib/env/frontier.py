@@ -5,7 +5,7 @@
 reads what the script's runs left in OUT (nothing else: every figure comes from a
 search's strategy.json / log.txt or a fine-tune's results.json)::
 
-    OUT/<mode>/b<budget>/<method>.strategy     path of the run's strategy.json (stdout of rl_quantize)
+    OUT/<mode>/b<budget>/<method>.strategy     the run's strategy.json path (rl_quantize's stdout)
     OUT/<mode>/b<budget>/<method>_ft/results.json   the demo's fine-tune of that policy
     OUT/<mode>/b<budget>/noise.strategy        a replayed policy (--method replay): the reward noise
     OUT/<mode>/uniform/w<bits>.json, w<bits>_ft/results.json   uniform policies, fine-tuned alike
@@ -203,7 +203,8 @@ def markdown(frontier):
     lines = ["# Accuracy vs cost on the embedded default", "",
              "Top-1 on the test split after the demo's fine-tune (mean ± SD over search seeds); "
              "search = best accuracy on the search's reward subset.", "",
-             "| mode | budget | method | seeds | cost ratio | search top-1 | top-1 after fine-tune |",
+             "| mode | budget | method | seeds | cost ratio | search top-1 "
+             "| top-1 after fine-tune |",
              "|---|---|---|---|---|---|---|"]
     for mode, m in frontier.items():
         for budget, b in m["budgets"].items():
@@ -271,7 +272,8 @@ def _save(plt, fig, path):
 
 def plot_learning(path, frontier, warmup):
     plt = _pyplot()
-    panels = [(mode, budget, b) for mode, m in frontier.items() for budget, b in m["budgets"].items()]
+    panels = [(mode, budget, b) for mode, m in frontier.items()
+              for budget, b in m["budgets"].items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (mode, budget, b) in zip(axes[0], panels):
         for method in ("ddpg", "random"):

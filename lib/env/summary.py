@@ -168,7 +168,8 @@ def collect(demo_dir, mode):
     ref_value, ref_unit = cost.to_human(cost.reference())
     res["uniform"]["label"] = _uniform_label(uniform)
     noise_sd, replays = replay_noise(demo_dir, mode)
-    return {"search": search, "noise_sd": noise_sd, "replays": replays, "history": _read_log(os.path.join(search, "log.txt")),
+    return {"search": search, "noise_sd": noise_sd, "replays": replays,
+            "history": _read_log(os.path.join(search, "log.txt")),
             "layers": haq["layers"], "preserve_ratio": haq["preserve_ratio"],
             "metric": haq["metric"], "hardware": haq.get("hardware"),
             "reference": {"cost": ref_value, "unit": ref_unit}, **res}
