@@ -282,7 +282,8 @@ def plot_learning(path, frontier, warmup):
                 continue
             n = min(len(h) for h in hs)
             curve = [_mean([h[e] for h in hs]) for e in range(n)]
-            ax.plot(range(n), curve, color=COLORS[method], lw=1, label=f"{method} (mean of {len(hs)})")
+            ax.plot(range(n), curve, color=COLORS[method], lw=1,
+                    label=f"{method} (mean of {len(hs)})")
         ax.axvline(warmup - 0.5, color="k", lw=0.6, ls=":", label="end of warmup")
         _label(ax, "episode", "search accuracy (%)", f"{mode} <= {budget}")
     _save(plt, fig, path)
