@@ -34,6 +34,7 @@ from .summary import MODES, _read_log
 
 log = logging.getLogger(__name__)
 METHODS = ("ddpg", "random", "ilp")
+SMOOTH = 5   # episodes in the learning plot's running mean
 COLORS = {"ddpg": "#d62728", "random": "#7f7f7f", "ilp": "#2ca02c", "uniform": "#1f77b4"}
 
 
@@ -282,8 +283,11 @@ def plot_learning(path, frontier, warmup):
                 continue
             n = min(len(h) for h in hs)
             curve = [_mean([h[e] for h in hs]) for e in range(n)]
-            ax.plot(range(n), curve, color=COLORS[method], lw=1,
-                    label=f"{method} (mean of {len(hs)})")
+            ax.plot(range(n), curve, color=COLORS[method], lw=0.6, alpha=0.4)
+            # a running mean over SMOOTH episodes: the per-episode curve is mostly policy noise
+            smooth = [_mean(curve[max(0, e - SMOOTH + 1):e + 1]) for e in range(n)]
+            ax.plot(range(n), smooth, color=COLORS[method], lw=1.8,
+                    label=f"{method} (mean of {len(hs)}; running mean of {SMOOTH})")
         ax.axvline(warmup - 0.5, color="k", lw=0.6, ls=":", label="end of warmup")
         _label(ax, "episode", "search accuracy (%)", f"{mode} <= {budget}")
     _save(plt, fig, path)
