@@ -18,33 +18,25 @@ FT_EPOCHS=${FT_EPOCHS:-2}       # fine-tune epochs of each policy
 LINEAR_RATIO=${LINEAR_RATIO:-0.22}
 KMEANS_RATIO=${KMEANS_RATIO:-0.07}
 REPLAYS=${REPLAYS:-5}           # evaluations of the searched policy: the reward's noise
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-PY=${PYTHON:-python}
-CKPT=checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar
-SEARCH_DATA=(--dataset mnist5k --train_size 600 --val_size 500 --data_bsize 100 --n_worker 0)
-FT=(--epochs "$FT_EPOCHS" --train_batch 64 --test_batch 500 --lr 0.01 --device cpu --no-progress
-    --overwrite)   # a rerun replaces the previous demo's fine-tunes
+source run/embedded_settings.sh
 
 start=$(date +%s)
 mkdir -p "$OUT"
-if [ ! -f "$CKPT" ]; then
-    echo "== pretraining the embedded MobileNet-V2 (no checkpoint at $CKPT)"
-    "$PY" pretrain.py --arch mobilenetv2 --dataset mnist5k --no-progress
-fi
+ensure_pretrained
 
-search() {  # mode arch extra-flags...
-    local mode=$1 arch=$2; shift 2
+search() {  # mode extra-flags...
+    local mode=$1; shift
     rm -rf "$OUT/${mode}_search" "$OUT/${mode}_noise" "$OUT/${mode}_ilp_search"
     echo "== $mode search ($EPISODES episodes, $WARMUP warmup)"
     local haq ilp
-    haq=$("$PY" rl_quantize.py --arch "$arch" "${SEARCH_DATA[@]}" --train_episode "$EPISODES" \
-        --warmup "$WARMUP" --device cpu --output "$OUT/${mode}_search" "$@")
+    haq=$("$PY" rl_quantize.py "${SEARCH_DATA[@]}" --train_episode "$EPISODES" \
+        --warmup "$WARMUP" --output "$OUT/${mode}_search" "$@")
     echo "== $mode: the searched policy evaluated $REPLAYS times more (the reward's noise)"
-    "$PY" rl_quantize.py --arch "$arch" "${SEARCH_DATA[@]}" --train_episode "$REPLAYS" \
-        --device cpu --output "$OUT/${mode}_noise" "$@" --method replay --policy "$haq" > /dev/null
+    "$PY" rl_quantize.py "${SEARCH_DATA[@]}" --train_episode "$REPLAYS" \
+        --output "$OUT/${mode}_noise" "$@" --method replay --policy "$haq" > /dev/null
     echo "== $mode: sensitivity + integer program within the same budget"
-    ilp=$("$PY" rl_quantize.py --arch "$arch" "${SEARCH_DATA[@]}" --device cpu \
-        --output "$OUT/${mode}_ilp_search" "$@" --method ilp)
+    ilp=$("$PY" rl_quantize.py "${SEARCH_DATA[@]}" --output "$OUT/${mode}_ilp_search" "$@" \
+        --method ilp)
     echo "== $mode: best uniform policy within the same budget"
     "$PY" -m lib.env.summary uniform "$haq" "$OUT/${mode}_uniform.json"
     for name in haq ilp uniform; do
@@ -52,13 +44,14 @@ search() {  # mode arch extra-flags...
         [ "$name" = ilp ] && strategy=$ilp
         [ "$name" = uniform ] && strategy=$OUT/${mode}_uniform.json
         echo "== $mode: fine-tuning the $name policy ($FT_EPOCHS epochs)"
-        "$PY" finetune.py --strategy "$strategy" "${FT[@]}" --eval_fp32 -c "$OUT/${mode}_${name}"
+        "$PY" finetune.py --strategy "$strategy" "${FT[@]}" -c "$OUT/${mode}_${name}"
     done
 }
 
-search linear qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud \
-    --preserve_ratio "$LINEAR_RATIO" --min_bit 3
-search kmeans mobilenetv2 --cost size --preserve_ratio "$KMEANS_RATIO" --min_bit 2 --reuse_codebooks
+# shellcheck disable=SC2046
+search linear $(mode_flags linear) --preserve_ratio "$LINEAR_RATIO"
+# shellcheck disable=SC2046
+search kmeans $(mode_flags kmeans) --preserve_ratio "$KMEANS_RATIO"
 
 echo "== summary"
 "$PY" -m lib.env.summary report "$OUT"

@@ -30,28 +30,12 @@ else
     LINEAR_UNIFORM=${LINEAR_UNIFORM:-"3 4 5 6 7 8"}
     KMEANS_UNIFORM=${KMEANS_UNIFORM:-"2 3 4 5 6 7 8"}
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-PY=${PYTHON:-python}
-CKPT=checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar
-SEARCH_DATA=(--dataset mnist5k --train_size 600 --val_size 500 --data_bsize 100 --n_worker 0
-             --device cpu --train_episode "$EPISODES" --warmup "$WARMUP")
-FT=(--epochs "$FT_EPOCHS" --train_batch 64 --test_batch 500 --lr 0.01 --device cpu --no-progress
-    --overwrite --eval_fp32)
+source run/embedded_settings.sh
+SEARCH_DATA+=(--train_episode "$EPISODES" --warmup "$WARMUP")
 
 start=$(date +%s)
 mkdir -p "$OUT"
-if [ ! -f "$CKPT" ]; then
-    echo "== pretraining the embedded MobileNet-V2 (no checkpoint at $CKPT)"
-    "$PY" pretrain.py --arch mobilenetv2 --dataset mnist5k --no-progress
-fi
-
-flags() {  # mode -> the search flags of that mode (the demo's; README "Demo and frontier settings")
-    if [ "$1" = linear ]; then
-        echo "--arch qmobilenetv2 --linear_quantization --cost latency --hardware bismo_cloud --min_bit 3"
-    else
-        echo "--arch mobilenetv2 --cost size --min_bit 2 --reuse_codebooks"
-    fi
-}
+ensure_pretrained
 
 search() {  # mode budget name extra-flags... ; leaves the strategy path in $dir.strategy
     local mode=$1 budget=$2 name=$3; shift 3
@@ -60,7 +44,7 @@ search() {  # mode budget name extra-flags... ; leaves the strategy path in $dir
         rm -rf "$dir"
         echo "== $mode <= $budget: $name"
         # shellcheck disable=SC2046
-        "$PY" rl_quantize.py $(flags "$mode") "${SEARCH_DATA[@]}" --preserve_ratio "$budget" \
+        "$PY" rl_quantize.py $(mode_flags "$mode") "${SEARCH_DATA[@]}" --preserve_ratio "$budget" \
             --output "$dir" "$@" > "$dir.strategy.tmp" 2> "$dir.log"
         mv "$dir.strategy.tmp" "$dir.strategy"
         grep "best:" "$dir.log" | cut -c1-110
