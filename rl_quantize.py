@@ -675,9 +675,14 @@ def main(argv=None):
     log.info("output folder %s (%s)", out_dir, device)
     search = Search(args, env, agent, out_dir, state)
     env.sync_from_main()
+    started = time.perf_counter()
     if args.method == "ilp":
         plan_ilp(args, env, search)
     best = search.run()
+    # the method's own time (ilp: scores + solve + its episode), without the start-up and
+    # the original-accuracy pass every method pays; bench/allocate_bench.sh reads this line
+    log.info("search time %.1fs (%s, episodes %d-%d)", time.perf_counter() - started,
+             args.method, search.start + 1, args.train_episode)
     env.release_followers()
     cleanup()
     log.info("best: episode %d, accuracy %.2f%%, %s ratio %.4f, strategy %s", best["episode"],

@@ -24,7 +24,7 @@ from lib.quantize.linear import QConv2d, QLinear
 from lib.simulator.costs import TableCost
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import run_cli
-from lib.utils.layers import quantizable_layers
+from lib.utils.layers import fold_batchnorm, quantizable_layers
 from lib.utils.strategy import load_strategy, validate_strategy
 from models import get_model
 
@@ -223,6 +223,85 @@ def test_staged_scores_equal_whole_model_passes(linear):
     assert staged["baseline_loss"] == pytest.approx(whole["baseline_loss"], rel=1e-6)
     # The first stage's cached input is reused: it runs far less often than the last one.
     assert calls.count(0) < calls.count(2) / 2
+
+
+def randomise_batchnorm(model, seed=0):
+    """Non-trivial BN statistics and affine terms, so that folding them changes the convs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["qmobilenetv2", "mobilenet", "resnet18"])
+def test_fold_batchnorm_matches_the_eval_model_and_leaves_it_alone(arch):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(get_model(arch, num_classes=7, input_size=32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    n_bn = [sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) for net in (model, folded)]
+    # resnet's stem registers maxpool between conv1 and bn1: that one stays (not adjacent)
+    assert n_bn[1] == (1 if arch == "resnet18" else 0) < n_bn[0]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class ConvAfterNorm(nn.Module):
+    """Registers conv then bn, but normalises *before* the conv: folding would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = QConv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+@pytest.mark.parametrize("misordered", [False, True])
+def test_staged_loss_with_batchnorm_equals_whole_passes(misordered):
+    """Folded, channels-last float stages give the scores of whole-model passes; a layout
+    that folding would break is detected and run unfolded."""
+    from lib.allocate.sensitivity import StagedLoss, _loss
+    torch.manual_seed(0)
+    if misordered:
+        model = StagedSequential(QConv2d(1, 6, 3, padding=1, half_wave=False), nn.ReLU6(),
+                                 ConvAfterNorm(), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), QLinear(6, 3))
+    else:
+        model = get_model("qmobilenetv2", num_classes=3, input_size=32, width_mult=0.25)
+    model = randomise_batchnorm(model)
+    x, y = toy_data()[:]
+    if not misordered:
+        x = nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=32)
+    batches = [(x[:48], y[:48]), (x[48:], y[48:])]
+    layers = quantizable_layers(model, linear=True)
+    with torch.no_grad():   # initial logits are tiny: scale them so the loss sees the features
+        layers[-1][1].weight.mul_(100.0)
+    loss = StagedLoss(model, batches, [m for _, m in layers])
+    assert loss.stages is not None
+    folded = not any(isinstance(m, nn.BatchNorm2d) for s in loss.float_stages for m in s.modules())
+    assert folded == (not misordered)
+    changed = 0
+    for index in range(len(layers)):
+        _, module = layers[index]
+        module.set_bits(2, 2)
+        with torch.no_grad():
+            module.activation_range.fill_(1.0)
+            module.weight_range.fill_(float(module.weight.abs().max()))
+        whole = _loss(model, batches)
+        assert loss(index) == pytest.approx(whole, rel=1e-4, abs=1e-6)
+        changed += abs(whole - loss.base) > 1e-5
+        module.set_bits(-1, -1)
+    assert changed >= len(layers) // 2, changed   # the quantization shows in the loss
 
 
 @pytest.mark.parametrize("arch", ["mobilenet", "qmobilenetv2", "resnet18", "qresnet50"])

@@ -20,3 +20,38 @@ def quantizable_layers(model, linear=False):
     else:
         types = (nn.Conv2d, nn.Linear)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+
+
+def fold_batchnorm(model):
+    """A copy of ``model`` (eval-mode maths) with each BatchNorm2d folded into its conv.
+
+    A ``BatchNorm2d`` registered right after a ``Conv2d`` of as many output channels in
+    the same parent is taken to follow it in ``forward`` (the layout of every model in
+    the registry and torchvision): the conv's weight and bias absorb the normalisation,
+    ``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``, and the
+    BatchNorm becomes ``nn.Identity``. The copy matches the model in eval mode up to
+    float rounding only if that layout holds, so callers check it on data. Quantized
+    layers must be float (unquantized) when folded; the model is left untouched.
+    """
+    import copy
+    import torch
+    folded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for parent in folded.modules():
+            names = list(parent._modules)
+            for first, second in zip(names, names[1:]):
+                conv, bn = parent._modules[first], parent._modules[second]
+                if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                        and bn.num_features == conv.out_channels and bn.track_running_stats):
+                    continue
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.affine:
+                    shift = bn.bias - bn.running_mean * bn.weight * scale
+                    scale = scale * bn.weight
+                else:
+                    shift = -bn.running_mean * scale
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+                conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+                parent._modules[second] = nn.Identity()
+    return folded
