@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 bash run/setup.sh
 
 OUT=${OUT:-outputs/demo}
-EPISODES=${EPISODES:-40}        # search episodes per mode
+EPISODES=${EPISODES:-60}        # search episodes per mode
 WARMUP=${WARMUP:-12}            # of which random (warmup) episodes
 FT_EPOCHS=${FT_EPOCHS:-2}       # fine-tune epochs of each policy
 LINEAR_RATIO=${LINEAR_RATIO:-0.22}
@@ -30,7 +30,7 @@ search() {  # mode extra-flags...
     echo "== $mode search ($EPISODES episodes, $WARMUP warmup)"
     local haq ilp
     haq=$("$PY" rl_quantize.py "${SEARCH_DATA[@]}" --train_episode "$EPISODES" \
-        --warmup "$WARMUP" --output "$OUT/${mode}_search" "$@")
+        --warmup "$WARMUP" --output "$OUT/${mode}_search" "${DDPG[@]}" "$@")
     echo "== $mode: the searched policy evaluated $REPLAYS times more (the reward's noise)"
     "$PY" rl_quantize.py "${SEARCH_DATA[@]}" --train_episode "$REPLAYS" \
         --output "$OUT/${mode}_noise" "$@" --method replay --policy "$haq" > /dev/null

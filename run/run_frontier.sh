@@ -13,7 +13,7 @@ bash run/setup.sh
 
 QUICK=${QUICK:-0}
 OUT=${OUT:-outputs/frontier}
-EPISODES=${EPISODES:-40}
+EPISODES=${EPISODES:-60}
 WARMUP=${WARMUP:-12}
 FT_EPOCHS=${FT_EPOCHS:-2}
 REPLAYS=${REPLAYS:-5}
@@ -65,7 +65,7 @@ for mode in linear kmeans; do
         mkdir -p "$OUT/$mode/b$budget"
         search "$mode" "$budget" ilp --method ilp
         for seed in $SEEDS; do
-            search "$mode" "$budget" "ddpg_s$seed" --method ddpg --seed "$seed"
+            search "$mode" "$budget" "ddpg_s$seed" --method ddpg --seed "$seed" "${DDPG[@]}"
             search "$mode" "$budget" "random_s$seed" --method random --seed "$seed"
         done
         # The reward's noise: the first seed's best random policy, evaluated $REPLAYS times.
