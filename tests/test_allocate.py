@@ -8,6 +8,7 @@ MobileNet-V2 of conftest.py on 32 mnist5k images.
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -405,7 +406,8 @@ def test_random_search_draws_differ_within_budget_and_resume_logs_once(cli_asset
     validate_strategy(s, names("mobilenetv2", False), "kmeans", min_bit=1, max_bit=4)
 
 
-def test_ilp_search_outputs_and_resume_reuses_the_scores(cli_assets, tmp_path, monkeypatch):
+def test_ilp_search_outputs_and_resume_reuses_the_scores(cli_assets, tmp_path, monkeypatch,
+                                                         capsys):
     argv = cli(cli_assets, tmp_path, "ilp", extra=KMEANS_ILP)
     # Killed during the evaluation of the planned policy: the scores are already cached.
     real_finish = rl_quantize.Search.record
@@ -427,8 +429,11 @@ def test_ilp_search_outputs_and_resume_reuses_the_scores(cli_assets, tmp_path, m
         raise AssertionError("the resumed run scored the layers again")
 
     monkeypatch.setattr("lib.allocate.layer_scores", no_scoring)
+    capsys.readouterr()
     best = rl_quantize.main(argv + ["--resume_search"])
     assert [int(r[0]) for r in log_rows(folder)] == [0]               # one evaluated episode
+    # the method's own time, read by bench/allocate_bench.sh
+    assert re.search(r"search time \d+\.\ds \(ilp, episodes 1-1\)", capsys.readouterr().err)
     for name in ("strategy.json", "log.txt", "search_state.pth.tar", "best_policy.png",
                  "accuracy_vs_cost.png", "sensitivity.png"):
         assert os.path.getsize(os.path.join(folder, name)) > 0, name
