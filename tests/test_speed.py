@@ -1,5 +1,6 @@
 """Issue 17: the fast fake-quantization paths against a straightforward reference, no host
 synchronisation on an accelerator, and mixed precision in the search's fine-tune."""
+import copy
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 import rl_quantize
 from lib.quantize import linear
+from lib.quantize.fused import unfuse_input_activations
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, n_steps
 from lib.quantize.policy import apply_linear_policy
 from lib.utils.layers import quantizable_layers
@@ -45,7 +47,8 @@ class ReferenceFakeQuant(torch.autograd.Function):
         return grad_x, grad_r.reshape(1), None, None, None
 
 
-def reference_fake_quantize(x, r, bits, signed, clip_grad=True):
+def reference_fake_quantize(x, r, bits, signed, clip_grad=True, cap=math.inf):
+    """The reference; ``cap`` is ignored (it runs on unfused models, whose inputs never exceed it)."""
     return ReferenceFakeQuant.apply(x, r, n_steps(bits, signed), signed, clip_grad)
 
 
@@ -103,8 +106,10 @@ def test_quantized_model_step_equals_reference(monkeypatch, host):
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     calibrate(model, x)
     monkeypatch.setattr(linear, "_host_scalars", lambda t: host)
+    reference = copy.deepcopy(model)
+    unfuse_input_activations(reference)   # the straightforward model: every ReLU6 runs
     results = []
-    for fn in (fake_quantize, reference_fake_quantize):
+    for fn, model in ((fake_quantize, model), (reference_fake_quantize, reference)):
         monkeypatch.setattr(linear, "fake_quantize", fn)
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)

@@ -63,6 +63,10 @@ class _FakeQuant(torch.autograd.Function):
     dL/dy over x > r, minus the sum over x < -r when signed (PACT); weights' ``r`` is a buffer
     and gets none.  With ``steps == 0`` (1-bit signed) the output is ``r * sign(x)``.
 
+    ``cap``: the largest value the input can take (6 after a ReLU6, see lib/quantize/fused.py);
+    with ``r >= cap`` no input lies above r, so dL/dr is 0 without looking (which keeps it 0
+    when the ReLU6 before this layer is skipped and its input is the pre-activation).
+
     On the CPU the range is read once as a Python float: scalar clamps/compares run at about
     twice the speed of broadcast [1]-tensor ones, hardtanh_backward gives the STE mask in
     one pass, and both directions run block by block (_blocked_quantize, _blocked_ste).  On
@@ -70,13 +74,14 @@ class _FakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, r, steps, signed, clip_grad):
+    def forward(ctx, x, r, steps, signed, clip_grad, cap=math.inf):
         r = r.detach().clamp(min=_MIN_RANGE).to(x.dtype)
         if _host_scalars(x):
             r = float(r)
         lo = -r if signed else 0.0 * r
         ctx.signed, ctx.r, ctx.clip_grad = signed, r, clip_grad
-        if clip_grad or ctx.needs_input_grad[1]:
+        ctx.range_grad = ctx.needs_input_grad[1] and (torch.is_tensor(r) or r < cap)
+        if clip_grad or ctx.range_grad:
             ctx.save_for_backward(x)
         if steps == 0:
             return torch.where(x >= 0, r, lo).to(x.dtype)
@@ -93,7 +98,7 @@ class _FakeQuant(torch.autograd.Function):
         r, signed = ctx.r, ctx.signed
         lo = -r if signed else 0.0 * r
         want_x = ctx.needs_input_grad[0] and ctx.clip_grad
-        want_r = ctx.needs_input_grad[1]
+        want_r = ctx.range_grad
         grad_x = grad if ctx.needs_input_grad[0] and not ctx.clip_grad else None
         grad_r = None
         if want_x or want_r:
@@ -105,7 +110,9 @@ class _FakeQuant(torch.autograd.Function):
             else:
                 masked_x, grad_r = _ste(grad, x, lo, r, signed, want_x, want_r)
             grad_x = masked_x if want_x else grad_x
-        return grad_x, grad_r, None, None, None
+        if ctx.needs_input_grad[1] and not want_r:   # r >= cap: a zero, as the sum would be
+            grad_r = grad.new_zeros(1)
+        return grad_x, grad_r, None, None, None, None
 
 
 def _blocked_quantize(x, lo, r, scale):
@@ -207,12 +214,13 @@ def _pass_inside(grad, x, lo, hi):
     return _HARDTANH_BACKWARD(grad, x, lo, hi)
 
 
-def fake_quantize(x, r, bits, signed, clip_grad=True):
+def fake_quantize(x, r, bits, signed, clip_grad=True, cap=math.inf):
     """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see _FakeQuant.
 
-    ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights).
+    ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights);
+    ``cap``: the input's largest possible value (dL/dr is 0 for r >= cap).
     """
-    return _FakeQuant.apply(x, r, n_steps(bits, signed), signed, clip_grad)
+    return _FakeQuant.apply(x, r, n_steps(bits, signed), signed, clip_grad, cap)
 
 
 def kl_clip(values, bits):
@@ -268,6 +276,7 @@ class _QuantMixin:
         ref = self.weight
         self.half_wave = bool(half_wave)
         self.calibrating = False
+        self.input_cap = None   # set by lib.quantize.fused when a ReLU/ReLU6 before it may be skipped
         self.kl_max_bit = DEFAULT_KL_MAX_BIT   # read by calibration only; calibrate() sets it
         self.activation_range = nn.Parameter(
             torch.full((1,), ACT_RANGE_INIT, device=ref.device, dtype=ref.dtype))
@@ -296,7 +305,21 @@ class _QuantMixin:
             return x
         if self.a_bit <= 0:
             return x
-        return fake_quantize(x, self.activation_range, self.a_bit, signed=not self.half_wave)
+        return fake_quantize(x, self.activation_range, self.a_bit, signed=not self.half_wave,
+                             cap=math.inf if self.input_cap is None else self.input_cap)
+
+    def absorbs_input_activation(self, x):
+        """Whether quantizing the input ``x`` here computes the ReLU(6) before it as well.
+
+        True when that activation was fused into this layer (``input_cap`` set), the input is
+        quantized half-wave, not while calibrating, and the clip r <= the activation's cap:
+        then clamp(z, 0, r) == clamp(relu6(z), 0, r), with the same gradients (see
+        lib/quantize/fused.py). Only where the range is a host scalar (the CPU): elsewhere the
+        check would synchronise with the device, and the activation simply runs.
+        """
+        return (self.input_cap is not None and self.half_wave and self.a_bit > 0
+                and not self.calibrating and _host_scalars(x)
+                and float(self.activation_range.detach()) <= self.input_cap)
 
     def quantized_weight(self):
         """The weight fake-quantized on the stored ``weight_range`` (float while calibrating)."""
