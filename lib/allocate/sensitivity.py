@@ -106,15 +106,19 @@ class StagedLoss:
         self.k, self.inputs = 0, self.batches
 
     def _same_loss(self, stages, batches):
-        return math.isclose(_loss(_Chain(stages), batches), self.base, rel_tol=1e-5, abs_tol=1e-7)
+        return self._close(_loss(_Chain(stages), batches))
+
+    def _close(self, loss):
+        return math.isclose(loss, self.base, rel_tol=1e-5, abs_tol=1e-7)
 
     def _fold(self, batches):
         """Use BN-folded channels-last copies of the float stages if they give the same loss."""
         folded = fold_batchnorm(_Chain(self.stages)).to(memory_format=torch.channels_last)
         fast = [(_channels_last(x), y) for x, y in batches]
-        if self._same_loss(folded.stages, fast):
+        loss = _loss(folded, fast)
+        if self._close(loss):
             self.float_stages, self.batches = list(folded.stages), fast
-            self.base = _loss(folded, fast)   # scores are differences along one path
+            self.base = loss   # scores are differences along one path
         else:
             log.warning("folding BatchNorm changes %s's loss; scoring without it",
                         type(self.model).__name__)
