@@ -23,6 +23,7 @@ import math
 import torch.nn as nn
 
 from lib.quantize.linear import QConv2d, QLinear
+from lib.utils.layers import adjacent_children
 
 
 class _SkippableMixin:
@@ -59,18 +60,15 @@ def fuse_input_activations(model):
     every ReLU inside a MobileNet block). Returns the number of activations made skippable.
     """
     count = 0
-    for parent in model.modules():
-        names = list(parent._modules)
-        for act_name, reader_name in zip(names, names[1:]):
-            act, reader = parent._modules[act_name], parent._modules[reader_name]
-            kind = _SKIPPABLE.get(type(act))
-            if kind is None or not isinstance(reader, (QConv2d, QLinear)) or not reader.half_wave:
-                continue
-            skippable = kind(inplace=act.inplace)
-            skippable._bind(reader)
-            reader.input_cap = kind.cap
-            parent._modules[act_name] = skippable
-            count += 1
+    for parent, act_name, act, _, reader in adjacent_children(model):
+        kind = _SKIPPABLE.get(type(act))
+        if kind is None or not isinstance(reader, (QConv2d, QLinear)) or not reader.half_wave:
+            continue
+        skippable = kind(inplace=act.inplace)
+        skippable._bind(reader)
+        reader.input_cap = kind.cap
+        parent._modules[act_name] = skippable
+        count += 1
     return count
 
 

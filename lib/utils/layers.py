@@ -4,6 +4,9 @@ HAQ's policies are lists in ``model.modules()`` order (DESIGN.md section 3); thi
 module is the one place that order is defined. Users see layers by their
 ``named_modules()`` name.
 """
+import copy
+
+import torch
 import torch.nn as nn
 
 
@@ -33,25 +36,32 @@ def fold_batchnorm(model):
     float rounding only if that layout holds, so callers check it on data. Quantized
     layers must be float (unquantized) when folded; the model is left untouched.
     """
-    import copy
-    import torch
     folded = copy.deepcopy(model).eval()
     with torch.no_grad():
-        for parent in folded.modules():
-            names = list(parent._modules)
-            for first, second in zip(names, names[1:]):
-                conv, bn = parent._modules[first], parent._modules[second]
-                if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-                        and bn.num_features == conv.out_channels and bn.track_running_stats):
-                    continue
-                scale = torch.rsqrt(bn.running_var + bn.eps)
-                if bn.affine:
-                    shift = bn.bias - bn.running_mean * bn.weight * scale
-                    scale = scale * bn.weight
-                else:
-                    shift = -bn.running_mean * scale
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-                conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
-                conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
-                parent._modules[second] = nn.Identity()
+        for parent, _, conv, bn_name, bn in adjacent_children(folded):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+                    and bn.num_features == conv.out_channels and bn.track_running_stats):
+                continue
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.affine:
+                shift = bn.bias - bn.running_mean * bn.weight * scale
+                scale = scale * bn.weight
+            else:
+                shift = -bn.running_mean * scale
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+            conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+            parent._modules[bn_name] = nn.Identity()
     return folded
+
+
+def adjacent_children(model):
+    """``(parent, name, child, next_name, next_child)`` for every two children of a module
+    registered one after the other (the pattern BN folding and activation fusion look for).
+
+    Children are read as the walk goes, so a caller may replace either child of a pair.
+    """
+    for parent in model.modules():
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            yield parent, first, parent._modules[first], second, parent._modules[second]
