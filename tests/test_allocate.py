@@ -303,6 +303,29 @@ def test_staged_loss_with_batchnorm_equals_whole_passes(misordered):
         changed += abs(whole - loss.base) > 1e-5
         module.set_bits(-1, -1)
     assert changed >= len(layers) // 2, changed   # the quantization shows in the loss
+    # the changed layers ran as twins in the folded copy (its check passed), not live
+    assert (loss.twins is not None) == (not misordered)
+
+
+def test_staged_loss_refuses_a_twin_that_differs(monkeypatch):
+    """If the folded copy's twin of a changed layer gave another loss than the live stage,
+    the first call notices, answers the live loss and stops using twins."""
+    from lib.allocate.sensitivity import StagedLoss, _loss
+    torch.manual_seed(0)
+    model = randomise_batchnorm(get_model("qmobilenetv2", num_classes=3, input_size=32,
+                                          width_mult=0.25))
+    x, y = toy_data()[:]
+    batches = [(nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=32), y)]
+    layers = quantizable_layers(model, linear=True)
+    loss = StagedLoss(model, batches, [m for _, m in layers])
+    assert loss.twins is not None
+    monkeypatch.setattr(StagedLoss, "_twin_loss", lambda self, layer, k: loss.base + 1.0)
+    module = layers[3][1]
+    module.set_bits(2, -1)
+    assert loss(3) == pytest.approx(_loss(model, batches), rel=1e-4)
+    assert loss.twins is None
+    module.set_bits(-1, -1)
+    assert loss(4) == pytest.approx(loss.base, rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["mobilenet", "qmobilenetv2", "resnet18", "qresnet50"])

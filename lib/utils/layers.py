@@ -25,7 +25,7 @@ def quantizable_layers(model, linear=False):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
 
 
-def fold_batchnorm(model):
+def fold_batchnorm(model, scales=None):
     """A copy of ``model`` (eval-mode maths) with each BatchNorm2d folded into its conv.
 
     A ``BatchNorm2d`` registered right after a ``Conv2d`` of as many output channels in
@@ -35,6 +35,9 @@ def fold_batchnorm(model):
     BatchNorm becomes ``nn.Identity``. The copy matches the model in eval mode up to
     float rounding only if that layout holds, so callers check it on data. Quantized
     layers must be float (unquantized) when folded; the model is left untouched.
+
+    ``scales``: a dict that, when given, receives ``{folded conv: g / sqrt(v + eps)}`` (the
+    per-output-channel factor of its weight), so a caller can fold a changed weight later.
     """
     folded = copy.deepcopy(model).eval()
     with torch.no_grad():
@@ -51,6 +54,8 @@ def fold_batchnorm(model):
             bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
             conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
             conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+            if scales is not None:
+                scales[conv] = scale.detach().clone()
             parent._modules[bn_name] = nn.Identity()
     return folded
 
