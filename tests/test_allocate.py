@@ -22,6 +22,7 @@ from lib.allocate import (allocate_bits, hutchinson_traces, layer_options, layer
 from lib.env import (EnvConfig, FinetuneConfig, KMeansQuantizeEnv, LinearQuantizeEnv,
                      ShortFinetune)
 from lib.quantize.linear import QConv2d, QLinear
+from lib.quantize.policy import apply_kmeans_policy
 from lib.simulator.costs import TableCost
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import run_cli
@@ -224,6 +225,23 @@ def test_staged_scores_equal_whole_model_passes(linear):
     assert staged["baseline_loss"] == pytest.approx(whole["baseline_loss"], rel=1e-6)
     # The first stage's cached input is reused: it runs far less often than the last one.
     assert calls.count(0) < calls.count(2) / 2
+
+
+def test_kmeans_scores_use_the_codebooks_apply_kmeans_policy_builds():
+    """The scan's precomputed (lockstep) centroids are those apply_kmeans_policy clusters."""
+    from lib.allocate.sensitivity import _loss, bit_widths, fixed_batches
+    env = toy_env(linear=False, trained=True, max_bit=4)
+    got = layer_scores(env, "loss", n_images=96)["weight"]
+    batches = fixed_batches(env.evaluator.val_loader, 96)
+    base = _loss(env.model, batches)
+    for layer, (name, module) in enumerate(env.layers):
+        original = module.weight.detach().clone()
+        for j, bits in enumerate(bit_widths(env)):
+            apply_kmeans_policy(env.model, {name: bits}, n_iter=env.n_iter, method=env.method,
+                                is_pruned=env.is_pruned, seed=env.cfg.seed)
+            want = _loss(env.model, batches) - base
+            module.weight.data.copy_(original)
+            assert got[layer, j] == pytest.approx(want, rel=1e-5, abs=1e-7), (name, bits)
 
 
 def randomise_batchnorm(model, seed=0):

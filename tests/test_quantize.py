@@ -216,6 +216,43 @@ def test_kmeans_degenerate_inputs():
         kmeans_1d(x, 2, method="nope")
 
 
+def test_lockstep_kmeans_gives_the_single_versions_centroids_bit_for_bit():
+    """centroids_by_width (k-means++ of many rows in lockstep) = kmeans_centroids row by row:
+    heavy-tailed, rounded (many ties), tiny, constant and signed-zero rows, every width."""
+    from lib.quantize.kmeans_batch import centroids_by_width
+    g = np.random.default_rng(0)
+    rows = [g.standard_normal(3000).astype(np.float32) * 0.05,
+            g.standard_t(2, 1500).astype(np.float32),
+            np.round(g.standard_normal(2000), 1).astype(np.float32),
+            np.float32([1.0, 1.0, -0.0, 0.0, 2.0]), np.float32([3.0]), np.zeros(7, np.float32),
+            np.repeat(np.float32([0.5, -0.25, 0.125]), 40), np.zeros(0, np.float32),
+            g.uniform(-1, 1, 700).astype(np.float32)]
+    seeds = [11 * i for i in range(len(rows))]
+    widths = range(1, 9)
+    for max_values in (1 << 22, 2500):   # one group, and groups of a few rows
+        got = centroids_by_width(rows, widths, 3, seeds, max_values=max_values)
+        assert {i for i, _ in got} == {i for i, r in enumerate(rows) if r.size}
+        for (i, bits), centers in got.items():
+            want = km.kmeans_centroids(torch.from_numpy(rows[i]), 2 ** bits, 3, "fast", seeds[i])
+            assert centers.dtype == want.dtype and np.array_equal(centers, want), (i, bits)
+    got = centroids_by_width(rows[:1], [3], 3, [5], method="sklearn")[(0, 3)]
+    np.testing.assert_array_equal(got, km.kmeans_centroids(torch.from_numpy(rows[0]), 8, 3,
+                                                           "sklearn", 5))
+
+
+def test_precomputed_centers_quantize_a_layer_as_clustering_it():
+    torch.manual_seed(0)
+    for is_pruned in (False, True):
+        w = torch.randn(16, 8, 3, 3)
+        w[w.abs() < 0.3] = 0
+        centers = km.kmeans_centroids(km.clustering_values(w, is_pruned), 8, 3, "fast", 3)
+        a, b = w.clone(), w.clone()
+        cb_a = km.kmeans_quantize_layer(a, 3, is_pruned=is_pruned, seed=3)
+        cb_b = km.kmeans_quantize_layer(b, 3, is_pruned=is_pruned, seed=99, centers=centers)
+        assert torch.equal(a, b) and torch.equal(cb_a.labels, cb_b.labels)
+        assert torch.equal(cb_a.centroids, cb_b.centroids)
+
+
 # --------------------------------------------------------------------------- linear
 
 

@@ -320,12 +320,20 @@ def inertia(x, centroids, labels):
 # Model level
 
 
+def clustering_values(weight, is_pruned=False):
+    """The 1-D float32 values k-means runs on for ``weight``: all of them, or the non-zero ones."""
+    cpu = weight.detach().reshape(-1).float().cpu()
+    return cpu[cpu != 0] if is_pruned else cpu
+
+
 @torch.no_grad()
 def kmeans_quantize_layer(weight, bits, n_iter=3, method="fast", is_pruned=False, seed=None,
-                          min_iter=None):
+                          min_iter=None, centers=None):
     """K-Means-quantize one weight tensor in place to ``2^bits`` shared values; return its Codebook.
 
     Labels follow the weight's logical (row-major) flattening, whatever its memory layout.
+    ``centers``: the sorted float64 centroids :func:`kmeans_centroids` gives for
+    :func:`clustering_values` (precomputed, e.g. by lib.quantize.kmeans_batch); None clusters.
     """
     flat = _flat(weight)
     cpu = flat.detach().float().cpu()
@@ -336,13 +344,16 @@ def kmeans_quantize_layer(weight, bits, n_iter=3, method="fast", is_pruned=False
         if kept.numel() == 0:  # fully pruned: a single zero centroid, nothing to cluster
             centroids = torch.zeros(1)
         else:
-            centers = kmeans_centroids(kept, k, n_iter, method, seed, min_iter)
+            if centers is None:
+                centers = kmeans_centroids(kept, k, n_iter, method, seed, min_iter)
             centroids = torch.from_numpy(centers).float()
         labels = assign_labels(cpu, centroids, label_dtype(centroids.numel() + 1))
         labels[~keep] = centroids.numel()
         centroids = torch.cat([centroids, torch.zeros(1)])
-    else:
+    elif centers is None:
         centroids, labels = kmeans_1d(cpu, k, n_iter, method, seed, min_iter)
+    else:
+        centroids, labels = torch.from_numpy(centers).float(), assign_labels(cpu, centers)
     cb = Codebook(centroids, labels, int(bits), bool(is_pruned))
     _write_back(flat, cb)
     _commit(weight, flat)
@@ -393,14 +404,15 @@ def _write_back(flat, cb):
 
 
 def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=False,
-                          free_high_bit=False, seed=None, min_iter=None):
+                          free_high_bit=False, seed=None, min_iter=None, centers=None):
     """K-Means-quantize ``model``'s Conv2d/Linear layers in place; return ``{name: Codebook}``.
 
     ``policy``: bits per layer, a list in ``model.modules()`` order or a dict name -> bits
     (layers a dict leaves out, and entries of -1 or 32, stay float).  ``free_high_bit`` leaves
     layers above 6 bits float (they are clustered later by :meth:`CentroidSharer.recluster`).
     ``seed`` (int) makes the result reproducible; layer i uses ``seed + i``.  ``min_iter``:
-    see :func:`kmeans_centroids` (fast path only).
+    see :func:`kmeans_centroids` (fast path only). ``centers``: optional ``{name: centroids}``
+    precomputed for layers of the policy (see :func:`kmeans_quantize_layer`).
     """
     plan = resolve_kmeans_policy(model, policy)
     codebooks = {}
@@ -410,7 +422,8 @@ def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=Fals
             continue
         layer_seed = None if seed is None else seed + i
         codebooks[name] = kmeans_quantize_layer(module.weight, bits, n_iter, method,
-                                                is_pruned, layer_seed, min_iter)
+                                                is_pruned, layer_seed, min_iter,
+                                                (centers or {}).get(name))
     logger.debug("k-means (%s, %d iters) of %d layers took %.2fs", method, n_iter,
                  len(codebooks), time.perf_counter() - start)
     return codebooks
