@@ -101,6 +101,7 @@ class StagedLoss:
         self.base = _loss(model, batches)
         self.stages, self.stage_of = self._split(model, modules)
         self.float_stages, self.twins, self.twin_checked = self.stages, None, False
+        self._chains = {}
         if self.stages is not None and not self._same_loss(self.stages, batches):
             log.warning("%s.stages() does not reproduce its forward; scoring whole passes",
                         type(model).__name__)
@@ -147,7 +148,7 @@ class StagedLoss:
             return _loss(self.model, self.batches)
         k = self.stage_of[layer]
         self._advance(k)
-        live = _Chain([self.stages[k], *self.float_stages[k + 1:]])
+        live = self._chain(k, live=True)
         if self.twins is None:
             return _loss(live, self.inputs)
         loss = self._twin_loss(layer, k)
@@ -159,6 +160,14 @@ class StagedLoss:
                 self.twins = None
                 return _loss(live, self.inputs)
         return loss
+
+    def _chain(self, k, live=False):
+        """Stage ``k`` (live: the model's own; else its folded copy) and the folded rest."""
+        key = (k, live)
+        if key not in self._chains:   # built once: a Module's construction is not free
+            first = self.stages[k] if live else self.float_stages[k]
+            self._chains[key] = _Chain([first, *self.float_stages[k + 1:]])
+        return self._chains[key]
 
     def _twin_loss(self, layer, k):
         """The loss with layer ``layer``'s change carried into its twin in the folded copy."""
@@ -174,7 +183,7 @@ class StagedLoss:
                 twin.set_bits(a_bit=module.a_bit)
                 twin.activation_range.copy_(module.activation_range)
         try:
-            return _loss(_Chain(self.float_stages[k:]), self.inputs)
+            return _loss(self._chain(k), self.inputs)
         finally:
             with torch.no_grad():
                 twin.weight.copy_(folded_weight)
@@ -250,21 +259,25 @@ class _FloatCalibration:
         self.inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         env.unquantize()
         calibrate(self.model, self.inputs, _device(self.model))
-        self.ranges = {n: (m.activation_range.detach().clone(), m.weight_range.detach().clone())
-                       for n, m in env.layers}
+        self.ranges = {m: (m.activation_range.detach().clone(), m.weight_range.detach().clone())
+                       for _, m in env.layers}
+        self.recalibrated = False
 
     def set(self, module, w_bit=-1, a_bit=-1):
         module.set_bits(w_bit, a_bit)
         if 0 < max(w_bit, a_bit) <= module.kl_max_bit:
             calibrate(self.model, self.inputs, _device(self.model))
+            self.recalibrated = True
 
     def reset(self, module):
+        """Float again; the float ranges back (every layer's if a calibration moved them)."""
         module.set_bits(-1, -1)
         with torch.no_grad():
-            for name, m in self.env.layers:
-                act, wr = self.ranges[name]
+            for m in self.ranges if self.recalibrated else [module]:
+                act, wr = self.ranges[m]
                 m.activation_range.copy_(act)
                 m.weight_range.copy_(wr)
+        self.recalibrated = False
 
 
 def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
