@@ -28,7 +28,6 @@ import torch.nn as nn
 from lib.quantize.kmeans import clustering_values, kmeans_quantize_layer
 from lib.quantize.kmeans_batch import centroids_by_width
 from lib.quantize.linear import calibrate
-from lib.quantize.policy import apply_kmeans_policy
 from lib.utils.distributed import all_reduce_sum
 from lib.utils.layers import fold_batchnorm
 from lib.utils.train import evaluate
@@ -225,18 +224,17 @@ def _kmeans_loss_scores(env, batches):
     model, widths = env.model, bit_widths(env)
     loss = StagedLoss(model, batches, [m for _, m in env.layers])
     scores = np.zeros((len(env.layers), len(widths)))
-    # every layer at every width as apply_kmeans_policy clusters it below (a one-layer
-    # policy: the seed itself), in lockstep across the layers of a width: same centroids,
-    # 3x sooner
+    # every layer at every width as apply_kmeans_policy(model, {name: bits}, seed=seed)
+    # clusters it (a one-layer policy: the seed itself; tests/test_allocate.py checks), in
+    # lockstep across the layers of a width: the same centroids, 3x sooner
     centers = centroids_by_width(
         [clustering_values(m.weight, env.is_pruned).numpy() for _, m in env.layers], widths,
         env.n_iter, [env.cfg.seed] * len(env.layers), env.method)
     for layer, (name, module) in enumerate(env.layers):
         original = module.weight.detach().clone()
         for j, bits in enumerate(widths):
-            apply_kmeans_policy(model, {name: bits}, n_iter=env.n_iter, method=env.method,
-                                is_pruned=env.is_pruned, seed=env.cfg.seed,
-                                centers={name: centers.get((layer, bits))})
+            kmeans_quantize_layer(module.weight, bits, env.n_iter, env.method, env.is_pruned,
+                                  env.cfg.seed, centers=centers.get((layer, bits)))
             scores[layer, j] = loss(layer) - loss.base
             module.weight.data.copy_(original)
         log.debug("loss sensitivity of %s: %s", name, np.round(scores[layer], 4).tolist())

@@ -58,7 +58,12 @@ def plot_policy(path, policy, layer_names, title=""):
     plt = _pyplot()
     linear = bool(policy) and isinstance(policy[0], (list, tuple))
     n = len(policy)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2), 4.6))
+    # margins from the longest name instead of tight_layout (which measures every label again)
+    width, height = max(6.0, 0.22 * n + 2), 4.6
+    bottom = 0.55 + 0.032 * max((len(str(name)) for name in layer_names), default=0)
+    fig, ax = plt.subplots(figsize=(width, height))
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=bottom / height,
+                        top=1 - 0.35 / height)
     idx = list(range(n))
     if linear:
         w = [p[0] for p in policy]
@@ -77,7 +82,6 @@ def plot_policy(path, policy, layer_names, title=""):
     step = max(1, (n + 59) // 60)
     ax.set_xticks(idx[::step])
     ax.set_xticklabels(list(layer_names)[::step], fontsize=5, rotation=90)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
