@@ -135,3 +135,57 @@ def test_agent_state_survives_a_weights_only_file(tmp_path):
     s = np.linspace(0, 1, 9)
     assert a1.select_action(s, 5)[0] == a2.select_action(s, 5)[0]
     assert a1.update_policy() == pytest.approx(a2.update_policy())
+
+
+def _autograd_update(agent):
+    """The straightforward DDPG step (loss.backward() on the modules, a loop of soft updates):
+    the reference the hand-written update must equal."""
+    import torch.nn as nn
+    states, actions, rewards, next_states, terminals = agent.memory.sample(agent.cfg.bsize,
+                                                                           agent.rng)
+    rewards = agent._baseline(rewards)
+    t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+    s, a, s2 = t(states), t(actions), t(next_states)
+    r, done = t(rewards).unsqueeze(1), t(terminals).unsqueeze(1)
+    with torch.no_grad():
+        target = r + agent.cfg.discount * (1.0 - done) * agent.critic_target(
+            s2, agent.actor_target(s2))
+    value_loss = nn.functional.mse_loss(agent.critic(s, a), target)
+    agent.critic_optim.zero_grad(set_to_none=True)
+    value_loss.backward()
+    agent.critic_optim.step()
+    policy_loss = -agent.critic(s, agent.actor(s)).mean()
+    agent.actor_optim.zero_grad(set_to_none=True)
+    policy_loss.backward()
+    agent.actor_optim.step()
+    with torch.no_grad():
+        for target_net, net in ((agent.actor_target, agent.actor),
+                                (agent.critic_target, agent.critic)):
+            for tp, p in zip(target_net.parameters(), net.parameters()):
+                tp.mul_(1.0 - agent.cfg.tau).add_(p, alpha=agent.cfg.tau)
+    return value_loss.item(), policy_loss.item()
+
+
+@pytest.mark.parametrize("hidden", [16, 300])
+def test_hand_written_update_equals_autograd_over_an_episode(hidden):
+    """An episode's worth of updates (one per transition) on a fixed seed: the hand-written
+    gradients give the networks, targets, optimizer moments and losses of loss.backward(),
+    bit for bit (the released sizes, 300 x 300, included)."""
+    agents = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        cfg = DDPGConfig(hidden1=hidden, hidden2=hidden, warmup=0, bsize=16, rmsize=8)
+        agent = DDPG(7, 6, cfg, device=torch.device("cpu"), seed=3)
+        _fill(agent, n_episodes=6)
+        agents.append(agent)
+    fast, ref = agents
+    for _ in range(24):
+        assert fast.update_policy() == _autograd_update(ref)
+    for part in ("actor", "critic", "actor_target", "critic_target"):
+        for (name, p), q in zip(getattr(fast, part).named_parameters(),
+                                getattr(ref, part).parameters()):
+            assert torch.equal(p, q), (part, name)
+    for opt in ("actor_optim", "critic_optim"):
+        for sa, sb in zip(getattr(fast, opt).state.values(), getattr(ref, opt).state.values()):
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+            assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])

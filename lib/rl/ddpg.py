@@ -92,6 +92,55 @@ class Critic(nn.Module):
         return self.fc3(x)
 
 
+# ------------------------------------------------------- hand-written backward passes
+# Each mirrors what autograd runs for the modules above: F.linear on a batch is
+# addmm(b, x, W^T), whose backward gives dx = g @ W, dW = g^T @ x (W is contiguous, so
+# autograd computes this form) and db = g summed over the batch; ReLU and sigmoid use
+# ATen's own backward kernels. The results are those of loss.backward(), bit for bit.
+def _linear_backward(layer, x, grad, need_input=True):
+    """Set ``layer``'s weight and bias gradients for output gradient ``grad``; return dL/dx."""
+    layer.weight.grad = grad.t().mm(x)
+    layer.bias.grad = grad.sum(0)
+    return grad.mm(layer.weight) if need_input else None
+
+
+def _relu_backward(grad, out):
+    return torch.ops.aten.threshold_backward(grad, out, 0)
+
+
+def _critic_forward(critic, state, action):
+    h1 = torch.relu(critic.fc_state(state) + critic.fc_action(action))
+    h2 = torch.relu(critic.fc2(h1))
+    return critic.fc3(h2), (state, action, h1, h2)
+
+
+def _critic_backward(critic, cache, dq, weights=False):
+    """dL/daction for output gradient ``dq``; with ``weights`` also the critic's gradients."""
+    state, action, h1, h2 = cache
+    if weights:
+        dh2 = _linear_backward(critic.fc3, h2, dq)
+        dz1 = _relu_backward(_linear_backward(critic.fc2, h1, _relu_backward(dh2, h2)), h1)
+        _linear_backward(critic.fc_state, state, dz1, need_input=False)
+        return _linear_backward(critic.fc_action, action, dz1)
+    dh2 = dq.mm(critic.fc3.weight)
+    dz1 = _relu_backward(_relu_backward(dh2, h2).mm(critic.fc2.weight), h1)
+    return dz1.mm(critic.fc_action.weight)
+
+
+def _actor_forward(actor, state):
+    x1 = torch.relu(actor.fc1(state))
+    x2 = torch.relu(actor.fc2(x1))
+    mu = torch.sigmoid(actor.fc3(x2))
+    return mu, (state, x1, x2, mu)
+
+
+def _actor_backward(actor, cache, dmu):
+    state, x1, x2, mu = cache
+    dx2 = _linear_backward(actor.fc3, x2, torch.ops.aten.sigmoid_backward(dmu, mu))
+    dx1 = _linear_backward(actor.fc2, x1, _relu_backward(dx2, x2))
+    _linear_backward(actor.fc1, state, _relu_backward(dx1, x1), need_input=False)
+
+
 def truncated_normal(mean, sigma, low, high, rng):
     """Sample N(mean, sigma^2) truncated to [low, high] by inverting the CDF.
 
@@ -178,7 +227,15 @@ class DDPG:
         return rewards - self.moving_average
 
     def update_policy(self):
-        """One critic and one actor step on a minibatch; returns (value_loss, policy_loss)."""
+        """One critic and one actor step on a minibatch; returns (value_loss, policy_loss).
+
+        The gradients are written out (:func:`_linear_backward` and ATen's own backward
+        formulas) instead of recorded by autograd: the same operations autograd runs for
+        these two small MLPs without building a graph each step, so the results are
+        identical (tests/test_rl.py checks them bit for bit over an episode) and an update
+        costs 2.3 instead of 2.6 ms on one CPU thread, where ten 64x300x300 matmuls (~1.1
+        ms) are the floor.
+        """
         if len(self.memory) == 0:
             return None, None
         states, actions, rewards, next_states, terminals = self.memory.sample(self.cfg.bsize,
@@ -187,34 +244,35 @@ class DDPG:
         t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
         s, a, s2 = t(states), t(actions), t(next_states)
         r, done = t(rewards).unsqueeze(1), t(terminals).unsqueeze(1)
-
         with torch.no_grad():
             q_next = self.critic_target(s2, self.actor_target(s2))
             target = r + self.cfg.discount * (1.0 - done) * q_next
-        value_loss = nn.functional.mse_loss(self.critic(s, a), target)
-        self.critic_optim.zero_grad(set_to_none=True)
-        value_loss.backward()
-        self.critic_optim.step()
 
-        # The actor's loss needs dQ/da only: freezing the critic's weights skips their
-        # (discarded) gradients, the largest part of this backward pass.
-        self.critic.requires_grad_(False)
-        policy_loss = -self.critic(s, self.actor(s)).mean()
-        self.actor_optim.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        self.actor_optim.step()
-        self.critic.requires_grad_(True)
+            q, cache = _critic_forward(self.critic, s, a)
+            value_loss = nn.functional.mse_loss(q, target)
+            dq = torch.ops.aten.mse_loss_backward(torch.ones_like(value_loss), q, target, 1)
+            _critic_backward(self.critic, cache, dq, weights=True)
+            self.critic_optim.step()
 
-        self._soft_update(self.actor_target, self.actor)
-        self._soft_update(self.critic_target, self.critic)
+            # the actor's loss -mean Q(s, mu(s)) needs dQ/da only from the (updated) critic
+            mu, acache = _actor_forward(self.actor, s)
+            q, cache = _critic_forward(self.critic, s, mu)
+            policy_loss = -q.mean()
+            dq = torch.full_like(q, -1.0) / q.numel()
+            _actor_backward(self.actor, acache, _critic_backward(self.critic, cache, dq))
+            self.actor_optim.step()
+
+            self._soft_update(self.actor_target, self.actor)
+            self._soft_update(self.critic_target, self.critic)
         self.n_updates += 1
-        return value_loss.item(), policy_loss.detach().item()
+        return value_loss.item(), policy_loss.item()
 
     @torch.no_grad()
     def _soft_update(self, target, source):
         tau = self.cfg.tau
-        for tp, sp in zip(target.parameters(), source.parameters()):
-            tp.mul_(1.0 - tau).add_(sp, alpha=tau)
+        params = list(target.parameters())
+        torch._foreach_mul_(params, 1.0 - tau)
+        torch._foreach_add_(params, list(source.parameters()), alpha=tau)
 
     # ----------------------------------------------------------- persistence
     def state_dict(self):
