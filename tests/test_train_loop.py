@@ -57,7 +57,12 @@ def test_channels_last_model_gets_channels_last_batches_and_same_results():
     fast = fast.to(memory_format=torch.channels_last)
     assert input_format(plain) == torch.contiguous_format
     assert input_format(fast) == torch.channels_last
-    assert input_format(nn.Linear(4, 2)) == torch.contiguous_format
+    # no kernel that tells (none, or only 1x1 / depthwise ones): the batches keep their format
+    assert input_format(nn.Linear(4, 2)) == torch.preserve_format
+    tail = fast.features[-2].to(memory_format=torch.channels_last)   # 1x1 and depthwise only
+    assert input_format(tail) == torch.preserve_format
+    x = torch.randn(2, tail.conv[0].in_channels, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert x.to(memory_format=input_format(tail)).data_ptr() == x.data_ptr()   # no copy
 
     seen = []
     fast.features[0].register_forward_pre_hook(

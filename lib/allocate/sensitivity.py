@@ -213,10 +213,21 @@ def _finite(scores):
 
 
 # ------------------------------------------------------------------ K-Means mode
-def _kmeans_weight(env, module, bits):
+def _kmeans_centers(env):
+    """``{(layer, bits): centroids}`` of every layer at every width, as
+    ``apply_kmeans_policy(model, {name: bits}, seed=seed)`` clusters them (a one-layer policy
+    uses the seed itself; tests/test_allocate.py checks), seeded in lockstep across the
+    layers of a width: the same centroids, 3x sooner (lib.quantize.kmeans_batch)."""
+    return centroids_by_width(
+        [clustering_values(m.weight, env.is_pruned).numpy() for _, m in env.layers],
+        bit_widths(env), env.n_iter, [env.cfg.seed] * len(env.layers), env.method)
+
+
+def _kmeans_weight(env, centers, layer, module, bits):
     """A copy of ``module``'s weight K-Means-quantized at ``bits`` with the env's settings."""
     w = module.weight.detach().clone()
-    kmeans_quantize_layer(w, bits, env.n_iter, env.method, env.is_pruned, env.cfg.seed)
+    kmeans_quantize_layer(w, bits, env.n_iter, env.method, env.is_pruned, env.cfg.seed,
+                          centers=centers.get((layer, bits)))
     return w
 
 
@@ -224,12 +235,7 @@ def _kmeans_loss_scores(env, batches):
     model, widths = env.model, bit_widths(env)
     loss = StagedLoss(model, batches, [m for _, m in env.layers])
     scores = np.zeros((len(env.layers), len(widths)))
-    # every layer at every width as apply_kmeans_policy(model, {name: bits}, seed=seed)
-    # clusters it (a one-layer policy: the seed itself; tests/test_allocate.py checks), in
-    # lockstep across the layers of a width: the same centroids, 3x sooner
-    centers = centroids_by_width(
-        [clustering_values(m.weight, env.is_pruned).numpy() for _, m in env.layers], widths,
-        env.n_iter, [env.cfg.seed] * len(env.layers), env.method)
+    centers = _kmeans_centers(env)
     for layer, (name, module) in enumerate(env.layers):
         original = module.weight.detach().clone()
         for j, bits in enumerate(widths):
@@ -341,7 +347,9 @@ def _hessian_traces(env, batches, n_iter, seed):
 
 
 def _hessian_weight_scores(env, traces, quantized_weight):
-    """Tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2 for every layer and width."""
+    """Tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2 for every layer and width.
+
+    ``quantized_weight(layer, module, bits)``: Q_b of that layer's weight, a copy."""
     widths = bit_widths(env)
     scores = np.zeros((len(env.layers), len(widths)))
     for layer, (name, module) in enumerate(env.layers):
@@ -349,7 +357,7 @@ def _hessian_weight_scores(env, traces, quantized_weight):
             continue
         w = module.weight.detach()
         for j, bits in enumerate(widths):
-            error = float(((w - quantized_weight(module, bits)) ** 2).sum())
+            error = float(((w - quantized_weight(layer, module, bits)) ** 2).sum())
             scores[layer, j] = traces[layer] / w.numel() * error
     return scores
 
@@ -395,12 +403,13 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
             scores, base = _linear_loss_scores(env, batches, calib, kinds=("activation",))
             traces = _hessian_traces(env, batches, hessian_iters, seed)
             scores["weight"] = _hessian_weight_scores(
-                env, traces, lambda m, b: _linear_weight(calib, m, b))
+                env, traces, lambda _, m, b: _linear_weight(calib, m, b))
         else:
             base = _loss(env.model, batches)
             traces = _hessian_traces(env, batches, hessian_iters, seed)
+            centers = _kmeans_centers(env)
             scores = {"weight": _hessian_weight_scores(
-                env, traces, lambda m, b: _kmeans_weight(env, m, b))}
+                env, traces, lambda i, m, b: _kmeans_weight(env, centers, i, m, b))}
         log.info("Hessian traces / #weights: %s",
                  np.round(traces / [m.weight.numel() for _, m in env.layers], 6).tolist())
     env.restore_weights()

@@ -94,11 +94,19 @@ def _reduce(meters, device):
 
 
 def input_format(model):
-    """The memory format batches should take: channels-last when the model's convs use it."""
+    """The memory format batches should take: that of the model's first conv kernel that tells.
+
+    1x1 and depthwise kernels are laid out alike in both formats, so they say nothing; a
+    model with only such kernels (e.g. a MobileNet's tail) keeps the batches' own format
+    rather than copying them into one it cannot tell it wants.
+    """
     for p in model.parameters():
-        if p.dim() == 4 and not p.is_contiguous():  # 1x1 kernels are both, so skip those
-            return torch.channels_last
-    return torch.contiguous_format
+        if p.dim() == 4:
+            if not p.is_contiguous():
+                return torch.channels_last
+            if not p.is_contiguous(memory_format=torch.channels_last):
+                return torch.contiguous_format
+    return torch.preserve_format
 
 
 def _batches(model, loader, device, n, progress):
