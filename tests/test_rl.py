@@ -137,35 +137,6 @@ def test_agent_state_survives_a_weights_only_file(tmp_path):
     assert a1.update_policy() == pytest.approx(a2.update_policy())
 
 
-def _autograd_update(agent):
-    """The straightforward DDPG step (loss.backward() on the modules, a loop of soft updates):
-    the reference the hand-written update must equal."""
-    import torch.nn as nn
-    states, actions, rewards, next_states, terminals = agent.memory.sample(agent.cfg.bsize,
-                                                                           agent.rng)
-    rewards = agent._baseline(rewards)
-    t = lambda x: torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-    s, a, s2 = t(states), t(actions), t(next_states)
-    r, done = t(rewards).unsqueeze(1), t(terminals).unsqueeze(1)
-    with torch.no_grad():
-        target = r + agent.cfg.discount * (1.0 - done) * agent.critic_target(
-            s2, agent.actor_target(s2))
-    value_loss = nn.functional.mse_loss(agent.critic(s, a), target)
-    agent.critic_optim.zero_grad(set_to_none=True)
-    value_loss.backward()
-    agent.critic_optim.step()
-    policy_loss = -agent.critic(s, agent.actor(s)).mean()
-    agent.actor_optim.zero_grad(set_to_none=True)
-    policy_loss.backward()
-    agent.actor_optim.step()
-    with torch.no_grad():
-        for target_net, net in ((agent.actor_target, agent.actor),
-                                (agent.critic_target, agent.critic)):
-            for tp, p in zip(target_net.parameters(), net.parameters()):
-                tp.mul_(1.0 - agent.cfg.tau).add_(p, alpha=agent.cfg.tau)
-    return value_loss.item(), policy_loss.item()
-
-
 @pytest.mark.parametrize("hidden", [16, 300])
 def test_hand_written_update_equals_autograd_over_an_episode(hidden):
     """An episode's worth of updates (one per transition) on a fixed seed: the hand-written
@@ -180,7 +151,7 @@ def test_hand_written_update_equals_autograd_over_an_episode(hidden):
         agents.append(agent)
     fast, ref = agents
     for _ in range(24):
-        assert fast.update_policy() == _autograd_update(ref)
+        assert fast.update_policy() == ref.autograd_update()
     for part in ("actor", "critic", "actor_target", "critic_target"):
         for (name, p), q in zip(getattr(fast, part).named_parameters(),
                                 getattr(ref, part).parameters()):

@@ -267,6 +267,35 @@ class DDPG:
         self.n_updates += 1
         return value_loss.item(), policy_loss.item()
 
+    def autograd_update(self):
+        """:meth:`update_policy` done the straightforward way (loss.backward() on the modules,
+        a loop of soft updates): the reference the hand-written one equals bit for bit, kept
+        for tests/test_rl.py and bench/agent_bench.py."""
+        states, actions, rewards, next_states, terminals = self.memory.sample(self.cfg.bsize,
+                                                                              self.rng)
+        rewards = self._baseline(rewards)
+        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
+        s, a, s2 = t(states), t(actions), t(next_states)
+        r, done = t(rewards).unsqueeze(1), t(terminals).unsqueeze(1)
+        with torch.no_grad():
+            q_next = self.critic_target(s2, self.actor_target(s2))
+            target = r + self.cfg.discount * (1.0 - done) * q_next
+        value_loss = nn.functional.mse_loss(self.critic(s, a), target)
+        self.critic_optim.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.critic_optim.step()
+        policy_loss = -self.critic(s, self.actor(s)).mean()
+        self.actor_optim.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        self.actor_optim.step()
+        with torch.no_grad():
+            for target_net, net in ((self.actor_target, self.actor),
+                                    (self.critic_target, self.critic)):
+                for tp, p in zip(target_net.parameters(), net.parameters()):
+                    tp.mul_(1.0 - self.cfg.tau).add_(p, alpha=self.cfg.tau)
+        self.n_updates += 1
+        return value_loss.item(), policy_loss.item()
+
     @torch.no_grad()
     def _soft_update(self, target, source):
         tau = self.cfg.tau
