@@ -226,6 +226,15 @@ class DDPG:
             self.moving_average += self.cfg.moving_alpha * (batch_mean - self.moving_average)
         return rewards - self.moving_average
 
+    def _minibatch(self):
+        """A sampled minibatch as tensors (state, action, reward - baseline, next state, done)."""
+        states, actions, rewards, next_states, terminals = self.memory.sample(self.cfg.bsize,
+                                                                              self.rng)
+        rewards = self._baseline(rewards)
+        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
+        return (t(states), t(actions), t(rewards).unsqueeze(1), t(next_states),
+                t(terminals).unsqueeze(1))
+
     def update_policy(self):
         """One critic and one actor step on a minibatch; returns (value_loss, policy_loss).
 
@@ -238,12 +247,7 @@ class DDPG:
         """
         if len(self.memory) == 0:
             return None, None
-        states, actions, rewards, next_states, terminals = self.memory.sample(self.cfg.bsize,
-                                                                              self.rng)
-        rewards = self._baseline(rewards)
-        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
-        s, a, s2 = t(states), t(actions), t(next_states)
-        r, done = t(rewards).unsqueeze(1), t(terminals).unsqueeze(1)
+        s, a, r, s2, done = self._minibatch()
         with torch.no_grad():
             q_next = self.critic_target(s2, self.actor_target(s2))
             target = r + self.cfg.discount * (1.0 - done) * q_next
@@ -271,12 +275,7 @@ class DDPG:
         """:meth:`update_policy` done the straightforward way (loss.backward() on the modules,
         a loop of soft updates): the reference the hand-written one equals bit for bit, kept
         for tests/test_rl.py and bench/agent_bench.py."""
-        states, actions, rewards, next_states, terminals = self.memory.sample(self.cfg.bsize,
-                                                                              self.rng)
-        rewards = self._baseline(rewards)
-        t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device)  # noqa: E731
-        s, a, s2 = t(states), t(actions), t(next_states)
-        r, done = t(rewards).unsqueeze(1), t(terminals).unsqueeze(1)
+        s, a, r, s2, done = self._minibatch()
         with torch.no_grad():
             q_next = self.critic_target(s2, self.actor_target(s2))
             target = r + self.cfg.discount * (1.0 - done) * q_next
