@@ -10,6 +10,9 @@
     in a fresh child process; the result (labels, 1 byte per weight) counts as extra.
 (d) one QAT training step (forward + backward) of qmobilenetv2 at w4a4 vs mobilenetv2 fp32,
     same batch, on the CPU.
+(e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): the
+    lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer by layer, and
+    that they are identical.
 
     python bench/quant_bench.py                       # everything, the settings
     python bench/quant_bench.py --only a,b --qat-batch 4
@@ -205,9 +208,32 @@ def bench_qat(args):
           f"{pairs[0]:.2f}-{pairs[-1]:.2f}; goal <= 1.2x)")
 
 
+# ------------------------------------------------------------------------------------ (e)
+
+def bench_lockstep(args):
+    from lib.quantize.kmeans import kmeans_centroids
+    from lib.quantize.kmeans_batch import centroids_by_width
+    torch.manual_seed(0)
+    model, source = build("mobilenetv2", num_classes=10)
+    xs = [m.weight.detach().reshape(-1).numpy() for _, m in quantizable_layers(model)]
+    widths = range(2, 9)
+    print(f"(e) centroids of {len(xs)} MobileNetV2 layers ({source}, random init, "
+          f"{sum(x.size for x in xs)} weights) at widths 2-8, seed 0 for each")
+    start = time.perf_counter()
+    one = {(i, b): kmeans_centroids(torch.from_numpy(x), 2 ** b, 3, "fast", 0)
+           for b in widths for i, x in enumerate(xs)}
+    t_one = time.perf_counter() - start
+    start = time.perf_counter()
+    many = centroids_by_width(xs, widths, 3, [0] * len(xs))
+    t_many = time.perf_counter() - start
+    same = all(np.array_equal(one[key], many[key]) for key in one)
+    print(f"    layer by layer {t_one:.2f} s, lockstep {t_many:.2f} s -> {t_one / t_many:.1f}x; "
+          f"identical centroids: {same}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    p.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     p.add_argument("--update-reps", type=int, default=3, help="(b) repetitions, best kept")
     p.add_argument("--qat-batch", type=int, default=16)
     p.add_argument("--qat-size", type=int, default=224)
@@ -221,7 +247,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_child:
         return memory_child()
-    parts = {"a": bench_kmeans, "b": bench_update, "c": bench_memory, "d": bench_qat}
+    parts = {"a": bench_kmeans, "b": bench_update, "c": bench_memory, "d": bench_qat,
+             "e": bench_lockstep}
     for key in args.only.split(","):
         parts[key.strip()](args)
         sys.stdout.flush()
