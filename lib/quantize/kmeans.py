@@ -404,15 +404,14 @@ def _write_back(flat, cb):
 
 
 def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=False,
-                          free_high_bit=False, seed=None, min_iter=None, centers=None):
+                          free_high_bit=False, seed=None, min_iter=None):
     """K-Means-quantize ``model``'s Conv2d/Linear layers in place; return ``{name: Codebook}``.
 
     ``policy``: bits per layer, a list in ``model.modules()`` order or a dict name -> bits
     (layers a dict leaves out, and entries of -1 or 32, stay float).  ``free_high_bit`` leaves
     layers above 6 bits float (they are clustered later by :meth:`CentroidSharer.recluster`).
     ``seed`` (int) makes the result reproducible; layer i uses ``seed + i``.  ``min_iter``:
-    see :func:`kmeans_centroids` (fast path only). ``centers``: optional ``{name: centroids}``
-    precomputed for layers of the policy (see :func:`kmeans_quantize_layer`).
+    see :func:`kmeans_centroids` (fast path only).
     """
     plan = resolve_kmeans_policy(model, policy)
     codebooks = {}
@@ -422,8 +421,7 @@ def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=Fals
             continue
         layer_seed = None if seed is None else seed + i
         codebooks[name] = kmeans_quantize_layer(module.weight, bits, n_iter, method,
-                                                is_pruned, layer_seed, min_iter,
-                                                (centers or {}).get(name))
+                                                is_pruned, layer_seed, min_iter)
     logger.debug("k-means (%s, %d iters) of %d layers took %.2fs", method, n_iter,
                  len(codebooks), time.perf_counter() - start)
     return codebooks
