@@ -66,19 +66,6 @@ def _loss(model, batches, device=None):
                     progress=False)["loss"]
 
 
-class _Chain(nn.Module):
-    """Stages applied in turn (the tail of a model's :meth:`stages`)."""
-
-    def __init__(self, stages):
-        super().__init__()
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x):
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-
 class _Tail(nn.Module):
     """Stages applied in turn, held in a plain list rather than registered: the per-pass
     ``eval()`` and memory-format walk of :func:`evaluate` then visit no submodules (~0.4 ms a
@@ -93,6 +80,14 @@ class _Tail(nn.Module):
         for stage in self.run:
             x = stage(x)
         return x
+
+
+class _Chain(_Tail):
+    """A :class:`_Tail` whose stages are registered too, for copying, folding and moving."""
+
+    def __init__(self, stages):
+        super().__init__(stages)
+        self.stages = nn.ModuleList(self.run)
 
 
 class StagedLoss:

@@ -213,13 +213,23 @@ def _lloyd(data, centers, n_iter):
     return centers
 
 
-def _fast_centroids(x, k, n_iter, rng):
-    data = _Sorted1D(x)
-    centers = _lloyd(data, _kmeans_pp(data, k, rng), n_iter)
-    del data  # the sorted copy and prefix sums (20 bytes per weight) go before labelling
+def _fast_iters(n_iter, min_iter):
+    """Lloyd iterations of the fast path: at least ``min_iter`` (default FAST_MIN_ITER)."""
+    return max(n_iter, FAST_MIN_ITER if min_iter is None else min_iter)
+
+
+def _finish(data, seeds, k, n_iter):
+    """Lloyd steps from the k-means++ ``seeds``; degenerate data padded to ``k`` entries."""
+    centers = _lloyd(data, seeds, n_iter)
     if centers.size < k:  # degenerate data: pad with copies so the codebook has k entries
         centers = np.sort(np.concatenate([centers, np.full(k - centers.size, centers[-1])]))
     return centers
+
+
+def _fast_centroids(x, k, n_iter, rng):
+    data = _Sorted1D(x)
+    # the sorted copy and prefix sums (20 bytes per weight) go before labelling, with ``data``
+    return _finish(data, _kmeans_pp(data, k, rng), k, n_iter)
 
 
 def _sklearn_centroids(x, k, n_iter, seed):
@@ -291,8 +301,7 @@ def kmeans_centroids(x, k, n_iter=3, method="fast", seed=None, min_iter=None):
     xn = x.detach().reshape(-1).float().cpu().numpy()
     k = max(1, min(int(k), xn.size))
     if method == "fast":
-        n_iter = max(n_iter, FAST_MIN_ITER if min_iter is None else min_iter)
-        return _fast_centroids(xn, k, n_iter, np.random.default_rng(seed))
+        return _fast_centroids(xn, k, _fast_iters(n_iter, min_iter), np.random.default_rng(seed))
     return _sklearn_centroids(xn, k, n_iter, seed)
 
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .kmeans import FAST_MIN_ITER, METHODS, _lloyd, _Sorted1D, kmeans_centroids
+from .kmeans import METHODS, _fast_iters, _finish, _Sorted1D, kmeans_centroids
 
 _PROBES = 64   # as _Cells.sample
 
@@ -56,18 +56,14 @@ class SortedLayers:
         if method != "fast":
             return [kmeans_centroids(torch.from_numpy(x), k, n_iter, method, s, min_iter)
                     for x, s in zip(self.raw, seeds)]
-        n_iter = max(n_iter, FAST_MIN_ITER if min_iter is None else min_iter)
+        n_iter = _fast_iters(n_iter, min_iter)
         out = [None] * len(self.rows)
         ks = np.maximum(1, np.minimum(int(k), self.n))
         for kk in np.unique(ks):   # rows with fewer values than k cluster at their own k
             rows = np.flatnonzero(ks == kk)
             rngs = [np.random.default_rng(seeds[r]) for r in rows]
-            for r, centers in zip(rows, _Lockstep(self, rows, int(kk)).seed(rngs)):
-                centers = _lloyd(self.rows[r], centers, n_iter)
-                if centers.size < kk:   # as _fast_centroids: pad degenerate data to k entries
-                    centers = np.sort(np.concatenate(
-                        [centers, np.full(kk - centers.size, centers[-1])]))
-                out[r] = centers
+            for r, seeded in zip(rows, _Lockstep(self, rows, int(kk)).seed(rngs)):
+                out[r] = _finish(self.rows[r], seeded, int(kk), n_iter)
         return out
 
     # -- the row-wise forms of _Sorted1D's methods (``rows``: row ids, leading axis)

@@ -97,10 +97,11 @@ class Critic(nn.Module):
 # addmm(b, x, W^T), whose backward gives dx = g @ W, dW = g^T @ x (W is contiguous, so
 # autograd computes this form) and db = g summed over the batch; ReLU and sigmoid use
 # ATen's own backward kernels. The results are those of loss.backward(), bit for bit.
-def _linear_backward(layer, x, grad, need_input=True):
-    """Set ``layer``'s weight and bias gradients for output gradient ``grad``; return dL/dx."""
-    layer.weight.grad = grad.t().mm(x)
-    layer.bias.grad = grad.sum(0)
+def _linear_backward(layer, x, grad, weights=True, need_input=True):
+    """dL/dx for output gradient ``grad``; with ``weights`` also set the layer's gradients."""
+    if weights:
+        layer.weight.grad = grad.t().mm(x)
+        layer.bias.grad = grad.sum(0)
     return grad.mm(layer.weight) if need_input else None
 
 
@@ -117,14 +118,11 @@ def _critic_forward(critic, state, action):
 def _critic_backward(critic, cache, dq, weights=False):
     """dL/daction for output gradient ``dq``; with ``weights`` also the critic's gradients."""
     state, action, h1, h2 = cache
+    dh2 = _linear_backward(critic.fc3, h2, dq, weights)
+    dz1 = _relu_backward(_linear_backward(critic.fc2, h1, _relu_backward(dh2, h2), weights), h1)
     if weights:
-        dh2 = _linear_backward(critic.fc3, h2, dq)
-        dz1 = _relu_backward(_linear_backward(critic.fc2, h1, _relu_backward(dh2, h2)), h1)
         _linear_backward(critic.fc_state, state, dz1, need_input=False)
-        return _linear_backward(critic.fc_action, action, dz1)
-    dh2 = dq.mm(critic.fc3.weight)
-    dz1 = _relu_backward(_relu_backward(dh2, h2).mm(critic.fc2.weight), h1)
-    return dz1.mm(critic.fc_action.weight)
+    return _linear_backward(critic.fc_action, action, dz1, weights)
 
 
 def _actor_forward(actor, state):
