@@ -38,8 +38,8 @@ from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
-from lib.utils.run_utils import (lr_setter, model_kwargs_for, new_run_folder, open_run_logs,
-                                 seed_everything)
+from lib.utils.run_utils import (freeze_startup_objects, lr_setter, model_kwargs_for,
+                                 new_run_folder, open_run_logs, seed_everything)
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
 from lib.utils.train import HALF_TYPES, autocast_dtype, evaluate, train_one_epoch
 from models import float_twin, get_model, list_models, load_pretrained_weights
@@ -640,6 +640,7 @@ def run_training(run, start):
             writer.add_scalar("val/top1", q, 0)
             if run.results["fp32_top1"] is not None:
                 writer.add_scalar("val/fp32_top1", run.results["fp32_top1"], 0)
+    freeze_startup_objects()
     final = run.train(writer, logger, optimizer)
     out = None
     if run.rank == 0:

@@ -35,7 +35,7 @@ from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, error_reason, run_cli
-from lib.utils.run_utils import list_runs, new_run_folder, seed_everything
+from lib.utils.run_utils import freeze_startup_objects, list_runs, new_run_folder, seed_everything
 
 log = logging.getLogger("rl_quantize")
 
@@ -675,6 +675,7 @@ def main(argv=None):
     log.info("output folder %s (%s)", out_dir, device)
     search = Search(args, env, agent, out_dir, state)
     env.sync_from_main()
+    freeze_startup_objects()
     started = time.perf_counter()
     if args.method == "ilp":
         plan_ilp(args, env, search)

@@ -29,8 +29,8 @@ from lib.quantize.kmeans import clustering_values, kmeans_quantize_layer
 from lib.quantize.kmeans_batch import centroids_by_width
 from lib.quantize.linear import calibrate
 from lib.utils.distributed import all_reduce_sum
-from lib.utils.layers import fold_batchnorm
-from lib.utils.train import evaluate
+
+from .staged import StagedLoss, _device, _loss, scan_lanes
 
 log = logging.getLogger(__name__)
 
@@ -54,173 +54,6 @@ def fixed_batches(loader, n_images):
     if not batches:
         raise ValueError("the validation loader gave no images to score sensitivity on")
     return batches
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def _loss(model, batches, device=None):
-    """Mean cross-entropy of ``model`` on ``batches`` (the project's one validation loop)."""
-    return evaluate(model, batches, nn.CrossEntropyLoss(), device or _device(model),
-                    progress=False)["loss"]
-
-
-class _Tail(nn.Module):
-    """Stages applied in turn, held in a plain list rather than registered: the per-pass
-    ``eval()`` and memory-format walk of :func:`evaluate` then visit no submodules (~0.4 ms a
-    pass for a MobileNetV2 tail, 600 passes a scan). Its stages must already be in eval
-    mode: :class:`StagedLoss` keeps the model and its folded copy so."""
-
-    def __init__(self, stages):
-        super().__init__()
-        self.run = list(stages)
-
-    def forward(self, x):
-        for stage in self.run:
-            x = stage(x)
-        return x
-
-
-class _Chain(_Tail):
-    """A :class:`_Tail` whose stages are registered too, for copying, folding and moving."""
-
-    def __init__(self, stages):
-        super().__init__(stages)
-        self.stages = nn.ModuleList(self.run)
-
-
-class StagedLoss:
-    """Loss on fixed batches when one layer changes, recomputing only from that layer's stage on.
-
-    Quantizing one layer leaves every stage before the one holding it unchanged, so
-    each stage's float input on the batches is computed once and reused for every width
-    of every layer in that stage (a prefix cache). The stages run from a copy with
-    BatchNorm folded into the convs, in channels-last memory format: the same maths up
-    to float rounding, about 4x faster on a CPU for a MobileNetV2. The changed layer's
-    twin in that copy takes its effective weight times the BatchNorm factor (BN(conv(x,
-    Q(W))) = conv(x, Q(W) * g/sigma) + b') and its input quantization. The chains are
-    checked against the model once: a model without ``stages()`` (or whose chain
-    differs) is run whole, a fold that changes the float loss is not used, and the
-    first changed layer is also run live (a twin that differs there is not used). Layers
-    are visited in module order; going back to an earlier stage starts the cache again
-    from the images.
-    """
-
-    def __init__(self, model, batches, modules):
-        self.model, self.batches, self.modules = model, batches, list(modules)
-        self.device = _device(model)
-        self.base = _loss(model, batches)
-        self.stages, self.stage_of = self._split(model, modules)
-        self.float_stages, self.twins, self.twin_checked = self.stages, None, False
-        self._chains = {}
-        if self.stages is not None and not self._same_loss(self.stages, batches):
-            log.warning("%s.stages() does not reproduce its forward; scoring whole passes",
-                        type(model).__name__)
-            self.stages = None
-        if self.stages is not None:
-            self._fold(batches)
-        self.k, self.inputs = 0, self.batches
-
-    def _same_loss(self, stages, batches):
-        return self._close(_loss(_Chain(stages), batches))
-
-    def _close(self, loss):
-        return math.isclose(loss, self.base, rel_tol=1e-5, abs_tol=1e-7)
-
-    def _fold(self, batches):
-        """Use BN-folded channels-last copies of the float stages if they give the same loss."""
-        chain, scales = _Chain(self.stages), {}
-        folded = fold_batchnorm(chain, scales).to(memory_format=torch.channels_last)
-        fast = [(_channels_last(x), y) for x, y in batches]
-        loss = _loss(folded, fast)
-        if self._close(loss):
-            self.float_stages, self.batches = list(folded.stages), fast
-            self.base = loss   # scores are differences along one path
-            # deepcopy keeps the module tree, so the walks pair each module with its copy
-            twin_of = {id(m): t for m, t in zip(chain.modules(), folded.modules())}
-            self.twins = [(twin_of[id(m)], scales.get(twin_of[id(m)])) for m in self.modules]
-        else:
-            log.warning("folding BatchNorm changes %s's loss; scoring without it",
-                        type(self.model).__name__)
-
-    @staticmethod
-    def _split(model, modules):
-        if not callable(getattr(model, "stages", None)):
-            return None, None
-        stages = list(model.stages())
-        where = {id(m): k for k, stage in enumerate(stages) for m in stage.modules()}
-        if not all(id(m) in where for m in modules):
-            return None, None
-        return stages, [where[id(m)] for m in modules]
-
-    def __call__(self, layer):
-        """Loss of the model as it stands now, where only layer index ``layer`` differs from float."""
-        if self.stages is None:
-            return _loss(self.model, self.batches)
-        k = self.stage_of[layer]
-        self._advance(k)
-        live = self._chain(k, live=True)
-        if self.twins is None:
-            return _loss(live, self.inputs, self.device)
-        loss = self._twin_loss(layer, k)
-        if not self.twin_checked:
-            self.twin_checked = True
-            if not math.isclose(loss, _loss(live, self.inputs, self.device), rel_tol=1e-4,
-                                abs_tol=1e-6):
-                log.warning("a changed layer of %s differs in its BatchNorm-folded copy; "
-                            "scoring its stage unfolded", type(self.model).__name__)
-                self.twins = None
-                return _loss(live, self.inputs, self.device)
-        return loss
-
-    def _chain(self, k, live=False):
-        """Stage ``k`` (live: the model's own; else its folded copy) and the folded rest."""
-        key = (k, live)
-        if key not in self._chains:   # built once: a Module's construction is not free
-            first = self.stages[k] if live else self.float_stages[k]
-            self._chains[key] = _Tail([first, *self.float_stages[k + 1:]])
-        if self.model.training:   # the live stage must not update BatchNorm statistics
-            self.model.eval()
-        return self._chains[key]
-
-    def _twin_loss(self, layer, k):
-        """The loss with layer ``layer``'s change carried into its twin in the folded copy."""
-        module, (twin, scale) = self.modules[layer], self.twins[layer]
-        folded_weight = twin.weight.detach().clone()
-        with torch.no_grad():
-            weight = module.quantized_weight() if hasattr(module, "quantized_weight") \
-                else module.weight
-            if scale is not None:
-                weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
-            twin.weight.copy_(weight)
-            if getattr(module, "a_bit", -1) > 0:   # the input quantizer: same width and range
-                twin.set_bits(a_bit=module.a_bit)
-                twin.activation_range.copy_(module.activation_range)
-        try:
-            return _loss(self._chain(k), self.inputs, self.device)
-        finally:
-            with torch.no_grad():
-                twin.weight.copy_(folded_weight)
-            if hasattr(twin, "set_bits"):
-                twin.set_bits(a_bit=-1)
-
-    def _advance(self, k):
-        if k < self.k:
-            self.k, self.inputs = 0, self.batches
-        if self.k == k:
-            return
-        device = _device(self.model)
-        self.model.eval()
-        with torch.no_grad():
-            while self.k < k:
-                stage = self.float_stages[self.k]
-                self.inputs = [(stage(x.to(device)), y) for x, y in self.inputs]
-                self.k += 1
-
-
-def _channels_last(x):
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _finite(scores):
@@ -249,16 +82,21 @@ def _kmeans_weight(env, centers, layer, module, bits):
 
 def _kmeans_loss_scores(env, batches):
     model, widths = env.model, bit_widths(env)
-    loss = StagedLoss(model, batches, [m for _, m in env.layers])
     scores = np.zeros((len(env.layers), len(widths)))
     centers = _kmeans_centers(env)
-    for layer, (name, module) in enumerate(env.layers):
-        original = module.weight.detach().clone()
-        for j, bits in enumerate(widths):
-            kmeans_quantize_layer(module.weight, bits, env.n_iter, env.method, env.is_pruned,
-                                  env.cfg.seed, centers=centers.get((layer, bits)))
-            scores[layer, j] = loss(layer) - loss.base
-            module.weight.data.copy_(original)
+    with scan_lanes(_device(model)) as lanes, \
+            StagedLoss(model, batches, [m for _, m in env.layers], lanes) as loss:
+        pending = []
+        for layer, (name, module) in enumerate(env.layers):
+            original = module.weight.detach().clone()
+            for j, bits in enumerate(widths):
+                kmeans_quantize_layer(module.weight, bits, env.n_iter, env.method, env.is_pruned,
+                                      env.cfg.seed, centers=centers.get((layer, bits)))
+                pending.append(((layer, j), loss.submit(layer)))
+                module.weight.data.copy_(original)
+        for (layer, j), result in pending:
+            scores[layer, j] = result.result() - loss.base
+    for layer, (name, _) in enumerate(env.layers):
         log.debug("loss sensitivity of %s: %s", name, np.round(scores[layer], 4).tolist())
     return {"weight": scores}, loss.base
 
@@ -302,20 +140,24 @@ class _FloatCalibration:
 
 def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
     widths = bit_widths(env)
-    loss = StagedLoss(env.model, batches, [m for _, m in env.layers])
     scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
-    for layer, (name, module) in enumerate(env.layers):
-        for kind in kinds:
-            step = 2 * layer + (kind == "activation")
-            if step in env.pins:
-                continue
-            for j, bits in enumerate(widths):
-                if kind == "weight":
-                    calib.set(module, w_bit=bits)
-                else:
-                    calib.set(module, a_bit=bits)
-                scores[kind][layer, j] = loss(layer) - loss.base
-                calib.reset(module)
+    with scan_lanes(_device(env.model)) as lanes, \
+            StagedLoss(env.model, batches, [m for _, m in env.layers], lanes) as loss:
+        pending = []
+        for layer, (name, module) in enumerate(env.layers):
+            for kind in kinds:
+                if 2 * layer + (kind == "activation") in env.pins:
+                    continue
+                for j, bits in enumerate(widths):
+                    if kind == "weight":
+                        calib.set(module, w_bit=bits)
+                    else:
+                        calib.set(module, a_bit=bits)
+                    pending.append(((kind, layer, j), loss.submit(layer)))
+                    calib.reset(module)
+        for (kind, layer, j), result in pending:
+            scores[kind][layer, j] = result.result() - loss.base
+    for layer, (name, _) in enumerate(env.layers):
         log.debug("loss sensitivity of %s: %s", name,
                   {k: np.round(v[layer], 4).tolist() for k, v in scores.items()})
     return scores, loss.base
@@ -395,6 +237,26 @@ def solver_scores(scores):
     return out
 
 
+def _scores(env, metric, batches, hessian_iters, seed):
+    """(scores, baseline loss, Hessian traces or None) of ``metric``."""
+    if metric == "loss":
+        if env.linear:
+            return _linear_loss_scores(env, batches, _FloatCalibration(env)) + (None,)
+        return _kmeans_loss_scores(env, batches) + (None,)
+    if env.linear:
+        calib = _FloatCalibration(env)   # one float calibration serves both kinds of score
+        scores, base = _linear_loss_scores(env, batches, calib, ("activation",))
+        traces = _hessian_traces(env, batches, hessian_iters, seed)
+        scores["weight"] = _hessian_weight_scores(
+            env, traces, lambda _, m, b: _linear_weight(calib, m, b))
+        return scores, base, traces
+    base = _loss(env.model, batches)
+    traces = _hessian_traces(env, batches, hessian_iters, seed)
+    centers = _kmeans_centers(env)
+    return {"weight": _hessian_weight_scores(
+        env, traces, lambda i, m, b: _kmeans_weight(env, centers, i, m, b))}, base, traces
+
+
 # ------------------------------------------------------------------------- entry
 def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
     """Sensitivity of every layer at every width of the env's range; a dict for the cache.
@@ -410,22 +272,8 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
     start = time.perf_counter()
     batches = fixed_batches(env.evaluator.val_loader, n_images)
     env.restore_weights()
-    if metric == "loss":
-        scores, base = (_linear_loss_scores(env, batches, _FloatCalibration(env)) if env.linear
-                        else _kmeans_loss_scores(env, batches))
-    else:
-        if env.linear:
-            calib = _FloatCalibration(env)   # one float calibration serves both kinds of score
-            scores, base = _linear_loss_scores(env, batches, calib, kinds=("activation",))
-            traces = _hessian_traces(env, batches, hessian_iters, seed)
-            scores["weight"] = _hessian_weight_scores(
-                env, traces, lambda _, m, b: _linear_weight(calib, m, b))
-        else:
-            base = _loss(env.model, batches)
-            traces = _hessian_traces(env, batches, hessian_iters, seed)
-            centers = _kmeans_centers(env)
-            scores = {"weight": _hessian_weight_scores(
-                env, traces, lambda i, m, b: _kmeans_weight(env, centers, i, m, b))}
+    scores, base, traces = _scores(env, metric, batches, hessian_iters, seed)
+    if traces is not None:
         log.info("Hessian traces / #weights: %s",
                  np.round(traces / [m.weight.numel() for _, m in env.layers], 6).tolist())
     env.restore_weights()
