@@ -133,6 +133,11 @@ def get_args_parser():
     p.add_argument("--half_type", default="O1", choices=sorted(HALF_TYPES),
                    help="with --half: as finetune.py's --half_type (O1-O3: fp16 on GPU, bf16 on "
                         "CPU; or fp16, bf16)")
+    cli.bool_flag(p, "--channels_last", False,
+                  "channels-last memory format for the model and batches (as pretrain.py): on the "
+                  "CPU an episode of the embedded default runs about 1.5x sooner "
+                  "(bench/episode_bench.py --channels_last); off by default because convolutions "
+                  "then round differently, so a search no longer repeats one run without it")
     cli.bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
     p.add_argument("--train_size", default=20000, type=cli.positive_int,
                    help="search training subset size")
@@ -250,7 +255,10 @@ def build_model(args, device):
     model = get_model(args.arch, num_classes=info.num_classes, input_size=args.input_size,
                       width_mult=args.width_mult, linear=args.linear_quantization)
     load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
-    return model.to(device), info
+    model = model.to(device)
+    if args.channels_last:   # the loops give the batches the model's format (input_format)
+        model = model.to(memory_format=torch.channels_last)
+    return model, info
 
 
 def build_cost(args, model):

@@ -1,6 +1,7 @@
 """Wall time of one search episode on the embedded default, split by phase (DESIGN.md section 11).
 
     python bench/episode_bench.py [--mode kmeans|linear|both] [--train_size 1000 --val_size 1000]
+                                   [--channels_last]
 
 For each mode, one episode (policy -> wall -> quantize -> short fine-tune ->
 validate -> agent update) is timed phase by phase and compared, in the same run,
@@ -39,6 +40,8 @@ def search_args(mode, a):
         argv += ["--arch", "mobilenetv2", "--preserve_ratio", "0.1"]
     if a.pretrained_path:
         argv += ["--pretrained_path", a.pretrained_path]
+    if a.channels_last:
+        argv += ["--channels_last"]
     args = rl_quantize.get_args_parser().parse_args(argv)
     rl_quantize.check_args(args)
     return args
@@ -95,7 +98,8 @@ def bench_mode(mode, a, device):
     base = statistics.median(fp32)
     print(f"\n{mode} mode ({args.arch}, {len(env.layers)} layers, {env.n_steps} actions), "
           f"train {a.train_size} / val {a.val_size} images, batch {a.data_bsize}, {device}, "
-          f"{torch.get_num_threads()} thread(s), median of {a.repeat}")
+          f"{torch.get_num_threads()} thread(s), "
+          f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}")
     print(f"  {'phase':28s} {'seconds':>8s} {'share':>7s}")
     for k, v in med.items():
         if k != "episode":
@@ -117,6 +121,8 @@ def main(argv=None):
     p.add_argument("--data_bsize", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--channels_last", action="store_true",
+                   help="the search's --channels_last (the fp32 pass runs channels-last too)")
     p.add_argument("--pretrained_path", default=None,
                    help="default checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar (pretrain.py)")
     a = p.parse_args(argv)

@@ -611,3 +611,30 @@ def test_replay_refuses_a_policy_over_budget_or_without_policy(cli_assets, tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expect in err[0], err
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- --channels_last
+@pytest.mark.parametrize("mode", [KMEANS, LINEAR])
+def test_channels_last_search_plays_the_same_episodes(cli_assets, tmp_path, mode, monkeypatch):
+    """The same policies, and the same accuracies up to a convolution's rounding (a flipped
+    image at most), with the model and batches channels-last."""
+    formats, build = [], rl_quantize.build_model
+
+    def spy(args, device):
+        model, info = build(args, device)
+        kernel = next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+        formats.append(kernel.is_contiguous(memory_format=torch.channels_last)
+                       and not kernel.is_contiguous())
+        return model, info
+    monkeypatch.setattr(rl_quantize, "build_model", spy)
+    runs = {}
+    for flag in ((), ("--channels_last",)):
+        out = tmp_path / ("cl" if flag else "plain")
+        best = rl_quantize.main(cli(cli_assets, out, "random", episodes=2, extra=mode + flag))
+        runs[bool(flag)] = (log_rows(folder_of(out)), best)
+    (plain, _), (strided, best) = runs[False], runs[True]
+    assert [r[-1] for r in strided] == [r[-1] for r in plain]
+    assert [float(r[2]) for r in strided] == pytest.approx([float(r[2]) for r in plain],
+                                                           abs=100 / 32 + 1e-9)
+    assert best["policy"] == json.loads(plain[best["episode"]][-1])
+    assert formats == [False, True]

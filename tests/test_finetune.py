@@ -80,6 +80,28 @@ def test_kmeans_checkpoint_has_shared_weights_and_evaluate_reproduces(tiny):
     assert results["best_top1"] == best["acc"] and results["quant_top1"] == res["quant_top1"]
 
 
+def test_channels_last_finetune_keeps_codebooks_and_matches_contiguous(tiny):
+    """--channels_last: the saved K-Means weights still equal centroids[labels] in row-major
+    order, the accuracies are those of the contiguous run (up to a flipped image), and the
+    checkpoint evaluates the same in a contiguous model."""
+    runs = {}
+    for flag in ([], ["--channels_last"]):
+        out = str(tiny["root"] / ("km_cl" if flag else "km_plain"))
+        runs[bool(flag)] = (out, finetune.main(["--strategy", tiny["kmeans"], "--pretrained_path",
+                                                 tiny["weights"], "-c", out, "--epochs", "1"]
+                                                + TINY + flag))
+    out, res = runs[True]
+    assert res["best_top1"] == pytest.approx(runs[False][1]["best_top1"], abs=100 / 32 + 1e-9)
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pth.tar"))
+    for name, bits in zip(ck["policy"]["layers"], ck["policy"]["strategy"]):
+        weight, cb = ck["state_dict"][name + ".weight"], ck["codebooks"][name]
+        assert weight.unique().numel() <= 2 ** bits
+        assert torch.equal(cb["centroids"][cb["labels"].long()], weight.flatten())
+    va = finetune.main(["-e", "--resume", os.path.join(out, "checkpoint.pth.tar"),
+                        "--device", "cpu", "--no-progress", "--test_batch", "32"])
+    assert va["top1"] == pytest.approx(ck["acc"], abs=100 / 32 + 1e-9)
+
+
 def test_linear_finetune_and_evaluate(tiny):
     out = str(tiny["root"] / "lin")
     res = finetune.main(["--strategy", tiny["linear"], "--pretrained_path", tiny["weights"],

@@ -54,6 +54,35 @@ def test_label_dtype_is_smallest():
     assert label_dtype(40000) == torch.int32
 
 
+def test_kmeans_on_channels_last_weights_equals_contiguous():
+    """--channels_last: codebooks of the logical (row-major) weights, and shared updates that
+    write back through the strided layout, give what the contiguous model gets."""
+    plain = tiny_cnn()
+    strided = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    assert not strided[0].weight.is_contiguous()
+    bits = [3, 2, 4]
+    books = [kmeans_quantize_model(m, bits, n_iter=3, seed=0) for m in (plain, strided)]
+    for a, b in zip(*(bk.values() for bk in books)):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.randint(0, 10, (4,))
+    for model, codebooks in zip((plain, strided), books):
+        sharer = CentroidSharer(model, codebooks)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)
+                                              if model is strided else x), y).backward()
+            opt.step()
+            sharer.step()
+    layers = [[m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+              for net in (plain, strided)]
+    assert strided[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for b, la, lb in zip(bits, *layers):
+        assert distinct(lb.weight) <= 2 ** b
+        torch.testing.assert_close(lb.weight, la.weight, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["fast", "sklearn"])
 def test_kmeans_quantize_bounds_distinct_values_also_after_shared_updates(method):
     model = tiny_cnn()
