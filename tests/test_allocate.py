@@ -325,16 +325,21 @@ def test_staged_loss_with_batchnorm_equals_whole_passes(misordered):
     assert (loss.twins is not None) == (not misordered)
 
 
-def test_staged_loss_refuses_a_twin_that_differs(monkeypatch):
-    """If the folded copy's twin of a changed layer gave another loss than the live stage,
-    the first call notices, answers the live loss and stops using twins."""
-    from lib.allocate.sensitivity import StagedLoss, _loss
+def small_bn_model():
+    """A 0.25-wide qmobilenetv2 with non-trivial BatchNorm, toy batches at 32 px, its layers."""
     torch.manual_seed(0)
     model = randomise_batchnorm(get_model("qmobilenetv2", num_classes=3, input_size=32,
                                           width_mult=0.25))
     x, y = toy_data()[:]
     batches = [(nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=32), y)]
-    layers = quantizable_layers(model, linear=True)
+    return model, batches, quantizable_layers(model, linear=True)
+
+
+def test_staged_loss_refuses_a_twin_that_differs(monkeypatch):
+    """If the folded copy's twin of a changed layer gave another loss than the live stage,
+    the first call notices, answers the live loss and stops using twins."""
+    from lib.allocate.sensitivity import StagedLoss, _loss
+    model, batches, layers = small_bn_model()
     loss = StagedLoss(model, batches, [m for _, m in layers])
     assert loss.twins is not None
     monkeypatch.setattr(StagedLoss, "_twin_loss", lambda self, layer, k: loss.base + 1.0)
@@ -350,12 +355,7 @@ def test_staged_loss_lanes_answer_what_one_lane_answers():
     """Passes run side by side on copies of the folded model give the one-lane losses, and
     a change is read when it is submitted: the model may be reset before its pass runs."""
     from lib.allocate.staged import StagedLoss
-    torch.manual_seed(0)
-    model = randomise_batchnorm(get_model("qmobilenetv2", num_classes=3, input_size=32,
-                                          width_mult=0.25))
-    x, y = toy_data()[:]
-    batches = [(nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=32), y)]
-    layers = quantizable_layers(model, linear=True)
+    model, batches, layers = small_bn_model()
     with torch.no_grad():
         layers[-1][1].weight.mul_(100.0)
     one = StagedLoss(model, batches, [m for _, m in layers])
