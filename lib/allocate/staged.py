@@ -45,7 +45,8 @@ def scan_lanes(device):
     set for the scan and restored after it); one lane on an accelerator (its kernels are
     queued, nothing to gain) and under torchrun (every pass all-reduces: the ranks must
     call in the same order). On the 2-core CPU two one-thread lanes scored the embedded
-    default 1.07-1.14x sooner than one two-thread lane (bench/scan_bench.py), scores identical."""
+    default 1.07-1.14x sooner than one two-thread lane (bench/scan_bench.py), scores identical.
+    Each lane holds a copy of the folded model and one pass's activations."""
     threads = torch.get_num_threads()
     lanes = 1 if device.type != "cpu" or is_distributed() or threads < 2 \
         else min(threads, MAX_LANES)
