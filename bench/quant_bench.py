@@ -13,9 +13,6 @@
 (e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): the
     lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer by layer, and
     that they are identical.
-(f) an episode's K-Means quantization of a MobileNetV2 (a 2-6-bit policy, each width on
-    several layers): kmeans_quantize_model, which seeds each width's layers in lockstep, vs
-    kmeans_quantize_layer layer by layer with the same seeds, and that the weights are identical.
 
     python bench/quant_bench.py                       # everything, the settings
     python bench/quant_bench.py --only a,b --qat-batch 4
@@ -234,34 +231,9 @@ def bench_lockstep(args):
           f"identical centroids: {same}")
 
 
-def bench_model_lockstep(args):
-    from lib.quantize.kmeans import kmeans_quantize_layer
-    torch.manual_seed(0)
-    model, source = build("mobilenetv2", num_classes=10)
-    n = len(quantizable_layers(model))
-    policy = [(2, 3, 4, 5, 6, 3, 4)[i % 7] for i in range(n)]
-    times = {"lockstep": [], "alone": []}
-    for _ in range(args.update_reps):
-        ours, alone = copy.deepcopy(model), copy.deepcopy(model)
-        start = time.perf_counter()
-        kmeans_quantize_model(ours, policy, n_iter=3, seed=0)
-        times["lockstep"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for i, (_, m) in enumerate(quantizable_layers(alone)):
-            kmeans_quantize_layer(m.weight, policy[i], 3, "fast", False, i)
-        times["alone"].append(time.perf_counter() - start)
-    same = all(torch.equal(a.weight, b.weight) for (_, a), (_, b) in
-               zip(quantizable_layers(ours), quantizable_layers(alone)))
-    one, many = statistics.median(times["alone"]), statistics.median(times["lockstep"])
-    print(f"(f) K-Means quantization of {n} MobileNetV2 layers ({source}, random init), 2-6 bits, "
-          f"median of {args.update_reps}")
-    print(f"    layer by layer {one:.3f} s, kmeans_quantize_model (lockstep) {many:.3f} s -> "
-          f"{one / many:.2f}x; identical weights: {same}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--only", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
+    p.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     p.add_argument("--update-reps", type=int, default=3, help="(b) repetitions, best kept")
     p.add_argument("--qat-batch", type=int, default=16)
     p.add_argument("--qat-size", type=int, default=224)
@@ -276,7 +248,7 @@ def main(argv=None):
     if args.memory_child:
         return memory_child()
     parts = {"a": bench_kmeans, "b": bench_update, "c": bench_memory, "d": bench_qat,
-             "e": bench_lockstep, "f": bench_model_lockstep}
+             "e": bench_lockstep}
     for key in args.only.split(","):
         parts[key.strip()](args)
         sys.stdout.flush()

@@ -54,34 +54,6 @@ def test_label_dtype_is_smallest():
     assert label_dtype(40000) == torch.int32
 
 
-@pytest.mark.parametrize("is_pruned", [False, True])
-def test_model_quantization_seeds_each_width_in_lockstep_bit_for_bit(is_pruned):
-    """kmeans_quantize_model clusters the layers of a width together: the codebooks and
-    weights are those of kmeans_quantize_layer on each layer alone with seed + i (also with
-    pruned zeros, a fully pruned layer, widths shared by several layers and a free one)."""
-    from lib.utils.layers import quantizable_layers
-    from models import get_model
-    torch.manual_seed(0)
-    model = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
-    layers = quantizable_layers(model)
-    with torch.no_grad():
-        for _, m in layers[::5]:
-            m.weight.masked_fill_(m.weight.abs() < m.weight.abs().median(), 0.0)
-        layers[7][1].weight.zero_()
-    policy = [(2, 3, 4, 3, 8, 2)[i % 6] for i in range(len(layers))]
-    alone = copy.deepcopy(model)
-    books = kmeans_quantize_model(model, policy, n_iter=3, is_pruned=is_pruned, seed=11,
-                                  free_high_bit=True)
-    for i, ((name, m), (_, ref), bits) in enumerate(zip(layers, quantizable_layers(alone), policy)):
-        if bits > 6:   # free_high_bit: left float
-            assert name not in books and torch.equal(m.weight, ref.weight)
-            continue
-        want = km.kmeans_quantize_layer(ref.weight, bits, 3, "fast", is_pruned, 11 + i)
-        assert torch.equal(books[name].centroids, want.centroids), name
-        assert torch.equal(books[name].labels, want.labels), name
-        assert torch.equal(m.weight, ref.weight), name
-
-
 def test_kmeans_on_channels_last_weights_equals_contiguous():
     """--channels_last: codebooks of the logical (row-major) weights, and shared updates that
     write back through the strided layout, give what the contiguous model gets."""

@@ -423,35 +423,17 @@ def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=Fals
     see :func:`kmeans_centroids` (fast path only).
     """
     plan = resolve_kmeans_policy(model, policy)
-    todo = [(i, name, module, bits) for i, (name, module, bits) in enumerate(plan)
-            if bits is not None and not (free_high_bit and bits > HIGH_BIT)]
-    seeds = {i: None if seed is None else seed + i for i, *_ in todo}
     codebooks = {}
     start = time.perf_counter()
-    centers = _centers_in_lockstep(todo, seeds, n_iter, method, is_pruned, min_iter)
-    for i, name, module, bits in todo:
-        codebooks[name] = kmeans_quantize_layer(module.weight, bits, n_iter, method, is_pruned,
-                                                seeds[i], min_iter, centers=centers.get(i))
+    for i, (name, module, bits) in enumerate(plan):
+        if bits is None or (free_high_bit and bits > HIGH_BIT):
+            continue
+        layer_seed = None if seed is None else seed + i
+        codebooks[name] = kmeans_quantize_layer(module.weight, bits, n_iter, method,
+                                                is_pruned, layer_seed, min_iter)
     logger.debug("k-means (%s, %d iters) of %d layers took %.2fs", method, n_iter,
                  len(codebooks), time.perf_counter() - start)
     return codebooks
-
-
-def _centers_in_lockstep(todo, seeds, n_iter, method, is_pruned, min_iter):
-    """``{i: centroids}`` of the ``(i, name, module, bits)`` layers to cluster, the layers of a
-    width seeded in lockstep (lib.quantize.kmeans_batch): bit for bit what
-    :func:`kmeans_quantize_layer` finds alone, with the k - 1 seeding rounds shared. Seeded
-    fast k-means only; layers with nothing to cluster are left to it."""
-    from lib.quantize.kmeans_batch import centroids_by_width   # it builds on this module
-    if method != "fast" or any(s is None for s in seeds.values()):
-        return {}
-    out = {}
-    for bits in sorted({b for *_, b in todo}):
-        group = [i for i, _, _, b in todo if b == bits]
-        xs = [clustering_values(m.weight, is_pruned).numpy() for i, _, m, b in todo if b == bits]
-        found = centroids_by_width(xs, [bits], n_iter, [seeds[i] for i in group], method, min_iter)
-        out.update({group[j]: c for (j, _), c in found.items()})
-    return out
 
 
 class CentroidSharer:
