@@ -38,8 +38,8 @@ from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import LR_TYPES, make_lr_schedule
-from lib.utils.run_utils import (freeze_startup_objects, lr_setter, model_kwargs_for,
-                                 new_run_folder, open_run_logs, seed_everything)
+from lib.utils.run_utils import (freeze_startup_objects, lr_setter, memory_format,
+                                 model_kwargs_for, new_run_folder, open_run_logs, seed_everything)
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
 from lib.utils.train import HALF_TYPES, autocast_dtype, evaluate, train_one_epoch
 from models import float_twin, get_model, list_models, load_pretrained_weights
@@ -254,9 +254,8 @@ def build_model(setup, args, device):
     """The model of ``setup`` with its policy validated against the model's layers."""
     linear = setup.mode == "linear"
     # linear mode: a Q twin as is, any other model swapped to QConv2d/QLinear
-    model = get_model(setup.arch, linear=linear, **setup.model_kwargs).to(device)
-    if args.channels_last:   # the loops give the batches the model's format (input_format)
-        model = model.to(memory_format=torch.channels_last)
+    model = memory_format(get_model(setup.arch, linear=linear, **setup.model_kwargs).to(device),
+                          args.channels_last)
     names = [name for name, _ in quantizable_layers(model, linear=linear)]
     if not names:
         raise UserError(f"arch '{setup.arch}' has no Conv2d/Linear layers to quantize; expected "

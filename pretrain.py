@@ -28,8 +28,8 @@ from lib.utils.distributed import (cleanup, init_distributed, is_distributed, mo
 from lib.utils.errors import UserError, error_reason, run_cli
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
-from lib.utils.run_utils import (freeze_startup_objects, lr_setter, model_kwargs_for, open_run_logs,
-                                 seed_everything)
+from lib.utils.run_utils import (freeze_startup_objects, lr_setter, memory_format, model_kwargs_for,
+                                 open_run_logs, seed_everything)
 from lib.utils.train import evaluate, train_one_epoch
 from models import default_pretrained_path, get_model, list_models
 
@@ -189,9 +189,7 @@ def main(argv=None):
                  "on" if args.deterministic else "off")
     model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult,
                                     args.input_size)
-    model = get_model(args.arch, **model_kwargs).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = memory_format(get_model(args.arch, **model_kwargs).to(device), args.channels_last)
     train_loader, val_loader, _ = get_dataset(args.dataset, args.batch_size, args.workers,
                                               args.dataset_root, distributed=is_distributed(),
                                               train_subset=args.train_subset, val_batch_size=256,

@@ -35,7 +35,8 @@ from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.distributed import cleanup, init_distributed, is_distributed
 from lib.utils.errors import UserError, error_reason, run_cli
-from lib.utils.run_utils import freeze_startup_objects, list_runs, new_run_folder, seed_everything
+from lib.utils.run_utils import (freeze_startup_objects, list_runs, memory_format, new_run_folder,
+                                 seed_everything)
 
 log = logging.getLogger("rl_quantize")
 
@@ -255,10 +256,7 @@ def build_model(args, device):
     model = get_model(args.arch, num_classes=info.num_classes, input_size=args.input_size,
                       width_mult=args.width_mult, linear=args.linear_quantization)
     load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
-    model = model.to(device)
-    if args.channels_last:   # the loops give the batches the model's format (input_format)
-        model = model.to(memory_format=torch.channels_last)
-    return model, info
+    return memory_format(model.to(device), args.channels_last), info
 
 
 def build_cost(args, model):

@@ -80,25 +80,36 @@ def _kmeans_weight(env, centers, layer, module, bits):
     return w
 
 
+def _staged_scores(env, batches, changes):
+    """``({key: loss - base}, base)`` over what ``changes`` yields, ``(key, layer)`` while the
+    model holds that change (a generator that changes the model, yields, and undoes it):
+    StagedLoss reads each change as it is submitted, so the passes may run later, on lanes."""
+    with scan_lanes(_device(env.model)) as lanes, \
+            StagedLoss(env.model, batches, [m for _, m in env.layers], lanes) as loss:
+        pending = [(key, loss.submit(layer)) for key, layer in changes]
+        return {key: result.result() - loss.base for key, result in pending}, loss.base
+
+
 def _kmeans_loss_scores(env, batches):
-    model, widths = env.model, bit_widths(env)
-    scores = np.zeros((len(env.layers), len(widths)))
+    widths = bit_widths(env)
     centers = _kmeans_centers(env)
-    with scan_lanes(_device(model)) as lanes, \
-            StagedLoss(model, batches, [m for _, m in env.layers], lanes) as loss:
-        pending = []
-        for layer, (name, module) in enumerate(env.layers):
+
+    def changes():
+        for layer, (_, module) in enumerate(env.layers):
             original = module.weight.detach().clone()
             for j, bits in enumerate(widths):
                 kmeans_quantize_layer(module.weight, bits, env.n_iter, env.method, env.is_pruned,
                                       env.cfg.seed, centers=centers.get((layer, bits)))
-                pending.append(((layer, j), loss.submit(layer)))
+                yield (layer, j), layer
                 module.weight.data.copy_(original)
-        for (layer, j), result in pending:
-            scores[layer, j] = result.result() - loss.base
+
+    found, base = _staged_scores(env, batches, changes())
+    scores = np.zeros((len(env.layers), len(widths)))
+    for (layer, j), score in found.items():
+        scores[layer, j] = score
     for layer, (name, _) in enumerate(env.layers):
         log.debug("loss sensitivity of %s: %s", name, np.round(scores[layer], 4).tolist())
-    return {"weight": scores}, loss.base
+    return {"weight": scores}, base
 
 
 # ------------------------------------------------------------------- linear mode
@@ -140,27 +151,25 @@ class _FloatCalibration:
 
 def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
     widths = bit_widths(env)
-    scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
-    with scan_lanes(_device(env.model)) as lanes, \
-            StagedLoss(env.model, batches, [m for _, m in env.layers], lanes) as loss:
-        pending = []
-        for layer, (name, module) in enumerate(env.layers):
+
+    def changes():
+        for layer, (_, module) in enumerate(env.layers):
             for kind in kinds:
                 if 2 * layer + (kind == "activation") in env.pins:
                     continue
                 for j, bits in enumerate(widths):
-                    if kind == "weight":
-                        calib.set(module, w_bit=bits)
-                    else:
-                        calib.set(module, a_bit=bits)
-                    pending.append(((kind, layer, j), loss.submit(layer)))
+                    calib.set(module, **{"w_bit" if kind == "weight" else "a_bit": bits})
+                    yield (kind, layer, j), layer
                     calib.reset(module)
-        for (kind, layer, j), result in pending:
-            scores[kind][layer, j] = result.result() - loss.base
+
+    found, base = _staged_scores(env, batches, changes())
+    scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
+    for (kind, layer, j), score in found.items():
+        scores[kind][layer, j] = score
     for layer, (name, _) in enumerate(env.layers):
         log.debug("loss sensitivity of %s: %s", name,
                   {k: np.round(v[layer], 4).tolist() for k, v in scores.items()})
-    return scores, loss.base
+    return scores, base
 
 
 def _linear_weight(calib, module, bits):

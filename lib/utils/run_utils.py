@@ -19,6 +19,15 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def memory_format(model, channels_last):
+    """``model`` in channels-last memory format if asked (each CLI's ``--channels_last``).
+
+    The train and validate loops give the batches the model's format (lib.utils.train's
+    ``input_format``), so nothing else needs to know.
+    """
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def freeze_startup_objects():
     """Exempt every object alive now (modules imported, model, data) from later collections.
 
