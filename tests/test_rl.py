@@ -160,3 +160,71 @@ def test_hand_written_update_equals_autograd_over_an_episode(hidden):
         for sa, sb in zip(getattr(fast, opt).state.values(), getattr(ref, opt).state.values()):
             assert torch.equal(sa["exp_avg"], sb["exp_avg"])
             assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def _adam_pair(eps=1e-8):
+    """Two identical two-layer nets: one under FlatAdam, one under torch.optim.Adam(foreach)."""
+    from lib.rl.flat import FlatAdam
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        nets.append(torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(),
+                                        torch.nn.Linear(33, 3)))
+    flat = FlatAdam(nets[0], lr=1e-3)
+    flat.optim.param_groups[0]["eps"] = eps
+    ref = torch.optim.Adam(nets[1].parameters(), lr=1e-3, eps=eps, foreach=True)
+    return nets, flat, ref
+
+
+def _adam_steps(nets, flat, ref, n, seed=0):
+    """``n`` steps on gradients with exact zeros (dead units) and squares below the
+    smallest normal float, the values the square-root shortcut must not change."""
+    gen = torch.Generator().manual_seed(seed)
+    u = [torch.rand(p.shape, generator=gen) for p in nets[0].parameters()]
+    for _ in range(n):
+        for p, q, ui in zip(nets[0].parameters(), nets[1].parameters(), u):
+            g = torch.randn(p.shape, generator=gen) * 1e-3
+            g[ui < 0.3] = 0.0                         # dead units: always exactly zero
+            g[(ui >= 0.3) & (ui < 0.4)] = 3e-21       # g^2 and the moment are subnormal
+            flat.grads[p].copy_(g)
+            q.grad = g.clone()
+        flat.step()
+        ref.step()
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-30])   # 1e-30: the plain square root is taken
+def test_flat_adam_equals_torch_adam_bit_for_bit(eps):
+    """Parameters and moments after 25 steps equal torch.optim.Adam's exactly, zeros in the
+    second moment included (the square root of those is taken another way)."""
+    from lib.rl.flat import _tiny_vanishes
+    assert _tiny_vanishes(1e-3 ** 0.5, 1e-8) and not _tiny_vanishes(1.0, 1e-30)
+    nets, flat, ref = _adam_pair(eps)
+    _adam_steps(nets, flat, ref, 25)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(flat.optim.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+    v = torch.cat([ref.state[q]["exp_avg_sq"].reshape(-1) for q in nets[1].parameters()])
+    assert (v == 0).any() and ((v > 0) & (v < torch.finfo(v.dtype).smallest_normal)).any()
+    assert float(flat.optim.state[nets[0][0].weight]["step"]) == 25.0
+
+
+def test_flat_adam_loads_torch_adam_state_and_goes_on_identically():
+    """A state dict (torch.optim.Adam's format, as saved searches hold) loads into the flat
+    buffers, parameters stay views of them, and the next steps match the original's."""
+    from lib.rl.flat import FlatAdam
+    nets, flat, ref = _adam_pair()
+    _adam_steps(nets, flat, ref, 5)
+    torch.manual_seed(9)
+    other = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(), torch.nn.Linear(33, 3))
+    resumed = FlatAdam(other, lr=1e-3)
+    empty = torch.optim.Adam(other.parameters(), lr=1e-3).state_dict()   # before any step
+    resumed.load_state_dict(empty)
+    assert int(resumed.steps.sum()) == 0 and not resumed.exp_avg.any()
+    other.load_state_dict(nets[1].state_dict())
+    resumed.load_state_dict(ref.state_dict())
+    assert all(p.data_ptr() == v.data_ptr() for p, v in
+               zip(other.parameters(), [resumed.flat[i:] for i in
+                                        np.cumsum([0] + [p.numel() for p in other.parameters()])[:-1]]))
+    _adam_steps([other, nets[1]], resumed, ref, 5, seed=1)
+    for p, q in zip(other.parameters(), nets[1].parameters()):
+        assert torch.equal(p, q)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from scipy.special import ndtr, ndtri
 
+from .flat import FlatAdam, flatten_parameters_
 from .memory import ReplayMemory
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,12 @@ class Critic(nn.Module):
 # addmm(b, x, W^T), whose backward gives dx = g @ W, dW = g^T @ x (W is contiguous, so
 # autograd computes this form) and db = g summed over the batch; ReLU and sigmoid use
 # ATen's own backward kernels. The results are those of loss.backward(), bit for bit.
-def _linear_backward(layer, x, grad, weights=True, need_input=True):
-    """dL/dx for output gradient ``grad``; with ``weights`` also set the layer's gradients."""
-    if weights:
-        layer.weight.grad = grad.t().mm(x)
-        layer.bias.grad = grad.sum(0)
+def _linear_backward(layer, x, grad, grads=None, need_input=True):
+    """dL/dx for output gradient ``grad``; with ``grads`` (parameter -> gradient buffer,
+    :attr:`FlatAdam.grads`) also write the layer's weight and bias gradients there."""
+    if grads is not None:
+        torch.mm(grad.t(), x, out=grads[layer.weight])
+        torch.sum(grad, 0, out=grads[layer.bias])
     return grad.mm(layer.weight) if need_input else None
 
 
@@ -115,14 +117,14 @@ def _critic_forward(critic, state, action):
     return critic.fc3(h2), (state, action, h1, h2)
 
 
-def _critic_backward(critic, cache, dq, weights=False):
-    """dL/daction for output gradient ``dq``; with ``weights`` also the critic's gradients."""
+def _critic_backward(critic, cache, dq, grads=None):
+    """dL/daction for output gradient ``dq``; with ``grads`` also the critic's gradients."""
     state, action, h1, h2 = cache
-    dh2 = _linear_backward(critic.fc3, h2, dq, weights)
-    dz1 = _relu_backward(_linear_backward(critic.fc2, h1, _relu_backward(dh2, h2), weights), h1)
-    if weights:
-        _linear_backward(critic.fc_state, state, dz1, need_input=False)
-    return _linear_backward(critic.fc_action, action, dz1, weights)
+    dh2 = _linear_backward(critic.fc3, h2, dq, grads)
+    dz1 = _relu_backward(_linear_backward(critic.fc2, h1, _relu_backward(dh2, h2), grads), h1)
+    if grads is not None:
+        _linear_backward(critic.fc_state, state, dz1, grads, need_input=False)
+    return _linear_backward(critic.fc_action, action, dz1, grads)
 
 
 def _actor_forward(actor, state):
@@ -132,11 +134,11 @@ def _actor_forward(actor, state):
     return mu, (state, x1, x2, mu)
 
 
-def _actor_backward(actor, cache, dmu):
+def _actor_backward(actor, cache, dmu, grads):
     state, x1, x2, mu = cache
-    dx2 = _linear_backward(actor.fc3, x2, torch.ops.aten.sigmoid_backward(dmu, mu))
-    dx1 = _linear_backward(actor.fc2, x1, _relu_backward(dx2, x2))
-    _linear_backward(actor.fc1, state, _relu_backward(dx1, x1), need_input=False)
+    dx2 = _linear_backward(actor.fc3, x2, torch.ops.aten.sigmoid_backward(dmu, mu), grads)
+    dx1 = _linear_backward(actor.fc2, x1, _relu_backward(dx2, x2), grads)
+    _linear_backward(actor.fc1, state, _relu_backward(dx1, x1), grads, need_input=False)
 
 
 def truncated_normal(mean, sigma, low, high, rng):
@@ -178,9 +180,13 @@ class DDPG:
         # Targets start as exact copies (hard update).
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
-        # foreach: one multi-tensor kernel per Adam step instead of one per parameter.
-        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=c.lr_a, foreach=True)
-        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=c.lr_c, foreach=True)
+        # Each network's parameters (and the trained ones' gradients and moments) live in
+        # one flat buffer, so an Adam step or a soft update is a few whole-network kernels.
+        self.actor_adam = FlatAdam(self.actor, c.lr_a)
+        self.critic_adam = FlatAdam(self.critic, c.lr_c)
+        self.actor_optim, self.critic_optim = self.actor_adam.optim, self.critic_adam.optim
+        self._target_flat = (flatten_parameters_(self.actor_target),
+                             flatten_parameters_(self.critic_target))
         self.memory = ReplayMemory(c.rmsize * n_layers, state_dim, action_dim)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
@@ -237,11 +243,13 @@ class DDPG:
         """One critic and one actor step on a minibatch; returns (value_loss, policy_loss).
 
         The gradients are written out (:func:`_linear_backward` and ATen's own backward
-        formulas) instead of recorded by autograd: the same operations autograd runs for
-        these two small MLPs without building a graph each step, so the results are
-        identical (tests/test_rl.py checks them bit for bit over an episode) and an update
-        costs 2.3 instead of 2.6 ms on one CPU thread, where ten 64x300x300 matmuls (~1.1
-        ms) are the floor.
+        formulas) instead of recorded by autograd, into flat gradient buffers that one
+        Adam step (:class:`~lib.rl.flat.FlatAdam`) reads whole: the same operations
+        autograd and ``torch.optim.Adam`` run for these two small MLPs, without a graph or
+        per-tensor kernels, so the results are identical (tests/test_rl.py checks them bit
+        for bit over an episode) and an update costs 1.75 instead of 2.66 ms on one CPU
+        thread (``bench/agent_bench.py``), where ten 64x300x300 matmuls (~1.1 ms) are the
+        floor.
         """
         if len(self.memory) == 0:
             return None, None
@@ -253,19 +261,21 @@ class DDPG:
             q, cache = _critic_forward(self.critic, s, a)
             value_loss = nn.functional.mse_loss(q, target)
             dq = torch.ops.aten.mse_loss_backward(torch.ones_like(value_loss), q, target, 1)
-            _critic_backward(self.critic, cache, dq, weights=True)
-            self.critic_optim.step()
+            _critic_backward(self.critic, cache, dq, self.critic_adam.grads)
+            self.critic_adam.step()
 
             # the actor's loss -mean Q(s, mu(s)) needs dQ/da only from the (updated) critic
             mu, acache = _actor_forward(self.actor, s)
             q, cache = _critic_forward(self.critic, s, mu)
             policy_loss = -q.mean()
             dq = torch.full_like(q, -1.0) / q.numel()
-            _actor_backward(self.actor, acache, _critic_backward(self.critic, cache, dq))
-            self.actor_optim.step()
+            _actor_backward(self.actor, acache, _critic_backward(self.critic, cache, dq),
+                            self.actor_adam.grads)
+            self.actor_adam.step()
 
-            self._soft_update(self.actor_target, self.actor)
-            self._soft_update(self.critic_target, self.critic)
+            tau = self.cfg.tau
+            for target, adam in zip(self._target_flat, (self.actor_adam, self.critic_adam)):
+                target.mul_(1.0 - tau).add_(adam.flat, alpha=tau)
         self.n_updates += 1
         return value_loss.item(), policy_loss.item()
 
@@ -293,13 +303,6 @@ class DDPG:
         self.n_updates += 1
         return value_loss.item(), policy_loss.item()
 
-    @torch.no_grad()
-    def _soft_update(self, target, source):
-        tau = self.cfg.tau
-        params = list(target.parameters())
-        torch._foreach_mul_(params, 1.0 - tau)
-        torch._foreach_add_(params, list(source.parameters()), alpha=tau)
-
     # ----------------------------------------------------------- persistence
     def state_dict(self):
         """Everything needed to resume: networks, optimizers, memory, RNG, baseline.
@@ -322,8 +325,8 @@ class DDPG:
 
     def load_state_dict(self, state):
         self.load_weights(state)
-        self.actor_optim.load_state_dict(state["actor_optim"])
-        self.critic_optim.load_state_dict(state["critic_optim"])
+        self.actor_adam.load_state_dict(state["actor_optim"])
+        self.critic_adam.load_state_dict(state["critic_optim"])
         self.memory.load_state_dict(state["memory"])
         self.rng.bit_generator.state = state["rng"]
         self.moving_average = state["moving_average"]
