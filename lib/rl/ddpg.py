@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from scipy.special import ndtr, ndtri
 
 from .flat import FlatAdam, flatten_parameters_
@@ -111,10 +112,15 @@ def _relu_backward(grad, out):
     return torch.ops.aten.threshold_backward(grad, out, 0)
 
 
+def _fc(layer, x):
+    """``layer(x)`` without nn.Module's call machinery (no hooks here; ~3 us a call saved)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def _critic_forward(critic, state, action):
-    h1 = torch.relu(critic.fc_state(state) + critic.fc_action(action))
-    h2 = torch.relu(critic.fc2(h1))
-    return critic.fc3(h2), (state, action, h1, h2)
+    h1 = torch.relu_(_fc(critic.fc_state, state).add_(_fc(critic.fc_action, action)))
+    h2 = torch.relu_(_fc(critic.fc2, h1))
+    return _fc(critic.fc3, h2), (state, action, h1, h2)
 
 
 def _critic_backward(critic, cache, dq, grads=None):
@@ -128,9 +134,9 @@ def _critic_backward(critic, cache, dq, grads=None):
 
 
 def _actor_forward(actor, state):
-    x1 = torch.relu(actor.fc1(state))
-    x2 = torch.relu(actor.fc2(x1))
-    mu = torch.sigmoid(actor.fc3(x2))
+    x1 = torch.relu_(_fc(actor.fc1, state))
+    x2 = torch.relu_(_fc(actor.fc2, x1))
+    mu = torch.sigmoid_(_fc(actor.fc3, x2))
     return mu, (state, x1, x2, mu)
 
 
@@ -255,7 +261,8 @@ class DDPG:
             return None, None
         s, a, r, s2, done = self._minibatch()
         with torch.no_grad():
-            q_next = self.critic_target(s2, self.actor_target(s2))
+            q_next, _ = _critic_forward(self.critic_target, s2,
+                                        _actor_forward(self.actor_target, s2)[0])
             target = r + self.cfg.discount * (1.0 - done) * q_next
 
             q, cache = _critic_forward(self.critic, s, a)
