@@ -313,6 +313,51 @@ def test_search_env_calibrates_every_episode():
         assert all(w > 0 for w, _ in recorder.seen[-1].values())
 
 
+def test_search_env_reuses_calibration_with_the_same_ranges_and_random_stream(monkeypatch):
+    """Calibrating once per search (the default) gives every episode the ranges, and the later
+    random draws, of calibrating every episode; the forward pass runs once; a policy whose
+    widths take the divergence clip (calibration_key) is calibrated again."""
+    from lib.env import EnvConfig, LinearQuantizeEnv
+    from lib.env import linear_env as linear_env_module
+    from lib.simulator.costs import TableCost
+    from models import get_model
+    calls = []
+    real = linear_env_module.calibrate
+    monkeypatch.setattr(linear_env_module, "calibrate",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))
+    policies = [[[8, -1]] + [[4, 4]] * 51 + [[8, 8]], [[8, -1]] + [[6, 3]] * 51 + [[8, 8]],
+                [[8, -1]] + [[2, 5]] * 51 + [[8, 8]]]
+    seen, draws = {}, {}
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25)
+        calib = torch.utils.data.DataLoader(data, batch_size=4, shuffle=False)
+        recorder = RangeRecorder()
+        env = LinearQuantizeEnv(model, recorder, EnvConfig(preserve_ratio=0.5, input_size=32),
+                                TableCost(np.ones((53, 8, 8))), calib, torch.device("cpu"),
+                                reuse_calibration=reuse)
+        calls.clear()
+        for policy in policies:
+            env.evaluate_policy(policy)
+        seen[reuse], draws[reuse] = recorder.seen, torch.rand(4)
+        assert len(calls) == (1 if reuse else 3)
+    assert seen[True] == seen[False]
+    assert torch.equal(draws[True], draws[False])
+    layer = linear.quant_layers(model)[5]
+    key = linear.calibration_key(model, kl_max_bit=4)
+    assert linear.calibration_key(model, 0) == ((0, 0),) * 53
+    layer.set_bits(w_bit=5 if layer.w_bit <= 4 else 4)   # crosses kl_max_bit 4: another clip
+    assert linear.calibration_key(model, kl_max_bit=4) != key
+    keys = iter(range(3))
+    monkeypatch.setattr(linear_env_module, "calibration_key", lambda m: next(keys))
+    env.reuse_calibration = True
+    calls.clear()
+    for policy in policies:
+        env.evaluate_policy(policy)
+    assert len(calls) == 3   # the key changed every episode
+
+
 def test_negative_kl_max_bit_is_a_one_line_error(capsys):
     import finetune
     from lib.utils.errors import run_cli

@@ -15,7 +15,9 @@ difference (README, "Where this differs from the released code").
 import logging
 import time
 
-from lib.quantize.linear import calibrate, quant_layers
+import torch
+
+from lib.quantize.linear import calibrate, calibration_key, get_ranges, quant_layers, set_ranges
 from lib.quantize.policy import apply_linear_policy
 from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed
 
@@ -38,10 +40,13 @@ class LinearQuantizeEnv(QuantizeEnv):
     linear = True
     actions_per_layer = 2
 
-    def __init__(self, model, evaluator, config, cost_model, calib_loader, device):
+    def __init__(self, model, evaluator, config, cost_model, calib_loader, device,
+                 reuse_calibration=True):
         super().__init__(model, evaluator, config)
         self.cost_model = cost_model
         self.calib_loader, self.device = calib_loader, device
+        self.reuse_calibration = reuse_calibration
+        self._calibration = None   # (calibration_key, ranges) of the last calibration
         n = len(self.layers)
         self.pins = {0: PIN_BIT, 1: UNQUANTIZED}
         if n > 1:
@@ -68,11 +73,31 @@ class LinearQuantizeEnv(QuantizeEnv):
     def calibrate(self):
         """Set the ranges on one batch: on rank 0, then broadcast (every rank the same ranges)."""
         if get_rank() == 0:
-            calibrate(self.model, self.calib_loader, self.device)
+            self._calibrate_or_reuse()
         if is_distributed():
             broadcast_tensors([t for m in quant_layers(self.model)
                                for t in (m.weight_range, m.activation_range)])
             self.check_ranks_agree("calibration")
+
+    def _calibrate_or_reuse(self):
+        """Calibrate, or put back the last calibration's ranges where they would come out equal.
+
+        Calibration runs the float model (the restored pretrained weights) on one fixed
+        batch, so its ranges change with the policy only through :func:`calibration_key`
+        (none at the default kl_max_bit 0): the first episode's forward pass serves all
+        (tests/test_linear_ranges.py compares with calibrating every episode). Not
+        reading the batch must not shift the random stream the fine-tune shuffles with:
+        creating a DataLoader iterator draws its base seed, so that draw is still made.
+        """
+        key = calibration_key(self.model)
+        if self.reuse_calibration and self._calibration is not None \
+                and self._calibration[0] == key:
+            if isinstance(self.calib_loader, torch.utils.data.DataLoader):
+                torch.empty((), dtype=torch.int64).random_(generator=self.calib_loader.generator)
+            set_ranges(self.model, self._calibration[1])
+            return
+        calibrate(self.model, self.calib_loader, self.device)
+        self._calibration = (key, get_ranges(self.model))
 
     def unquantize(self):
         """Back to float (w_bit = a_bit = -1 everywhere), e.g. to measure acc_original."""

@@ -399,6 +399,32 @@ def quant_layers(model):
     return [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
 
 
+def calibration_key(model, kl_max_bit=DEFAULT_KL_MAX_BIT):
+    """What :func:`calibrate` reads of each layer's policy: the widths that take the divergence
+    clip (0 where max|.| is taken). Calibration runs the float model, so for the same weights
+    and batch, equal keys give equal ranges; with ``kl_max_bit`` 0 the key is all zeros."""
+    key = []
+    for m in quant_layers(model):
+        magnitude = m.a_bit if m.half_wave else m.a_bit - 1
+        key.append((m.w_bit if 0 < m.w_bit <= kl_max_bit else 0,
+                    magnitude if 0 < m.a_bit and 0 < magnitude <= kl_max_bit else 0))
+    return tuple(key)
+
+
+def get_ranges(model):
+    """Copies of every Q layer's (weight_range, activation_range), in :func:`quant_layers` order."""
+    return [(m.weight_range.detach().clone(), m.activation_range.detach().clone())
+            for m in quant_layers(model)]
+
+
+@torch.no_grad()
+def set_ranges(model, ranges):
+    """Put back ranges from :func:`get_ranges` (same model structure)."""
+    for m, (w, a) in zip(quant_layers(model), ranges, strict=True):
+        m.weight_range.copy_(w)
+        m.activation_range.copy_(a)
+
+
 @torch.no_grad()
 def calibrate(model, loader, device=None, kl_max_bit=DEFAULT_KL_MAX_BIT):
     """Set every Q layer's ``weight_range`` and ``activation_range`` from one batch.
