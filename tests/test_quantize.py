@@ -469,3 +469,19 @@ def test_float_checkpoint_loads_into_q_twin(arch, n_layers):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(qmodel(x), fmodel(x))  # all bits -1: the float model
+
+
+@pytest.mark.parametrize("bits,signed", [(4, False), (3, True), (1, True), (8, False)])
+def test_fake_quantize_without_autograd_gives_the_autograd_values(bits, signed):
+    """Under no_grad (validation, calibration) fake_quantize skips autograd.Function; the
+    values are those of the recorded path, big blocked tensors and 1-bit signs included."""
+    torch.manual_seed(0)
+    for shape in [(2, 3, 5, 5), (4, 64, 40, 40)]:      # the second is over one CPU block
+        x = torch.randn(shape) * 3
+        r = torch.tensor([2.5], requires_grad=True)
+        recorded = fake_quantize(x.clone().requires_grad_(), r, bits, signed)
+        with torch.no_grad():
+            plain = fake_quantize(x, r, bits, signed)
+        assert recorded.grad_fn is not None and plain.grad_fn is None
+        assert torch.equal(recorded.detach(), plain)
+        assert torch.unique(plain).numel() <= 2 ** bits
