@@ -253,7 +253,7 @@ class DDPG:
         Adam step (:class:`~lib.rl.flat.FlatAdam`) reads whole: the same operations
         autograd and ``torch.optim.Adam`` run for these two small MLPs, without a graph or
         per-tensor kernels, so the results are identical (tests/test_rl.py checks them bit
-        for bit over an episode) and an update costs 1.75 instead of 2.66 ms on one CPU
+        for bit over an episode) and an update costs 1.77 instead of 2.77 ms on one CPU
         thread (``bench/agent_bench.py``), where ten 64x300x300 matmuls (~1.1 ms) are the
         floor.
         """
