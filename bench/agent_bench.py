@@ -1,4 +1,5 @@
-"""The DDPG agent's update: hand-written backward passes against autograd, side by side.
+"""The DDPG agent's update: hand-written backward passes and flat-buffer Adam against autograd
+and ``torch.optim.Adam``, side by side.
 
     OMP_NUM_THREADS=1 python bench/agent_bench.py [--hidden 300] [--updates 318]
 
