@@ -349,13 +349,15 @@ def test_search_env_reuses_calibration_with_the_same_ranges_and_random_stream(mo
     assert linear.calibration_key(model, 0) == ((0, 0),) * 53
     layer.set_bits(w_bit=5 if layer.w_bit <= 4 else 4)   # crosses kl_max_bit 4: another clip
     assert linear.calibration_key(model, kl_max_bit=4) != key
-    keys = iter(range(3))
+    keys = iter(range(4))
     monkeypatch.setattr(linear_env_module, "calibration_key", lambda m: next(keys))
     env.reuse_calibration = True
     calls.clear()
     for policy in policies:
         env.evaluate_policy(policy)
     assert len(calls) == 3   # the key changed every episode
+    env.calibrate()          # called directly (weights maybe not the pretrained ones): always runs
+    assert len(calls) == 4
 
 
 def test_negative_kl_max_bit_is_a_one_line_error(capsys):

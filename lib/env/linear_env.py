@@ -66,21 +66,26 @@ class LinearQuantizeEnv(QuantizeEnv):
         self.restore_weights()
         start = time.perf_counter()
         apply_linear_policy(self.model, policy)
-        self.calibrate()
+        self.calibrate(reuse=self.reuse_calibration)   # the weights are the pretrained ones
         self.timings["quantize"] += time.perf_counter() - start
         return self.evaluator.finetune(self.model)
 
-    def calibrate(self):
-        """Set the ranges on one batch: on rank 0, then broadcast (every rank the same ranges)."""
+    def calibrate(self, reuse=False):
+        """Set the ranges on one batch: on rank 0, then broadcast (every rank the same ranges).
+
+        ``reuse``: the model holds the pretrained weights, so an earlier calibration's ranges
+        may stand in (:meth:`_calibrate_or_reuse`).
+        """
         if get_rank() == 0:
-            self._calibrate_or_reuse()
+            self._calibrate_or_reuse(reuse)
         if is_distributed():
             broadcast_tensors([t for m in quant_layers(self.model)
                                for t in (m.weight_range, m.activation_range)])
             self.check_ranks_agree("calibration")
 
-    def _calibrate_or_reuse(self):
-        """Calibrate, or put back the last calibration's ranges where they would come out equal.
+    def _calibrate_or_reuse(self, reuse):
+        """Calibrate, or (``reuse``) put back the last calibration's ranges where they would
+        come out equal.
 
         Calibration runs the float model (the restored pretrained weights) on one fixed
         batch, so its ranges change with the policy only through :func:`calibration_key`
@@ -90,14 +95,14 @@ class LinearQuantizeEnv(QuantizeEnv):
         creating a DataLoader iterator draws its base seed, so that draw is still made.
         """
         key = calibration_key(self.model)
-        if self.reuse_calibration and self._calibration is not None \
-                and self._calibration[0] == key:
+        if reuse and self._calibration is not None and self._calibration[0] == key:
             if isinstance(self.calib_loader, torch.utils.data.DataLoader):
                 torch.empty((), dtype=torch.int64).random_(generator=self.calib_loader.generator)
             set_ranges(self.model, self._calibration[1])
             return
         calibrate(self.model, self.calib_loader, self.device)
-        self._calibration = (key, get_ranges(self.model))
+        if reuse:   # only a calibration of the pretrained weights may stand in for another
+            self._calibration = (key, get_ranges(self.model))
 
     def unquantize(self):
         """Back to float (w_bit = a_bit = -1 everywhere), e.g. to measure acc_original."""
