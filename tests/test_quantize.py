@@ -245,17 +245,24 @@ def test_kmeans_degenerate_inputs():
         kmeans_1d(x, 2, method="nope")
 
 
-def test_lockstep_kmeans_gives_the_single_versions_centroids_bit_for_bit():
-    """centroids_by_width (k-means++ of many rows in lockstep) = kmeans_centroids row by row:
-    heavy-tailed, rounded (many ties), tiny, constant and signed-zero rows, every width."""
-    from lib.quantize.kmeans_batch import centroids_by_width
+def _awkward_rows():
+    """Heavy-tailed, rounded (many ties), tiny, constant, signed-zero and empty rows."""
     g = np.random.default_rng(0)
-    rows = [g.standard_normal(3000).astype(np.float32) * 0.05,
+    return [g.standard_normal(3000).astype(np.float32) * 0.05,
             g.standard_t(2, 1500).astype(np.float32),
             np.round(g.standard_normal(2000), 1).astype(np.float32),
             np.float32([1.0, 1.0, -0.0, 0.0, 2.0]), np.float32([3.0]), np.zeros(7, np.float32),
             np.repeat(np.float32([0.5, -0.25, 0.125]), 40), np.zeros(0, np.float32),
             g.uniform(-1, 1, 700).astype(np.float32)]
+
+
+def test_lockstep_kmeans_gives_the_single_versions_centroids_bit_for_bit(monkeypatch):
+    """centroids_by_width (k-means++ of many rows in lockstep) = kmeans_centroids row by row,
+    both in numpy (the compiled seeding switched off): awkward rows, every width."""
+    from lib.quantize import kmeans_jit
+    from lib.quantize.kmeans_batch import centroids_by_width
+    monkeypatch.setattr(kmeans_jit, "available", lambda: False)
+    rows = _awkward_rows()
     seeds = [11 * i for i in range(len(rows))]
     widths = range(1, 9)
     for max_values in (1 << 22, 2500):   # one group, and groups of a few rows
@@ -267,6 +274,38 @@ def test_lockstep_kmeans_gives_the_single_versions_centroids_bit_for_bit():
     got = centroids_by_width(rows[:1], [3], 3, [5], method="sklearn")[(0, 3)]
     np.testing.assert_array_equal(got, km.kmeans_centroids(torch.from_numpy(rows[0]), 8, 3,
                                                            "sklearn", 5))
+
+
+@pytest.mark.skipif(not __import__("lib.quantize.kmeans_jit", fromlist=["x"]).available(),
+                    reason="numba is not installed")
+def test_compiled_kmeans_pp_gives_the_numpy_versions_seeds_bit_for_bit(monkeypatch):
+    """lib/quantize/kmeans_jit.py seeds = kmeans._kmeans_pp seeds, exactly: awkward rows and
+    every width, 60 random layers (normal, half pruned to zero, rounded, Laplace, shifted
+    grid), the layers of a MobileNetV2; and kmeans_centroids takes the compiled path."""
+    from lib.quantize import kmeans_jit
+    from models import get_model
+    g = np.random.default_rng(1)
+    cases = [(x, 2 ** b) for x in _awkward_rows() if x.size for b in range(1, 9)]
+    for i in range(60):
+        n = int(g.integers(1, 30000))
+        x = g.standard_normal(n).astype(np.float32) * 0.05
+        x = [x, np.where(g.random(n) < 0.5, 0, x), np.round(x * 50) / 50,
+             g.laplace(size=n), np.round(x * 1000) / 1000 + 0.3][i % 5].astype(np.float32)
+        cases.append((x, 2 ** int(g.integers(1, 9))))
+    torch.manual_seed(0)
+    net = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.5)
+    cases += [(m.weight.detach().reshape(-1).numpy(), 2 ** (1 + i % 8))
+              for i, m in enumerate(net.modules()) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for i, (x, k) in enumerate(cases):
+        data = km._Sorted1D(x)
+        k = max(1, min(k, data.n))
+        want = km._kmeans_pp(data, k, np.random.default_rng(i))
+        got = kmeans_jit.kmeans_pp(data, k, np.random.default_rng(i))
+        assert got.dtype == want.dtype and np.array_equal(got, want), (i, x.size, k)
+    calls, real = [], kmeans_jit.kmeans_pp
+    monkeypatch.setattr(kmeans_jit, "kmeans_pp", lambda *a: calls.append(1) or real(*a))
+    km.kmeans_centroids(torch.from_numpy(cases[0][0]), 4, seed=0)
+    assert calls == [1]
 
 
 def test_precomputed_centers_quantize_a_layer_as_clustering_it():

@@ -11,7 +11,9 @@ row draws from its own generator as the single version does (one integer, then
 ``n_trials`` uniforms per round), row operations are elementwise or row-wise
 (cumsum, sort, argmin along the row) and a row that runs out of distinct values
 stops where the single version stops, so the centroids are identical, not merely
-close: tests/test_quantize.py compares them bit for bit.
+close: tests/test_quantize.py compares them bit for bit. Where numba is installed each
+row is seeded by the compiled version instead (lib/quantize/kmeans_jit.py; the same
+values again, and far sooner than the lockstep).
 """
 import math
 
@@ -59,11 +61,17 @@ class SortedLayers:
         n_iter = _fast_iters(n_iter, min_iter)
         out = [None] * len(self.rows)
         ks = np.maximum(1, np.minimum(int(k), self.n))
+        from . import kmeans_jit   # imports numba: only once something is clustered
+        compiled = kmeans_jit.available()
         for kk in np.unique(ks):   # rows with fewer values than k cluster at their own k
             rows = np.flatnonzero(ks == kk)
             rngs = [np.random.default_rng(seeds[r]) for r in rows]
-            for r, seeded in zip(rows, _Lockstep(self, rows, int(kk)).seed(rngs)):
-                out[r] = _finish(self.rows[r], seeded, int(kk), n_iter)
+            if compiled:   # each row's compiled seeding beats the lockstep by far (same values)
+                seeded = [kmeans_jit.kmeans_pp(self.rows[r], int(kk), g) for r, g in zip(rows, rngs)]
+            else:
+                seeded = _Lockstep(self, rows, int(kk)).seed(rngs)
+            for r, centers in zip(rows, seeded):
+                out[r] = _finish(self.rows[r], centers, int(kk), n_iter)
         return out
 
     # -- the row-wise forms of _Sorted1D's methods (``rows``: row ids, leading axis)
