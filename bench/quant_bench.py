@@ -10,9 +10,9 @@
     in a fresh child process; the result (labels, 1 byte per weight) counts as extra.
 (d) one QAT training step (forward + backward) of qmobilenetv2 at w4a4 vs mobilenetv2 fp32,
     same batch, on the CPU.
-(e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): the
-    lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer by layer, and
-    that they are identical.
+(e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): with
+    numpy seeding, the lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer
+    by layer; the compiled seeding (lib/quantize/kmeans_jit, numba); and that all are identical.
 
     python bench/quant_bench.py                       # everything, the settings
     python bench/quant_bench.py --only a,b --qat-batch 4
@@ -34,7 +34,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, inertia,  # noqa: E402
-                                 kmeans_quantize_model, masked_loop_update)
+                                 kmeans_centroids, kmeans_quantize_model, masked_loop_update)
+from lib.quantize import kmeans_jit  # noqa: E402
 from lib.quantize.linear import calibrate  # noqa: E402
 from lib.quantize.policy import apply_linear_policy  # noqa: E402
 from lib.utils.layers import quantizable_layers  # noqa: E402
@@ -71,6 +72,12 @@ def bench_kmeans(args):
     model, source = resnet50()
     print(f"(a) K-Means of ResNet-50 ({source}, random init), 54 layers, published 10% policy")
     originals = {n: m.weight.detach().clone() for n, m in quantizable_layers(model)}
+    # one-off costs outside the timings: numba's import and the compiled seeding's load (or
+    # first compile), scikit-learn's import
+    start = time.perf_counter()
+    kmeans_centroids(torch.randn(64), 4, seed=0)
+    t_load = time.perf_counter() - start
+    kmeans_centroids(torch.randn(64), 4, method="sklearn", seed=0)
     runs = {}
     for label, kw in [("fast", dict(method="fast")),
                       ("sklearn", dict(method="sklearn")),
@@ -92,6 +99,8 @@ def bench_kmeans(args):
     print(f"    fast defaults: greedy k-means++ (as sklearn) + max(n_iter, {FAST_MIN_ITER}) Lloyd "
           f"iterations; sklearn on {torch.get_num_threads()} threads; goal >= 10x, "
           f"mean <= 1.01, max <= 1.05")
+    print(f"    once per process, not in the times above: loading the compiled k-means++ seeding "
+          f"{t_load:.2f} s ({'numba' if kmeans_jit.available() else 'numba missing: numpy seeding'})")
 
 
 # ------------------------------------------------------------------------------------ (b)
@@ -211,7 +220,6 @@ def bench_qat(args):
 # ------------------------------------------------------------------------------------ (e)
 
 def bench_lockstep(args):
-    from lib.quantize.kmeans import kmeans_centroids
     from lib.quantize.kmeans_batch import centroids_by_width
     torch.manual_seed(0)
     model, source = build("mobilenetv2", num_classes=10)
@@ -219,16 +227,31 @@ def bench_lockstep(args):
     widths = range(2, 9)
     print(f"(e) centroids of {len(xs)} MobileNetV2 layers ({source}, random init, "
           f"{sum(x.size for x in xs)} weights) at widths 2-8, seed 0 for each")
-    start = time.perf_counter()
-    one = {(i, b): kmeans_centroids(torch.from_numpy(x), 2 ** b, 3, "fast", 0)
-           for b in widths for i, x in enumerate(xs)}
-    t_one = time.perf_counter() - start
-    start = time.perf_counter()
-    many = centroids_by_width(xs, widths, 3, [0] * len(xs))
-    t_many = time.perf_counter() - start
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    def layer_by_layer():
+        return {(i, b): kmeans_centroids(torch.from_numpy(x), 2 ** b, 3, "fast", 0)
+                for b in widths for i, x in enumerate(xs)}
+
+    def by_width():
+        return centroids_by_width(xs, widths, 3, [0] * len(xs))
+
+    from unittest import mock
+    with mock.patch.object(kmeans_jit, "available", lambda: False):   # numpy seeding
+        t_one, one = timed(layer_by_layer)
+        t_many, many = timed(by_width)
     same = all(np.array_equal(one[key], many[key]) for key in one)
-    print(f"    layer by layer {t_one:.2f} s, lockstep {t_many:.2f} s -> {t_one / t_many:.1f}x; "
-          f"identical centroids: {same}")
+    line = (f"    numpy seeding: layer by layer {t_one:.2f} s, lockstep {t_many:.2f} s -> "
+            f"{t_one / t_many:.1f}x")
+    if kmeans_jit.available():
+        kmeans_centroids(torch.randn(64), 4, seed=0)   # numba's import and load, not timed
+        t_jit, jit = timed(by_width)
+        same = same and all(np.array_equal(one[key], jit[key]) for key in one)
+        line += f"; compiled seeding {t_jit:.2f} s -> {t_one / t_jit:.1f}x"
+    print(f"{line}; identical centroids: {same}")
 
 
 def main(argv=None):
