@@ -32,7 +32,7 @@ import numpy as np
 
 try:
     import numba
-except ImportError:   # optional at run time: the numpy version stands in
+except (ImportError, OSError):   # missing, or its LLVM library will not load: numpy stands in
     numba = None
 
 
