@@ -110,7 +110,8 @@ def bench_mode(mode, a, device):
     print(f"  {'whole episode':28s} {med['episode']:8.2f}")
     print(f"  {'fp32 train+val pass':28s} {base:8.2f}   (train {fp['train']:.2f}, "
           f"validate {fp['validate']:.2f})")
-    excess = {"fine-tune": med["fine-tune"] - fp["train"], "validate": med["validate"] - fp["validate"],
+    excess = {"fine-tune": med["fine-tune"] - fp["train"],
+              "validate": med["validate"] - fp["validate"],
               **{k: med[k] for k in ("quantize", "agent update", "other (act, state, wall)")}}
     print("  excess over the fp32 pass: " + ", ".join(f"{k} {v:+.2f}" for k, v in excess.items()))
     ratios = sorted(run["episode"] / f["pass"] for run, f in zip(runs, fp32))

@@ -325,7 +325,8 @@ def test_search_env_reuses_calibration_with_the_same_ranges_and_random_stream(mo
     real = linear_env_module.calibrate
     monkeypatch.setattr(linear_env_module, "calibrate",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32),
+                                          torch.zeros(8, dtype=torch.long))
     policies = [[[8, -1]] + [[4, 4]] * 51 + [[8, 8]], [[8, -1]] + [[6, 3]] * 51 + [[8, 8]],
                 [[8, -1]] + [[2, 5]] * 51 + [[8, 8]]]
     seen, draws = {}, {}

@@ -67,7 +67,8 @@ class SortedLayers:
             rows = np.flatnonzero(ks == kk)
             rngs = [np.random.default_rng(seeds[r]) for r in rows]
             if compiled:   # each row's compiled seeding beats the lockstep by far (same values)
-                seeded = [kmeans_jit.kmeans_pp(self.rows[r], int(kk), g) for r, g in zip(rows, rngs)]
+                seeded = [kmeans_jit.kmeans_pp(self.rows[r], int(kk), g)
+                          for r, g in zip(rows, rngs)]
             else:
                 seeded = _Lockstep(self, rows, int(kk)).seed(rngs)
             for r, centers in zip(rows, seeded):

@@ -114,7 +114,8 @@ def _potential_with(xs, p1, p2, centers, bounds, cum, m, y):
     pos = _search(centers, m, y, False)
     lo = _split(xs, 0.5 * (centers[pos - 1] + y)) if pos > 0 else 0
     hi = _split(xs, 0.5 * (y + centers[pos])) if pos < m else n
-    old = _prefix(p1, p2, centers, bounds, cum, m, hi) - _prefix(p1, p2, centers, bounds, cum, m, lo)
+    old = (_prefix(p1, p2, centers, bounds, cum, m, hi)
+           - _prefix(p1, p2, centers, bounds, cum, m, lo))
     return cum[m] - old + _sse(p1, p2, lo, hi, y)
 
 

@@ -4,8 +4,9 @@ A DDPG update ends with two Adam steps and two soft target updates, elementwise
 work over every parameter. Done per tensor (``torch.optim.Adam(foreach=True)``
 falls back to a loop of per-tensor kernels on the CPU) it cost half as much as
 the update's matmuls: one small kernel per tensor (6 in the actor, 8 in the
-critic) for each operation, plus the optimizer's Python bookkeeping. Here each network's parameters, gradients and
-Adam moments are views of one flat buffer, so each operation is a single kernel.
+critic) for each operation, plus the optimizer's Python bookkeeping. Here each
+network's parameters, gradients and Adam moments are views of one flat buffer, so
+each operation is a single kernel.
 
 Elementwise kernels give every element the same result whatever tensor it sits
 in, so the arithmetic is ``torch.optim.Adam``'s foreach path value for value
