@@ -184,9 +184,14 @@ class _Cells:
         return self.total - old + data.sse(lo, hi, cand)
 
 
+def _n_trials(k):
+    """Candidates per greedy k-means++ round: 2 + floor(ln k), scikit-learn's rule."""
+    return 2 + int(math.log(k))
+
+
 def _kmeans_pp(data, k, rng):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, scikit-learn's variant)."""
-    n_trials = 2 + int(math.log(k))
+    n_trials = _n_trials(k)
     centers = np.array([float(data.xs[rng.integers(data.n)])])
     for _ in range(1, k):
         cells = _Cells(data, centers)

@@ -15,12 +15,11 @@ close: tests/test_quantize.py compares them bit for bit. Where numba is installe
 row is seeded by the compiled version instead (lib/quantize/kmeans_jit.py; the same
 values again, and far sooner than the lockstep).
 """
-import math
 
 import numpy as np
 import torch
 
-from .kmeans import METHODS, _fast_iters, _finish, _Sorted1D, kmeans_centroids
+from .kmeans import METHODS, _fast_iters, _finish, _n_trials, _Sorted1D, kmeans_centroids
 
 _PROBES = 64   # as _Cells.sample
 
@@ -101,7 +100,7 @@ class _Lockstep:
 
     def __init__(self, data, rows, k):
         self.data, self.rows, self.k = data, np.asarray(rows, dtype=np.int64), k
-        self.n_trials = 2 + int(math.log(k))
+        self.n_trials = _n_trials(k)
 
     def seed(self, rngs):
         d, k, T = self.data, self.k, self.n_trials

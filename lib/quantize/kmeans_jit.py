@@ -26,9 +26,9 @@ and on real layers, bit for bit. numba is in requirements.txt; without it
 next to this file (numba's ``cache=True``): the first process compiles (~1.5 s),
 later ones load it (~0.3 s, plus numba's import, ~0.2 s).
 """
-import math
-
 import numpy as np
+
+from .kmeans import _n_trials
 
 try:
     import numba
@@ -57,20 +57,6 @@ def _sse(p1, p2, lo, hi, c):
 
 
 @_jit
-def _split(xs, v):
-    """np.searchsorted(xs, float32(v), side='left'): kmeans._Sorted1D.split, one value."""
-    v32 = np.float32(v)
-    lo, hi = 0, xs.size
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if xs[mid] < v32:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@_jit
 def _search(a, size, v, right):
     """np.searchsorted(a[:size], v, side='right' if right else 'left')."""
     lo, hi = 0, size
@@ -81,6 +67,12 @@ def _search(a, size, v, right):
         else:
             hi = mid
     return lo
+
+
+@_jit
+def _split(xs, v):
+    """np.searchsorted(xs, float32(v), side='left'): kmeans._Sorted1D.split, one value."""
+    return _search(xs, xs.size, np.float32(v), False)
 
 
 @_jit
@@ -170,7 +162,7 @@ def _seed(xs, p1, p2, k, first, draws):
 
 def kmeans_pp(data, k, rng):
     """:func:`lib.quantize.kmeans._kmeans_pp` (``data``: a ``_Sorted1D``), compiled."""
-    n_trials = 2 + int(math.log(k))
+    n_trials = _n_trials(k)
     first = float(data.xs[rng.integers(data.n)])
     draws = rng.random((k - 1) * n_trials).reshape(k - 1, n_trials)
     return _seed(data.xs, data.p1, data.p2, int(k), first, draws)
