@@ -28,21 +28,8 @@ later ones load it (~0.3 s, plus numba's import, ~0.2 s).
 """
 import numpy as np
 
+from ._numba import available, jit as _jit  # noqa: F401  (available: the callers' check)
 from .kmeans import _n_trials
-
-try:
-    import numba
-except (ImportError, OSError):   # missing, or its LLVM library will not load: numpy stands in
-    numba = None
-
-
-def available():
-    """Whether the compiled seeding can run (numba importable)."""
-    return numba is not None
-
-
-def _jit(fn):
-    return numba.njit(cache=True)(fn) if numba is not None else fn
 
 
 @_jit

@@ -118,11 +118,26 @@ def _quantize(x, r, steps, signed):
         return torch.where(x >= 0, r, lo).to(x.dtype)
     scale = r / steps
     if not torch.is_tensor(r):
+        compiled = _compiled_quantize(x, lo, r, scale)
+        if compiled is not None:
+            return compiled
         blocked = _blocked_quantize(x, lo, r, scale)
         if blocked is not None:
             return blocked
     # one allocation, then in-place passes: activations are the big tensors here
     return torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
+
+
+def _compiled_quantize(x, lo, r, scale):
+    """round(clamp(x, lo, r) / scale) * scale in one compiled pass (lib/quantize/fake_quant_jit.py:
+    the same values, about twice as fast), or None where that does not apply."""
+    from . import fake_quant_jit   # imports numba (~0.2 s): once something is quantized
+    flat_x = _flat(x)
+    if flat_x is None or not fake_quant_jit.applies(flat_x):
+        return None
+    y = torch.empty_like(x)
+    fake_quant_jit.quantize(flat_x, _flat(y), lo, r, scale)
+    return y
 
 
 def _blocked_quantize(x, lo, r, scale):
@@ -160,30 +175,44 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
 
     Why: on the CPU the whole-tensor version allocates a full-size temporary per dL/dr term,
     and a fresh large buffer costs more in page faults than the pass that fills it; the
-    blocks reuse one small buffer while the block of ``grad`` and ``x`` is still in cache.
-    Returns None when ``grad`` and ``x`` are not laid out alike or fit one block (the caller
-    falls back).
+    blocks reuse small buffers while the block of ``grad`` and ``x`` is still in cache.
+    Where the compiled pass applies (lib/quantize/fake_quant_jit.py) it writes a block's
+    masks in one pass instead of one ``hardtanh_backward`` each; the same values, summed by
+    the same ``torch.sum`` per block. Returns None when ``grad`` and ``x`` are not laid out
+    alike, or fit one block without the compiled pass (the caller falls back).
     """
+    from . import fake_quant_jit
     flat_g, flat_x = _flat(grad), _flat(x)
-    if flat_g is None or flat_x is None or _layout(grad) != _layout(x) \
-            or flat_g.numel() <= _BLOCK:
+    if flat_g is None or flat_x is None or _layout(grad) != _layout(x):
         return None
+    compiled = fake_quant_jit.applies(flat_g) and flat_x.dtype == flat_g.dtype
     n = flat_g.numel()
+    if n <= _BLOCK and not compiled:
+        return None
     grad_x = torch.empty_like(grad) if want_x else None
     flat_gx = _flat(grad_x) if want_x else None
     starts = range(0, n, _BLOCK)
-    buf = grad.new_empty(min(_BLOCK, n)) if want_r else None
+    # one buffer per dL/dr term (separate 1-D tensors: the sums see what they saw before)
+    bufs = [grad.new_empty(min(_BLOCK, n)) for _ in range(2 if signed else 1)] if want_r else None
     parts = grad.new_zeros(2, len(starts)) if want_r else None
     for i, start in enumerate(starts):
         g, xb = flat_g[start:start + _BLOCK], flat_x[start:start + _BLOCK]
-        if want_x:
-            _HARDTANH_BACKWARD(g, xb, lo, r, grad_input=flat_gx[start:start + _BLOCK])
+        gx = flat_gx[start:start + _BLOCK] if want_x else None
+        above = bufs[0][:g.numel()] if want_r else None
+        below = bufs[1][:g.numel()] if want_r and signed else None
+        if compiled:
+            fake_quant_jit.pass_inside(g, xb, lo, r, gx, above, below)
+        else:
+            if want_x:
+                _HARDTANH_BACKWARD(g, xb, lo, r, grad_input=gx)
+            if want_r:
+                _HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=above)
+                if signed:
+                    _HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=below)
         if want_r:
-            b = buf[:g.numel()]
-            torch.sum(_HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=b), 0, out=parts[0, i])
+            torch.sum(above, 0, out=parts[0, i])
             if signed:
-                torch.sum(_HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=b), 0,
-                          out=parts[1, i])
+                torch.sum(below, 0, out=parts[1, i])
     grad_r = (parts[0].sum() - parts[1].sum()).reshape(1) if want_r else None
     return grad_x, grad_r
 
