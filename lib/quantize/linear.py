@@ -179,16 +179,16 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     Where the compiled pass applies (lib/quantize/fake_quant_jit.py) it writes a block's
     masks in one pass instead of one ``hardtanh_backward`` each; the same values, summed by
     the same ``torch.sum`` per block. Returns None when ``grad`` and ``x`` are not laid out
-    alike, or fit one block without the compiled pass (the caller falls back).
+    alike or fit one block (the caller falls back).
     """
     from . import fake_quant_jit
     flat_g, flat_x = _flat(grad), _flat(x)
     if flat_g is None or flat_x is None or _layout(grad) != _layout(x):
         return None
-    compiled = fake_quant_jit.applies(flat_g) and flat_x.dtype == flat_g.dtype
     n = flat_g.numel()
-    if n <= _BLOCK and not compiled:
+    if n <= _BLOCK:   # one block: the whole-tensor passes cost less than the calls saved
         return None
+    compiled = fake_quant_jit.applies(flat_g) and flat_x.dtype == flat_g.dtype
     grad_x = torch.empty_like(grad) if want_x else None
     flat_gx = _flat(grad_x) if want_x else None
     starts = range(0, n, _BLOCK)
