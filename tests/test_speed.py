@@ -113,6 +113,7 @@ def test_compiled_fake_quant_passes_equal_torchs_bit_for_bit(monkeypatch, dtype)
         monkeypatch.setattr(fake_quant_jit, name,
                             lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     gen = torch.Generator().manual_seed(3)
+    default_block = linear._BLOCK
     for case in range(24):
         shape = [(5, 7), (2, 16, 9, 9), (3, 40, 50, 50)][case % 3]
         signed, bits, clip_grad = case % 2 == 0, 2 + case % 7, case % 5 != 4
@@ -131,6 +132,8 @@ def test_compiled_fake_quant_passes_equal_torchs_bit_for_bit(monkeypatch, dtype)
         if case % 3 == 2 and case % 4 < 2:
             x0, g, with_nan = (t.contiguous(memory_format=torch.channels_last)
                                for t in (x0, g, with_nan))
+        # blocks of 1000 (a partial last one) in some cases, the real size in the others
+        monkeypatch.setattr(linear, "_BLOCK", 1000 if case % 4 == 1 else default_block)
         fast = _grads(fake_quantize, x0, r0, g, bits, signed, clip_grad)
         with torch.no_grad():
             fast += (fake_quantize(with_nan, r0, bits, signed),)
@@ -143,7 +146,7 @@ def test_compiled_fake_quant_passes_equal_torchs_bit_for_bit(monkeypatch, dtype)
         for a, b in zip(fast, ref):
             assert a.stride() == b.stride()
             assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-    assert calls.count("quantize") == 48 and calls.count("pass_inside") >= 24
+    assert calls.count("quantize") == 48 and calls.count("pass_inside") >= 40
 
 
 @pytest.mark.parametrize("host", [True, False])
