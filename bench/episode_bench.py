@@ -1,7 +1,7 @@
 """Wall time of one search episode on the embedded default, split by phase (DESIGN.md section 11).
 
     python bench/episode_bench.py [--mode kmeans|linear|both] [--train_size 1000 --val_size 1000]
-                                   [--channels_last]
+                                   [--channels_last] [--torch_passes]
 
 For each mode, one episode (policy -> wall -> quantize -> short fine-tune ->
 validate -> agent update) is timed phase by phase and compared, in the same run,
@@ -13,10 +13,12 @@ median of ``--repeat`` runs. Goals (issue 17): episode / fp32 pass <= 1.15x (lin
 (K-Means), the agent update <= 3% of the episode.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rl_quantize  # noqa: E402  (the CLI's builders: same model, data and env as a search)
+from lib.quantize import fake_quant_jit  # noqa: E402
 from lib.utils.distributed import resolve_device  # noqa: E402
 from lib.utils.train import evaluate, train_one_epoch  # noqa: E402
 
@@ -102,7 +105,9 @@ def bench_mode(mode, a, device):
     print(f"\n{mode} mode ({args.arch}, {len(env.layers)} layers, {env.n_steps} actions), "
           f"train {a.train_size} / val {a.val_size} images, batch {a.data_bsize}, {device}, "
           f"{torch.get_num_threads()} thread(s), "
-          f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}")
+          f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}"
+          + (f", {'compiled' if fake_quant_jit.applies(torch.zeros(1)) else 'torch'} fake-quantization"
+             " passes" if mode == "linear" else ""))
     print(f"  {'phase':28s} {'seconds':>8s} {'share':>7s}")
     for k, v in med.items():
         if k != "episode":
@@ -131,6 +136,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--channels_last", action="store_true",
                    help="the search's --channels_last (the fp32 pass runs channels-last too)")
+    p.add_argument("--torch_passes", action="store_true",
+                   help="torch's fake-quantization passes instead of the compiled ones "
+                        "(lib/quantize/fake_quant_jit.py), to measure what those save")
     p.add_argument("--pretrained_path", default=None,
                    help="default checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar (pretrain.py)")
     a = p.parse_args(argv)
@@ -138,7 +146,10 @@ def main(argv=None):
     torch.manual_seed(234)
     device = resolve_device(a.device)
     modes = ["kmeans", "linear"] if a.mode == "both" else [a.mode]
-    return {m: bench_mode(m, a, device) for m in modes}
+    with contextlib.ExitStack() as stack:
+        if a.torch_passes:
+            stack.enter_context(mock.patch.object(fake_quant_jit, "applies", lambda flat: False))
+        return {m: bench_mode(m, a, device) for m in modes}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
     weight size: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before,
     in a fresh child process; the result (labels, 1 byte per weight) counts as extra.
 (d) one QAT training step (forward + backward) of qmobilenetv2 at w4a4 vs mobilenetv2 fp32,
-    same batch, on the CPU.
+    same batch, on the CPU; at one thread also with torch's fake-quantization passes in place
+    of the compiled ones.
 (e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): with
     numpy seeding, the lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer
     by layer; the compiled seeding (lib/quantize/kmeans_jit, numba); and that all are identical.
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ if ROOT not in sys.path:
 
 from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, inertia,  # noqa: E402
                                  kmeans_centroids, kmeans_quantize_model, masked_loop_update)
-from lib.quantize import kmeans_jit  # noqa: E402
+from lib.quantize import fake_quant_jit, kmeans_jit  # noqa: E402
 from lib.quantize.linear import calibrate  # noqa: E402
 from lib.quantize.policy import apply_linear_policy  # noqa: E402
 from lib.utils.layers import quantizable_layers  # noqa: E402
@@ -201,12 +203,19 @@ def bench_qat(args):
         for model in (fmodel, qmodel):
             _step(model, x, y)
         print(f"(d) torch.compile of both models (first steps): {time.perf_counter() - start:.0f} s")
-    times = {"fp32": [], "w4a4": []}
+    times = {"fp32": [], "w4a4": [], "w4a4 torch passes": []}
+    # where the compiled fake-quantization passes run (one thread, numba), also time the torch
+    # passes they replace (lib/quantize/fake_quant_jit.py)
+    compiled_passes = fake_quant_jit.applies(x.view(-1))
+    torch_passes = mock.patch.object(fake_quant_jit, "applies", lambda flat: False)
     for model in (fmodel, qmodel):  # warm-up
         _step(model, x, y)
-    for _ in range(args.qat_steps):  # interleaved, so load changes hit both alike
+    for _ in range(args.qat_steps):  # interleaved, so load changes hit all alike
         times["fp32"].append(_step(fmodel, x, y))
         times["w4a4"].append(_step(qmodel, x, y))
+        if compiled_passes:
+            with torch_passes:
+                times["w4a4 torch passes"].append(_step(qmodel, x, y))
     tf, tq = statistics.median(times["fp32"]), statistics.median(times["w4a4"])
     # each w4a4 step over the fp32 step just before it: the spread shows the machine's noise
     pairs = sorted(q / f for f, q in zip(times["fp32"], times["w4a4"]))
@@ -215,6 +224,10 @@ def bench_qat(args):
           f"{args.qat_batch} at {args.qat_size}, CPU x{torch.get_num_threads()} threads, median of {args.qat_steps}: "
           f"w4a4 {tq:.2f} s vs fp32 {tf:.2f} s -> {tq / tf:.2f}x (per-step ratios "
           f"{pairs[0]:.2f}-{pairs[-1]:.2f}; goal <= 1.2x)")
+    if compiled_passes:
+        tt = statistics.median(times["w4a4 torch passes"])
+        print(f"(d) the same w4a4 step with torch's fake-quantization passes instead of the compiled "
+              f"ones: {tt:.2f} s -> {tt / tf:.2f}x the fp32 step (compiled {tt / tq:.2f}x sooner)")
 
 
 # ------------------------------------------------------------------------------------ (e)
@@ -239,7 +252,6 @@ def bench_lockstep(args):
     def by_width():
         return centroids_by_width(xs, widths, 3, [0] * len(xs))
 
-    from unittest import mock
     with mock.patch.object(kmeans_jit, "available", lambda: False):   # numpy seeding
         t_one, one = timed(layer_by_layer)
         t_many, many = timed(by_width)
