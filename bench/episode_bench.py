@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 
 import rl_quantize  # noqa: E402  (the CLI's builders: same model, data and env as a search)
 from lib.quantize import fake_quant_jit  # noqa: E402
+from lib.quantize.linear import compiled_passes  # noqa: E402
 from lib.utils.distributed import resolve_device  # noqa: E402
 from lib.utils.train import evaluate, train_one_epoch  # noqa: E402
 
@@ -106,7 +107,7 @@ def bench_mode(mode, a, device):
           f"train {a.train_size} / val {a.val_size} images, batch {a.data_bsize}, {device}, "
           f"{torch.get_num_threads()} thread(s), "
           f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}"
-          + (f", {'compiled' if fake_quant_jit.applies(torch.zeros(1)) else 'torch'} fake-quantization"
+          + (f", {'torch' if compiled_passes(torch.zeros(1)) is None else 'compiled'} fake-quantization"
              " passes" if mode == "linear" else ""))
     print(f"  {'phase':28s} {'seconds':>8s} {'share':>7s}")
     for k, v in med.items():

@@ -38,6 +38,7 @@ if ROOT not in sys.path:
 from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, inertia,  # noqa: E402
                                  kmeans_centroids, kmeans_quantize_model, masked_loop_update)
 from lib.quantize import fake_quant_jit, kmeans_jit  # noqa: E402
+from lib.quantize import linear  # noqa: E402
 from lib.quantize.linear import calibrate  # noqa: E402
 from lib.quantize.policy import apply_linear_policy  # noqa: E402
 from lib.utils.layers import quantizable_layers  # noqa: E402
@@ -206,7 +207,7 @@ def bench_qat(args):
     times = {"fp32": [], "w4a4": [], "w4a4 torch passes": []}
     # where the compiled fake-quantization passes run (one thread, numba), also time the torch
     # passes they replace (lib/quantize/fake_quant_jit.py)
-    compiled_passes = fake_quant_jit.applies(x.view(-1))
+    compiled_passes = linear.compiled_passes(x.view(-1)) is not None
     torch_passes = mock.patch.object(fake_quant_jit, "applies", lambda flat: False)
     for model in (fmodel, qmodel):  # warm-up
         _step(model, x, y)

@@ -149,6 +149,21 @@ def test_compiled_fake_quant_passes_equal_torchs_bit_for_bit(monkeypatch, dtype)
     assert calls.count("quantize") == 48 and calls.count("pass_inside") >= 40
 
 
+def test_compiled_passes_run_at_one_torch_thread_only():
+    """They are single-threaded: at two threads torch's parallel passes run (and numba is not
+    needed); at one, the compiled ones where numba is there; never for a dtype numpy lacks."""
+    flat, threads = torch.zeros(8), torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert linear.compiled_passes(flat) is None
+        torch.set_num_threads(1)
+        want = fake_quant_jit if fake_quant_jit.available() else None
+        assert linear.compiled_passes(flat) is want
+        assert linear.compiled_passes(flat.to(torch.bfloat16)) is None
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("host", [True, False])
 def test_quantized_model_step_equals_reference(monkeypatch, host):
     """A w4a4 training step of a small Q MobileNet-V2 with stored (calibrated) weight ranges:

@@ -13,18 +13,15 @@ torch passes, in fewer passes over memory.
   ``hardtanh_backward`` per mask, ~1.7 against 2.2 ms; the sums stay torch's.
 
 This was most of what a linear-mode search episode paid over the float model beyond
-the agent (issue 17). tests/test_quantize.py compares values and gradients with the
-torch passes, bit for bit.
+the agent (issue 17). The loops are single-threaded; lib/quantize/linear.py
+(``compiled_passes``) runs them at one torch thread only. tests/test_speed.py compares
+values and gradients with the torch passes, bit for bit.
 """
 import numpy as np
 import torch
 
 from ._numba import available, jit
 
-# The compiled loops are single-threaded. Measured on 3.1M values (2-core EPYC): at one
-# torch thread forward 0.65 vs 1.21 ms and the STE 1.69 vs 2.17 ms; at two threads torch's
-# parallel passes are as fast or faster (0.76 vs 0.44-1.11 ms, noisy), so they run there.
-MAX_THREADS = 1
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _EMPTY = {t: np.empty(0, dtype=d) for t, d in _NUMPY_DTYPES.items()}   # "not wanted" outputs
 
@@ -59,10 +56,9 @@ def _pass_inside(g, x, lo, hi, gx, above, below):
 
 
 def applies(flat_x):
-    """Whether :func:`quantize` runs for this 1-D CPU view: numba importable, a dtype numpy
-    has, and at most MAX_THREADS torch threads."""
-    return (flat_x.dtype in _NUMPY_DTYPES and available()
-            and torch.get_num_threads() <= MAX_THREADS)
+    """Whether the passes can run on this 1-D CPU view: numba importable and a dtype numpy
+    has. (lib/quantize/linear.py's ``compiled_passes`` decides when they do.)"""
+    return flat_x.dtype in _NUMPY_DTYPES and available()
 
 
 def quantize(flat_x, flat_y, lo, hi, scale):
