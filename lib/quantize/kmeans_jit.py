@@ -28,8 +28,14 @@ later ones load it (~0.3 s, plus numba's import, ~0.2 s).
 """
 import numpy as np
 
-from ._numba import available, jit as _jit  # noqa: F401  (available: the callers' check)
+from . import _numba
+from ._numba import jit as _jit
 from .kmeans import _n_trials
+
+
+def available():
+    """Whether the compiled seeding can run (numba importable)."""
+    return _numba.available()
 
 
 @_jit
