@@ -1,4 +1,4 @@
-"""numba, where it imports: the one place that decides whether compiled kernels run.
+"""numba, where it imports: the one place that imports it for the compiled kernels.
 
 numba is in requirements.txt; where it is missing or its LLVM library will not load,
 :data:`numba` is None, :func:`available` False, and every caller takes its torch/numpy

@@ -48,9 +48,10 @@ _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
 _BLOCK = 1 << 18
 _HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward
 # The compiled passes (lib/quantize/fake_quant_jit.py) are single-threaded. Measured on 3.1M
-# values (2-core EPYC, bench-style timing): at one torch thread forward 0.65 vs 1.21 ms and the
-# STE 1.69 vs 2.17 ms; at two threads torch's parallel passes were as fast or faster whenever
-# fresh pages had to be touched (forward 0.88 vs 0.60 ms, STE 1.47 vs 1.64 ms), so they run there.
+# values (2-core EPYC, medians of 6x10 calls): at one torch thread forward 0.65 vs 1.21 ms and
+# the STE 1.69 vs 2.17 ms; at two threads torch's parallel passes win in one case or the other
+# (forward 0.88 vs 0.60 ms while fresh pages are touched, STE 1.30 vs 1.09 ms once they are
+# reused), so torch's run there.
 _COMPILED_MAX_THREADS = 1
 
 
