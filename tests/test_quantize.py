@@ -308,6 +308,31 @@ def test_compiled_kmeans_pp_gives_the_numpy_versions_seeds_bit_for_bit(monkeypat
     assert calls == [1]
 
 
+def test_compiled_kernels_fall_back_to_uncached_where_numba_cannot_cache(monkeypatch):
+    """A read-only install with no writable cache directory: numba refuses cache=True at
+    decoration (RuntimeError); lib/quantize/_numba.jit then compiles without the cache
+    instead of failing the import of the compiled modules."""
+    from lib.quantize import _numba
+
+    class NoCacheNumba:
+        @staticmethod
+        def njit(*args, **kwargs):
+            if kwargs.get("cache"):
+                def refuse(fn):
+                    raise RuntimeError(f"cannot cache function {fn.__name__!r}: no locator "
+                                       "available for file 'x.py'")
+                return refuse
+            assert len(args) == 1 and callable(args[0]) and not kwargs
+            return ("uncached", args[0])
+
+    monkeypatch.setattr(_numba, "numba", NoCacheNumba)
+
+    def kernel():
+        return 1
+
+    assert _numba.jit(kernel) == ("uncached", kernel)
+
+
 def test_precomputed_centers_quantize_a_layer_as_clustering_it():
     torch.manual_seed(0)
     for is_pruned in (False, True):

@@ -6,6 +6,8 @@ path, which gives the same values (the compiled kernels are tested against them)
 Compiled code is cached next to the calling module (``cache=True``): the first process
 on a machine compiles, later ones load it.
 """
+import logging
+
 try:
     import numba
 except (ImportError, OSError):
@@ -18,5 +20,18 @@ def available():
 
 
 def jit(fn):
-    """``numba.njit(cache=True)(fn)``, or ``fn`` itself without numba (never called then)."""
-    return numba.njit(cache=True)(fn) if numba is not None else fn
+    """``numba.njit(cache=True)(fn)``, or ``fn`` itself without numba (never called then).
+
+    Where no cache directory is writable (a read-only install, and no writable
+    NUMBA_CACHE_DIR or home cache), numba refuses ``cache=True`` at decoration time;
+    the function is then compiled in every process instead (~2 s once) rather than
+    failing the import.
+    """
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(cache=True)(fn)
+    except RuntimeError as exc:   # "cannot cache function ...: no locator available"
+        logging.getLogger(__name__).debug("numba cannot cache %s (%s): compiling per process",
+                                          fn.__name__, exc)
+        return numba.njit(fn)
