@@ -28,9 +28,19 @@ sys.path.insert(0, ROOT)
 
 import rl_quantize  # noqa: E402  (the CLI's builders: same model, data and env as a search)
 from lib.quantize import fake_quant_jit  # noqa: E402
-from lib.quantize.linear import compiled_passes  # noqa: E402
+from lib.quantize.linear import COMPILED_STE_MAX_THREADS, compiled_passes  # noqa: E402
 from lib.utils.distributed import resolve_device  # noqa: E402
 from lib.utils.train import evaluate, train_one_epoch  # noqa: E402
+
+
+def _passes():
+    """Which fake-quantization passes run compiled at this thread count (lib/quantize/linear.py)."""
+    z = torch.zeros(1)
+    if compiled_passes(z) is None:
+        return "torch passes"
+    if compiled_passes(z, COMPILED_STE_MAX_THREADS) is None:
+        return "compiled forward, torch STE"
+    return "compiled forward and STE"
 
 
 def search_args(mode, a):
@@ -107,8 +117,7 @@ def bench_mode(mode, a, device):
           f"train {a.train_size} / val {a.val_size} images, batch {a.data_bsize}, {device}, "
           f"{torch.get_num_threads()} thread(s), "
           f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}"
-          + (f", {'torch' if compiled_passes(torch.zeros(1)) is None else 'compiled'} fake-quantization"
-             " passes" if mode == "linear" else ""))
+          + (f", fake quantization: {_passes()}" if mode == "linear" else ""))
     print(f"  {'phase':28s} {'seconds':>8s} {'share':>7s}")
     for k, v in med.items():
         if k != "episode":

@@ -149,16 +149,21 @@ def test_compiled_fake_quant_passes_equal_torchs_bit_for_bit(monkeypatch, dtype)
     assert calls.count("quantize") == 48 and calls.count("pass_inside") >= 40
 
 
-def test_compiled_passes_run_at_one_torch_thread_only():
-    """They are single-threaded: at two threads torch's parallel passes run (and numba is not
-    needed); at one, the compiled ones where numba is there; never for a dtype numpy lacks."""
+def test_compiled_passes_run_at_the_thread_counts_where_they_win():
+    """They are single-threaded: the forward runs compiled at up to two torch threads, the STE
+    at one; above that torch's parallel passes run (and numba is not imported for them);
+    never for a dtype numpy lacks."""
     flat, threads = torch.zeros(8), torch.get_num_threads()
+    want = fake_quant_jit if fake_quant_jit.available() else None
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(3)
         assert linear.compiled_passes(flat) is None
-        torch.set_num_threads(1)
-        want = fake_quant_jit if fake_quant_jit.available() else None
+        torch.set_num_threads(2)
         assert linear.compiled_passes(flat) is want
+        assert linear.compiled_passes(flat, linear.COMPILED_STE_MAX_THREADS) is None
+        torch.set_num_threads(1)
+        assert linear.compiled_passes(flat) is want
+        assert linear.compiled_passes(flat, linear.COMPILED_STE_MAX_THREADS) is want
         assert linear.compiled_passes(flat.to(torch.bfloat16)) is None
     finally:
         torch.set_num_threads(threads)

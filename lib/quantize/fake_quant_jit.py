@@ -14,8 +14,9 @@ torch passes, in fewer passes over memory.
 
 This was most of what a linear-mode search episode paid over the float model beyond
 the agent (issue 17). The loops are single-threaded; lib/quantize/linear.py
-(``compiled_passes``) runs them at one torch thread only. tests/test_speed.py compares
-values and gradients with the torch passes, bit for bit.
+(``compiled_passes``) runs the forward at up to two torch threads and the STE at one,
+where each was measured to beat torch's passes. tests/test_speed.py compares values and
+gradients with the torch passes, bit for bit.
 """
 import numpy as np
 import torch

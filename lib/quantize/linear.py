@@ -47,12 +47,13 @@ _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
 # EPYC); see _blocked_quantize and _blocked_ste.
 _BLOCK = 1 << 18
 _HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward
-# The compiled passes (lib/quantize/fake_quant_jit.py) are single-threaded. Measured on 3.1M
-# values (2-core EPYC, medians of 6x10 calls): at one torch thread forward 0.65 vs 1.21 ms and
-# the STE 1.69 vs 2.17 ms; at two threads torch's parallel passes win in one case or the other
-# (forward 0.88 vs 0.60 ms while fresh pages are touched, STE 1.30 vs 1.09 ms once they are
-# reused), so torch's run there.
-_COMPILED_MAX_THREADS = 1
+# The compiled passes (lib/quantize/fake_quant_jit.py) are single-threaded; up to how many torch
+# threads each beats torch's passes (2-core EPYC). Forward: 0.65 vs 1.21 ms per 3.1M values at
+# one thread; at two, a linear episode's validation and fine-tune excess over the fp32 pass fell
+# from 0.17-0.21 and 0.21-0.32 s to 0.15 and 0.22 s (bench/episode_bench.py, 2 runs each).
+# STE: 1.69 vs 2.17 ms at one thread; at two, torch's parallel passes win (1.09 vs 1.30 ms).
+COMPILED_FORWARD_MAX_THREADS = 2
+COMPILED_STE_MAX_THREADS = 1
 
 
 def n_steps(bits, signed):
@@ -134,11 +135,12 @@ def _quantize(x, r, steps, signed):
     return torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
 
 
-def compiled_passes(flat):
+def compiled_passes(flat, max_threads=COMPILED_FORWARD_MAX_THREADS):
     """lib/quantize/fake_quant_jit.py where its compiled passes run for the 1-D CPU view
-    ``flat`` (not None), else None: at most _COMPILED_MAX_THREADS torch threads, numba
-    importable, a dtype numpy has. numba is imported only where they may run."""
-    if flat is None or torch.get_num_threads() > _COMPILED_MAX_THREADS:
+    ``flat`` (not None), else None: at most ``max_threads`` torch threads (the forward's or
+    the STE's limit), numba importable, a dtype numpy has. numba is imported only where
+    they may run."""
+    if flat is None or torch.get_num_threads() > max_threads:
         return None
     from . import fake_quant_jit   # imports numba (~0.2 s), once
     return fake_quant_jit if fake_quant_jit.applies(flat) else None
@@ -203,7 +205,8 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     n = flat_g.numel()
     if n <= _BLOCK:   # one block: the whole-tensor passes cost less than the calls saved
         return None
-    compiled = compiled_passes(flat_g) if flat_x.dtype == flat_g.dtype else None
+    compiled = compiled_passes(flat_g, COMPILED_STE_MAX_THREADS) \
+        if flat_x.dtype == flat_g.dtype else None
     grad_x = torch.empty_like(grad) if want_x else None
     flat_gx = _flat(grad_x) if want_x else None
     starts = range(0, n, _BLOCK)
