@@ -9,8 +9,8 @@
     weight size: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before,
     in a fresh child process; the result (labels, 1 byte per weight) counts as extra.
 (d) one QAT training step (forward + backward) of qmobilenetv2 at w4a4 vs mobilenetv2 fp32,
-    same batch, on the CPU; at one thread also with torch's fake-quantization passes in place
-    of the compiled ones.
+    same batch, on the CPU; where compiled fake-quantization passes run (numba, <= 2 threads),
+    also with torch's passes in place of the compiled ones.
 (e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): with
     numpy seeding, the lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer
     by layer; the compiled seeding (lib/quantize/kmeans_jit, numba); and that all are identical.
@@ -205,7 +205,7 @@ def bench_qat(args):
             _step(model, x, y)
         print(f"(d) torch.compile of both models (first steps): {time.perf_counter() - start:.0f} s")
     times = {"fp32": [], "w4a4": [], "w4a4 torch passes": []}
-    # where the compiled fake-quantization passes run (one thread, numba), also time the torch
+    # where compiled fake-quantization passes run (numba, <= 2 threads), also time the torch
     # passes they replace (lib/quantize/fake_quant_jit.py)
     compiled_passes = linear.compiled_passes(x.view(-1)) is not None
     torch_passes = mock.patch.object(fake_quant_jit, "applies", lambda flat: False)
