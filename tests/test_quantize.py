@@ -310,9 +310,9 @@ def test_compiled_kmeans_pp_gives_the_numpy_versions_seeds_bit_for_bit(monkeypat
 
 def test_compiled_kernels_fall_back_to_uncached_where_numba_cannot_cache(monkeypatch):
     """A read-only install with no writable cache directory: numba refuses cache=True at
-    decoration (RuntimeError); lib/quantize/_numba.jit then compiles without the cache
+    decoration (RuntimeError); lib/utils/numba_jit.jit then compiles without the cache
     instead of failing the import of the compiled modules."""
-    from lib.quantize import _numba
+    from lib.utils import numba_jit as _numba
 
     class NoCacheNumba:
         @staticmethod

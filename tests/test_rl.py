@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lib.rl import DDPG, DDPGConfig, ReplayMemory, truncated_normal
+from lib.rl.kernels import distance, float64_reference
 
 
 def _small_agent(warmup=0, seed=0, n_steps=4, state_dim=9):
@@ -139,14 +140,14 @@ def test_agent_state_survives_a_weights_only_file(tmp_path):
 
 @pytest.mark.parametrize("hidden", [16, 300])
 def test_hand_written_update_equals_autograd_over_an_episode(hidden):
-    """An episode's worth of updates (one per transition) on a fixed seed: the hand-written
-    gradients give the networks, targets, optimizer moments and losses of loss.backward(),
-    bit for bit (the released sizes, 300 x 300, included)."""
+    """An episode's worth of updates (one per transition) on a fixed seed: with the reference
+    kernels the hand-written gradients give the networks, targets, optimizer moments and
+    losses of loss.backward(), bit for bit (the released sizes, 300 x 300, included)."""
     agents = []
     for _ in range(2):
         torch.manual_seed(3)
         cfg = DDPGConfig(hidden1=hidden, hidden2=hidden, warmup=0, bsize=16, rmsize=8)
-        agent = DDPG(7, 6, cfg, device=torch.device("cpu"), seed=3)
+        agent = DDPG(7, 6, cfg, device=torch.device("cpu"), seed=3, fast_kernels=False)
         _fill(agent, n_episodes=6)
         agents.append(agent)
     fast, ref = agents
@@ -160,6 +161,71 @@ def test_hand_written_update_equals_autograd_over_an_episode(hidden):
         for sa, sb in zip(getattr(fast, opt).state.values(), getattr(ref, opt).state.values()):
             assert torch.equal(sa["exp_avg"], sb["exp_avg"])
             assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def _episode_agents(hidden, bsize=64, n_steps=20):
+    """Three agents on one seed and replay memory: the fast kernels, the reference kernels,
+    and autograd + torch.optim.Adam in float64 (DDPG's maths with next to no rounding)."""
+    agents = []
+    for fast in (True, False, False):
+        torch.manual_seed(4)
+        cfg = DDPGConfig(hidden1=hidden, hidden2=hidden, warmup=0, bsize=bsize, rmsize=8)
+        agent = DDPG(7, n_steps, cfg, device=torch.device("cpu"), seed=4, fast_kernels=fast)
+        rng = np.random.default_rng(2)
+        for ep in range(6):
+            states = rng.uniform(size=(n_steps + 1, 7))
+            agent.store_episode([(states[i], rng.uniform(size=1), states[i + 1], i == n_steps - 1)
+                                 for i in range(n_steps)], float(rng.uniform()))
+        agents.append(agent)
+    float64_reference(agents[2])
+    return agents
+
+
+def test_fast_kernels_keep_the_updates_within_float32_rounding():
+    """oneDNN products and the fused Adam step change the rounding, not the maths: after an
+    episode of updates (the released minibatch of 64, hidden layers large enough for oneDNN)
+    the networks are as close to a float64 run as the float32 reference is (both drift as
+    training amplifies rounding: 1e-6 to 1e-2 after 20-100 updates, by seed and size)."""
+    from lib.rl.kernels import ONEDNN_MIN_MACS
+    hidden = 160
+    assert 64 * hidden * hidden >= ONEDNN_MIN_MACS
+    fast, ref, exact = _episode_agents(hidden)
+    if not (fast.kernels.onednn and fast.kernels.fused_adam):
+        pytest.skip("this torch build has neither oneDNN's linear nor the fused Adam kernel")
+    assert not ref.kernels.onednn and not ref.kernels.fused_adam
+    for _ in range(20):
+        losses = fast.update_policy(), ref.update_policy(), exact.autograd_update()
+        for loss in losses[:2]:
+            assert loss == pytest.approx(losses[2], rel=1e-3, abs=1e-6)
+    assert distance(fast, ref) > 0   # the fast kernels did run
+    assert distance(fast, exact) <= max(4 * distance(ref, exact), 1e-5)
+
+
+def test_agent_kernels_pick_onednn_for_large_cpu_products_only():
+    """oneDNN takes the large float32 CPU products (equal to torch's within rounding); small
+    ones, other devices and ``fast=False`` stay with torch's kernels, bit for bit."""
+    import torch.nn.functional as F
+    from lib.rl.kernels import AgentKernels
+    for device in ("cuda", "meta"):
+        kernels = AgentKernels(torch.device(device))
+        assert not kernels.onednn and not kernels.fused_adam
+    assert not AgentKernels(torch.device("cpu"), fast=False).onednn
+    assert not AgentKernels(torch.device("cpu"), dtype=torch.float64).onednn
+    kernels = AgentKernels(torch.device("cpu"))
+    if not kernels.onednn:
+        pytest.skip("this torch build has no oneDNN linear")
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen) for shape in ((64, 300), (300, 300), (300,)))
+    exact = (x.double() @ w.double().t() + b.double()).float()
+    fast = kernels.linear(x, w, b)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-4)
+    out = torch.empty(300, 300)
+    assert kernels.mm(x.t(), x, out=out) is out
+    torch.testing.assert_close(out, (x.double().t() @ x.double()).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.mm(x, w), (x.double() @ w.double()).float(),
+                               rtol=1e-5, atol=1e-4)
+    small_x, small_w = x[:, :10], w[:, :10]
+    assert torch.equal(kernels.linear(small_x, small_w, b), F.linear(small_x, small_w, b))
 
 
 def _adam_pair(eps=1e-8):
@@ -206,6 +272,36 @@ def test_flat_adam_equals_torch_adam_bit_for_bit(eps):
     v = torch.cat([ref.state[q]["exp_avg_sq"].reshape(-1) for q in nets[1].parameters()])
     assert (v == 0).any() and ((v > 0) & (v < torch.finfo(v.dtype).smallest_normal)).any()
     assert float(flat.optim.state[nets[0][0].weight]["step"]) == 25.0
+
+
+def test_fused_adam_and_soft_update_equal_the_reference_within_rounding():
+    """FlatAdam.step_and_follow with torch's fused kernel and a lerp: parameters, moments, step
+    counts and the followed target network as the ten-pass reference, within float32 rounding."""
+    from lib.rl.flat import FlatAdam
+    from lib.rl.kernels import AgentKernels
+    if not AgentKernels(torch.device("cpu")).fused_adam:
+        pytest.skip("this torch build has no fused Adam kernel")
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(5)
+        net = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(), torch.nn.Linear(33, 3))
+        adam = FlatAdam(net, lr=1e-3)
+        start = adam.flat.clone()
+        target = start * 0.5
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            adam.grad.copy_(torch.randn(adam.grad.shape, generator=gen) * 1e-2)
+            adam.step_and_follow(target, 0.01, fused=fused)
+        runs.append((adam, target))
+    (fa, ft), (ra, rt) = runs
+    for x, y in ((fa.flat, ra.flat), (fa.exp_avg, ra.exp_avg), (fa.exp_avg_sq, ra.exp_avg_sq),
+                 (ft, rt)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    assert torch.equal(fa.steps, ra.steps) and float(fa.steps[0]) == 30.0
+    # 30 steps of lr 1e-3 move each parameter by up to 0.03; the target, 1 - 0.99^30 = 26% of
+    # the way from half the start to the parameters
+    assert 0.01 < float((fa.flat - start).abs().max()) <= 0.031
+    assert float((ft - 0.5 * start).abs().max()) > 0.02
 
 
 def test_flat_adam_loads_torch_adam_state_and_goes_on_identically():

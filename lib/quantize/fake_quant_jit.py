@@ -21,7 +21,7 @@ gradients with the torch passes, bit for bit.
 import numpy as np
 import torch
 
-from ._numba import available, jit
+from ..utils.numba_jit import available, jit
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _EMPTY = {t: np.empty(0, dtype=d) for t, d in _NUMPY_DTYPES.items()}   # "not wanted" outputs

@@ -28,8 +28,8 @@ later ones load it (~0.3 s, plus numba's import, ~0.2 s).
 """
 import numpy as np
 
-from . import _numba
-from ._numba import jit as _jit
+from ..utils import numba_jit as _numba
+from ..utils.numba_jit import jit as _jit
 from .kmeans import _n_trials
 
 

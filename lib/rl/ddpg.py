@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from scipy.special import ndtr, ndtri
 
 from .flat import FlatAdam, flatten_parameters_
+from .kernels import AgentKernels
 from .memory import ReplayMemory
 
 log = logging.getLogger(__name__)
@@ -98,53 +98,54 @@ class Critic(nn.Module):
 # Each mirrors what autograd runs for the modules above: F.linear on a batch is
 # addmm(b, x, W^T), whose backward gives dx = g @ W, dW = g^T @ x (W is contiguous, so
 # autograd computes this form) and db = g summed over the batch; ReLU and sigmoid use
-# ATen's own backward kernels. The results are those of loss.backward(), bit for bit.
-def _linear_backward(layer, x, grad, grads=None, need_input=True):
+# ATen's own backward kernels. With the reference kernels (AgentKernels(fast=False)) the
+# results are those of loss.backward(), bit for bit; ``k`` picks the products' kernel.
+def _linear_backward(k, layer, x, grad, grads=None, need_input=True):
     """dL/dx for output gradient ``grad``; with ``grads`` (parameter -> gradient buffer,
     :attr:`FlatAdam.grads`) also write the layer's weight and bias gradients there."""
     if grads is not None:
-        torch.mm(grad.t(), x, out=grads[layer.weight])
+        k.mm(grad.t(), x, out=grads[layer.weight])
         torch.sum(grad, 0, out=grads[layer.bias])
-    return grad.mm(layer.weight) if need_input else None
+    return k.mm(grad, layer.weight) if need_input else None
 
 
 def _relu_backward(grad, out):
     return torch.ops.aten.threshold_backward(grad, out, 0)
 
 
-def _fc(layer, x):
+def _fc(k, layer, x):
     """``layer(x)`` without nn.Module's call machinery (no hooks here; ~3 us a call saved)."""
-    return F.linear(x, layer.weight, layer.bias)
+    return k.linear(x, layer.weight, layer.bias)
 
 
-def _critic_forward(critic, state, action):
-    h1 = torch.relu_(_fc(critic.fc_state, state).add_(_fc(critic.fc_action, action)))
-    h2 = torch.relu_(_fc(critic.fc2, h1))
-    return _fc(critic.fc3, h2), (state, action, h1, h2)
+def _critic_forward(k, critic, state, action):
+    h1 = torch.relu_(_fc(k, critic.fc_state, state).add_(_fc(k, critic.fc_action, action)))
+    h2 = torch.relu_(_fc(k, critic.fc2, h1))
+    return _fc(k, critic.fc3, h2), (state, action, h1, h2)
 
 
-def _critic_backward(critic, cache, dq, grads=None):
+def _critic_backward(k, critic, cache, dq, grads=None):
     """dL/daction for output gradient ``dq``; with ``grads`` also the critic's gradients."""
     state, action, h1, h2 = cache
-    dh2 = _linear_backward(critic.fc3, h2, dq, grads)
-    dz1 = _relu_backward(_linear_backward(critic.fc2, h1, _relu_backward(dh2, h2), grads), h1)
+    dh2 = _linear_backward(k, critic.fc3, h2, dq, grads)
+    dz1 = _relu_backward(_linear_backward(k, critic.fc2, h1, _relu_backward(dh2, h2), grads), h1)
     if grads is not None:
-        _linear_backward(critic.fc_state, state, dz1, grads, need_input=False)
-    return _linear_backward(critic.fc_action, action, dz1, grads)
+        _linear_backward(k, critic.fc_state, state, dz1, grads, need_input=False)
+    return _linear_backward(k, critic.fc_action, action, dz1, grads)
 
 
-def _actor_forward(actor, state):
-    x1 = torch.relu_(_fc(actor.fc1, state))
-    x2 = torch.relu_(_fc(actor.fc2, x1))
-    mu = torch.sigmoid_(_fc(actor.fc3, x2))
+def _actor_forward(k, actor, state):
+    x1 = torch.relu_(_fc(k, actor.fc1, state))
+    x2 = torch.relu_(_fc(k, actor.fc2, x1))
+    mu = torch.sigmoid_(_fc(k, actor.fc3, x2))
     return mu, (state, x1, x2, mu)
 
 
-def _actor_backward(actor, cache, dmu, grads):
+def _actor_backward(k, actor, cache, dmu, grads):
     state, x1, x2, mu = cache
-    dx2 = _linear_backward(actor.fc3, x2, torch.ops.aten.sigmoid_backward(dmu, mu), grads)
-    dx1 = _linear_backward(actor.fc2, x1, _relu_backward(dx2, x2), grads)
-    _linear_backward(actor.fc1, state, _relu_backward(dx1, x1), grads, need_input=False)
+    dx2 = _linear_backward(k, actor.fc3, x2, torch.ops.aten.sigmoid_backward(dmu, mu), grads)
+    dx1 = _linear_backward(k, actor.fc2, x1, _relu_backward(dx2, x2), grads)
+    _linear_backward(k, actor.fc1, state, _relu_backward(dx1, x1), grads, need_input=False)
 
 
 def truncated_normal(mean, sigma, low, high, rng):
@@ -173,10 +174,14 @@ class DDPG:
     whatever the number of actions per layer); ``device``: a
     ``torch.device`` for the networks; ``seed``: seeds the agent's own numpy
     generator (random actions, noise, minibatches). Network initialisation uses
-    torch's RNG, which the caller seeds once.
+    torch's RNG, which the caller seeds once. ``fast_kernels``: run the update's products
+    and optimizer step on the faster CPU kernels where they apply
+    (:class:`~lib.rl.kernels.AgentKernels`; equal within float32 rounding); off, the
+    updates equal autograd + ``torch.optim.Adam`` bit for bit.
     """
 
-    def __init__(self, state_dim, n_layers, config=None, device=None, seed=None, action_dim=1):
+    def __init__(self, state_dim, n_layers, config=None, device=None, seed=None, action_dim=1,
+                 fast_kernels=True):
         self.cfg = config or DDPGConfig()
         self.device = torch.device(device or "cpu")
         self.state_dim, self.action_dim = state_dim, action_dim
@@ -194,6 +199,7 @@ class DDPG:
         self._target_flat = (flatten_parameters_(self.actor_target),
                              flatten_parameters_(self.critic_target))
         self.memory = ReplayMemory(c.rmsize * n_layers, state_dim, action_dim)
+        self.kernels = AgentKernels(self.device, fast=fast_kernels)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
         self.n_updates = 0
@@ -250,39 +256,39 @@ class DDPG:
 
         The gradients are written out (:func:`_linear_backward` and ATen's own backward
         formulas) instead of recorded by autograd, into flat gradient buffers that one
-        Adam step (:class:`~lib.rl.flat.FlatAdam`) reads whole: the same operations
-        autograd and ``torch.optim.Adam`` run for these two small MLPs, without a graph or
-        per-tensor kernels, so the results are identical (tests/test_rl.py checks them bit
-        for bit over an episode) and an update costs 1.77 instead of 2.77 ms on one CPU
-        thread (``bench/agent_bench.py``), where ten 64x300x300 matmuls (~1.1 ms) are the
-        floor.
+        Adam step (:class:`~lib.rl.flat.FlatAdam`) reads whole: the operations autograd
+        and ``torch.optim.Adam`` run for these two small MLPs, without a graph or per-tensor
+        kernels. With the reference kernels the results are identical to autograd's
+        (tests/test_rl.py checks them bit for bit over an episode); by default the large
+        products run in oneDNN and Adam in torch's fused kernel where they apply
+        (:class:`~lib.rl.kernels.AgentKernels`), the same maths in another rounding.
+        ``bench/agent_bench.py`` times the three.
         """
         if len(self.memory) == 0:
             return None, None
         s, a, r, s2, done = self._minibatch()
+        k, tau = self.kernels, self.cfg.tau
+        actor_target, critic_target = self._target_flat
         with torch.no_grad():
-            q_next, _ = _critic_forward(self.critic_target, s2,
-                                        _actor_forward(self.actor_target, s2)[0])
+            q_next, _ = _critic_forward(k, self.critic_target, s2,
+                                        _actor_forward(k, self.actor_target, s2)[0])
             target = r + self.cfg.discount * (1.0 - done) * q_next
 
-            q, cache = _critic_forward(self.critic, s, a)
+            q, cache = _critic_forward(k, self.critic, s, a)
             value_loss = nn.functional.mse_loss(q, target)
             dq = torch.ops.aten.mse_loss_backward(torch.ones_like(value_loss), q, target, 1)
-            _critic_backward(self.critic, cache, dq, self.critic_adam.grads)
-            self.critic_adam.step()
+            _critic_backward(k, self.critic, cache, dq, self.critic_adam.grads)
+            # the critic's target is not read again in this update: it follows at once
+            self.critic_adam.step_and_follow(critic_target, tau, k.fused_adam)
 
             # the actor's loss -mean Q(s, mu(s)) needs dQ/da only from the (updated) critic
-            mu, acache = _actor_forward(self.actor, s)
-            q, cache = _critic_forward(self.critic, s, mu)
+            mu, acache = _actor_forward(k, self.actor, s)
+            q, cache = _critic_forward(k, self.critic, s, mu)
             policy_loss = -q.mean()
             dq = torch.full_like(q, -1.0) / q.numel()
-            _actor_backward(self.actor, acache, _critic_backward(self.critic, cache, dq),
+            _actor_backward(k, self.actor, acache, _critic_backward(k, self.critic, cache, dq),
                             self.actor_adam.grads)
-            self.actor_adam.step()
-
-            tau = self.cfg.tau
-            for target, adam in zip(self._target_flat, (self.actor_adam, self.critic_adam)):
-                target.mul_(1.0 - tau).add_(adam.flat, alpha=tau)
+            self.actor_adam.step_and_follow(actor_target, tau, k.fused_adam)
         self.n_updates += 1
         return value_loss.item(), policy_loss.item()
 

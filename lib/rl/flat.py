@@ -22,6 +22,8 @@ per step; with a smaller ``eps`` the plain square root is taken).
 import numpy as np
 import torch
 
+from .kernels import fused_adam_and_follow
+
 _TINY = float(torch.finfo(torch.float32).smallest_normal)
 
 
@@ -83,10 +85,13 @@ class FlatAdam:
             self.optim.state[p] = {"step": self.steps[i], "exp_avg": avg[i],
                                    "exp_avg_sq": avg_sq[i]}
 
+    def _hyper(self):
+        group = self.optim.param_groups[0]
+        return group["lr"], group["betas"], group["eps"]
+
     def step(self):
         """One Adam step from ``self.grad``, in the operations of torch's foreach Adam."""
-        group = self.optim.param_groups[0]
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        lr, (beta1, beta2), eps = self._hyper()
         self.steps.add_(1.0)
         t = self.steps[0].item()
         self.exp_avg.lerp_(self.grad, 1 - beta1)
@@ -100,6 +105,18 @@ class FlatAdam:
             torch.sqrt(self.exp_avg_sq, out=denom)
         denom.div_(bc2_sqrt).add_(eps)
         self.flat.addcdiv_(self.exp_avg, denom, value=step_size)
+
+    def step_and_follow(self, target, tau, fused=False):
+        """An Adam step, then the soft update ``target <- (1 - tau) * target + tau * params``
+        of the flat target network ``target``; ``fused``: in two passes
+        (:func:`~lib.rl.kernels.fused_adam_and_follow`, equal within float32 rounding)."""
+        if not fused:
+            self.step()
+            target.mul_(1.0 - tau).add_(self.flat, alpha=tau)
+            return
+        lr, (beta1, beta2), eps = self._hyper()
+        self.steps.add_(1.0)
+        fused_adam_and_follow(self, target, tau, lr, beta1, beta2, eps)
 
     def state_dict(self):
         return self.optim.state_dict()

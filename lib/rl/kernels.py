@@ -1,0 +1,109 @@
+"""Which kernels run the agent's update: the reference ones or the faster CPU ones.
+
+HAQ's agent is two 300-unit MLPs trained on minibatches of 64; an update is ten
+64x300x300 products and elementwise work over the ~184k parameters, run once per
+transition (106 times in a linear-mode episode of the embedded default). On the CPU
+two kernels decide its cost, and both have a faster equivalent:
+
+- the products: torch's CPU ``mm``/``linear`` call MKL's sgemm, which on an AMD EPYC
+  (Zen 5) takes ~115 us for 64x300x300 on one thread (100 GFLOP/s, MKL's AVX2 path);
+  oneDNN's product (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile's
+  CPU backend gives linear layers) takes ~64 us with AVX-512. Both accumulate in float32;
+  they differ in summation order, that is in the last bits. Small products (the 10-wide
+  state layers, the 1-wide heads) stay with torch, where oneDNN's ~10 us per call costs
+  more than it saves (``bench/agent_bench.py`` prints both).
+- Adam and the soft target update: the reference runs ten whole-buffer passes per network
+  (``torch.optim.Adam``'s foreach arithmetic, then a multiply and an add); torch's fused
+  Adam kernel and one lerp do it in two (:func:`fused_adam_and_follow`).
+
+Neither changes DDPG's maths: tests/test_rl.py checks an episode of fast updates against
+autograd + ``torch.optim.Adam`` within float32 rounding. Elsewhere (an accelerator for the
+products, float64, a torch without these kernels) or with ``fast=False`` the reference kernels run,
+whose results equal autograd's bit for bit.
+"""
+import torch
+import torch.nn.functional as F
+
+# Products of at least this many multiply-adds go to oneDNN: 64x300x300 is 5.8M
+# (1.7-1.8x faster there); 64x10x300 (0.19M) runs 2x slower there.
+ONEDNN_MIN_MACS = 1 << 20
+
+
+def _onednn_linear():
+    """oneDNN's dense float32 linear op, or None where this torch build lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+class AgentKernels:
+    """The products and the optimizer step of :meth:`DDPG.update_policy`.
+
+    ``fast`` asks for the faster CPU kernels; each is used only where it applies
+    (``onednn``, ``fused_adam`` say which), else torch's.
+    """
+
+    def __init__(self, device, dtype=torch.float32, fast=True):
+        cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
+        self._onednn = _onednn_linear() if fast and cpu32 else None
+        self.onednn = self._onednn is not None
+        # (on an accelerator the flat step counts, kept on the CPU as torch keeps them,
+        # would have to move for the fused kernel: the reference runs there)
+        self.fused_adam = fast and torch.device(device).type == "cpu" and _fused_adam() is not None
+
+    def _big(self, m, k, n):
+        return self.onednn and m * k * n >= ONEDNN_MIN_MACS
+
+    def linear(self, x, weight, bias=None):
+        """``x @ weight.T + bias`` (F.linear)."""
+        m, k = x.shape
+        if self._big(m, k, weight.shape[0]):
+            return self._onednn(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def mm(self, a, b, out=None):
+        """``a @ b``, into ``out`` when given (strided operands are fine for both kernels)."""
+        if self._big(a.shape[0], a.shape[1], b.shape[1]):
+            product = self._onednn(a, b.t(), None, "none", [], "")
+            return product if out is None else out.copy_(product)
+        return torch.mm(a, b, out=out)
+
+
+def _fused_adam():
+    """torch's one-pass Adam kernel (what ``torch.optim.Adam(fused=True)`` calls), or None."""
+    return getattr(torch, "_fused_adam_", None)
+
+
+def fused_adam_and_follow(adam, target, tau, lr, beta1, beta2, eps):
+    """One Adam step on a :class:`~lib.rl.flat.FlatAdam`'s buffers in torch's fused kernel (its
+    step count already advanced), then the soft update ``target <- target + tau * (params -
+    target)`` as one lerp: two passes where the reference takes ten."""
+    _fused_adam()([adam.flat], [adam.grad], [adam.exp_avg], [adam.exp_avg_sq], [],
+                  [adam.steps[:1]], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                  eps=eps, amsgrad=False, maximize=False)
+    target.lerp_(adam.flat, tau)
+
+
+# ------------------------------------------------- how far an update's rounding drifts
+NETWORKS = ("actor", "critic", "actor_target", "critic_target")
+
+
+def float64_reference(agent):
+    """Turn a :class:`~lib.rl.ddpg.DDPG` into a float64 one for :meth:`DDPG.autograd_update`
+    (networks, fresh ``torch.optim.Adam``s, minibatches): DDPG's maths with next to no
+    rounding, which float32 updates are measured against (tests, ``bench/agent_bench.py``)."""
+    for part in NETWORKS:
+        getattr(agent, part).double()
+    agent.actor_optim = torch.optim.Adam(agent.actor.parameters(), lr=agent.cfg.lr_a)
+    agent.critic_optim = torch.optim.Adam(agent.critic.parameters(), lr=agent.cfg.lr_c)
+    minibatch = agent._minibatch
+    agent._minibatch = lambda: tuple(t.double() for t in minibatch())
+    return agent
+
+
+def distance(agent, other):
+    """Largest |difference| of any parameter of the two agents' four networks, relative to
+    that tensor's largest |value| in ``other``."""
+    return max(((p.double() - q.double()).abs().max() / q.double().abs().max()).item()
+               for part in NETWORKS
+               for p, q in zip(getattr(agent, part).parameters(), getattr(other, part).parameters()))
