@@ -224,8 +224,16 @@ def test_agent_kernels_pick_onednn_for_large_cpu_products_only():
     torch.testing.assert_close(out, (x.double().t() @ x.double()).float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(kernels.mm(x, w), (x.double() @ w.double()).float(),
                                rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.linear(x, w, b, relu=True), exact.clamp_min(0),
+                               rtol=1e-5, atol=1e-4)
     small_x, small_w = x[:, :10], w[:, :10]
     assert torch.equal(kernels.linear(small_x, small_w, b), F.linear(small_x, small_w, b))
+    assert torch.equal(kernels.linear(small_x, small_w, b, relu=True),
+                       F.linear(small_x, small_w, b).relu())
+    narrow = torch.empty(300, 10)   # a 10-input layer's weight gradient, g^T x
+    assert kernels.mm(x.t(), small_x, out=narrow) is narrow
+    torch.testing.assert_close(narrow, (x.double().t() @ small_x.double()).float(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _adam_pair(eps=1e-8):
