@@ -28,19 +28,14 @@ sys.path.insert(0, ROOT)
 
 import rl_quantize  # noqa: E402  (the CLI's builders: same model, data and env as a search)
 from lib.quantize import fake_quant_jit  # noqa: E402
-from lib.quantize.linear import COMPILED_STE_MAX_THREADS, compiled_passes  # noqa: E402
+from lib.quantize.linear import compiled_passes  # noqa: E402
 from lib.utils.distributed import resolve_device  # noqa: E402
 from lib.utils.train import evaluate, train_one_epoch  # noqa: E402
 
 
 def _passes():
-    """Which fake-quantization passes run compiled at this thread count (lib/quantize/linear.py)."""
-    z = torch.zeros(1)
-    if compiled_passes(z) is None:
-        return "torch passes"
-    if compiled_passes(z, COMPILED_STE_MAX_THREADS) is None:
-        return "compiled forward, torch STE"
-    return "compiled forward and STE"
+    """Which fake-quantization passes run at this thread count (lib/quantize/linear.py)."""
+    return "torch passes" if compiled_passes(torch.zeros(1)) is None else "compiled passes"
 
 
 def search_args(mode, a):

@@ -316,21 +316,23 @@ def test_compiled_kernels_fall_back_to_uncached_where_numba_cannot_cache(monkeyp
 
     class NoCacheNumba:
         @staticmethod
-        def njit(*args, **kwargs):
-            if kwargs.get("cache"):
-                def refuse(fn):
-                    raise RuntimeError(f"cannot cache function {fn.__name__!r}: no locator "
+        def njit(fn=None, **options):
+            def decorate(f):
+                if options.get("cache"):
+                    raise RuntimeError(f"cannot cache function {f.__name__!r}: no locator "
                                        "available for file 'x.py'")
-                return refuse
-            assert len(args) == 1 and callable(args[0]) and not kwargs
-            return ("uncached", args[0])
+                return ("uncached", f, options)
+            return decorate if fn is None else decorate(fn)
 
     monkeypatch.setattr(_numba, "numba", NoCacheNumba)
 
     def kernel():
         return 1
 
-    assert _numba.jit(kernel) == ("uncached", kernel)
+    assert _numba.jit(kernel) == ("uncached", kernel, {"fastmath": False})
+    # the options survive the fallback
+    assert _numba.jit(fastmath={"reassoc"})(kernel) == ("uncached", kernel,
+                                                        {"fastmath": {"reassoc"}})
 
 
 def test_precomputed_centers_quantize_a_layer_as_clustering_it():

@@ -48,12 +48,12 @@ _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
 _BLOCK = 1 << 18
 _HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward
 # The compiled passes (lib/quantize/fake_quant_jit.py) are single-threaded; up to how many torch
-# threads each beats torch's passes (2-core EPYC). Forward: 0.65 vs 1.21 ms per 3.1M values at
+# threads they beat torch's passes (2-core EPYC). Forward: 0.65 vs 1.21 ms per 3.1M values at
 # one thread; at two, a linear episode's validation and fine-tune excess over the fp32 pass fell
 # from 0.17-0.21 and 0.21-0.32 s to 0.15 and 0.22 s (bench/episode_bench.py, 2 runs each).
-# STE: 1.69 vs 2.17 ms at one thread; at two, torch's parallel passes win (1.09 vs 1.30 ms).
-COMPILED_FORWARD_MAX_THREADS = 2
-COMPILED_STE_MAX_THREADS = 1
+# STE (with its sums): 0.25 vs 0.74 ms per 1.6M values at one thread, 0.17 vs 0.42 ms per 1M
+# at two, and faster at every size from 2,048 values (3.4 vs 13 us).
+COMPILED_MAX_THREADS = 2
 
 
 def n_steps(bits, signed):
@@ -76,7 +76,8 @@ class _FakeQuant(torch.autograd.Function):
 
     On the CPU the range is read once as a Python float: scalar clamps/compares run at about
     twice the speed of broadcast [1]-tensor ones, hardtanh_backward gives the STE mask in
-    one pass, and both directions run block by block (_blocked_quantize, _blocked_ste).  On
+    one pass, and both directions run as one compiled pass each (_compiled_quantize,
+    _compiled_ste) or block by block (_blocked_quantize, _blocked_ste).  On
     an accelerator everything stays on the device (no host sync).
     """
 
@@ -99,12 +100,13 @@ class _FakeQuant(torch.autograd.Function):
         grad_r = None
         if want_x or want_r:
             (x,) = ctx.saved_tensors
-            blocked = _blocked_ste(grad, x, lo, r, signed, want_x, want_r) \
-                if not torch.is_tensor(r) else None
-            if blocked is not None:
-                masked_x, grad_r = blocked
-            else:
-                masked_x, grad_r = _ste(grad, x, lo, r, signed, want_x, want_r)
+            fast = None
+            if not torch.is_tensor(r):
+                fast = _compiled_ste(grad, x, lo, r, signed, want_x, want_r)
+                if fast is None:
+                    fast = _blocked_ste(grad, x, lo, r, signed, want_x, want_r)
+            masked_x, grad_r = fast if fast is not None else \
+                _ste(grad, x, lo, r, signed, want_x, want_r)
             grad_x = masked_x if want_x else grad_x
         if ctx.needs_input_grad[1] and not want_r:   # r >= cap: a zero, as the sum would be
             grad_r = grad.new_zeros(1)
@@ -135,12 +137,11 @@ def _quantize(x, r, steps, signed):
     return torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
 
 
-def compiled_passes(flat, max_threads=COMPILED_FORWARD_MAX_THREADS):
+def compiled_passes(flat):
     """lib/quantize/fake_quant_jit.py where its compiled passes run for the 1-D CPU view
-    ``flat`` (not None), else None: at most ``max_threads`` torch threads (the forward's or
-    the STE's limit), numba importable, a dtype numpy has. numba is imported only where
-    they may run."""
-    if flat is None or torch.get_num_threads() > max_threads:
+    ``flat`` (not None), else None: at most :data:`COMPILED_MAX_THREADS` torch threads,
+    numba importable, a dtype numpy has. numba is imported only where they may run."""
+    if flat is None or torch.get_num_threads() > COMPILED_MAX_THREADS:
         return None
     from . import fake_quant_jit   # imports numba (~0.2 s), once
     return fake_quant_jit if fake_quant_jit.applies(flat) else None
@@ -188,16 +189,30 @@ def _ste(grad, x, lo, r, signed, want_x, want_r):
     return grad_x, grad_r
 
 
+def _compiled_ste(grad, x, lo, r, signed, want_x, want_r):
+    """What :func:`_ste` computes, in one compiled pass over the whole tensors (host-scalar
+    range only; dL/dr summed in float64), or None where :func:`compiled_passes` says no or
+    ``grad`` and ``x`` are not laid out alike."""
+    flat_g, flat_x = _flat(grad), _flat(x)
+    if flat_g is None or flat_x is None or _layout(grad) != _layout(x) \
+            or flat_g.dtype != flat_x.dtype:
+        return None
+    compiled = compiled_passes(flat_g)
+    if compiled is None:
+        return None
+    grad_x = torch.empty_like(grad) if want_x else None
+    grad_r = compiled.ste(flat_g, flat_x, lo, r, _flat(grad_x) if want_x else None, signed)
+    return grad_x, (grad.new_tensor([grad_r]) if want_r else None)
+
+
 def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     """What :func:`_ste` computes, one cache-sized block at a time (host-scalar range only).
 
     Why: on the CPU the whole-tensor version allocates a full-size temporary per dL/dr term,
     and a fresh large buffer costs more in page faults than the pass that fills it; the
     blocks reuse small buffers while the block of ``grad`` and ``x`` is still in cache.
-    Where the compiled pass applies (lib/quantize/fake_quant_jit.py) it writes a block's
-    masks in one pass instead of one ``hardtanh_backward`` each; the same values, summed by
-    the same ``torch.sum`` per block. Returns None when ``grad`` and ``x`` are not laid out
-    alike or fit one block (the caller falls back).
+    Returns None when ``grad`` and ``x`` are not laid out alike or fit one block (the
+    caller falls back).
     """
     flat_g, flat_x = _flat(grad), _flat(x)
     if flat_g is None or flat_x is None or _layout(grad) != _layout(x):
@@ -205,8 +220,6 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     n = flat_g.numel()
     if n <= _BLOCK:   # one block: the whole-tensor passes cost less than the calls saved
         return None
-    compiled = compiled_passes(flat_g, COMPILED_STE_MAX_THREADS) \
-        if flat_x.dtype == flat_g.dtype else None
     grad_x = torch.empty_like(grad) if want_x else None
     flat_gx = _flat(grad_x) if want_x else None
     starts = range(0, n, _BLOCK)
@@ -215,22 +228,16 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     parts = grad.new_zeros(2, len(starts)) if want_r else None
     for i, start in enumerate(starts):
         g, xb = flat_g[start:start + _BLOCK], flat_x[start:start + _BLOCK]
-        gx = flat_gx[start:start + _BLOCK] if want_x else None
-        above = bufs[0][:g.numel()] if want_r else None
-        below = bufs[1][:g.numel()] if want_r and signed else None
-        if compiled is not None:
-            compiled.pass_inside(g, xb, lo, r, gx, above, below)
-        else:
-            if want_x:
-                _HARDTANH_BACKWARD(g, xb, lo, r, grad_input=gx)
-            if want_r:
-                _HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=above)
-                if signed:
-                    _HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=below)
+        if want_x:
+            _HARDTANH_BACKWARD(g, xb, lo, r, grad_input=flat_gx[start:start + _BLOCK])
         if want_r:
-            torch.sum(above, 0, out=parts[0, i])
+            above = bufs[0][:g.numel()]
+            torch.sum(_HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=above), 0,
+                      out=parts[0, i])
             if signed:
-                torch.sum(below, 0, out=parts[1, i])
+                below = bufs[1][:g.numel()]
+                torch.sum(_HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=below), 0,
+                          out=parts[1, i])
     grad_r = (parts[0].sum() - parts[1].sum()).reshape(1) if want_r else None
     return grad_x, grad_r
 

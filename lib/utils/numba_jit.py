@@ -19,19 +19,22 @@ def available():
     return numba is not None
 
 
-def jit(fn):
-    """``numba.njit(cache=True)(fn)``, or ``fn`` itself without numba (never called then).
+def jit(fn=None, *, fastmath=False):
+    """``numba.njit(cache=True, fastmath=fastmath)(fn)``, or ``fn`` itself without numba
+    (never called then); as ``@jit`` or ``@jit(fastmath=...)``.
 
     Where no cache directory is writable (a read-only install, and no writable
     NUMBA_CACHE_DIR or home cache), numba refuses ``cache=True`` at decoration time;
     the function is then compiled in every process instead (~2 s once) rather than
     failing the import.
     """
+    if fn is None:
+        return lambda f: jit(f, fastmath=fastmath)
     if numba is None:
         return fn
     try:
-        return numba.njit(cache=True)(fn)
+        return numba.njit(cache=True, fastmath=fastmath)(fn)
     except RuntimeError as exc:   # "cannot cache function ...: no locator available"
         logging.getLogger(__name__).debug("numba cannot cache %s (%s): compiling per process",
                                           fn.__name__, exc)
-        return numba.njit(fn)
+        return numba.njit(fastmath=fastmath)(fn)
