@@ -201,6 +201,31 @@ def test_fast_kernels_keep_the_updates_within_float32_rounding():
     assert distance(fast, exact) <= max(4 * distance(ref, exact), 1e-5)
 
 
+def test_agent_kernels_that_fail_their_probe_are_not_used(monkeypatch):
+    """A torch build whose oneDNN op or CPU fused Adam raises (torch < 2.4 has no CPU fused
+    Adam) gets the reference kernels instead of a search that fails mid-way."""
+    from lib.rl import kernels
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no kernel for this backend")
+
+    monkeypatch.setattr(torch, "_fused_adam_", broken)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
+    for probe in (kernels._fused_adam, kernels._onednn_linear):
+        probe.cache_clear()
+    try:
+        k = kernels.AgentKernels(torch.device("cpu"))
+        assert not k.onednn and not k.fused_adam
+        agent = DDPG(7, 6, DDPGConfig(hidden1=16, hidden2=16, warmup=0, bsize=8, rmsize=4),
+                     device=torch.device("cpu"), seed=0)
+        _fill(agent)
+        assert agent.update_policy()[0] is not None   # runs on the reference kernels
+    finally:
+        monkeypatch.undo()
+        for probe in (kernels._fused_adam, kernels._onednn_linear):
+            probe.cache_clear()
+
+
 def test_agent_kernels_pick_onednn_for_large_cpu_products_only():
     """oneDNN takes the large float32 CPU products (equal to torch's within rounding); small
     ones, other devices and ``fast=False`` stay with torch's kernels, bit for bit."""

@@ -21,6 +21,8 @@ the networks are as close to a float64 run of autograd + ``torch.optim.Adam`` as
 reference is. Elsewhere (an accelerator, float64, a torch without these kernels) or with
 ``fast=False`` the reference kernels run, whose results equal autograd's bit for bit.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +31,28 @@ import torch.nn.functional as F
 ONEDNN_MIN_MACS = 1 << 20
 
 
+def _works(check):
+    """Whether ``check()`` runs and returns True: a private kernel's probe. Builds differ (the
+    CPU fused Adam came with torch 2.4; oneDNN's op is missing without mkldnn), and a search
+    must not fail mid-way on one, so a kernel that raises here is simply not used."""
+    try:
+        return bool(check())
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def _onednn_linear():
-    """oneDNN's dense float32 linear op, or None where this torch build lacks it."""
+    """oneDNN's dense float32 linear op where it runs on strided CPU tensors, else None."""
     if not torch.backends.mkldnn.is_available():
         return None
-    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 16, generator=gen), torch.randn(16, 16, generator=gen)
+    return op if _works(lambda: torch.allclose(op(x, w.t(), None, "none", [], ""), x @ w,
+                                               rtol=1e-4, atol=1e-4)) else None
 
 
 class AgentKernels:
@@ -76,9 +95,21 @@ class AgentKernels:
         return torch.mm(a, b, out=out)
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_adam():
-    """torch's one-pass Adam kernel (what ``torch.optim.Adam(fused=True)`` calls), or None."""
-    return getattr(torch, "_fused_adam_", None)
+    """torch's one-pass Adam kernel (what ``torch.optim.Adam(fused=True)`` calls) where it runs
+    on the CPU, else None."""
+    kernel = getattr(torch, "_fused_adam_", None)
+    if kernel is None:
+        return None
+
+    def first_step_moves_by_lr():   # Adam's first step is lr * sign(g)
+        p = torch.ones(4)
+        kernel([p], [torch.ones(4)], [torch.zeros(4)], [torch.zeros(4)], [], [torch.ones(1)],
+               lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+               maximize=False)
+        return torch.allclose(p, torch.full((4,), 0.9))
+    return kernel if _works(first_step_moves_by_lr) else None
 
 
 def fused_adam_and_follow(adam, target, tau, lr, beta1, beta2, eps):
