@@ -210,7 +210,7 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
 
     Why: on the CPU the whole-tensor version allocates a full-size temporary per dL/dr term,
     and a fresh large buffer costs more in page faults than the pass that fills it; the
-    blocks reuse small buffers while the block of ``grad`` and ``x`` is still in cache.
+    blocks reuse one small buffer while the block of ``grad`` and ``x`` is still in cache.
     Returns None when ``grad`` and ``x`` are not laid out alike or fit one block (the
     caller falls back).
     """
@@ -223,20 +223,17 @@ def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
     grad_x = torch.empty_like(grad) if want_x else None
     flat_gx = _flat(grad_x) if want_x else None
     starts = range(0, n, _BLOCK)
-    # one buffer per dL/dr term (separate 1-D tensors: the sums see what they saw before)
-    bufs = [grad.new_empty(min(_BLOCK, n)) for _ in range(2 if signed else 1)] if want_r else None
+    buf = grad.new_empty(min(_BLOCK, n)) if want_r else None
     parts = grad.new_zeros(2, len(starts)) if want_r else None
     for i, start in enumerate(starts):
         g, xb = flat_g[start:start + _BLOCK], flat_x[start:start + _BLOCK]
         if want_x:
             _HARDTANH_BACKWARD(g, xb, lo, r, grad_input=flat_gx[start:start + _BLOCK])
         if want_r:
-            above = bufs[0][:g.numel()]
-            torch.sum(_HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=above), 0,
-                      out=parts[0, i])
+            b = buf[:g.numel()]
+            torch.sum(_HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=b), 0, out=parts[0, i])
             if signed:
-                below = bufs[1][:g.numel()]
-                torch.sum(_HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=below), 0,
+                torch.sum(_HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=b), 0,
                           out=parts[1, i])
     grad_r = (parts[0].sum() - parts[1].sum()).reshape(1) if want_r else None
     return grad_x, grad_r

@@ -63,13 +63,13 @@ class AgentKernels:
     """
 
     def __init__(self, device, dtype=torch.float32, fast=True):
-        cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
-        self.fast = fast and cpu32
-        self._onednn = _onednn_linear() if fast and cpu32 else None
+        cpu = torch.device(device).type == "cpu"
+        self.fast = fast and cpu and dtype == torch.float32
+        self._onednn = _onednn_linear() if self.fast else None
         self.onednn = self._onednn is not None
         # (on an accelerator the flat step counts, kept on the CPU as torch keeps them,
         # would have to move for the fused kernel: the reference runs there)
-        self.fused_adam = fast and torch.device(device).type == "cpu" and _fused_adam() is not None
+        self.fused_adam = fast and cpu and _fused_adam() is not None
 
     def _big(self, m, k, n):
         return self.onednn and m * k * n >= ONEDNN_MIN_MACS
