@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 from scipy.special import ndtr, ndtri
 
+from . import compiled
+from .compiled import CompiledUpdate
 from .flat import FlatAdam, flatten_parameters_
 from .kernels import AgentKernels
 from .memory import ReplayMemory
@@ -207,6 +209,7 @@ class DDPG:
         self._nets = SimpleNamespace(**{name: _layers(getattr(self, name)) for name in
                                         ("actor", "critic", "actor_target", "critic_target")})
         self._constants = {}   # tensors every update of a batch size reuses
+        self._compiled = CompiledUpdate(self) if compiled.usable(self.kernels) else None
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
         self.n_updates = 0
@@ -240,14 +243,18 @@ class DDPG:
         for state, action, next_state, done in transitions:
             self.memory.append(state, action, reward, next_state, done)
 
-    def _baseline(self, rewards):
-        """Update the moving-average baseline with this minibatch and subtract it."""
+    def _update_baseline(self, rewards):
+        """Update the moving-average baseline with this minibatch's rewards; return it."""
         batch_mean = float(np.mean(rewards))
         if self.moving_average is None:
             self.moving_average = batch_mean
         else:
             self.moving_average += self.cfg.moving_alpha * (batch_mean - self.moving_average)
-        return rewards - self.moving_average
+        return self.moving_average
+
+    def _baseline(self, rewards):
+        """Update the moving-average baseline with this minibatch and subtract it."""
+        return rewards - self._update_baseline(rewards)
 
     def _minibatch(self):
         """A sampled minibatch as tensors (state, action, reward - baseline, next state, done)."""
@@ -273,6 +280,9 @@ class DDPG:
         """
         if len(self.memory) == 0:
             return None, None
+        if self._compiled is not None:
+            self.n_updates += 1
+            return self._compiled()
         s, a, r, s2, done = self._minibatch()
         k, tau = self.kernels, self.cfg.tau
         actor_target, critic_target = self._target_flat

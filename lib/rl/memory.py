@@ -45,6 +45,12 @@ class ReplayMemory:
         self.next_index = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def sample_indices(self, batch_size, rng):
+        """The slots of a minibatch :meth:`sample` draws (the same draws from ``rng``)."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay memory")
+        return rng.choice(self.size, size=batch_size, replace=self.size < batch_size)
+
     def sample(self, batch_size, rng):
         """Draw a minibatch uniformly (without replacement when enough are stored).
 
@@ -52,10 +58,7 @@ class ReplayMemory:
         reproducible and its state can be checkpointed.
         Returns ``(states, actions, rewards, next_states, terminals)``.
         """
-        if self.size == 0:
-            raise ValueError("cannot sample from an empty replay memory")
-        replace = self.size < batch_size
-        idx = rng.choice(self.size, size=batch_size, replace=replace)
+        idx = self.sample_indices(batch_size, rng)
         return (self.states[idx], self.actions[idx], self.rewards[idx].copy(),
                 self.next_states[idx], self.terminals[idx])
 

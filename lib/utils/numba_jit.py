@@ -19,9 +19,11 @@ def available():
     return numba is not None
 
 
-def jit(fn=None, *, fastmath=False):
-    """``numba.njit(cache=True, fastmath=fastmath)(fn)``, or ``fn`` itself without numba
-    (never called then); as ``@jit`` or ``@jit(fastmath=...)``.
+def jit(fn=None, *, fastmath=False, error_model="python"):
+    """``numba.njit(cache=True, fastmath=fastmath, error_model=error_model)(fn)``, or ``fn``
+    itself without numba (never called then); as ``@jit`` or ``@jit(fastmath=...)``.
+    ``error_model="numpy"`` drops the check for division by zero, which otherwise keeps a
+    loop that divides from vectorizing.
 
     Where no cache directory is writable (a read-only install, and no writable
     NUMBA_CACHE_DIR or home cache), numba refuses ``cache=True`` at decoration time;
@@ -29,12 +31,12 @@ def jit(fn=None, *, fastmath=False):
     failing the import.
     """
     if fn is None:
-        return lambda f: jit(f, fastmath=fastmath)
+        return lambda f: jit(f, fastmath=fastmath, error_model=error_model)
     if numba is None:
         return fn
     try:
-        return numba.njit(cache=True, fastmath=fastmath)(fn)
+        return numba.njit(cache=True, fastmath=fastmath, error_model=error_model)(fn)
     except RuntimeError as exc:   # "cannot cache function ...: no locator available"
         logging.getLogger(__name__).debug("numba cannot cache %s (%s): compiling per process",
                                           fn.__name__, exc)
-        return numba.njit(fastmath=fastmath)(fn)
+        return numba.njit(fastmath=fastmath, error_model=error_model)(fn)

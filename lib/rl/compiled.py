@@ -1,0 +1,406 @@
+"""The agent's update as eight compiled passes around its ten large products (CPU, float32).
+
+:meth:`DDPG.update_policy` in torch is ~90 kernel calls per update, most on 64 x 300 or
+smaller tensors, where each call's dispatch (~3 us) costs more than its work: at the
+released sizes ten 64x300x300 products take ~0.64 ms in oneDNN and the rest of the update
+~0.6 ms. Here everything but those ten products runs in eight numba functions, one between
+each product and the next that depends on it, which read and write the networks' flat
+buffers (:class:`~lib.rl.flat.FlatAdam`) in place: the minibatch gather and reward
+baseline, the 10-wide and 1-wide layers, ReLU and sigmoid and their derivatives, the MSE
+loss, the small weight gradients, and Adam with the soft target update in one pass over
+each network. The products stay with :class:`~lib.rl.kernels.AgentKernels` (oneDNN).
+
+DDPG's maths is that of :func:`~lib.rl.ddpg._critic_forward` and its siblings, and Adam's
+that of ``torch.optim.Adam`` (torch's fused CPU kernel's order of operations); sums run in
+another order (``reassoc``, so that the loops vectorize), so results equal the reference
+within float32 rounding (tests/test_rl.py checks an episode of updates against a float64
+run). Used where numba imports and the agent is a float32 CPU one with fast kernels.
+"""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from lib.utils.numba_jit import available, jit
+
+_FAST = {"reassoc", "contract"}   # vectorized sums and fused multiply-adds; no other license
+
+
+# ----------------------------------------------------------------- small dense layers
+@jit(fastmath=_FAST, error_model="numpy")
+def _fill_rows(out, b):
+    """out[i] = b for every row (numba's slice assignment costs 5x this loop here)."""
+    for i in range(out.shape[0]):
+        row = out[i]
+        for j in range(row.size):
+            row[j] = b[j]
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _accumulate_wide(x, w, out):
+    """out += x @ w.T for a layer of few inputs (w is out_features x few): the weight is
+    transposed once so that the inner loop runs along the 300 outputs, four inputs at a
+    time (a quarter of the loads and stores of ``out``)."""
+    wt = np.ascontiguousarray(w.T)
+    n_in = x.shape[1]
+    for i in range(x.shape[0]):
+        row, k = out[i], 0
+        while k + 4 <= n_in:
+            x0, x1, x2, x3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
+            w0, w1, w2, w3 = wt[k], wt[k + 1], wt[k + 2], wt[k + 3]
+            for j in range(row.size):
+                row[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
+            k += 4
+        while k < n_in:
+            xv, wk = x[i, k], wt[k]
+            for j in range(row.size):
+                row[j] += xv * wk[j]
+            k += 1
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _relu_(x):
+    for i in range(x.shape[0]):
+        row = x[i]
+        for j in range(row.size):
+            row[j] = max(row[j], np.float32(0.0))
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _dense_wide_relu(x, w, b, out):
+    """out = relu(x @ w.T + b) for a layer of few inputs."""
+    _fill_rows(out, b)
+    _accumulate_wide(x, w, out)
+    _relu_(out)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _dense_narrow(x, w, b, out):
+    """out = x @ w.T + b for a layer of few outputs (a head): sums along the inputs."""
+    for i in range(x.shape[0]):
+        for o in range(w.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(x.shape[1]):
+                acc += x[i, j] * w[o, j]
+            out[i, o] = acc + b[o]
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _first_critic_layer(s, a, ws, bs, wa, ba, out):
+    """relu(fc_state(s) + fc_action(a)), the critic's first hidden layer, in one pass."""
+    for i in range(out.shape[0]):
+        row = out[i]
+        for j in range(row.size):
+            row[j] = bs[j] + ba[j]
+    _accumulate_wide(s, ws, out)
+    _accumulate_wide(a, wa, out)
+    _relu_(out)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _outer_sum(u, v, out):
+    """out[p, q] = sum_i u[i, p] * v[i, q] (a weight gradient g^T x, or its transpose)."""
+    _fill_rows(out, np.zeros(out.shape[1], dtype=out.dtype))
+    for i in range(u.shape[0]):
+        vi = v[i]
+        for p in range(u.shape[1]):
+            up, row = u[i, p], out[p]
+            for q in range(row.size):
+                row[q] += up * vi[q]
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _column_sum(g, out):
+    """A bias gradient: g summed over the minibatch."""
+    for j in range(out.size):
+        out[j] = 0.0
+    for i in range(g.shape[0]):
+        gi = g[i]
+        for j in range(out.size):
+            out[j] += gi[j]
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _wide_grads(g, x, dw, db, acc):
+    """Weight and bias gradients of a few-input layer: dw = g^T x (through its transpose
+    ``acc``, so the sums run along the 300 outputs), db = sum of g."""
+    _outer_sum(x, g, acc)
+    for j in range(dw.shape[0]):
+        for k in range(dw.shape[1]):
+            dw[j, k] = acc[k, j]
+    _column_sum(g, db)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _head_backward(g, w, h, dh):
+    """dh = (g @ w) where h > 0, else 0: through a head and the ReLU before it."""
+    for i in range(g.shape[0]):
+        row, hr = dh[i], h[i]
+        for j in range(row.size):
+            row[j] = 0.0
+        for o in range(w.shape[0]):
+            gv, wo = g[i, o], w[o]
+            for j in range(row.size):
+                row[j] += gv * wo[j]
+        for j in range(row.size):
+            row[j] = row[j] if hr[j] > 0 else np.float32(0.0)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _mask_(g, h):
+    """g <- g where h > 0, else 0 (ReLU's backward, from its output)."""
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            if not h[i, j] > 0:
+                g[i, j] = 0.0
+
+
+# --------------------------------------------------------------------------- Adam
+@jit(fastmath=_FAST, error_model="numpy")
+def _adam_follow(p, g, m, v, target, hp):
+    """Adam on ``p`` with gradient ``g``, then the soft update of ``target``; ``hp`` =
+    (1 - beta1, beta2, 1 - beta2, lr / (1 - beta1^t), sqrt(1 - beta2^t), eps, tau), the
+    constants of torch's fused Adam. (Loops from 0 over slices: an offset index could be
+    negative to the compiler, whose wrap-around test then keeps the loop from vectorizing.)"""
+    one_minus_beta1, beta2, one_minus_beta2 = np.float32(hp[0]), np.float32(hp[1]), np.float32(hp[2])
+    step_size, bc2_sqrt = np.float32(hp[3]), np.float32(hp[4])
+    eps, tau = np.float32(hp[5]), np.float32(hp[6])
+    for i in range(p.size):
+        grad = g[i]
+        mi = m[i] + one_minus_beta1 * (grad - m[i])
+        vi = beta2 * v[i] + one_minus_beta2 * grad * grad
+        m[i] = mi
+        v[i] = vi
+        pi = p[i] - step_size * mi / (np.sqrt(vi) / bc2_sqrt + eps)
+        p[i] = pi
+        target[i] += tau * (pi - target[i])
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _adam_network(flat, grad, big_grad, big_offset, m, v, target, hp):
+    """One Adam step and soft update of a whole network; the gradient of its large weight
+    (``big_grad``, from the product kernel) is read where it lies, the rest from ``grad``."""
+    lo, hi = big_offset, big_offset + big_grad.size
+    _adam_follow(flat[:lo], grad[:lo], m[:lo], v[:lo], target[:lo], hp)
+    _adam_follow(flat[lo:hi], big_grad.reshape(big_grad.size), m[lo:hi], v[lo:hi], target[lo:hi], hp)
+    _adam_follow(flat[hi:], grad[hi:], m[hi:], v[hi:], target[hi:], hp)
+
+
+# ------------------------------------------------------- the passes between products
+@jit(fastmath=_FAST, error_model="numpy")
+def _targets_in(idx, mem_s, mem_a, mem_r, mem_s2, mem_d, baseline, s, a, r, s2, d, w1, b1, x1t):
+    """The minibatch (rewards less the baseline), and the target actor's first layer on s'."""
+    for i in range(idx.size):
+        j = idx[i]
+        for k in range(s.shape[1]):
+            s[i, k] = mem_s[j, k]
+            s2[i, k] = mem_s2[j, k]
+        for k in range(a.shape[1]):
+            a[i, k] = mem_a[j, k]
+        r[i, 0] = mem_r[j] - baseline
+        d[i, 0] = mem_d[j]
+    _dense_wide_relu(s2, w1, b1, x1t)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _sigmoid_head(x, w, b, out):
+    """The actor's output mu = sigmoid(fc3(x))."""
+    _dense_narrow(x, w, b, out)
+    for i in range(out.shape[0]):
+        for o in range(out.shape[1]):
+            out[i, o] = np.float32(1.0) / (np.float32(1.0) + np.exp(-out[i, o]))
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _target_critic_in(x2t, w3, b3, s2, ws, bs, wa, ba, mu2, h1t):
+    """mu'(s') from the target actor's last hidden layer; the target critic's first on (s', mu')."""
+    _sigmoid_head(x2t, w3, b3, mu2)
+    _first_critic_layer(s2, mu2, ws, bs, wa, ba, h1t)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _critic_in(h2t, w3t, b3t, r, d, discount, s, a, ws, bs, wa, ba, w1, b1, qn, y, h1, x1):
+    """The TD target y = r + discount * (1 - done) * Q'(s', mu'(s')); the critic's first layer
+    on (s, a) and the actor's on s (the actor is not updated before the critic)."""
+    _dense_narrow(h2t, w3t, b3t, qn)
+    for i in range(y.shape[0]):
+        y[i, 0] = r[i, 0] + discount * (np.float32(1.0) - d[i, 0]) * qn[i, 0]
+    _first_critic_layer(s, a, ws, bs, wa, ba, h1)
+    _dense_wide_relu(s, w1, b1, x1)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _critic_loss(h2, w3, b3, y, q, gq, gw3, gb3, g2, gb2):
+    """Q(s, a), the MSE loss against y and its gradient back to the critic's second hidden
+    layer (before its ReLU); returns the loss."""
+    _dense_narrow(h2, w3, b3, q)
+    n = q.shape[0]
+    total = 0.0
+    for i in range(n):
+        diff = q[i, 0] - y[i, 0]
+        total += diff * diff
+        gq[i, 0] = diff * np.float32(2.0 / n)
+    _outer_sum(gq, h2, gw3)
+    _column_sum(gq, gb3)
+    _head_backward(gq, w3, h2, g2)
+    _column_sum(g2, gb2)
+    return total / n
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _critic_step(dh1, h1, s, a, gws, gbs, gwa, gba, acc_s, acc_a, flat, grad, big_grad, big_offset,
+                 m, v, target, hp, x2, w3, b3, mu, ws, bs, wa, ba, h1p):
+    """The critic's first-layer gradients, its Adam step and soft update; then mu(s) and the
+    updated critic's first layer on (s, mu(s)) for the actor's loss."""
+    _mask_(dh1, h1)
+    _wide_grads(dh1, s, gws, gbs, acc_s)
+    _wide_grads(dh1, a, gwa, gba, acc_a)
+    _adam_network(flat, grad, big_grad, big_offset, m, v, target, hp)
+    _sigmoid_head(x2, w3, b3, mu)
+    _first_critic_layer(s, mu, ws, bs, wa, ba, h1p)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _policy_in(h2p, w3, b3, q, gq, g2):
+    """Q(s, mu(s)), the actor's loss -mean Q and its gradient back to the critic's second
+    hidden layer; returns the loss."""
+    _dense_narrow(h2p, w3, b3, q)
+    n = q.shape[0]
+    total = 0.0
+    for i in range(n):
+        total += q[i, 0]
+        gq[i, 0] = np.float32(-1.0 / n)
+    _head_backward(gq, w3, h2p, g2)
+    return -total / n
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _actor_back(dh1p, h1p, wa, mu, dmu, x2, w3, gw3, gb3, gx2, gb2):
+    """dQ/da through the critic's action layer, then back through the actor's sigmoid head
+    to its second hidden layer (before the ReLU), with the head's gradients."""
+    _mask_(dh1p, h1p)
+    for i in range(dmu.shape[0]):
+        for o in range(dmu.shape[1]):
+            acc = np.float32(0.0)
+            for j in range(dh1p.shape[1]):
+                acc += dh1p[i, j] * wa[j, o]
+            dmu[i, o] = acc * (np.float32(1.0) - mu[i, o]) * mu[i, o]
+    _outer_sum(dmu, x2, gw3)
+    _column_sum(dmu, gb3)
+    _head_backward(dmu, w3, x2, gx2)
+    _column_sum(gx2, gb2)
+
+
+@jit(fastmath=_FAST, error_model="numpy")
+def _actor_step(dx1, x1, s, gw1, gb1, acc_s, flat, grad, big_grad, big_offset, m, v, target, hp):
+    """The actor's first-layer gradients, its Adam step and soft update."""
+    _mask_(dx1, x1)
+    _wide_grads(dx1, s, gw1, gb1, acc_s)
+    _adam_network(flat, grad, big_grad, big_offset, m, v, target, hp)
+
+
+# ------------------------------------------------------------------------ the driver
+def usable(kernels):
+    """Whether the compiled update can run for an agent with these :class:`AgentKernels`."""
+    return kernels.fast and available()
+
+
+def _np(t):
+    return t.detach().numpy()
+
+
+class CompiledUpdate:
+    """:meth:`DDPG.update_policy` for a float32 CPU agent: numba passes around the products.
+
+    Holds numpy views of the agent's parameters, gradients, Adam moments, targets (all views
+    of the flat buffers, which ``load_state_dict`` fills in place) and replay memory, and the
+    minibatch's activations, allocated once for the configured batch size; each pass's
+    arguments are bound once, so an update spends next to nothing in Python.
+    """
+
+    def __init__(self, agent):
+        self.agent, self.kernels = agent, agent.kernels
+        c, n = agent.cfg, agent.cfg.bsize
+        # torch's allocator aligns to 64 bytes, numpy's to 16: oneDNN reads these faster
+        buf = lambda *shape: torch.zeros(shape).numpy()  # noqa: E731
+        s_dim, a_dim = agent.state_dim, agent.action_dim
+        s, s2, a = buf(n, s_dim), buf(n, s_dim), buf(n, a_dim)
+        r, d, y, q, gq = (buf(n, 1) for _ in range(5))
+        self.mu, mu2, dmu = (buf(n, a_dim) for _ in range(3))
+        x1t, h1t, self.h1, self.x1, h1p = (buf(n, c.hidden1) for _ in range(5))
+        g2, g2p, gx2 = (buf(n, c.hidden2) for _ in range(3))
+        acc_s, acc_a = buf(s_dim, c.hidden1), buf(a_dim, c.hidden1)
+        self.t = SimpleNamespace(**{name: torch.from_numpy(x) for name, x in (
+            ("x1t", x1t), ("h1t", h1t), ("h1", self.h1), ("x1", self.x1), ("h1p", h1p),
+            ("g2", g2), ("g2p", g2p), ("gx2", gx2))})
+        at, ct, ac, cr = (SimpleNamespace(**{layer: (_np(w), _np(b)) for layer, (w, b)
+                                             in vars(getattr(agent._nets, name)).items()})
+                          for name in ("actor_target", "critic_target", "actor", "critic"))
+        # the large layers for the product kernel, detached (no autograd graph is wanted)
+        self.fc2 = SimpleNamespace(**{name: tuple(p.detach() for p in getattr(agent._nets, name).fc2)
+                                      for name in ("actor_target", "critic_target", "actor", "critic")})
+        self.steps = (_np(agent.critic_adam.steps), _np(agent.actor_adam.steps))
+        cadam, cg = self._optimizer(agent.critic_adam, self.fc2.critic[0], agent._target_flat[1])
+        aadam, ag = self._optimizer(agent.actor_adam, self.fc2.actor[0], agent._target_flat[0])
+        # critic grads: fc_state w, b; fc_action w, b; fc2 w, b; fc3 w, b; actor: fc1, fc2, fc3
+        mem = agent.memory
+        self.args = SimpleNamespace(
+            targets_in=((mem.states, mem.actions, mem.rewards, mem.next_states, mem.terminals),
+                        (s, a, r, s2, d, *at.fc1, x1t)),
+            target_critic_in=(*at.fc3, s2, *ct.fc_state, *ct.fc_action, mu2, h1t),
+            critic_in=(*ct.fc3, r, d, np.float32(c.discount), s, a, *cr.fc_state, *cr.fc_action,
+                       *ac.fc1, q, y, self.h1, self.x1),
+            critic_loss=(*cr.fc3, y, q, gq, cg[6], cg[7], g2, cg[5]),
+            critic_step=((self.h1, s, a, cg[0], cg[1], cg[2], cg[3], acc_s, acc_a, *cadam[:2]),
+                         cadam[2:], (*ac.fc3, self.mu, *cr.fc_state, *cr.fc_action, h1p)),
+            policy_in=(*cr.fc3, q, gq, g2p),
+            actor_back=(h1p, cr.fc_action[0], self.mu, dmu),
+            actor_back2=(ac.fc3[0], ag[4], ag[5], gx2, ag[3]),
+            actor_step=((self.x1, s, ag[0], ag[1], acc_s, *aadam[:2]), aadam[2:]))
+
+    @staticmethod
+    def _optimizer(adam, big, target):
+        """The arrays one Adam step and soft update of a network reads and writes (flat
+        parameters and gradient; where its large weight ``big`` sits, moments, target), and
+        its layers' gradients (numpy views of :attr:`FlatAdam.grads`)."""
+        offset = (big.data_ptr() - adam.flat.data_ptr()) // adam.flat.element_size()
+        return ((_np(adam.flat), _np(adam.grad), offset, _np(adam.exp_avg), _np(adam.exp_avg_sq),
+                 _np(target)), [_np(adam.grads[p]) for p in adam.params])
+
+    def _hyper(self, adam, steps):
+        """Adam's per-step constants after advancing the step count (torch's fused kernel's)."""
+        lr, (beta1, beta2), eps = adam._hyper()
+        steps += 1.0
+        t = float(steps[0])
+        return (1.0 - beta1, beta2, 1.0 - beta2, lr / (1.0 - beta1 ** t),
+                math.sqrt(1.0 - beta2 ** t), eps, self.agent.cfg.tau)
+
+    def __call__(self):
+        """One update; returns (value_loss, policy_loss) as :meth:`DDPG.update_policy` does."""
+        agent, linear, mm = self.agent, self.kernels.linear, self.kernels.mm
+        fc2, t, args = self.fc2, self.t, self.args
+        idx = agent.memory.sample_indices(agent.cfg.bsize, agent.rng)
+        baseline = np.float32(agent._update_baseline(agent.memory.rewards[idx]))
+        _targets_in(idx, *args.targets_in[0], baseline, *args.targets_in[1])
+        x2t = linear(t.x1t, *fc2.actor_target, relu=True).numpy()
+        _target_critic_in(x2t, *args.target_critic_in)
+        h2t = linear(t.h1t, *fc2.critic_target, relu=True).numpy()
+        _critic_in(h2t, *args.critic_in)
+        h2 = linear(t.h1, *fc2.critic, relu=True).numpy()
+        x2 = linear(t.x1, *fc2.actor, relu=True).numpy()
+        value_loss = _critic_loss(h2, *args.critic_loss)
+        dw = mm(t.g2.t(), t.h1).numpy()
+        dh1 = mm(t.g2, fc2.critic[0]).numpy()
+        pre, moments, post = args.critic_step
+        _critic_step(dh1, *pre, dw, *moments, self._hyper(agent.critic_adam, self.steps[0]),
+                     x2, *post)
+        h2p = linear(t.h1p, *fc2.critic, relu=True).numpy()
+        policy_loss = _policy_in(h2p, *args.policy_in)
+        dh1p = mm(t.g2p, fc2.critic[0]).numpy()
+        _actor_back(dh1p, *args.actor_back, x2, *args.actor_back2)
+        dw = mm(t.gx2.t(), t.x1).numpy()
+        dx1 = mm(t.gx2, fc2.actor[0]).numpy()
+        pre, moments = args.actor_step
+        _actor_step(dx1, *pre, dw, *moments, self._hyper(agent.actor_adam, self.steps[1]))
+        return float(value_loss), float(policy_loss)
