@@ -82,6 +82,20 @@ class AgentKernels:
         y = F.linear(x, weight, bias)
         return torch.relu_(y) if relu else y
 
+    def bind_linear(self, x, weight, bias=None, relu=False):
+        """``lambda: self.linear(x, weight, bias, relu)`` for fixed operands (whose values may
+        change), with the kernel chosen now: a product called per update costs no Python."""
+        if self._big(*x.shape, weight.shape[0]):
+            return functools.partial(self._onednn, x, weight, bias, "relu" if relu else "none",
+                                     [], "")
+        return functools.partial(self.linear, x, weight, bias, relu)
+
+    def bind_mm(self, a, b):
+        """``lambda: self.mm(a, b)`` for fixed operands, the kernel chosen now."""
+        if self._big(*a.shape, b.shape[1]):
+            return functools.partial(self._onednn, a, b.t(), None, "none", [], "")
+        return functools.partial(self.mm, a, b)
+
     def mm(self, a, b, out=None):
         """``a @ b``, into ``out`` when given (strided operands are fine for both kernels)."""
         m, k, n = a.shape[0], a.shape[1], b.shape[1]
