@@ -181,18 +181,24 @@ def _episode_agents(hidden, bsize=64, n_steps=20):
     return agents
 
 
-def test_fast_kernels_keep_the_updates_within_float32_rounding():
-    """oneDNN products and the fused Adam step change the rounding, not the maths: after an
-    episode of updates (the released minibatch of 64, hidden layers large enough for oneDNN)
-    the networks are as close to a float64 run as the float32 reference is (both drift as
-    training amplifies rounding: 1e-6 to 1e-2 after 20-100 updates, by seed and size)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_kernels_keep_the_updates_within_float32_rounding(compiled):
+    """oneDNN products and the fused Adam step (and, ``compiled``, the numba passes around the
+    products) change the rounding, not the maths: after an episode of updates (the released
+    minibatch of 64, hidden layers large enough for oneDNN) the networks are as close to a
+    float64 run as the float32 reference is (both drift as training amplifies rounding: 1e-6
+    to 1e-2 after 20-100 updates, by seed and size)."""
     from lib.rl.kernels import ONEDNN_MIN_MACS
     hidden = 160
     assert 64 * hidden * hidden >= ONEDNN_MIN_MACS
     fast, ref, exact = _episode_agents(hidden)
     if not (fast.kernels.onednn and fast.kernels.fused_adam):
         pytest.skip("this torch build has neither oneDNN's linear nor the fused Adam kernel")
-    assert not ref.kernels.onednn and not ref.kernels.fused_adam
+    if compiled and fast._compiled is None:
+        pytest.skip("numba is not available")
+    if not compiled:
+        fast._compiled = None
+    assert not ref.kernels.onednn and not ref.kernels.fused_adam and ref._compiled is None
     for _ in range(20):
         losses = fast.update_policy(), ref.update_policy(), exact.autograd_update()
         for loss in losses[:2]:
@@ -356,3 +362,71 @@ def test_flat_adam_loads_torch_adam_state_and_goes_on_identically():
     _adam_steps([other, nets[1]], resumed, ref, 5, seed=1)
     for p, q in zip(other.parameters(), nets[1].parameters()):
         assert torch.equal(p, q)
+
+
+def _twin_agents(hidden1, hidden2, bsize, state_dim, action_dim, compiled=True):
+    """A compiled-update agent and a reference-kernel one on one seed and replay memory."""
+    agents = []
+    for fast in (True, False):
+        torch.manual_seed(5)
+        cfg = DDPGConfig(hidden1=hidden1, hidden2=hidden2, warmup=0, bsize=bsize, rmsize=8)
+        agent = DDPG(state_dim, 6, cfg, device=torch.device("cpu"), seed=5, action_dim=action_dim,
+                     fast_kernels=fast, compiled=compiled)
+        rng = np.random.default_rng(3)
+        for _ in range(4):
+            states = rng.uniform(size=(7, state_dim))
+            agent.store_episode([(states[i], rng.uniform(size=action_dim), states[i + 1], i == 5)
+                                 for i in range(6)], float(rng.uniform()))
+        agents.append(agent)
+    return agents
+
+
+@pytest.mark.parametrize("shape", [(300, 300, 64, 10, 1), (37, 29, 13, 7, 2), (16, 24, 8, 3, 1)])
+def test_compiled_update_equals_the_reference_update_within_rounding(shape):
+    """One update of the compiled passes (the released sizes, and odd ones: hidden layers of
+    different widths not a multiple of the tiles, an odd minibatch, two actions) against the
+    reference kernels: the same minibatch and baseline, and every parameter, target, Adam
+    moment and step count equal within float32 rounding."""
+    compiled, ref = _twin_agents(*shape)
+    if compiled._compiled is None:
+        pytest.skip("numba is not available")
+    for _ in range(2):
+        assert compiled.update_policy() == pytest.approx(ref.update_policy(), rel=1e-5, abs=1e-7)
+    assert compiled.moving_average == ref.moving_average
+    assert compiled.rng.bit_generator.state == ref.rng.bit_generator.state
+    assert compiled.n_updates == ref.n_updates == 2
+    assert distance(compiled, ref) < 1e-5
+    assert 0 < distance(compiled, ref)   # the compiled passes did run
+    for opt in ("actor_optim", "critic_optim"):
+        for p, (sa, sb) in zip(getattr(compiled, opt).param_groups[0]["params"],
+                               zip(getattr(compiled, opt).state.values(),
+                                   getattr(ref, opt).state.values())):
+            assert float(sa["step"]) == float(sb["step"]) == 2.0
+            torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
+def test_compiled_update_resumes_from_a_state_dict_exactly():
+    """A compiled-update agent saved mid-way and loaded into a fresh one goes on with the same
+    updates, bit for bit (the compiled passes read the flat buffers the load fills in place)."""
+    a, _ = _twin_agents(24, 24, 8, 5, 1)
+    if a._compiled is None:
+        pytest.skip("numba is not available")
+    for _ in range(3):
+        a.update_policy()
+    b, _ = _twin_agents(24, 24, 8, 5, 1)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert a.update_policy() == b.update_policy()
+    assert distance(a, b) == 0
+
+
+def test_the_update_runs_in_torch_without_numba(monkeypatch):
+    """Without numba (or with ``compiled=False``) the agent takes the torch update."""
+    from lib.rl import compiled
+    monkeypatch.setattr(compiled, "available", lambda: False)
+    agent, _ = _twin_agents(16, 16, 8, 5, 1)
+    assert agent._compiled is None
+    assert agent.update_policy()[0] is not None
+    monkeypatch.undo()
+    assert _twin_agents(16, 16, 8, 5, 1, compiled=False)[0]._compiled is None

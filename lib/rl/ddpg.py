@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from scipy.special import ndtr, ndtri
 
-from . import compiled
+from . import compiled as compiled_update
 from .compiled import CompiledUpdate
 from .flat import FlatAdam, flatten_parameters_
 from .kernels import AgentKernels
@@ -183,11 +183,13 @@ class DDPG:
     torch's RNG, which the caller seeds once. ``fast_kernels``: run the update's products
     and optimizer step on the faster CPU kernels where they apply
     (:class:`~lib.rl.kernels.AgentKernels`; equal within float32 rounding); off, the
-    updates equal autograd + ``torch.optim.Adam`` bit for bit.
+    updates equal autograd + ``torch.optim.Adam`` bit for bit. ``compiled``: with the fast
+    kernels on the CPU and numba importable, run everything but the large products in
+    compiled passes (:class:`~lib.rl.compiled.CompiledUpdate`; equal within float32 rounding).
     """
 
     def __init__(self, state_dim, n_layers, config=None, device=None, seed=None, action_dim=1,
-                 fast_kernels=True):
+                 fast_kernels=True, compiled=True):
         self.cfg = config or DDPGConfig()
         self.device = torch.device(device or "cpu")
         self.state_dim, self.action_dim = state_dim, action_dim
@@ -209,7 +211,8 @@ class DDPG:
         self._nets = SimpleNamespace(**{name: _layers(getattr(self, name)) for name in
                                         ("actor", "critic", "actor_target", "critic_target")})
         self._constants = {}   # tensors every update of a batch size reuses
-        self._compiled = CompiledUpdate(self) if compiled.usable(self.kernels) else None
+        self._compiled = (CompiledUpdate(self) if compiled and compiled_update.usable(self.kernels)
+                          else None)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
         self.n_updates = 0
@@ -275,8 +278,9 @@ class DDPG:
         kernels. With the reference kernels the results are identical to autograd's
         (tests/test_rl.py checks them bit for bit over an episode); by default the large
         products run in oneDNN and Adam in torch's fused kernel where they apply
-        (:class:`~lib.rl.kernels.AgentKernels`), the same maths in another rounding.
-        ``bench/agent_bench.py`` times the three.
+        (:class:`~lib.rl.kernels.AgentKernels`), the same maths in another rounding, and on
+        the CPU with numba everything else runs in compiled passes between the products
+        (:class:`~lib.rl.compiled.CompiledUpdate`). ``bench/agent_bench.py`` times the four.
         """
         if len(self.memory) == 0:
             return None, None

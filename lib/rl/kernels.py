@@ -144,6 +144,7 @@ def float64_reference(agent):
     """Turn a :class:`~lib.rl.ddpg.DDPG` into a float64 one for :meth:`DDPG.autograd_update`
     (networks, fresh ``torch.optim.Adam``s, minibatches): DDPG's maths with next to no
     rounding, which float32 updates are measured against (tests, ``bench/agent_bench.py``)."""
+    agent.kernels, agent._compiled = AgentKernels(agent.device, fast=False), None
     for part in NETWORKS:
         getattr(agent, part).double()
     agent.actor_optim = torch.optim.Adam(agent.actor.parameters(), lr=agent.cfg.lr_a)
