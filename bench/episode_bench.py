@@ -124,6 +124,10 @@ def bench_mode(mode, a, device):
               "validate": med["validate"] - fp["validate"],
               **{k: med[k] for k in ("quantize", "agent update", "other (act, state, wall)")}}
     print("  excess over the fp32 pass: " + ", ".join(f"{k} {v:+.2f}" for k, v in excess.items()))
+    shares = sorted(run["agent update"] / run["episode"] for run in runs)
+    print(f"  agent update: {1e3 * med['agent update'] / env.n_steps:.3f} ms per update "
+          f"({env.n_steps} a round), {100 * med['agent update'] / med['episode']:.2f}% of the "
+          f"episode (per round {100 * shares[0]:.2f}-{100 * shares[-1]:.2f}%)")
     ratios = sorted(run["episode"] / f["pass"] for run, f in zip(runs, fp32))
     goal = 1.15 if mode == "linear" else 1.05
     print(f"  episode / fp32 pass = {med['episode'] / base:.2f}x (per-round ratios "
