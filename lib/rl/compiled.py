@@ -38,15 +38,18 @@ def _fill_rows(out, b):
 
 
 @jit(fastmath=_FAST, error_model="numpy")
-def _accumulate_wide(x, w, out):
-    """out += x @ w.T for a layer of few inputs (w is out_features x few): the weight is
-    transposed once so that the inner loop runs along the 300 outputs, for two rows and
-    four inputs at a time (fewer loads and stores of ``out`` per multiply-add)."""
-    wt = np.ascontiguousarray(w.T)
+def _wide_relu(x, wt, b, out):
+    """out = relu(x @ wt + b) for a layer of few inputs, its weight given transposed (inputs x
+    300): the inner loops run along the 300 outputs, for two rows and four inputs at a time
+    (fewer loads and stores of ``out`` per multiply-add), and a row pair's bias, sums and
+    ReLU run while it sits in the L1 cache."""
     n, n_in = x.shape
     for i in range(0, n, 2):
         i1 = min(i + 1, n - 1)   # an odd last row is done twice over a scratch copy
         ra, rb = out[i], (out[i1] if i1 > i else out[i].copy())
+        for j in range(ra.size):
+            ra[j] = b[j]
+            rb[j] = b[j]
         k = 0
         while k + 4 <= n_in:
             a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
@@ -63,34 +66,32 @@ def _accumulate_wide(x, w, out):
                 ra[j] += av * wk[j]
                 rb[j] += bv * wk[j]
             k += 1
-
-
-@jit(fastmath=_FAST, error_model="numpy")
-def _relu_(x):
-    for i in range(x.shape[0]):
-        row = x[i]
-        for j in range(row.size):
-            row[j] = max(row[j], np.float32(0.0))
+        for j in range(ra.size):
+            ra[j] = max(ra[j], np.float32(0.0))
+            rb[j] = max(rb[j], np.float32(0.0))
 
 
 @jit(fastmath=_FAST, error_model="numpy")
 def _dense_wide_relu(x, w, b, out):
     """out = relu(x @ w.T + b) for a layer of few inputs."""
-    _fill_rows(out, b)
-    _accumulate_wide(x, w, out)
-    _relu_(out)
+    _wide_relu(x, np.ascontiguousarray(w.T), b, out)
 
 
 @jit(fastmath=_FAST, error_model="numpy")
 def _first_critic_layer(s, a, ws, bs, wa, ba, out):
-    """relu(fc_state(s) + fc_action(a)), the critic's first hidden layer, in one pass."""
-    for i in range(out.shape[0]):
-        row = out[i]
-        for j in range(row.size):
-            row[j] = bs[j] + ba[j]
-    _accumulate_wide(s, ws, out)
-    _accumulate_wide(a, wa, out)
-    _relu_(out)
+    """relu(fc_state(s) + fc_action(a)), the critic's first hidden layer: one layer on the
+    inputs (s, a) side by side."""
+    n, n_s = s.shape
+    x = np.empty((n, n_s + a.shape[1]), dtype=s.dtype)
+    wt = np.empty((x.shape[1], ws.shape[0]), dtype=ws.dtype)
+    for i in range(n):
+        for k in range(n_s):
+            x[i, k] = s[i, k]
+        for k in range(a.shape[1]):
+            x[i, n_s + k] = a[i, k]
+    wt[:n_s] = ws.T
+    wt[n_s:] = wa.T
+    _wide_relu(x, wt, bs + ba, out)
 
 
 @jit(fastmath=_FAST, error_model="numpy")
