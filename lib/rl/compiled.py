@@ -2,19 +2,25 @@
 
 :meth:`DDPG.update_policy` in torch is ~90 kernel calls per update, most on 64 x 300 or
 smaller tensors, where each call's dispatch (~3 us) costs more than its work: at the
-released sizes ten 64x300x300 products take ~0.64 ms in oneDNN and the rest of the update
-~0.6 ms. Here everything but those ten products runs in eight numba functions, one between
-each product and the next that depends on it, which read and write the networks' flat
-buffers (:class:`~lib.rl.flat.FlatAdam`) in place: the minibatch gather and reward
-baseline, the 10-wide and 1-wide layers, ReLU and sigmoid and their derivatives, the MSE
-loss, the small weight gradients, and Adam with the soft target update in one pass over
-each network. The products stay with :class:`~lib.rl.kernels.AgentKernels` (oneDNN).
+released sizes the ten 64x300x300 products take ~0.62 ms in oneDNN and the rest of the
+update ~0.6 ms. Here everything but those products runs in eight numba functions, one
+between each product and the next that depends on it, which read and write the networks'
+flat buffers (:class:`~lib.rl.flat.FlatAdam`) in place: the minibatch gather and reward
+baseline, the few-input first layers and the heads, ReLU and sigmoid and their derivatives,
+the MSE loss, the small weight gradients, and Adam with the soft target update in one pass
+over each network (~0.16 ms in all, ~0.02 ms of Python). The products stay with
+:class:`~lib.rl.kernels.AgentKernels` (oneDNN), in the operand layouts oneDNN runs fastest
+here: the second layers' outputs come out feature-major (W @ x^T; the passes add the bias
+and apply the ReLU), their weight gradients are taken from feature-major output gradients
+(g_t @ x), their input gradients from batch-major ones (g @ W); see :class:`CompiledUpdate`.
 
 DDPG's maths is that of :func:`~lib.rl.ddpg._critic_forward` and its siblings, and Adam's
 that of ``torch.optim.Adam`` (torch's fused CPU kernel's order of operations); sums run in
 another order (``reassoc``, so that the loops vectorize), so results equal the reference
-within float32 rounding (tests/test_rl.py checks an episode of updates against a float64
-run). Used where numba imports and the agent is a float32 CPU one with fast kernels.
+within float32 rounding (tests/test_rl.py checks single updates at several shapes and an
+episode of updates against a float64 run). Used where numba imports and the agent is a
+float32 CPU one with fast kernels; the first process on a machine compiles the passes
+(~9 s, cached next to this module), later ones load them (~0.2 s).
 """
 import math
 from types import SimpleNamespace
@@ -74,7 +80,11 @@ def _wide_relu(x, wt, b, out):
 @jit(fastmath=_FAST, error_model="numpy")
 def _dense_wide_relu(x, w, b, out):
     """out = relu(x @ w.T + b) for a layer of few inputs."""
-    _wide_relu(x, np.ascontiguousarray(w.T), b, out)
+    wt = np.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
+    for j in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            wt[k, j] = w[j, k]
+    _wide_relu(x, wt, b, out)
 
 
 @jit(fastmath=_FAST, error_model="numpy")
@@ -89,8 +99,11 @@ def _first_critic_layer(s, a, ws, bs, wa, ba, out):
             x[i, k] = s[i, k]
         for k in range(a.shape[1]):
             x[i, n_s + k] = a[i, k]
-    wt[:n_s] = ws.T
-    wt[n_s:] = wa.T
+    for j in range(ws.shape[0]):   # loops: numba's slice assignments cost several times more
+        for k in range(n_s):
+            wt[k, j] = ws[j, k]
+        for k in range(a.shape[1]):
+            wt[n_s + k, j] = wa[j, k]
     _wide_relu(x, wt, bs + ba, out)
 
 
@@ -159,7 +172,7 @@ def _bias_relu_t_(h_t, b):
 @jit(fastmath=_FAST, error_model="numpy")
 def _head_t(h_t, w, b, out):
     """out = h @ w.T + b for a head (few outputs) on a feature-major hidden layer ``h_t``:
-    the sums run along the features, a whole minibatch row at a time."""
+    each feature adds its row (the whole minibatch) at once."""
     for o in range(w.shape[0]):
         for i in range(out.shape[0]):
             out[i, o] = b[o]
@@ -371,6 +384,21 @@ def _np(t):
     return t.detach().numpy()
 
 
+def _buffers(cfg, s_dim, a_dim):
+    """The minibatch and its activations and gradients, allocated once (torch's allocator
+    aligns to 64 bytes, numpy's to 16: oneDNN reads the products' operands faster so)."""
+    n, h1, h2 = cfg.bsize, cfg.hidden1, cfg.hidden2
+    shapes = dict(s=(n, s_dim), s2=(n, s_dim), a=(n, a_dim), mu=(n, a_dim), mu2=(n, a_dim),
+                  dmu=(n, a_dim), acc_s=(s_dim, h1), acc_a=(a_dim, h1),
+                  **{name: (n, 1) for name in ("r", "d", "y", "q", "gq")},
+                  **{name: (n, h1) for name in ("x1t", "h1t", "h1", "x1", "h1p")},
+                  # gradients at the second hidden layers: batch-major for dx = g @ W,
+                  # feature-major for dW = g^T x (oneDNN runs g_t @ x in 58 us, g.T @ x in 70)
+                  **{name: (n, h2) for name in ("g2", "g2p", "gx2")},
+                  **{name: (h2, n) for name in ("g2_t", "g2p_t", "gx2_t")})
+    return SimpleNamespace(**{name: torch.zeros(shape).numpy() for name, shape in shapes.items()})
+
+
 class CompiledUpdate:
     """:meth:`DDPG.update_policy` for a float32 CPU agent: numba passes around the products.
 
@@ -381,24 +409,11 @@ class CompiledUpdate:
     """
 
     def __init__(self, agent):
-        self.agent, self.kernels = agent, agent.kernels
-        c, n = agent.cfg, agent.cfg.bsize
-        # torch's allocator aligns to 64 bytes, numpy's to 16: oneDNN reads these faster
-        buf = lambda *shape: torch.zeros(shape).numpy()  # noqa: E731
-        s_dim, a_dim = agent.state_dim, agent.action_dim
-        s, s2, a = buf(n, s_dim), buf(n, s_dim), buf(n, a_dim)
-        r, d, y, q, gq = (buf(n, 1) for _ in range(5))
-        self.mu, mu2, dmu = (buf(n, a_dim) for _ in range(3))
-        x1t, h1t, self.h1, self.x1, h1p = (buf(n, c.hidden1) for _ in range(5))
-        # gradients at the second hidden layers: batch-major for dx = g @ W, feature-major for
-        # dW = g^T x (oneDNN runs g_t @ x in 58 us, g.T @ x in 70 us at the released sizes)
-        g2, g2p, gx2 = (buf(n, c.hidden2) for _ in range(3))
-        g2_t, g2p_t, gx2_t = (buf(c.hidden2, n) for _ in range(3))
-        acc_s, acc_a = buf(s_dim, c.hidden1), buf(a_dim, c.hidden1)
-        t = SimpleNamespace(**{name: torch.from_numpy(x) for name, x in (
-            ("x1t", x1t), ("h1t", h1t), ("h1", self.h1), ("x1", self.x1), ("h1p", h1p),
-            ("g2", g2), ("g2p", g2p), ("gx2", gx2), ("g2_t", g2_t), ("gx2_t", gx2_t))})
-        at, ct, ac, cr = (SimpleNamespace(**{layer: (_np(w), _np(b)) for layer, (w, b)
+        self.agent = agent
+        c, b = agent.cfg, _buffers(agent.cfg, agent.state_dim, agent.action_dim)
+        t = SimpleNamespace(**{name: torch.from_numpy(getattr(b, name)) for name in (
+            "x1t", "h1t", "h1", "x1", "h1p", "g2", "g2p", "gx2", "g2_t", "gx2_t")})
+        at, ct, ac, cr = (SimpleNamespace(**{layer: (_np(w), _np(bias)) for layer, (w, bias)
                                              in vars(getattr(agent._nets, name)).items()})
                           for name in ("actor_target", "critic_target", "actor", "critic"))
         # the large weights for the product kernel, detached (no autograd graph is wanted)
@@ -421,19 +436,20 @@ class CompiledUpdate:
         mem = agent.memory
         self.args = SimpleNamespace(
             targets_in=((mem.states, mem.actions, mem.rewards, mem.next_states, mem.terminals),
-                        (s, a, r, s2, d, *at.fc1, x1t)),
-            target_critic_in=(at.fc2[1], *at.fc3, s2, *ct.fc_state, *ct.fc_action, mu2, h1t),
-            critic_in=(ct.fc2[1], *ct.fc3, r, d, np.float32(c.discount), s, a, *cr.fc_state,
-                       *cr.fc_action, *ac.fc1, q, y, self.h1, self.x1),
-            critic_loss=(cr.fc2[1], *cr.fc3, y, q, gq, cg[6], cg[7], g2_t, g2, cg[5]),
-            critic_step=((self.h1, s, a, cg[0], cg[1], cg[2], cg[3], acc_s, acc_a, *cadam[:2]),
-                         cadam[2:], (ac.fc2[1], *ac.fc3, self.mu, *cr.fc_state, *cr.fc_action,
-                                     h1p)),
-            policy_in=(cr.fc2[1], *cr.fc3, q, gq, g2p_t, g2p, buf(*cg[6].shape), buf(1),
-                       buf(c.hidden2)),
-            actor_back=(h1p, cr.fc_action[0], self.mu, dmu),
-            actor_back2=(ac.fc3[0], ag[4], ag[5], gx2_t, gx2, ag[3]),
-            actor_step=((self.x1, s, ag[0], ag[1], acc_s, *aadam[:2]), aadam[2:]))
+                        (b.s, b.a, b.r, b.s2, b.d, *at.fc1, b.x1t)),
+            target_critic_in=(at.fc2[1], *at.fc3, b.s2, *ct.fc_state, *ct.fc_action, b.mu2, b.h1t),
+            critic_in=(ct.fc2[1], *ct.fc3, b.r, b.d, np.float32(c.discount), b.s, b.a,
+                       *cr.fc_state, *cr.fc_action, *ac.fc1, b.q, b.y, b.h1, b.x1),
+            critic_loss=(cr.fc2[1], *cr.fc3, b.y, b.q, b.gq, cg[6], cg[7], b.g2_t, b.g2, cg[5]),
+            critic_step=((b.h1, b.s, b.a, cg[0], cg[1], cg[2], cg[3], b.acc_s, b.acc_a,
+                          *cadam[:2]), cadam[2:],
+                         (ac.fc2[1], *ac.fc3, b.mu, *cr.fc_state, *cr.fc_action, b.h1p)),
+            # the actor's loss needs no critic gradients: scratch takes them
+            policy_in=(cr.fc2[1], *cr.fc3, b.q, b.gq, b.g2p_t, b.g2p, np.zeros_like(cg[6]),
+                       np.zeros_like(cg[7]), np.zeros_like(cg[5])),
+            actor_back=(b.h1p, cr.fc_action[0], b.mu, b.dmu),
+            actor_back2=(ac.fc3[0], ag[4], ag[5], b.gx2_t, b.gx2, ag[3]),
+            actor_step=((b.x1, b.s, ag[0], ag[1], b.acc_s, *aadam[:2]), aadam[2:]))
 
     @staticmethod
     def _optimizer(adam, big, target):
