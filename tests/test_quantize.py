@@ -329,10 +329,11 @@ def test_compiled_kernels_fall_back_to_uncached_where_numba_cannot_cache(monkeyp
     def kernel():
         return 1
 
-    assert _numba.jit(kernel) == ("uncached", kernel, {"fastmath": False})
+    assert _numba.jit(kernel) == ("uncached", kernel, {"fastmath": False,
+                                                       "error_model": "python"})
     # the options survive the fallback
-    assert _numba.jit(fastmath={"reassoc"})(kernel) == ("uncached", kernel,
-                                                        {"fastmath": {"reassoc"}})
+    assert _numba.jit(fastmath={"reassoc"}, error_model="numpy")(kernel) == (
+        "uncached", kernel, {"fastmath": {"reassoc"}, "error_model": "numpy"})
 
 
 def test_precomputed_centers_quantize_a_layer_as_clustering_it():
