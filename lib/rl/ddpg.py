@@ -26,7 +26,6 @@ import torch.nn as nn
 from scipy.special import ndtr, ndtri
 
 from . import compiled as compiled_update
-from .compiled import CompiledUpdate
 from .flat import FlatAdam, flatten_parameters_
 from .kernels import AgentKernels
 from .memory import ReplayMemory
@@ -211,8 +210,8 @@ class DDPG:
         self._nets = SimpleNamespace(**{name: _layers(getattr(self, name)) for name in
                                         ("actor", "critic", "actor_target", "critic_target")})
         self._constants = {}   # tensors every update of a batch size reuses
-        self._compiled = (CompiledUpdate(self) if compiled and compiled_update.usable(self.kernels)
-                          else None)
+        self._compiled = (compiled_update.CompiledUpdate(self)
+                          if compiled and compiled_update.usable(self.kernels) else None)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
         self.n_updates = 0
@@ -285,8 +284,9 @@ class DDPG:
         if len(self.memory) == 0:
             return None, None
         if self._compiled is not None:
+            losses = self._compiled()
             self.n_updates += 1
-            return self._compiled()
+            return losses
         s, a, r, s2, done = self._minibatch()
         k, tau = self.kernels, self.cfg.tau
         actor_target, critic_target = self._target_flat
