@@ -433,7 +433,7 @@ class CompiledUpdate:
         cadam, cg = self._optimizer(agent.critic_adam, w2.critic, agent._target_flat[1])
         aadam, ag = self._optimizer(agent.actor_adam, w2.actor, agent._target_flat[0])
         # critic grads: fc_state w, b; fc_action w, b; fc2 w, b; fc3 w, b; actor: fc1, fc2, fc3
-        mem = agent.memory
+        mem = self.memory = agent.memory
         self.args = SimpleNamespace(
             targets_in=((mem.states, mem.actions, mem.rewards, mem.next_states, mem.terminals),
                         (b.s, b.a, b.r, b.s2, b.d, *at.fc1, b.x1t)),
@@ -471,8 +471,8 @@ class CompiledUpdate:
     def __call__(self):
         """One update; returns (value_loss, policy_loss) as :meth:`DDPG.update_policy` does."""
         agent, p, args = self.agent, self.products, self.args
-        idx = agent.memory.sample_indices(agent.cfg.bsize, agent.rng)
-        baseline = np.float32(agent._update_baseline(agent.memory.rewards[idx]))
+        idx = self.memory.sample_indices(agent.cfg.bsize, agent.rng)
+        baseline = np.float32(agent._update_baseline(self.memory.rewards[idx]))
         _targets_in(idx, *args.targets_in[0], baseline, *args.targets_in[1])
         _target_critic_in(p.x2t().numpy(), *args.target_critic_in)
         _critic_in(p.h2t().numpy(), *args.critic_in)
