@@ -35,12 +35,12 @@ _FAST = {"reassoc", "contract"}   # vectorized sums and fused multiply-adds; no 
 
 # ----------------------------------------------------------------- small dense layers
 @jit(fastmath=_FAST, error_model="numpy")
-def _fill_rows(out, b):
-    """out[i] = b for every row (numba's slice assignment costs 5x this loop here)."""
-    for i in range(out.shape[0]):
-        row = out[i]
-        for j in range(row.size):
-            row[j] = b[j]
+def _transpose_into(w, wt, k0):
+    """wt[k0 + k, j] = w[j, k]: a few-input layer's weight, inputs first (loops: numba's slice
+    assignment of a transposed view costs several times more)."""
+    for j in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            wt[k0 + k, j] = w[j, k]
 
 
 @jit(fastmath=_FAST, error_model="numpy")
@@ -81,9 +81,7 @@ def _wide_relu(x, wt, b, out):
 def _dense_wide_relu(x, w, b, out):
     """out = relu(x @ w.T + b) for a layer of few inputs."""
     wt = np.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
-    for j in range(w.shape[0]):
-        for k in range(w.shape[1]):
-            wt[k, j] = w[j, k]
+    _transpose_into(w, wt, 0)
     _wide_relu(x, wt, b, out)
 
 
@@ -99,11 +97,8 @@ def _first_critic_layer(s, a, ws, bs, wa, ba, out):
             x[i, k] = s[i, k]
         for k in range(a.shape[1]):
             x[i, n_s + k] = a[i, k]
-    for j in range(ws.shape[0]):   # loops: numba's slice assignments cost several times more
-        for k in range(n_s):
-            wt[k, j] = ws[j, k]
-        for k in range(a.shape[1]):
-            wt[n_s + k, j] = wa[j, k]
+    _transpose_into(ws, wt, 0)
+    _transpose_into(wa, wt, n_s)
     _wide_relu(x, wt, bs + ba, out)
 
 
@@ -111,7 +106,10 @@ def _first_critic_layer(s, a, ws, bs, wa, ba, out):
 def _outer_sum(u, v, out):
     """out[p, q] = sum_i u[i, p] * v[i, q] (a weight gradient g^T x, or its transpose), four
     rows of the minibatch at a time (a quarter of the loads and stores of ``out``)."""
-    _fill_rows(out, np.zeros(out.shape[1], dtype=out.dtype))
+    for p in range(out.shape[0]):
+        row = out[p]
+        for q in range(row.size):
+            row[q] = 0.0
     n, i = u.shape[0], 0
     while i + 4 <= n:
         v0, v1, v2, v3 = v[i], v[i + 1], v[i + 2], v[i + 3]
