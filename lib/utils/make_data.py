@@ -3,7 +3,8 @@
     python -m lib.utils.make_data [--src data/imagenet] [--dst data/imagenet100]
 
 The 100 WordNet ids are in lib/utils/imagenet100.txt; both train/ and val/ must be
-in ImageFolder layout (val/ sorted into class folders).
+in ImageFolder layout (val/ sorted into class folders). An existing --dst is refused
+unless it holds only links an earlier run with the same --src and class list made.
 """
 import argparse
 import logging
