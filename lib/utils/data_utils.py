@@ -288,16 +288,33 @@ def _class_files(class_dir, other_classes=()):
     return [os.path.join(folder, name) for folder, names in sorted(folders) for name in names]
 
 
+def _refuse_shared_class_folders(split_dir, roots):
+    """UserError when two class names ({name: folder id}) are one folder (a link to another class).
+
+    Each would label the same images with its own index, so the model is taught two answers
+    for one image; the folder ids (device, inode) resolve links and bind mounts alike.
+    """
+    first = {}
+    for name, folder in roots.items():
+        if folder in first:
+            real = os.path.realpath(os.path.join(split_dir, name))
+            raise UserError(f"class folders '{first[folder]}' and '{name}' of '{split_dir}' are "
+                            f"one folder ('{real}'), so its images would carry two labels; "
+                            "expected one folder per class (remove the link)")
+        first[folder] = name
+
+
 def scan_image_folder(split_dir, classes):
     """(samples [(path, class index)], skipped paths) of one split, ``classes`` giving the indices.
 
     A file is kept when its extension is an image one *and* its first bytes are an
     image header (a cheap read that catches text or HTML saved as .JPEG); the rest are
-    skipped. A class left without images is a UserError.
+    skipped. A class left without images, or two classes that are one folder, is a UserError.
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS
     samples, skipped, empty = [], [], []
     roots = {name: _folder_id(os.path.join(split_dir, name)) for name in classes}
+    _refuse_shared_class_folders(split_dir, roots)
     for index, name in enumerate(classes):
         kept = 0
         others = set(roots.values()) - {roots[name]}
@@ -315,13 +332,55 @@ def scan_image_folder(split_dir, classes):
     return samples, skipped
 
 
+# Single-channel modes deeper than 8 bits. PIL's convert("RGB") clips them at 255 instead of
+# scaling: a 16-bit image turns almost white, a float one in [0, 1] almost black.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_MAX = 65535
+
+
+def _deep_to_8bit(image):
+    """A 16-bit ('I;16*', or 'I' within 0..65535) or float ('F') image as mode 'L'.
+
+    16-bit values are scaled by their range (x / 257 = x * 255 / 65535). Float values
+    already in [0, 1], the usual range of a normalised float image, are taken as absolute
+    levels, so the images of a class keep their relative brightness; any other range has
+    no agreed meaning, so the image's own min and max set the scale. ValueError (the loader
+    then replaces the image, with a warning) for non-finite floats or 'I' beyond 16 bits.
+    """
+    from PIL import Image
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"mode {image.mode} image holds NaN or infinite values")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode != "F":
+        if lo < 0 or hi > _SIXTEEN_BIT_MAX:
+            raise ValueError(f"mode {image.mode} image holds values {lo:g}..{hi:g}; expected "
+                             f"0..{_SIXTEEN_BIT_MAX} (16 bits)")
+        values = values / _SIXTEEN_BIT_MAX
+    elif (lo < 0 or hi > 1) and hi > lo:
+        values = (values - lo) / (hi - lo)
+    # a constant float image outside [0, 1] has no span to scale by: clipped, like 8-bit data
+    return Image.fromarray(np.rint(np.clip(values, 0, 1) * 255).astype(np.uint8))
+
+
+def load_rgb(path):
+    """An image file as RGB: torchvision's pil_loader, with deep images scaled to 8 bits first."""
+    from PIL import Image
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+            image = _deep_to_8bit(image)
+        return image.convert("RGB")
+
+
 class ImageFolderSplit(Dataset):
     """One split of an ImageFolder dataset with a class list given from outside.
 
     Train and val share one class list (the train split's), so a class index means
     the same class in both. An image that cannot be decoded at load time (e.g. a
     truncated JPEG) is replaced by the next decodable image of its class, with a
-    warning, instead of ending the epoch with a traceback.
+    warning, instead of ending the epoch with a traceback; so is one whose header declares
+    more pixels than PIL's decompression-bomb limit (the limit itself is left as it is).
     """
 
     def __init__(self, split_dir, classes, transform=None):
@@ -349,12 +408,14 @@ class ImageFolderSplit(Dataset):
                 yield i
 
     def __getitem__(self, index):
-        from torchvision.datasets.folder import default_loader
+        from PIL.Image import DecompressionBombError
         for i in self._candidates(index):
             path, target = self.samples[i]
             try:
-                image = default_loader(path)
-            except (OSError, ValueError, SyntaxError) as exc:   # PIL's decode errors
+                image = load_rgb(path)
+            # PIL's decode errors, and its refusal of a header declaring a giant image
+            # (DecompressionBombError is not an OSError)
+            except (OSError, ValueError, SyntaxError, DecompressionBombError) as exc:
                 log.warning("cannot read image '%s' (%s); using another image of its class",
                             path, exc)
                 continue
@@ -382,6 +443,9 @@ def _image_folders(root, input_size, train_transform):
     if not classes:
         raise UserError(f"no class folders in '{split_dirs['train']}'; expected "
                         f"{root}/train/<class>/*.JPEG")
+    if len(classes) == 1:   # every prediction would be right: a 100% that measures nothing
+        raise UserError(f"only one class folder in '{split_dirs['train']}' ('{classes[0]}'); a "
+                        "classification dataset needs at least 2 classes")
     return (ImageFolderSplit(split_dirs["train"], classes,
                              _imagenet_transforms(input_size, train_transform)),
             ImageFolderSplit(split_dirs["val"], classes, _imagenet_transforms(input_size, False)))

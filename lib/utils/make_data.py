@@ -3,7 +3,8 @@
     python -m lib.utils.make_data [--src data/imagenet] [--dst data/imagenet100]
 
 The 100 WordNet ids are in lib/utils/imagenet100.txt; both train/ and val/ must be
-in ImageFolder layout (val/ sorted into class folders).
+in ImageFolder layout (val/ sorted into class folders). An existing --dst is refused
+unless it holds only links an earlier run with the same --src and class list made.
 """
 import argparse
 import logging
@@ -71,28 +72,54 @@ def _planned_links(src, dst, classes):
             if not os.path.isdir(target):
                 raise UserError(f"class folder '{target}' not found; expected ImageNet in "
                                 f"ImageFolder layout under '{src}' (train/ and val/ by WordNet id)")
-            link = os.path.join(dst, split, wnid)
-            if os.path.exists(link) and not os.path.islink(link):   # never replaced
-                raise UserError(f"'{link}' exists and is not a link; expected --dst to hold only "
-                                "links made by this tool")
-            plan.append((target, link))
+            plan.append((target, os.path.join(dst, split, wnid)))
     return plan
+
+
+def _foreign_entries(dst, plan):
+    """Paths under ``dst`` that this run would not make, sorted.
+
+    Only the folders train/ and val/ and, inside them, links to this run's class folders
+    may be there already (an earlier run with the same --src and class list, finished or
+    not). Anything else is someone's: a file, a link of the user's own, or a link left by a
+    run with another class list, which would stay in the subset as an extra class.
+    """
+    wanted = {link: os.path.realpath(target) for target, link in plan}
+    if not os.path.isdir(dst):
+        return []
+    foreign = []
+    for name in sorted(os.listdir(dst)):
+        split = os.path.join(dst, name)
+        if name not in ("train", "val") or os.path.islink(split) or not os.path.isdir(split):
+            foreign.append(split)
+            continue
+        for entry in sorted(os.listdir(split)):
+            link = os.path.join(split, entry)
+            if not (os.path.islink(link) and os.path.realpath(link) == wanted.get(link)):
+                foreign.append(link)
+    return foreign
 
 
 def make_subset(src, dst, classes):
     """Symlink ``src/{train,val}/<wnid>`` to ``dst/{train,val}/<wnid>``; returns links made.
 
-    Every class folder is checked first, so a missing one leaves no half-made subset.
+    Every class folder is checked first, so a missing one leaves no half-made subset. An
+    existing ``dst`` is completed only when it holds nothing but this run's own links;
+    otherwise it is refused whole, so no link or file of the user's is ever replaced.
     """
+    plan = _planned_links(src, dst, classes)
+    foreign = _foreign_entries(dst, plan)
+    if foreign:
+        more = f" (+{len(foreign) - 3} more)" if len(foreign) > 3 else ""
+        raise UserError(f"--dst '{dst}' holds {len(foreign)} path(s) this run would not make: "
+                        f"{', '.join(foreign[:3])}{more}; refused, nothing changed; expected an "
+                        "empty --dst or one made from the same --src and class list")
     made = 0
-    for target, link in _planned_links(src, dst, classes):
+    for target, link in plan:
         os.makedirs(os.path.dirname(link), exist_ok=True)
-        if os.path.islink(link):
-            if os.readlink(link) == target:
-                continue
-            os.remove(link)
-        os.symlink(target, link)
-        made += 1
+        if not os.path.islink(link):   # else it is already this run's link (checked above)
+            os.symlink(target, link)
+            made += 1
     return made
 
 
