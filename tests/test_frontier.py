@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lib.env import frontier
+from lib.report import frontier
 from lib.utils.errors import UserError
 
 WARMUP = 2

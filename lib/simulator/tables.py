@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from lib.simulator.hardware import get_hardware, layer_cost
+from lib.simulator.hardware import get_hardware, hardware_for
 from lib.simulator.shapes import extract_layer_shapes
 from lib.utils.checkpoint import atomic_write
 from lib.utils.errors import UserError
@@ -30,21 +30,14 @@ UNITS = {"latency": "ms", "energy": "mJ", "size": "bit"}
 CACHE_DIR = Path(__file__).resolve().parent / "lookup_tables"
 
 
-
 def check_metric(hardware, metric):
-    """Raise UserError unless ``hardware`` (a config) models ``metric``."""
+    """Raise UserError unless ``hardware`` (a cost model) models ``metric``."""
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; expected one of: {', '.join(METRICS)}")
     if metric not in hardware.metrics:
+        hint = " or ".join(hardware_for(metric))
         raise UserError(f"hardware '{hardware.name}' models {' and '.join(hardware.metrics)} only, "
-                        f"not {metric}; use --hardware bitfusion for energy")
-
-
-def _entry(shape, w, a, hw, metric):
-    if metric == "size":
-        return float(w * shape.n_weights)     # bits; the activation width does not matter
-    cost = layer_cost(shape, w, a, hw)
-    return cost.latency_ms if metric == "latency" else cost.energy_mj
+                        f"not {metric}" + (f"; use --hardware {hint} for {metric}" if hint else ""))
 
 
 def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, batch=1,
@@ -53,7 +46,8 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
 
     ``model_or_shapes`` is an ``nn.Module`` (traced at ``input_size`` and ``batch``
     with :func:`extract_layer_shapes`) or a list of LayerShape. ``hardware`` is a
-    preset name or config; BISMO models latency (and size) only.
+    preset name or cost model, which must model ``metric`` and, unless the metric is
+    size, operands of ``max_bit`` bits.
     """
     hw = get_hardware(hardware)
     check_metric(hw, metric)
@@ -61,13 +55,14 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
         shapes = extract_layer_shapes(model_or_shapes, input_size, batch=batch, linear=linear)
     else:
         shapes = list(model_or_shapes)
-    if metric != "size" and max_bit > 8 and hw.name == "bitfusion":
-        raise UserError("BitFusion supports at most 8-bit operands; use --max_bit 8")
+    if metric != "size" and max_bit > hw.max_bit:
+        raise UserError(f"{hw.label} supports at most {hw.max_bit}-bit operands; "
+                        f"use --max_bit {hw.max_bit}")
     table = np.empty((len(shapes), max_bit, max_bit), dtype=np.float64)
     for i, shape in enumerate(shapes):
         for w in range(1, max_bit + 1):
             for a in range(1, max_bit + 1):
-                table[i, w - 1, a - 1] = _entry(shape, w, a, hw, metric)
+                table[i, w - 1, a - 1] = hw.table_entry(shape, w, a, metric)
     return table
 
 
