@@ -357,3 +357,17 @@ def test_user_table_is_recorded_and_a_changed_one_refused(tmp_path):
     np.save(path, 2 * np.ones((53, 8, 8)))
     with pytest.raises(UserError, match="has changed since the search recorded it"):
         load_user_table(str(path), 53, expected_sha256=record["sha256"])
+
+
+def test_the_simulator_imports_nothing_above_it():
+    """Cost models know nothing of the search: no lib/env, lib/rl or lib/report import, even late."""
+    import ast
+    import os
+    folder = os.path.dirname(os.path.abspath(get_hardware.__code__.co_filename))
+    for name in (f for f in os.listdir(folder) if f.endswith(".py")):
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        modules += [("lib." if n.level == 2 else "") + (n.module or "")   # from ..env import
+                    for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in modules if m.split(".")[:2] in (["lib", "env"], ["lib", "rl"],
+                                                                ["lib", "report"])], name
