@@ -311,8 +311,10 @@ def test_table_cache_keys_are_unchanged():
         "BismoConfig(name='bismo_edge', dm=8, dk=256, dn=8, freq_mhz=200.0, "
         "dram_bits_per_cycle=64, buffer_depth=1024, out_bits=32, overhead_cycles=1000)")
     assert repr(bitfusion()).startswith("BitFusionConfig(name='bitfusion', rows=16, cols=32, ")
-    assert fingerprint(shapes, bismo_edge(), "latency", 8) == "531e293cf45c54cdbc3fe5034c839898411daca5"
-    assert fingerprint(shapes, bitfusion(), "energy", 8) == "c08b276a943bc8b1324be42ba0afddc224401821"
+    assert fingerprint(shapes, bismo_edge(), "latency", 8) == \
+        "531e293cf45c54cdbc3fe5034c839898411daca5"
+    assert fingerprint(shapes, bitfusion(), "energy", 8) == \
+        "c08b276a943bc8b1324be42ba0afddc224401821"
 
 
 def _write_table(path, kind):
@@ -360,7 +362,7 @@ def test_user_table_is_recorded_and_a_changed_one_refused(tmp_path):
 
 
 def test_the_simulator_imports_nothing_above_it():
-    """Cost models know nothing of the search: no lib/env, lib/rl or lib/report import, even late."""
+    """Cost models know nothing of the search: no lib/env, lib/rl or lib/report import at all."""
     import ast
     import os
     folder = os.path.dirname(os.path.abspath(get_hardware.__code__.co_filename))

@@ -1,10 +1,10 @@
 """Lookup tables: per-layer cost at every (weight bits, activation bits) pair.
 
 A table has shape ``(n_layers, max_bit, max_bit)`` and is indexed
-``[layer, w_bit - 1, a_bit - 1]`` (DESIGN.md section 5), the format of the table
+``[layer, w_bit - 1, a_bit - 1]`` (docs/design.md, hardware cost models), the format of the table
 the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are cached as
 ``lookup_tables/{arch}_{dataset}_{size}px_w{width}_batch{B}_{hardware}_{metric}_table.npy``
-(DESIGN.md section 7: the name carries everything that changes the table, so
+(docs/design.md, data: the name carries everything that changes the table, so
 tables of different sizes or widths never overwrite each other).
 """
 import hashlib
@@ -121,7 +121,7 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
               cache_dir=CACHE_DIR, max_bit=8, linear=False, width_mult=None, rebuild=False):
     """Load the cached table or build it (from ``model`` or the registry's ``arch``) and cache it.
 
-    The cache is keyed by the DESIGN.md file name plus a ``.meta.json`` sidecar
+    The cache is keyed by that file name plus a ``.meta.json`` sidecar
     holding a fingerprint of the layer shapes and hardware, so a table built for
     another width, input size or simulator version is rebuilt rather than reused.
     ``input_size`` defaults to the dataset's; ``width_mult`` names the MobileNet width
@@ -197,7 +197,7 @@ def load_user_table(path, n_layers, max_bit=8, expected_sha256=None):
     """Load a user-measured table (``--cost_table``) and check its shape and values.
 
     Returns ``(table, record)``: the float64 array and its ``{"path", "sha256"}``
-    record (DESIGN.md section 9). With ``expected_sha256`` (a recorded table) a file
+    record (docs/design.md, strategy.json). With ``expected_sha256`` (a recorded table) a file
     whose content has changed is refused. The reference cost (the sum of the
     all-8-bit entries ``table[:, 7, 7]``) must be positive and finite, since every
     cost ratio divides by it.
