@@ -1,8 +1,9 @@
 """Lookup tables: per-layer cost at every (weight bits, activation bits) pair.
 
 A table has shape ``(n_layers, max_bit, max_bit)`` and is indexed
-``[layer, w_bit - 1, a_bit - 1]`` (docs/design.md, hardware cost models), the format of the table
-the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are cached as
+``[layer, w_bit - 1, a_bit - 1]`` (docs/design.md, hardware cost models), the format
+of the table the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are
+cached as
 ``lookup_tables/{arch}_{dataset}_{size}px_w{width}_batch{B}_{hardware}_{metric}_table.npy``
 (docs/design.md, data: the name carries everything that changes the table, so
 tables of different sizes or widths never overwrite each other).
