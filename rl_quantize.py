@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from lib.simulator.hardware import list_hardware
 from lib.utils.train import HALF_TYPES, autocast_dtype
 from lib.utils.checkpoint import remove_stale_tmp
 from lib.utils import cli
@@ -156,7 +157,7 @@ def get_args_parser():
     p.add_argument("--cost", default=None, choices=["latency", "energy", "size"],
                    help="budgeted cost (default: size for K-Means, latency for linear)")
     p.add_argument("--hardware", default="bismo_cloud",
-                   choices=["bismo_edge", "bismo_cloud", "bitfusion"], help="cost model preset")
+                   choices=list_hardware(), help="cost model preset")
     p.add_argument("--cost_table", default=None, type=str,
                    help="your own .npy table (n_layers, 8, 8), [layer, w-1, a-1]")
     p.add_argument("--cost_batch", default=16, type=cli.positive_int,
@@ -625,7 +626,7 @@ class Search:
             w.add_scalar("loss/policy", float(np.mean([lv[1] for lv in losses])), episode)
 
     def _write_best(self):
-        from lib.env.report import write_strategy
+        from lib.utils.strategy import write_strategy
         write_strategy(os.path.join(self.out, "strategy.json"), self.best, self.env.layer_names,
                        self.meta)
 
@@ -640,7 +641,7 @@ class Search:
                         os.path.join(self.out, STATE_FILE))
 
     def _plots(self):
-        from lib.env.report import plot_history, plot_policy
+        from lib.report.plots import plot_history, plot_policy
         self._last_plot = time.time()
         b = self.best
         plot_policy(os.path.join(self.out, "best_policy.png"), b["policy"], self.env.layer_names,

@@ -38,7 +38,7 @@ search() {  # mode extra-flags...
     ilp=$("$PY" rl_quantize.py "${SEARCH_DATA[@]}" --output "$OUT/${mode}_ilp_search" "$@" \
         --method ilp)
     echo "== $mode: best uniform policy within the same budget"
-    "$PY" -m lib.env.summary uniform "$haq" "$OUT/${mode}_uniform.json"
+    "$PY" -m lib.report uniform "$haq" "$OUT/${mode}_uniform.json"
     for name in haq ilp uniform; do
         local strategy=$haq
         [ "$name" = ilp ] && strategy=$ilp
@@ -54,5 +54,5 @@ search linear $(mode_flags linear) --preserve_ratio "$LINEAR_RATIO"
 search kmeans $(mode_flags kmeans) --preserve_ratio "$KMEANS_RATIO"
 
 echo "== summary"
-"$PY" -m lib.env.summary report "$OUT"
+"$PY" -m lib.report report "$OUT"
 echo "== demo finished in $(( $(date +%s) - start ))s; results in $OUT (summary.md, summary.json, *.png)"

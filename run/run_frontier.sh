@@ -81,12 +81,12 @@ for mode in linear kmeans; do
     mkdir -p "$OUT/$mode/uniform"
     for bits in $widths; do
         u=$OUT/$mode/uniform/w$bits
-        [ -f "$u.json" ] || "$PY" -m lib.env.summary uniform "$template" "$u.json" --bits "$bits" 2> "$u.log"
+        [ -f "$u.json" ] || "$PY" -m lib.report uniform "$template" "$u.json" --bits "$bits" 2> "$u.log"
         echo "== $mode: uniform $bits bits"
         finetune "$u.json" "${u}_ft"
     done
 done
 
 echo "== frontier"
-"$PY" -m lib.env.frontier "$OUT" --warmup "$WARMUP"
+"$PY" -m lib.report frontier "$OUT" --warmup "$WARMUP"
 echo "== frontier finished in $(( $(date +%s) - start ))s; results in $OUT (frontier.md, frontier.png)"

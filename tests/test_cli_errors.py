@@ -12,7 +12,7 @@ import pytest
 import finetune
 import pretrain
 import rl_quantize
-from lib.env import summary
+from lib.report import __main__ as report_cli
 from lib.simulator import __main__ as simulator_cli
 from lib.utils.errors import run_cli
 
@@ -83,7 +83,7 @@ def _cases(tmp_path, ckpt):
         ("sim: unknown arch", simulator_cli.main,
          ["--arch", "nope", "--dataset", "mnist5k", "--hardware", "bismo_edge", "--metric", "latency",
           "--no_plot"], "nope"),
-        ("summary: missing demo folder", summary.main, ["report", str(tmp_path / "nodemo")], "nodemo"),
+        ("summary: missing demo folder", report_cli.main, ["report", str(tmp_path / "nodemo")], "nodemo"),
     ]
 
 

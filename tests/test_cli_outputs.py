@@ -14,7 +14,7 @@ import torch
 import finetune
 import pretrain
 import rl_quantize
-from lib.env import summary
+from lib.report import __main__ as report_cli
 from lib.simulator import __main__ as simulator_cli
 from lib.utils import make_data
 from lib.utils.checkpoint import load_checkpoint, save_checkpoint
@@ -182,11 +182,11 @@ def test_summary_never_overwrites_its_input(tmp_path, capsys):
     link = tmp_path / "alias.json"
     link.symlink_to(strategy)
     for out in (str(strategy), str(tmp_path / "." / "strategy.json"), str(link)):
-        err = _one_line_error(capsys, summary.main, ["uniform", str(strategy), out])
+        err = _one_line_error(capsys, report_cli.main, ["uniform", str(strategy), out])
         assert "is the input" in err
     assert strategy.read_text() == content
     out = tmp_path / "uniform.json"
-    summary.main(["uniform", str(strategy), str(out)])
+    report_cli.main(["uniform", str(strategy), str(out)])
     assert json.load(open(out))["uniform_bits"] == 3
 
 
@@ -212,7 +212,7 @@ def test_deeply_nested_json(tmp_path, capsys):
     err = _one_line_error(capsys, finetune.main, ["--strategy", str(path), "-c",
                                                   str(tmp_path / "out")] + TINY)
     assert "nested too deeply" in err
-    err = _one_line_error(capsys, summary.main, ["uniform", str(path), str(tmp_path / "u.json")])
+    err = _one_line_error(capsys, report_cli.main, ["uniform", str(path), str(tmp_path / "u.json")])
     assert "nested too deeply" in err
     assert sorted(os.listdir(tmp_path)) == ["deep.json"]
 

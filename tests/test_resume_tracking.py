@@ -16,8 +16,8 @@ import pytest
 
 import finetune
 import rl_quantize
-from lib.env.report import strategy_record
-from lib.env.summary import cost_model_for
+from lib.report.uniform import cost_model_for
+from lib.utils.strategy import strategy_record
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import UserError, run_cli
 from lib.utils.layers import quantizable_layers
@@ -162,10 +162,10 @@ def test_finetune_resume_logs_each_epoch_once(tiny_pretrained, tmp_path):
 
 
 def test_summary_refuses_nan_in_its_inputs(tmp_path, capsys):
-    from lib.env import summary
+    from lib.report import __main__ as report_cli
     (tmp_path / "s.json").write_text('{"mode": "kmeans", "accuracy": NaN}')
     with pytest.raises(SystemExit):
-        run_cli(summary.main, ["uniform", str(tmp_path / "s.json"), str(tmp_path / "u.json")])
+        run_cli(report_cli.main, ["uniform", str(tmp_path / "s.json"), str(tmp_path / "u.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "NaN is not a number in strict JSON" in err[-1]
     assert not (tmp_path / "u.json").exists()

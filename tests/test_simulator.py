@@ -2,20 +2,21 @@
 import json
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch.nn as nn
 
-from lib.simulator import (HARDWARE, BismoConfig, LayerShape, SizeCost, TableCost, bismo_edge,
-                           bitfusion, build_table, extract_layer_shapes, get_table,
-                           layer_cost, load_user_table)
+from lib.simulator import (HARDWARE, METRICS, BismoConfig, CostModel, LayerCost, LayerShape,
+                           SizeCost, TableCost, bismo_edge, bitfusion, build_table,
+                           extract_layer_shapes, get_hardware, get_table, list_hardware,
+                           load_user_table)
 from lib.simulator.__main__ import main as cli_main
 from lib.utils.errors import UserError, run_cli
 from models import get_model
 
-HW_METRICS = [("bismo_edge", "latency"), ("bismo_cloud", "latency"), ("bitfusion", "latency"),
-              ("bitfusion", "energy"), ("bitfusion", "size")]
+HW_METRICS = [(name, metric) for name in list_hardware() for metric in get_hardware(name).metrics]
 
 
 def fc_shape(m, k, n):
@@ -51,9 +52,9 @@ def test_grouped_conv_shape_and_exact_bismo_cycles():
     assert (fc.M, fc.K, fc.N) == (3, 800, 5)
     hw = bismo_edge()   # 8 x 256 x 8
     # per group: w*a * ceil(300/8) * ceil(4/8) * ceil(18/256) = 6 * 38 * 1 * 1; two groups
-    assert layer_cost(conv, 2, 3, hw).compute_cycles == 2 * 6 * 38
+    assert hw.layer_cost(conv, 2, 3).compute_cycles == 2 * 6 * 38
     # 20 x 600 x 10 GEMM at w3a2: 6 * ceil(20/8) * ceil(10/8) * ceil(600/256) = 6 * 3 * 2 * 3
-    assert layer_cost(fc_shape(20, 600, 10), 3, 2, hw).compute_cycles == 108
+    assert hw.layer_cost(fc_shape(20, 600, 10), 3, 2).compute_cycles == 108
 
 
 def test_real_forward_fallback_gives_the_same_shapes(monkeypatch):
@@ -84,31 +85,31 @@ def test_bismo_switches_from_memory_to_compute_bound_where_the_formula_says():
     # compute > memory  <=>  b^2 - 2b - 32 > 0  <=>  b > 1 + sqrt(33) = 6.74
     shape, hw = fc_shape(256, 256, 256), bismo_edge()
     for b in range(1, 9):
-        cost = layer_cost(shape, b, b, hw)
+        cost = hw.layer_cost(shape, b, b)
         assert cost.compute_cycles == 1024 * b * b
         assert cost.memory_cycles == 2048 * b + 32768
         assert cost.bound == ("compute" if b >= 7 else "memory"), b
         assert cost.cycles == max(cost.compute_cycles, cost.memory_cycles) + hw.overhead_cycles
-    assert layer_cost(shape, 8, 8, hw).latency_ms == pytest.approx((65536 + 1000) / 200e3)
+    assert hw.layer_cost(shape, 8, 8).latency_ms == pytest.approx((65536 + 1000) / 200e3)
 
 
 def test_bismo_refetches_the_lhs_per_n_tile_when_it_overflows_the_buffer():
     hw = BismoConfig(name="tiny", dm=2, dk=64, dn=2, freq_mhz=100, dram_bits_per_cycle=8,
                      buffer_depth=4, out_bits=32, overhead_cycles=0)   # LHS buffer 512 bits
     fits, spills = fc_shape(4, 16, 6), fc_shape(8, 16, 6)               # 4*16*8 = 512 <= 512
-    assert layer_cost(fits, 8, 8, hw).dram_bits == 8 * 96 + 8 * 64 + 32 * 24
+    assert hw.layer_cost(fits, 8, 8).dram_bits == 8 * 96 + 8 * 64 + 32 * 24
     # K = 16 takes 1 word of dk bits per weight bit: the 4-deep RHS buffer holds
     # 4 // w column tiles of dn = 2: N = 6 needs 3 fills at w >= 3, 2 at w = 2, 1 at w = 1
     for w, fills in ((8, 3), (3, 3), (2, 2), (1, 1)):
         expected = w * 96 + 8 * 128 * fills + 32 * 48
-        assert layer_cost(spills, w, 8, hw).dram_bits == expected, w
+        assert hw.layer_cost(spills, w, 8).dram_bits == expected, w
 
 
 def test_strided_1x1_conv_reads_a_quarter_of_its_input():
     model = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2))
     (s,) = extract_layer_shapes(model, 8, batch=1)
     hw = BismoConfig(name="big", dm=8, dk=256, dn=8, freq_mhz=100, dram_bits_per_cycle=64)
-    assert layer_cost(s, 8, 8, hw).dram_bits == 8 * 512 + 8 * (16 * 64) // 4 + 32 * 32 * 16
+    assert hw.layer_cost(s, 8, 8).dram_bits == 8 * 512 + 8 * (16 * 64) // 4 + 32 * 32 * 16
 
 
 def test_bismo_has_no_energy_model():
@@ -129,7 +130,7 @@ def test_bitfusion_rounds_widths_to_2_4_8(net_shapes):
 
 def test_bitfusion_throughput_scales_with_fused_products():
     shape, hw = fc_shape(1024, 4096, 256), bitfusion()   # compute-bound GEMM
-    c8, c4, c2 = (layer_cost(shape, b, b, hw).compute_cycles for b in (8, 4, 2))
+    c8, c4, c2 = (hw.layer_cost(shape, b, b).compute_cycles for b in (8, 4, 2))
     assert c8 == 1024 * math.ceil(256 / 32) * math.ceil(4096 / 16)
     assert (c8 // c4, c8 // c2) == (4, 16)
 
@@ -216,7 +217,7 @@ def test_cli_summary_and_plot(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--hardware", "tpu"], "unknown hardware 'tpu'"),
+    (["--hardware", "tpu"], "invalid choice: 'tpu'"),
     (["--hardware", "bismo_edge", "--metric", "energy"], "latency"),
     (["--hardware", "bitfusion", "--metric", "power"], "unknown metric 'power'"),
     (["--hardware", "bitfusion", "--arch", "nonet"], "unknown arch 'nonet'"),
@@ -233,6 +234,87 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, argv, needle):
 def test_presets_are_registered():
     assert set(HARDWARE) == {"bismo_edge", "bismo_cloud", "bitfusion"}
     assert bismo_edge().peak_binary_tops == pytest.approx(6.55, abs=0.01)
+
+
+# ---------------------------------------------------------------- the cost-model interface
+INTERFACE_SHAPES = [fc_shape(16, 512, 64), fc_shape(1024, 4096, 256), fc_shape(3, 7, 5)]
+
+
+@pytest.mark.parametrize("name", list_hardware())
+def test_every_registered_cost_model_satisfies_the_interface(name):
+    hw = get_hardware(name)
+    assert isinstance(hw, CostModel) and hw.name == name and get_hardware(hw) is hw
+    assert "size" in hw.metrics and set(hw.metrics) <= set(METRICS)
+    assert hw.max_bit >= 8 and isinstance(hw.label, str)
+    fields = [f for m, f in (("latency", "latency_ms"), ("energy", "energy_mj"))
+              if m in hw.metrics]
+    for shape in INTERFACE_SHAPES:
+        costs = {(w, a): hw.layer_cost(shape, w, a) for w in range(1, 9) for a in range(1, 9)}
+        assert all(isinstance(c, LayerCost) for c in costs.values())
+        for (w, a), c in costs.items():
+            for field in fields:
+                value = getattr(c, field)
+                assert math.isfinite(value) and value > 0
+                # one more bit of weights or activations never costs less
+                if w < 8:
+                    assert getattr(costs[w + 1, a], field) >= value, (field, w, a)
+                if a < 8:
+                    assert getattr(costs[w, a + 1], field) >= value, (field, w, a)
+            assert c.cycles >= max(c.compute_cycles, c.memory_cycles)
+        assert costs[8, 8].dram_bits > costs[1, 1].dram_bits
+    # on a large GEMM every metric strictly grows from 2 to 8 bits (bit-serial passes,
+    # fused bricks, bits moved); a tiny layer may fit one cycle at any width
+    big = INTERFACE_SHAPES[1]
+    for metric in hw.metrics:
+        assert hw.table_entry(big, 8, 8, metric) > hw.table_entry(big, 2, 2, metric), metric
+
+
+def test_the_registry_feeds_the_hardware_choices():
+    import rl_quantize
+    from lib.simulator.__main__ import get_args_parser as simulator_parser
+    for parser in (rl_quantize.get_args_parser(), simulator_parser()):
+        (action,) = [a for a in parser._actions if "--hardware" in a.option_strings]
+        assert list(action.choices) == list_hardware()
+
+
+@dataclass(frozen=True)
+class ToyCost(CostModel):
+    """An accelerator whose every product takes w * a cycles per weight (a registry test)."""
+    name: str = "toy"
+    label = "Toy"
+    metrics = ("latency", "size")
+
+    def layer_cost(self, shape, w_bits, a_bits):
+        cycles = w_bits * a_bits * shape.n_weights
+        return LayerCost(compute_cycles=cycles, memory_cycles=0, cycles=cycles,
+                         latency_ms=cycles / 1e6, dram_bits=0)
+
+
+def test_a_new_accelerator_is_one_class_and_one_registry_line(monkeypatch, capsys):
+    from lib.simulator.__main__ import get_args_parser as simulator_parser
+    monkeypatch.setitem(HARDWARE, "toy", ToyCost)
+    assert "toy" in list_hardware() and get_hardware("toy") == ToyCost()
+    assert simulator_parser().parse_args(["--arch", "x", "--hardware", "toy"]).hardware == "toy"
+    t = build_table([fc_shape(2, 3, 4)], "toy", "latency")
+    assert t[0, 3, 1] == 4 * 2 * 12 / 1e6
+    with pytest.raises(UserError, match="Toy supports at most 8-bit operands; use --max_bit 8"):
+        build_table([fc_shape(2, 3, 4)], "toy", "latency", max_bit=9)
+    with pytest.raises(UserError, match="use --hardware bitfusion for energy"):
+        build_table([fc_shape(2, 3, 4)], "toy", "energy")
+
+
+def test_table_cache_keys_are_unchanged():
+    """The cache fingerprint hashes the model's repr: tables cached before stay valid."""
+    from lib.simulator.tables import fingerprint
+    shapes = [fc_shape(16, 512, 64)]
+    assert repr(bismo_edge()) == (
+        "BismoConfig(name='bismo_edge', dm=8, dk=256, dn=8, freq_mhz=200.0, "
+        "dram_bits_per_cycle=64, buffer_depth=1024, out_bits=32, overhead_cycles=1000)")
+    assert repr(bitfusion()).startswith("BitFusionConfig(name='bitfusion', rows=16, cols=32, ")
+    assert fingerprint(shapes, bismo_edge(), "latency", 8) == \
+        "531e293cf45c54cdbc3fe5034c839898411daca5"
+    assert fingerprint(shapes, bitfusion(), "energy", 8) == \
+        "c08b276a943bc8b1324be42ba0afddc224401821"
 
 
 def _write_table(path, kind):
@@ -277,3 +359,17 @@ def test_user_table_is_recorded_and_a_changed_one_refused(tmp_path):
     np.save(path, 2 * np.ones((53, 8, 8)))
     with pytest.raises(UserError, match="has changed since the search recorded it"):
         load_user_table(str(path), 53, expected_sha256=record["sha256"])
+
+
+def test_the_simulator_imports_nothing_above_it():
+    """Cost models know nothing of the search: no lib/env, lib/rl or lib/report import at all."""
+    import ast
+    import os
+    folder = os.path.dirname(os.path.abspath(get_hardware.__code__.co_filename))
+    for name in (f for f in os.listdir(folder) if f.endswith(".py")):
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        modules += [("lib." if n.level == 2 else "") + (n.module or "")   # from ..env import
+                    for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in modules if m.split(".")[:2] in (["lib", "env"], ["lib", "rl"],
+                                                                ["lib", "report"])], name

@@ -39,7 +39,7 @@ def test_load_file_and_bare_list(tmp_path):
 
 
 def test_search_output_validates(tmp_path):
-    from lib.env.report import write_strategy
+    from lib.utils.strategy import write_strategy
     path = str(tmp_path / "strategy.json")
     best = {"cost_ratio": 0.5, "accuracy": 90.0, "episode": 3, "reward": -0.1, "cost": 1.0,
             "policy": [[8, -1], [5, 6], [4, 3], [6, 7], [8, 8]]}

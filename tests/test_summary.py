@@ -1,4 +1,4 @@
-from lib.env.summary import best_uniform, cost_model_for, uniform_policy
+from lib.report.uniform import best_uniform, cost_model_for, uniform_policy
 
 BASE = {"arch": "qmobilenetv2", "dataset": "mnist5k", "width_mult": 0.25, "min_bit": 2, "max_bit": 8}
 
@@ -36,7 +36,7 @@ def _log(accs):
 
 def test_report_puts_ilp_and_the_noise_beside_the_gap(tmp_path):
     """The demo's summary: uniform, ILP and HAQ rows, HAQ - uniform with the replays' SD beside it."""
-    from lib.env.summary import report
+    from lib.report.summary import report
     s = dict(BASE, arch="mobilenetv2", mode="kmeans", metric="size", hardware=None,
              preserve_ratio=0.05, min_bit=1)
     layers = cost_model_for(s)[1]

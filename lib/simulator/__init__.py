@@ -1,9 +1,10 @@
-"""Hardware cost models and lookup tables for HAQ's hardware-aware search (DESIGN.md section 5).
+"""Hardware cost models and lookup tables for HAQ's hardware-aware search.
 
 HAQ (Wang et al., CVPR 2019) budgets the search on *direct* hardware feedback:
 the latency or energy of each layer at each (weight bits, activation bits) pair
 on the target accelerator, read from a lookup table. This package builds those
-tables for any model from analytic models of the paper's targets.
+tables for any model from analytic models of the paper's targets
+(docs/design.md, hardware cost models).
 
 Public API (what lib/env and the CLIs import):
 
@@ -11,13 +12,15 @@ Shapes (``shapes.py``)
     ``LayerShape``                 GEMM view (M, K, N, groups) and element counts of a layer.
     ``extract_layer_shapes(model, input_size, batch=1, linear=False)``
                                    one LayerShape per quantizable layer, policy order.
-Hardware (``hardware.py``)
-    ``bismo_edge()``, ``bismo_cloud()``, ``bitfusion()``  preset configs (docstrings
-                                   state every parameter and assumption);
-    ``HARDWARE`` (name -> preset), ``get_hardware(name_or_config)``;
-    ``layer_cost(shape, w, a, hw) -> LayerCost`` (compute/memory cycles, ms, mJ, bound).
-    BISMO models latency only (and size, which is hardware-independent); asking
-    it for energy is a UserError that points to ``bitfusion``.
+Cost models (``base.py``, one file per accelerator, ``hardware.py`` the registry)
+    ``CostModel``                  the interface: ``layer_cost(shape, w_bits, a_bits) -> LayerCost``
+                                   (compute/memory cycles, ms, mJ, bound), ``name``, ``metrics``,
+                                   ``max_bit``; ``table_entry(shape, w, a, metric)``.
+    ``BismoConfig`` (``bismo.py``: ``bismo_edge()``, ``bismo_cloud()``) models latency;
+    ``BitFusionConfig`` (``bitfusion.py``: ``bitfusion()``) latency and energy; size
+    (``size.py``) is hardware-independent. Asking a model for a metric it lacks is a
+    UserError that names the presets that have it.
+    ``HARDWARE`` (name -> preset), ``list_hardware()``, ``get_hardware(name_or_model)``.
 Tables (``tables.py``)
     ``build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, batch=1)``
                                    -> ndarray (n_layers, max_bit, max_bit), [layer, w-1, a-1];
@@ -36,18 +39,19 @@ Costs (``costs.py``)
 
 CLI: ``python -m lib.simulator --arch ARCH --dataset DATASET --hardware H --metric M [--batch B]``.
 """
+from lib.simulator.base import CostModel, LayerCost
+from lib.simulator.bismo import BismoConfig, bismo_cloud, bismo_edge
+from lib.simulator.bitfusion import BitFusionConfig, bitfusion
 from lib.simulator.costs import SizeCost, TableCost, linear_cost_model, to_human
-from lib.simulator.hardware import (HARDWARE, BismoConfig, BitFusionConfig, LayerCost,
-                                    bismo_cloud, bismo_edge, bitfusion, get_hardware,
-                                    layer_cost)
+from lib.simulator.hardware import HARDWARE, get_hardware, list_hardware
 from lib.simulator.shapes import LayerShape, extract_layer_shapes
 from lib.simulator.tables import (METRICS, UNITS, build_table, get_table, load_user_table,
                                   table_path)
 
-__all__ = ["linear_cost_model", 
+__all__ = [
     "LayerShape", "extract_layer_shapes",
-    "HARDWARE", "BismoConfig", "BitFusionConfig", "LayerCost", "bismo_edge", "bismo_cloud",
-    "bitfusion", "get_hardware", "layer_cost",
+    "CostModel", "LayerCost", "BismoConfig", "BitFusionConfig", "bismo_edge", "bismo_cloud",
+    "bitfusion", "HARDWARE", "get_hardware", "list_hardware",
     "METRICS", "UNITS", "build_table", "get_table", "load_user_table", "table_path",
-    "SizeCost", "TableCost", "to_human",
+    "SizeCost", "TableCost", "linear_cost_model", "to_human",
 ]

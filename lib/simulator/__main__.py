@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 from lib.simulator.costs import to_human
-from lib.simulator.hardware import HARDWARE, get_hardware, layer_cost
+from lib.simulator.hardware import get_hardware, list_hardware
 from lib.simulator.shapes import extract_layer_shapes
 from lib.simulator.tables import (CACHE_DIR, METRICS, UNITS, check_metric, get_table,
                                   table_path)
@@ -32,7 +32,7 @@ def get_args_parser():
     p = cli.ArgumentParser(prog="python -m lib.simulator", description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True, help="model name from the models registry")
     p.add_argument("--dataset", default="imagenet", help="sets classes and input size")
-    p.add_argument("--hardware", required=True, help=f"one of: {', '.join(HARDWARE)}")
+    p.add_argument("--hardware", required=True, choices=list_hardware(), help="cost model preset")
     p.add_argument("--metric", default="latency", help=f"one of: {', '.join(METRICS)}")
     p.add_argument("--batch", type=cli.positive_int, default=16,
                    help="batch size the table is built for")
@@ -72,7 +72,7 @@ def summarize(shapes, table, hw, metric, top=5):
     """The report as a list of lines (separate from main so that tests can read it)."""
     unit = UNITS[metric]
     t8, t6, t4 = (table[:, b - 1, b - 1] for b in (8, 6, 4))
-    bounds = {b: [layer_cost(s, b, b, hw).bound if metric != "size" else "-" for s in shapes]
+    bounds = {b: [hw.layer_cost(s, b, b).bound if metric != "size" else "-" for s in shapes]
               for b in (8, 4)}
     show_cycles = metric == "latency"
     lines = [f"{'#':>3} {'layer':<28} {'type':<4} {'M x K x N (x groups)':<26} "
@@ -80,7 +80,7 @@ def summarize(shapes, table, hw, metric, top=5):
              + ("  cycles@w8a8" if show_cycles else "")]
     for i, s in enumerate(shapes):
         gemm = f"{s.M}x{s.K}x{s.N}" + (f" x{s.groups}" if s.groups > 1 else "")
-        extra = f"  {layer_cost(s, 8, 8, hw).cycles}" if show_cycles else ""
+        extra = f"  {hw.layer_cost(s, 8, 8).cycles}" if show_cycles else ""
         lines.append(f"{i:>3} {s.name[:28]:<28} {s.layer_type:<4} {gemm:<26} "
                      f"{_fmt(t8[i], unit):>12} {_fmt(t4[i], unit):>12} "
                      f"{100 * t8[i] / t8.sum():>5.1f}%  {bounds[8][i]}/{bounds[4][i]}{extra}")

@@ -1,6 +1,6 @@
 """Cost objects the search calls: ``cost(policy)``, ``reference()``, ``min_cost()``.
 
-DESIGN.md section 3: the K-Means search is budgeted on model size,
+As docs/design.md describes the search, the K-Means search is budgeted on model size,
 ``sum(bits_i * #weights_i)`` against a float_bit (32) reference; the linear search
 on a lookup table, ``sum(table[i, w_i - 1, a_i - 1])`` against the all-8-bit
 policy. Every cost object carries ``unit`` (the unit of its values) and
@@ -94,7 +94,7 @@ class TableCost:
     def min_policy(self):
         """The cheapest policy the search can reach: linear mode's pins, the rest at min_bit.
 
-        The first layer stays [8, -1] and the last [8, 8] (DESIGN.md section 3).
+        The first layer stays [8, -1] and the last [8, 8] (docs/design.md, the search's budget).
         """
         n, f, lo = self.n_layers, self.float_bit, self.min_bit
         policy = [[lo, lo] for _ in range(n)]

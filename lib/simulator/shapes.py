@@ -1,7 +1,7 @@
 """Layer shapes of a model, recorded from a traced forward pass.
 
-Every cost model in this package works on the GEMM view of a layer (DESIGN.md
-section 5): a convolution lowered im2col-style is ``groups`` independent GEMMs of
+Every cost model in this package works on the GEMM view of a layer (docs/design.md,
+hardware cost models): a convolution lowered im2col-style is ``groups`` independent GEMMs of
 an ``M x K`` activation matrix (the LHS) by a ``K x N`` weight matrix (the RHS) with
 
     M = batch * out_h * out_w,   K = (in_channels / groups) * kh * kw,
@@ -29,8 +29,8 @@ class LayerShape:
     """GEMM view and tensor sizes of one quantizable layer at a given batch.
 
     Element counts (``n_inputs``, ``n_outputs``) cover the whole batch;
-    ``n_weights`` excludes the bias (it stays in floating point, DESIGN.md
-    section 4, and is not part of the quantized model size).
+    ``n_weights`` excludes the bias (it stays in floating point, see
+    docs/design.md on quantization operators, and is not part of the quantized model size).
     """
     name: str
     kind: str                 # 'conv' or 'linear'

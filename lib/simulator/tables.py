@@ -1,10 +1,11 @@
 """Lookup tables: per-layer cost at every (weight bits, activation bits) pair.
 
 A table has shape ``(n_layers, max_bit, max_bit)`` and is indexed
-``[layer, w_bit - 1, a_bit - 1]`` (DESIGN.md section 5), the format of the table
-the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are cached as
+``[layer, w_bit - 1, a_bit - 1]`` (docs/design.md, hardware cost models), the format
+of the table the HAQ release ships. Units per metric are in :data:`UNITS`. Tables are
+cached as
 ``lookup_tables/{arch}_{dataset}_{size}px_w{width}_batch{B}_{hardware}_{metric}_table.npy``
-(DESIGN.md section 7: the name carries everything that changes the table, so
+(docs/design.md, data: the name carries everything that changes the table, so
 tables of different sizes or widths never overwrite each other).
 """
 import hashlib
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn as nn
 
-from lib.simulator.hardware import get_hardware, layer_cost
+from lib.simulator.hardware import get_hardware, hardware_for
 from lib.simulator.shapes import extract_layer_shapes
 from lib.utils.checkpoint import atomic_write
 from lib.utils.errors import UserError
@@ -30,21 +31,14 @@ UNITS = {"latency": "ms", "energy": "mJ", "size": "bit"}
 CACHE_DIR = Path(__file__).resolve().parent / "lookup_tables"
 
 
-
 def check_metric(hardware, metric):
-    """Raise UserError unless ``hardware`` (a config) models ``metric``."""
+    """Raise UserError unless ``hardware`` (a cost model) models ``metric``."""
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; expected one of: {', '.join(METRICS)}")
     if metric not in hardware.metrics:
+        hint = " or ".join(hardware_for(metric))
         raise UserError(f"hardware '{hardware.name}' models {' and '.join(hardware.metrics)} only, "
-                        f"not {metric}; use --hardware bitfusion for energy")
-
-
-def _entry(shape, w, a, hw, metric):
-    if metric == "size":
-        return float(w * shape.n_weights)     # bits; the activation width does not matter
-    cost = layer_cost(shape, w, a, hw)
-    return cost.latency_ms if metric == "latency" else cost.energy_mj
+                        f"not {metric}" + (f"; use --hardware {hint} for {metric}" if hint else ""))
 
 
 def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, batch=1,
@@ -53,7 +47,8 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
 
     ``model_or_shapes`` is an ``nn.Module`` (traced at ``input_size`` and ``batch``
     with :func:`extract_layer_shapes`) or a list of LayerShape. ``hardware`` is a
-    preset name or config; BISMO models latency (and size) only.
+    preset name or cost model, which must model ``metric`` and, unless the metric is
+    size, operands of ``max_bit`` bits.
     """
     hw = get_hardware(hardware)
     check_metric(hw, metric)
@@ -61,13 +56,14 @@ def build_table(model_or_shapes, hardware, metric, max_bit=8, input_size=224, ba
         shapes = extract_layer_shapes(model_or_shapes, input_size, batch=batch, linear=linear)
     else:
         shapes = list(model_or_shapes)
-    if metric != "size" and max_bit > 8 and hw.name == "bitfusion":
-        raise UserError("BitFusion supports at most 8-bit operands; use --max_bit 8")
+    if metric != "size" and max_bit > hw.max_bit:
+        raise UserError(f"{hw.label} supports at most {hw.max_bit}-bit operands; "
+                        f"use --max_bit {hw.max_bit}")
     table = np.empty((len(shapes), max_bit, max_bit), dtype=np.float64)
     for i, shape in enumerate(shapes):
         for w in range(1, max_bit + 1):
             for a in range(1, max_bit + 1):
-                table[i, w - 1, a - 1] = _entry(shape, w, a, hw, metric)
+                table[i, w - 1, a - 1] = hw.table_entry(shape, w, a, metric)
     return table
 
 
@@ -126,7 +122,7 @@ def get_table(arch, dataset, hardware, metric, batch, model=None, input_size=Non
               cache_dir=CACHE_DIR, max_bit=8, linear=False, width_mult=None, rebuild=False):
     """Load the cached table or build it (from ``model`` or the registry's ``arch``) and cache it.
 
-    The cache is keyed by the DESIGN.md file name plus a ``.meta.json`` sidecar
+    The cache is keyed by that file name plus a ``.meta.json`` sidecar
     holding a fingerprint of the layer shapes and hardware, so a table built for
     another width, input size or simulator version is rebuilt rather than reused.
     ``input_size`` defaults to the dataset's; ``width_mult`` names the MobileNet width
@@ -202,7 +198,7 @@ def load_user_table(path, n_layers, max_bit=8, expected_sha256=None):
     """Load a user-measured table (``--cost_table``) and check its shape and values.
 
     Returns ``(table, record)``: the float64 array and its ``{"path", "sha256"}``
-    record (DESIGN.md section 9). With ``expected_sha256`` (a recorded table) a file
+    record (docs/design.md, strategy.json). With ``expected_sha256`` (a recorded table) a file
     whose content has changed is refused. The reference cost (the sum of the
     all-8-bit entries ``table[:, 7, 7]``) must be positive and finite, since every
     cost ratio divides by it.

@@ -1,4 +1,4 @@
-"""strategy.json: loading, validation against a model, and the two published policies.
+"""strategy.json: loading, validation against a model, writing, and the two published policies.
 
 A strategy (DESIGN.md section 9) is what the search writes and what finetune.py reads::
 
@@ -17,7 +17,7 @@ import math
 import os
 from numbers import Integral, Real
 
-from .checkpoint import read_json
+from .checkpoint import atomic_write_json, finite_or_none, read_json
 from .errors import UserError
 
 MODES = ("kmeans", "linear")
@@ -191,3 +191,38 @@ def validate_strategy(strategy, layer_names, mode, min_bit=1, max_bit=8):
                       _as_bit(entry[1], where + " activations", min_bit, max_bit, True)])
     out = dict(strategy, mode=mode, layers=list(layer_names), strategy=clean)
     return out
+
+
+def _rounded(value, digits):
+    value = finite_or_none(value)
+    return None if value is None else round(value, digits)
+
+
+def strategy_record(best, layer_names, meta):
+    """The strategy.json dict of ``best`` (an episode's info) plus search metadata ``meta``.
+
+    Layer names come from ``named_modules()``, the policy in the same order. The file
+    is strict JSON: a NaN/inf number (e.g. the accuracy of a diverged episode) is
+    written as null. A search on a user table carries its ``cost_table`` record
+    ``{"path", "sha256"}``.
+    """
+    record = {"arch": meta["arch"], "mode": meta["mode"], "metric": meta["metric"],
+              "hardware": meta.get("hardware"), "preserve_ratio": meta["preserve_ratio"],
+              "cost_ratio": _rounded(best["cost_ratio"], 6),
+              "accuracy": _rounded(best["accuracy"], 4), "episode": int(best["episode"]),
+              "layers": list(layer_names), "strategy": best["policy"]}
+    # Extra context (finetune.py needs only the fields above).
+    for key in ("dataset", "width_mult", "input_size", "min_bit", "max_bit", "original_accuracy",
+                "method", "cost_table"):
+        if key in meta:
+            record[key] = meta[key]
+    if "original_accuracy" in meta:
+        record["original_accuracy"] = finite_or_none(meta["original_accuracy"])
+    record["reward"] = _rounded(best["reward"], 6)
+    record["cost"] = finite_or_none(best["cost"])
+    return record
+
+
+def write_strategy(path, best, layer_names, meta):
+    """Write the search's best policy to ``path`` atomically (a crash leaves the old file)."""
+    atomic_write_json(path, strategy_record(best, layer_names, meta))

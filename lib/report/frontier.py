@@ -1,6 +1,6 @@
 """The accuracy-vs-cost frontier of run/run_frontier.sh: tables, goal checks and plots.
 
-    python -m lib.env.frontier OUT [--warmup 12]
+    python -m lib.report frontier OUT [--warmup 12]
 
 reads what the script's runs left in OUT (nothing else: every figure comes from a
 search's strategy.json / log.txt or a fine-tune's results.json)::
@@ -17,22 +17,17 @@ and learning.png (search accuracy per episode, mean over seeds, DDPG vs random).
 Accuracies are in percent; the search reward is 0.1 x (accuracy - fp32 accuracy), so
 every comparison made on accuracy holds for the reward.
 """
-import argparse
 import glob
-import logging
 import os
 import re
 import statistics
-import sys
 
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
-from lib.utils.cli import ArgumentParser, nonneg_int
-from lib.utils.errors import UserError, run_cli
+from lib.utils.errors import UserError
 
-from .report import _pyplot
-from .summary import MODES, _read_log
+from .plots import pyplot
+from .runs import MODES, read_log
 
-log = logging.getLogger(__name__)
 METHODS = ("ddpg", "random", "ilp")
 SMOOTH = 5   # episodes in the learning plot's running mean
 COLORS = {"ddpg": "#d62728", "random": "#7f7f7f", "ilp": "#2ca02c", "uniform": "#1f77b4"}
@@ -55,7 +50,7 @@ def read_run(prefix):
     with open(prefix + ".strategy") as f:
         strategy_path = f.read().strip()
     strategy = _json(strategy_path)
-    history = _read_log(os.path.join(os.path.dirname(strategy_path), "log.txt"))
+    history = read_log(os.path.join(os.path.dirname(strategy_path), "log.txt"))
     ft = prefix + "_ft/results.json"
     results = _json(ft) if os.path.isfile(ft) else {}
     return {"search_acc": strategy.get("accuracy"), "cost_ratio": strategy.get("cost_ratio"),
@@ -233,7 +228,7 @@ def markdown(frontier):
 
 
 def plot_frontier(path, frontier):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(frontier), figsize=(5.5 * len(frontier), 4.2), squeeze=False)
     for ax, (mode, m) in zip(axes[0], frontier.items()):
         u = [r for r in m["uniform"] if r["top1"] is not None]
@@ -272,7 +267,7 @@ def _save(plt, fig, path):
 
 
 def plot_learning(path, frontier, warmup):
-    plt = _pyplot()
+    plt = pyplot()
     panels = [(mode, budget, b) for mode, m in frontier.items()
               for budget, b in m["budgets"].items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
@@ -301,25 +296,3 @@ def build(out_dir, warmup):
     plot_frontier(os.path.join(out_dir, "frontier.png"), frontier)
     plot_learning(os.path.join(out_dir, "learning.png"), frontier, warmup)
     return frontier, table
-
-
-def get_args_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir", help="the folder run/run_frontier.sh wrote")
-    p.add_argument("--warmup", type=nonneg_int, default=12,
-                   help="warmup episodes of the searches (as run_frontier.sh's WARMUP)")
-    return p
-
-
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    if not os.path.isdir(args.out_dir):
-        raise UserError(f"'{args.out_dir}' is not a folder; expected run_frontier.sh's output")
-    _, table = build(args.out_dir, args.warmup)
-    sys.stdout.write(table)
-    return table
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_cli(main)

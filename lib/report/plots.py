@@ -1,52 +1,12 @@
-"""What a search leaves in its output folder besides its state: strategy.json and the plots.
+"""The search's figures, in the paper's style, and the matplotlib set-up every report shares.
 
-``strategy.json`` follows DESIGN.md section 9 (layer names from
-``named_modules()``, the policy in the same order) and is written atomically.
-The plots are the paper's figure style: per-layer bits of the best policy as bars
-(weights, and activations in linear mode), and accuracy against cost ratio of
-every episode with the best one marked.
+Per-layer bits of the best policy as bars (weights, and activations in linear mode),
+and accuracy against cost ratio of every episode with the best one marked.
 """
-import logging
-
-from lib.utils.checkpoint import atomic_write_json, finite_or_none
-
-log = logging.getLogger(__name__)
 
 
-def _rounded(value, digits):
-    value = finite_or_none(value)
-    return None if value is None else round(value, digits)
-
-
-def strategy_record(best, layer_names, meta):
-    """The strategy.json dict of ``best`` (an episode's info) plus search metadata ``meta``.
-
-    The file is strict JSON: a NaN/inf number (e.g. the accuracy of a diverged
-    episode) is written as null. A search on a user table carries its
-    ``cost_table`` record ``{"path", "sha256"}`` (DESIGN.md section 9).
-    """
-    record = {"arch": meta["arch"], "mode": meta["mode"], "metric": meta["metric"],
-              "hardware": meta.get("hardware"), "preserve_ratio": meta["preserve_ratio"],
-              "cost_ratio": _rounded(best["cost_ratio"], 6),
-              "accuracy": _rounded(best["accuracy"], 4), "episode": int(best["episode"]),
-              "layers": list(layer_names), "strategy": best["policy"]}
-    # Extra context (finetune.py needs only the fields above).
-    for key in ("dataset", "width_mult", "input_size", "min_bit", "max_bit", "original_accuracy",
-                "method", "cost_table"):
-        if key in meta:
-            record[key] = meta[key]
-    if "original_accuracy" in meta:
-        record["original_accuracy"] = finite_or_none(meta["original_accuracy"])
-    record["reward"] = _rounded(best["reward"], 6)
-    record["cost"] = finite_or_none(best["cost"])
-    return record
-
-
-def write_strategy(path, best, layer_names, meta):
-    atomic_write_json(path, strategy_record(best, layer_names, meta))
-
-
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
     matplotlib.use("Agg")   # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -55,7 +15,7 @@ def _pyplot():
 
 def plot_policy(path, policy, layer_names, title=""):
     """Bars of weight (and activation) bits per layer, the paper's Fig. 3/4 style."""
-    plt = _pyplot()
+    plt = pyplot()
     linear = bool(policy) and isinstance(policy[0], (list, tuple))
     n = len(policy)
     # margins from the longest name instead of tight_layout (which measures every label again)
@@ -92,7 +52,7 @@ def plot_history(path, history, best_episode, warmup, preserve_ratio, metric,
 
     ``labels``: legend names of the episodes before and from ``warmup`` (other methods).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
     rand = [h for h in history if h["episode"] < warmup]
     learned = [h for h in history if h["episode"] >= warmup]
