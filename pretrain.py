@@ -34,10 +34,6 @@ from lib.utils.train import evaluate, train_one_epoch
 from models import default_pretrained_path, get_model, list_models
 
 log = logging.getLogger("pretrain")
-# CPU threads when OMP_NUM_THREADS is unset: the thread count changes float rounding
-# (how reductions are split), so the same seed gives the same model only at the same
-# count; 2 is the setting of the README's measured figures and of run/run_demo.sh.
-DEFAULT_CPU_THREADS = 2
 
 
 def get_args_parser():
@@ -68,6 +64,7 @@ def get_args_parser():
                   "channels-last memory format (about 1.3x faster MobileNet steps on CPU)")
     p.add_argument("-j", "--workers", type=cli.workers_int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli.add_threads_argument(p)
     p.add_argument("--output", default=None,
                    help="checkpoint path (default checkpoints/pretrained/<arch>_<dataset>.pth.tar)")
     cli.bool_flag(p, "--resume", False, "continue from --output if it exists")
@@ -98,23 +95,31 @@ def log_folder(output):
     return stem + "_log"
 
 
-def make_reproducible(args, device):
+def make_reproducible(args):
     """Fix what makes two runs of the same command differ; returns the CPU thread count.
 
     The seed fixes the weights and (through generators of their own) the data order and
-    augmentation; deterministic algorithms fix kernel choice on CUDA; the thread count is
-    pinned to DEFAULT_CPU_THREADS on CPU unless OMP_NUM_THREADS says otherwise. Runs
-    agree bit for bit only on the same CPU type and torch build as well.
+    augmentation; deterministic algorithms fix kernel choice on CUDA; the thread count
+    (--threads or OMP_NUM_THREADS) is the user's and is recorded, since it changes the
+    rounding of CPU reductions. Runs agree bit for bit only at the same thread count, on
+    the same CPU type and torch build.
     """
-    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(DEFAULT_CPU_THREADS)
+    threads = cli.apply_threads(args)
     if args.deterministic:
         # cuBLAS needs this set before its first call to pick reproducible kernels.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     seed_everything(args.seed)
-    return torch.get_num_threads()
+    return threads
+
+
+def thread_source(args):
+    """Where the thread count came from, for the log."""
+    if getattr(args, "threads", None) is not None:
+        return "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return f"OMP_NUM_THREADS={omp}" if omp else "torch's default; --threads N fixes it"
 
 
 def ema_update(decay):
@@ -182,11 +187,10 @@ def main(argv=None):
     output = check_args(args)
     device, rank, world = init_distributed(args.device)
     setup_logging(rank=rank)
-    threads = make_reproducible(args, device)
+    threads = make_reproducible(args)
     if rank == 0:
-        log.info("seed %d, %d CPU thread(s)%s, deterministic algorithms %s", args.seed, threads,
-                 "" if os.environ.get("OMP_NUM_THREADS") else " (OMP_NUM_THREADS unset)",
-                 "on" if args.deterministic else "off")
+        log.info("seed %d, %d CPU thread(s) (%s), deterministic algorithms %s", args.seed,
+                 threads, thread_source(args), "on" if args.deterministic else "off")
     model_kwargs = model_kwargs_for(args.arch, args.dataset, args.dataset_root, args.width_mult,
                                     args.input_size)
     model = memory_format(get_model(args.arch, **model_kwargs).to(device), args.channels_last)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wall time of --method ilp (scores + solve + one evaluated episode) against one DDPG search with
 # the demo's settings (run/run_demo.sh), measured one after the other in one run on the same
-# machine, for both modes; then the demo's fine-tune of each method's policy (DESIGN.md section 14).
+# machine, for both modes; then the demo's fine-tune of each method's policy (docs/design.md, allocators).
 # Two ratios: the whole process (start-up, data, model and the original-accuracy pass included,
 # which every method pays alike) and the method's own time (rl_quantize.py's "search time" line:
 # ilp's scores + solve + episode against DDPG's episodes).

@@ -351,52 +351,6 @@ def test_staged_loss_refuses_a_twin_that_differs(monkeypatch):
     assert loss(4) == pytest.approx(loss.base, rel=1e-5)
 
 
-def test_staged_loss_lanes_answer_what_one_lane_answers():
-    """Passes run side by side on copies of the folded model give the one-lane losses, and
-    a change is read when it is submitted: the model may be reset before its pass runs."""
-    from lib.allocate.staged import StagedLoss
-    model, batches, layers = small_bn_model()
-    with torch.no_grad():
-        layers[-1][1].weight.mul_(100.0)
-    one = StagedLoss(model, batches, [m for _, m in layers])
-    changes = [(i, w, a) for i in range(len(layers)) for w, a in ((2, -1), (-1, 2), (3, 3))]
-    want = []
-    for index, w_bit, a_bit in changes:
-        layers[index][1].set_bits(w_bit, a_bit)
-        want.append(one(index))
-        layers[index][1].set_bits(-1, -1)
-    with StagedLoss(model, batches, [m for _, m in layers], lanes=3) as many:
-        pending = []
-        for index, w_bit, a_bit in changes:
-            layers[index][1].set_bits(w_bit, a_bit)
-            pending.append(many.submit(index))
-            layers[index][1].set_bits(-1, -1)
-        got = [p.result() for p in pending]
-        assert many._pool is not None   # the lanes ran (the first change was checked live)
-    assert got == pytest.approx(want, rel=1e-6, abs=1e-8)
-    assert sum(abs(g - many.base) > 1e-5 for g in got) >= len(got) // 2
-
-
-def test_scan_lanes_share_the_cpu_threads_and_give_them_back():
-    from lib.allocate.staged import MAX_LANES, scan_lanes
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with scan_lanes(torch.device("cpu")) as lanes:
-            assert (lanes, torch.get_num_threads()) == (2, 1)
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(4 * MAX_LANES)
-        with scan_lanes(torch.device("cpu")) as lanes:
-            assert (lanes, torch.get_num_threads()) == (MAX_LANES, 4)
-        with scan_lanes(torch.device("cuda")) as lanes:   # queued kernels: one lane
-            assert (lanes, torch.get_num_threads()) == (1, 4 * MAX_LANES)
-        torch.set_num_threads(1)
-        with scan_lanes(torch.device("cpu")) as lanes:
-            assert lanes == 1
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("arch", ["mobilenet", "qmobilenetv2", "resnet18", "qresnet50"])
 def test_model_stages_chain_to_its_forward(arch):
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ PRETRAIN = {
     "--warmup_epochs": ({"0"}, ["16"]), "--label_smoothing": ({"0"}, ["1"]),
     "--ema_decay": ({"0"}, ["1"]), "--workers": ({"0"}, ["1025"]),
     "--seed": ({"0"}, ["4294967296"]), "--train_subset": ((), []),
-    "--input_size": ((), ["7", "1025"]),
+    "--input_size": ((), ["7", "1025"]), "--threads": ((), ["1025"]),
 }
 RL = {
     "--preserve_ratio": ((), ["1.5"]), "--min_bit": ((), ["9"]), "--max_bit": ((), ["9"]),

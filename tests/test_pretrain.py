@@ -32,23 +32,39 @@ def test_pretrain_tiny_then_resume(repo_root, tmp_path):
     assert [line.split("\t")[0] for line in log] == ["epoch", "1", "2"]
 
 
-def test_same_command_same_weights_with_threads_pinned(repo_root, tmp_path):
-    """OMP_NUM_THREADS unset: pretrain pins its thread count, and a rerun is bit-identical."""
+def test_same_command_same_weights_at_the_threads_asked_for(repo_root, tmp_path):
+    """OMP_NUM_THREADS unset, --threads 2: that count is used and recorded, and a rerun is
+    bit-identical."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["OMP_WAIT_POLICY"] = "PASSIVE"   # the two threads sleep rather than spin on a busy machine
     cks = []
     for name in ("a", "b"):
         out = str(tmp_path / f"{name}.pth.tar")
         r = subprocess.run([sys.executable, "pretrain.py", "--width_mult", "0.25", "--train_subset",
-                            "96", "--epochs", "1", "--output", out, "--no-progress"],
+                            "96", "--epochs", "1", "--output", out, "--no-progress",
+                            "--threads", "2"],
                            cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
+        assert "2 CPU thread(s) (--threads)" in r.stderr
         cks.append(load_checkpoint(out))
-    from pretrain import DEFAULT_CPU_THREADS
-    assert cks[0]["num_threads"] == DEFAULT_CPU_THREADS == 2
+    assert cks[0]["num_threads"] == cks[1]["num_threads"] == 2
     for key in ("state_dict", "train_state_dict"):
         a, b = cks[0][key], cks[1][key]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_threads_are_set_only_when_asked_for():
+    """No flag: the process keeps its thread count (nothing pinned behind the user's back)."""
+    from lib.utils.cli import apply_threads
+    parser = pretrain.get_args_parser()
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(parser.parse_args([])) == before == torch.get_num_threads()
+        asked = before + 1
+        assert apply_threads(parser.parse_args(["--threads", str(asked)])) == asked
+        assert torch.get_num_threads() == asked
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Allocators beside the DDPG search (DESIGN.md section 14); nothing here knows of RL.
+"""Allocators beside the DDPG search (docs/design.md, allocators); nothing here knows of RL.
 
 They take an env-like object (lib.env) for its layers, costs, pins, bit range,
 budget and quantizers::

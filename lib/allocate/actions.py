@@ -1,4 +1,4 @@
-"""Action sources that drive a search environment without learning (DESIGN.md section 14).
+"""Action sources that drive a search environment without learning (docs/design.md, allocators).
 
 A search environment takes one action in [0, 1] per step and maps it to bits
 (``lib.env.action_to_bits``: every width owns an interval of the same length).

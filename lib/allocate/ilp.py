@@ -1,4 +1,4 @@
-"""The bit allocation as an integer program over one-hot choices per layer (DESIGN.md section 14).
+"""The bit allocation as an integer program over one-hot choices per layer.
 
 Each layer l has a set of options j (K-Means mode: a weight width; linear mode: a
 (w, a) pair, so activation and weight bits trade off through the real (L, 8, 8)

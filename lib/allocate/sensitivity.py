@@ -1,4 +1,4 @@
-"""Per-layer, per-width sensitivity scores for the integer program (DESIGN.md section 14).
+"""Per-layer, per-width sensitivity scores for the integer program (docs/design.md, allocators).
 
 Two metrics, both over a fixed part of the search's validation subset and both on
 the env's own quantizers (K-Means codebooks as the K-Means mode builds them;
@@ -30,7 +30,7 @@ from lib.quantize.kmeans_batch import centroids_by_width
 from lib.quantize.linear import calibrate
 from lib.utils.distributed import all_reduce_sum
 
-from .staged import StagedLoss, _device, _loss, scan_lanes
+from .staged import StagedLoss, _device, _loss
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,9 @@ def _kmeans_weight(env, centers, layer, module, bits):
 
 def _staged_scores(env, batches, changes):
     """``({key: loss - base}, base)`` over what ``changes`` yields, ``(key, layer)`` while the
-    model holds that change (a generator that changes the model, yields, and undoes it):
-    StagedLoss reads each change as it is submitted, so the passes may run later, on lanes."""
-    with scan_lanes(_device(env.model)) as lanes, \
-            StagedLoss(env.model, batches, [m for _, m in env.layers], lanes) as loss:
-        pending = [(key, loss.submit(layer)) for key, layer in changes]
-        return {key: result.result() - loss.base for key, result in pending}, loss.base
+    model holds that change (a generator that changes the model, yields, and undoes it)."""
+    loss = StagedLoss(env.model, batches, [m for _, m in env.layers])
+    return {key: loss(layer) - loss.base for key, layer in changes}, loss.base
 
 
 def _kmeans_loss_scores(env, batches):

@@ -11,6 +11,8 @@ import os
 import re
 import tempfile
 
+import torch
+
 from .errors import UserError
 
 INT_MAX = 2 ** 31 - 1    # the largest count torch / DataLoader take as a C int
@@ -125,6 +127,7 @@ positive_int = number(int, 1)
 nonneg_int = number(int, 0)
 seed_int = number(int, 0, SEED_MAX)
 workers_int = number(int, 0, 1024)
+threads_int = number(int, 1, 1024)
 positive_float = number(float, 0.0, lo_open=True)
 nonneg_float = number(float, 0.0)
 fraction = number(float, 0.0, 1.0, lo_open=True)          # (0, 1]
@@ -134,6 +137,25 @@ learning_rate = number(float, 0.0, 10.0, lo_open=True)    # SGD/Adam diverge lon
 width_mult = number(float, 0.0, 8.0, lo_open=True)
 bit_width = number(int, 1, 8)
 input_size = number(int, 8, 1024)                         # pixels; the models' stems need >= 8
+
+
+# ------------------------------------------------------------------ threads
+def add_threads_argument(parser):
+    """``--threads N``: torch's intra-op CPU threads. Unset, torch's own choice stands
+    (OMP_NUM_THREADS if set, else the machine's cores). The count changes how reductions
+    split, hence float rounding: a run reproduces bit for bit only at the same count."""
+    return parser.add_argument(
+        "--threads", type=threads_int, default=None, metavar="N",
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else torch's choice); "
+             "the count used is logged")
+
+
+def apply_threads(args):
+    """Set torch's thread count when ``--threads`` was given; returns the count in effect
+    (for the caller's log and saved settings)."""
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
 
 
 # ------------------------------------------------------------------ names
