@@ -106,8 +106,8 @@ def truncated_normal(mean, sigma, low, high, rng):
     return np.clip(x, low, high)
 
 
-# Adam's state-dict entries that choose a kernel, not a value: the optimizer that loads a state
-# keeps its own (see DDPG.load_state_dict).
+# Adam's state-dict entries that choose how a step is computed, not what it computes: an
+# optimizer that loads a state keeps its own.
 _KERNEL_CHOICES = ("foreach", "fused", "capturable", "differentiable")
 
 
@@ -125,7 +125,8 @@ def _load_adam(optim, state):
 
 
 def _soft_update(target, source, tau):
-    """theta' <- tau * theta + (1 - tau) * theta' for every parameter (Lillicrap et al., Algorithm 1)."""
+    """theta' <- tau * theta + (1 - tau) * theta' for every parameter (Lillicrap et al.,
+    Algorithm 1)."""
     with torch.no_grad():
         for tp, p in zip(target.parameters(), source.parameters()):
             tp.mul_(1.0 - tau).add_(p, alpha=tau)
