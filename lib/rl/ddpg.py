@@ -16,22 +16,14 @@ nothing of models, data or quantization.
 - warmup episodes take uniform random actions and do not train.
 """
 import copy
-import logging
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 from scipy.special import ndtr, ndtri
 
-from . import compiled as compiled_update
-from .flat import FlatAdam, flatten_parameters_
-from .kernels import AgentKernels
 from .memory import ReplayMemory
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class DDPGConfig:
@@ -96,63 +88,6 @@ class Critic(nn.Module):
         return self.fc3(x)
 
 
-# ------------------------------------------------------- hand-written backward passes
-# Each mirrors what autograd runs for the modules above: F.linear on a batch is
-# addmm(b, x, W^T), whose backward gives dx = g @ W, dW = g^T @ x (W is contiguous, so
-# autograd computes this form) and db = g summed over the batch; ReLU and sigmoid use
-# ATen's own backward kernels. With the reference kernels (AgentKernels(fast=False)) the
-# results are those of loss.backward(), bit for bit; ``k`` picks the products' kernel.
-# A network here is :func:`_layers`' namespace of (weight, bias) pairs.
-def _layers(module):
-    """``module``'s linear layers as (weight, bias) pairs by name: an update reads them ~90
-    times, and each nn.Module attribute lookup costs ~0.25 us."""
-    return SimpleNamespace(**{name: (m.weight, m.bias) for name, m in module.named_children()})
-
-
-def _linear_backward(k, layer, x, grad, grads=None, need_input=True):
-    """dL/dx for output gradient ``grad``; with ``grads`` (parameter -> gradient buffer,
-    :attr:`FlatAdam.grads`) also write the layer's weight and bias gradients there."""
-    weight, bias = layer
-    if grads is not None:
-        k.mm(grad.t(), x, out=grads[weight])
-        torch.sum(grad, 0, out=grads[bias])
-    return k.mm(grad, weight) if need_input else None
-
-
-def _relu_backward(grad, out):
-    return torch.ops.aten.threshold_backward(grad, out, 0)
-
-
-def _critic_forward(k, critic, state, action):
-    h1 = torch.relu_(k.linear(state, *critic.fc_state).add_(k.linear(action, *critic.fc_action)))
-    h2 = k.linear(h1, *critic.fc2, relu=True)
-    return k.linear(h2, *critic.fc3), (state, action, h1, h2)
-
-
-def _critic_backward(k, critic, cache, dq, grads=None):
-    """dL/daction for output gradient ``dq``; with ``grads`` also the critic's gradients."""
-    state, action, h1, h2 = cache
-    dh2 = _linear_backward(k, critic.fc3, h2, dq, grads)
-    dz1 = _relu_backward(_linear_backward(k, critic.fc2, h1, _relu_backward(dh2, h2), grads), h1)
-    if grads is not None:
-        _linear_backward(k, critic.fc_state, state, dz1, grads, need_input=False)
-    return _linear_backward(k, critic.fc_action, action, dz1, grads)
-
-
-def _actor_forward(k, actor, state):
-    x1 = k.linear(state, *actor.fc1, relu=True)
-    x2 = k.linear(x1, *actor.fc2, relu=True)
-    mu = torch.sigmoid_(k.linear(x2, *actor.fc3))
-    return mu, (state, x1, x2, mu)
-
-
-def _actor_backward(k, actor, cache, dmu, grads):
-    state, x1, x2, mu = cache
-    dx2 = _linear_backward(k, actor.fc3, x2, torch.ops.aten.sigmoid_backward(dmu, mu), grads)
-    dx1 = _linear_backward(k, actor.fc2, x1, _relu_backward(dx2, x2), grads)
-    _linear_backward(k, actor.fc1, state, _relu_backward(dx1, x1), grads, need_input=False)
-
-
 def truncated_normal(mean, sigma, low, high, rng):
     """Sample N(mean, sigma^2) truncated to [low, high] by inverting the CDF.
 
@@ -171,6 +106,32 @@ def truncated_normal(mean, sigma, low, high, rng):
     return np.clip(x, low, high)
 
 
+# Adam's state-dict entries that choose how a step is computed, not what it computes: an
+# optimizer that loads a state keeps its own.
+_KERNEL_CHOICES = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _load_adam(optim, state):
+    """Load ``torch.optim.Adam``'s state dict ``state`` into ``optim``, keeping ``optim``'s
+    kernel choices.
+
+    Earlier versions kept each network's moments in one flat buffer but saved them in this
+    format, with ``foreach=True``: their moments and step counts are Adam's and resume as
+    they are, on the kernel this version picks (the same maths, rounded alike to a fresh run).
+    """
+    groups = [dict(saved, **{key: mine[key] for key in _KERNEL_CHOICES if key in mine})
+              for saved, mine in zip(state["param_groups"], optim.param_groups)]
+    optim.load_state_dict(dict(state, param_groups=groups))
+
+
+def _soft_update(target, source, tau):
+    """theta' <- tau * theta + (1 - tau) * theta' for every parameter (Lillicrap et al.,
+    Algorithm 1)."""
+    with torch.no_grad():
+        for tp, p in zip(target.parameters(), source.parameters()):
+            tp.mul_(1.0 - tau).add_(p, alpha=tau)
+
+
 class DDPG:
     """DDPG with HAQ's warmup, truncated-normal exploration and reward baseline.
 
@@ -179,16 +140,10 @@ class DDPG:
     whatever the number of actions per layer); ``device``: a
     ``torch.device`` for the networks; ``seed``: seeds the agent's own numpy
     generator (random actions, noise, minibatches). Network initialisation uses
-    torch's RNG, which the caller seeds once. ``fast_kernels``: run the update's products
-    and optimizer step on the faster CPU kernels where they apply
-    (:class:`~lib.rl.kernels.AgentKernels`; equal within float32 rounding); off, the
-    updates equal autograd + ``torch.optim.Adam`` bit for bit. ``compiled``: with the fast
-    kernels on the CPU and numba importable, run everything but the large products in
-    compiled passes (:class:`~lib.rl.compiled.CompiledUpdate`; equal within float32 rounding).
+    torch's RNG, which the caller seeds once.
     """
 
-    def __init__(self, state_dim, n_layers, config=None, device=None, seed=None, action_dim=1,
-                 fast_kernels=True, compiled=True):
+    def __init__(self, state_dim, n_layers, config=None, device=None, seed=None, action_dim=1):
         self.cfg = config or DDPGConfig()
         self.device = torch.device(device or "cpu")
         self.state_dim, self.action_dim = state_dim, action_dim
@@ -198,20 +153,9 @@ class DDPG:
         # Targets start as exact copies (hard update).
         self.actor_target = copy.deepcopy(self.actor)
         self.critic_target = copy.deepcopy(self.critic)
-        # Each network's parameters (and the trained ones' gradients and moments) live in
-        # one flat buffer, so an Adam step or a soft update is a few whole-network kernels.
-        self.actor_adam = FlatAdam(self.actor, c.lr_a)
-        self.critic_adam = FlatAdam(self.critic, c.lr_c)
-        self.actor_optim, self.critic_optim = self.actor_adam.optim, self.critic_adam.optim
-        self._target_flat = (flatten_parameters_(self.actor_target),
-                             flatten_parameters_(self.critic_target))
+        self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=c.lr_a)
+        self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=c.lr_c)
         self.memory = ReplayMemory(c.rmsize * n_layers, state_dim, action_dim)
-        self.kernels = AgentKernels(self.device, fast=fast_kernels)
-        self._nets = SimpleNamespace(**{name: _layers(getattr(self, name)) for name in
-                                        ("actor", "critic", "actor_target", "critic_target")})
-        self._constants = {}   # tensors every update of a batch size reuses
-        self._compiled = (compiled_update.CompiledUpdate(self)
-                          if compiled and compiled_update.usable(self.kernels) else None)
         self.rng = np.random.default_rng(seed)
         self.moving_average = None   # reward baseline b
         self.n_updates = 0
@@ -245,18 +189,15 @@ class DDPG:
         for state, action, next_state, done in transitions:
             self.memory.append(state, action, reward, next_state, done)
 
-    def _update_baseline(self, rewards):
-        """Update the moving-average baseline with this minibatch's rewards; return it."""
+    def _baseline(self, rewards):
+        """Move the baseline b toward this minibatch's mean reward (rate ``moving_alpha``) and
+        return ``rewards - b``."""
         batch_mean = float(np.mean(rewards))
         if self.moving_average is None:
             self.moving_average = batch_mean
         else:
             self.moving_average += self.cfg.moving_alpha * (batch_mean - self.moving_average)
-        return self.moving_average
-
-    def _baseline(self, rewards):
-        """Update the moving-average baseline with this minibatch and subtract it."""
-        return rewards - self._update_baseline(rewards)
+        return rewards - self.moving_average
 
     def _minibatch(self):
         """A sampled minibatch as tensors (state, action, reward - baseline, next state, done)."""
@@ -268,76 +209,32 @@ class DDPG:
                 t(terminals).unsqueeze(1))
 
     def update_policy(self):
-        """One critic and one actor step on a minibatch; returns (value_loss, policy_loss).
+        """One critic step, one actor step and the soft target updates on a minibatch
+        (Lillicrap et al., Algorithm 1, with HAQ's reward baseline ``b``).
 
-        The gradients are written out (:func:`_linear_backward` and ATen's own backward
-        formulas) instead of recorded by autograd, into flat gradient buffers that one
-        Adam step (:class:`~lib.rl.flat.FlatAdam`) reads whole: the operations autograd
-        and ``torch.optim.Adam`` run for these two small MLPs, without a graph or per-tensor
-        kernels. With the reference kernels the results are identical to autograd's
-        (tests/test_rl.py checks them bit for bit over an episode); by default the large
-        products run in oneDNN and Adam in torch's fused kernel where they apply
-        (:class:`~lib.rl.kernels.AgentKernels`), the same maths in another rounding, and on
-        the CPU with numba everything else runs in compiled passes between the products
-        (:class:`~lib.rl.compiled.CompiledUpdate`). ``bench/agent_bench.py`` times the four.
+        Critic: minimise ``(Q(s, a) - y)^2`` with ``y = r - b + gamma * (1 - done) *
+        Q'(s', mu'(s'))``; actor: minimise ``-Q(s, mu(s))`` through the updated critic
+        (the released order). Returns ``(value_loss, policy_loss)``, or ``(None, None)``
+        while the memory is empty.
         """
         if len(self.memory) == 0:
             return None, None
-        if self._compiled is not None:
-            losses = self._compiled()
-            self.n_updates += 1
-            return losses
-        s, a, r, s2, done = self._minibatch()
-        k, tau = self.kernels, self.cfg.tau
-        actor_target, critic_target = self._target_flat
-        nets, n = self._nets, s.shape[0]
-        if n not in self._constants:   # dL/dloss = 1; d(-mean Q)/dQ = -1/n for each row
-            self._constants[n] = (torch.ones((), device=self.device),
-                                  torch.full((n, 1), -1.0, device=self.device) / n)
-        one, dq_policy = self._constants[n]
-        with torch.no_grad():
-            q_next, _ = _critic_forward(k, nets.critic_target, s2,
-                                        _actor_forward(k, nets.actor_target, s2)[0])
-            target = r + self.cfg.discount * (1.0 - done) * q_next
-
-            q, cache = _critic_forward(k, nets.critic, s, a)
-            value_loss = nn.functional.mse_loss(q, target)
-            dq = torch.ops.aten.mse_loss_backward(one, q, target, 1)
-            _critic_backward(k, nets.critic, cache, dq, self.critic_adam.grads)
-            # the critic's target is not read again in this update: it follows at once
-            self.critic_adam.step_and_follow(critic_target, tau, k.fused_adam)
-
-            # the actor's loss -mean Q(s, mu(s)) needs dQ/da only from the (updated) critic
-            mu, acache = _actor_forward(k, nets.actor, s)
-            q, cache = _critic_forward(k, nets.critic, s, mu)
-            policy_loss = -q.mean()
-            _actor_backward(k, nets.actor, acache, _critic_backward(k, nets.critic, cache, dq_policy),
-                            self.actor_adam.grads)
-            self.actor_adam.step_and_follow(actor_target, tau, k.fused_adam)
-        self.n_updates += 1
-        return value_loss.item(), policy_loss.item()
-
-    def autograd_update(self):
-        """:meth:`update_policy` done the straightforward way (loss.backward() on the modules,
-        a loop of soft updates): the reference the hand-written one equals bit for bit, kept
-        for tests/test_rl.py and bench/agent_bench.py."""
         s, a, r, s2, done = self._minibatch()
         with torch.no_grad():
             q_next = self.critic_target(s2, self.actor_target(s2))
             target = r + self.cfg.discount * (1.0 - done) * q_next
         value_loss = nn.functional.mse_loss(self.critic(s, a), target)
-        self.critic_optim.zero_grad(set_to_none=True)
+        self.critic_optim.zero_grad()
         value_loss.backward()
         self.critic_optim.step()
+
         policy_loss = -self.critic(s, self.actor(s)).mean()
-        self.actor_optim.zero_grad(set_to_none=True)
+        self.actor_optim.zero_grad()
         policy_loss.backward()
         self.actor_optim.step()
-        with torch.no_grad():
-            for target_net, net in ((self.actor_target, self.actor),
-                                    (self.critic_target, self.critic)):
-                for tp, p in zip(target_net.parameters(), net.parameters()):
-                    tp.mul_(1.0 - self.cfg.tau).add_(p, alpha=self.cfg.tau)
+
+        _soft_update(self.actor_target, self.actor, self.cfg.tau)
+        _soft_update(self.critic_target, self.critic, self.cfg.tau)
         self.n_updates += 1
         return value_loss.item(), policy_loss.item()
 
@@ -363,8 +260,8 @@ class DDPG:
 
     def load_state_dict(self, state):
         self.load_weights(state)
-        self.actor_adam.load_state_dict(state["actor_optim"])
-        self.critic_adam.load_state_dict(state["critic_optim"])
+        _load_adam(self.actor_optim, state["actor_optim"])
+        _load_adam(self.critic_optim, state["critic_optim"])
         self.memory.load_state_dict(state["memory"])
         self.rng.bit_generator.state = state["rng"]
         self.moving_average = state["moving_average"]

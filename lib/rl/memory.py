@@ -1,9 +1,9 @@
 """Replay memory for the DDPG agent: a fixed-size ring buffer of transitions.
 
-HAQ stores every transition of an episode with the episode's final reward
-(DESIGN.md section 3), so a transition is ``(state, action, reward, next_state,
-terminal)`` and the buffer holds ``rmsize * n_layers`` of them (128 per quantizable
-layer in the released settings; linear mode's two steps per layer share that).
+HAQ stores every transition of an episode with the episode's final reward, so a
+transition is ``(state, action, reward, next_state, terminal)`` and the buffer holds
+``rmsize * n_layers`` of them (128 per quantizable layer in the released settings;
+linear mode's two steps per layer share that).
 When full, the oldest transition is overwritten.
 
 The buffers are numpy arrays; ``state_dict`` hands them out as torch tensors so
@@ -45,12 +45,6 @@ class ReplayMemory:
         self.next_index = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample_indices(self, batch_size, rng):
-        """The slots of a minibatch :meth:`sample` draws (the same draws from ``rng``)."""
-        if self.size == 0:
-            raise ValueError("cannot sample from an empty replay memory")
-        return rng.choice(self.size, size=batch_size, replace=self.size < batch_size)
-
     def sample(self, batch_size, rng):
         """Draw a minibatch uniformly (without replacement when enough are stored).
 
@@ -58,7 +52,9 @@ class ReplayMemory:
         reproducible and its state can be checkpointed.
         Returns ``(states, actions, rewards, next_states, terminals)``.
         """
-        idx = self.sample_indices(batch_size, rng)
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay memory")
+        idx = rng.choice(self.size, size=batch_size, replace=self.size < batch_size)
         return (self.states[idx], self.actions[idx], self.rewards[idx].copy(),
                 self.next_states[idx], self.terminals[idx])
 
