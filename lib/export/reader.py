@@ -29,6 +29,9 @@ LENGTH = struct.Struct("<Q")
 DIGEST = 32
 FIXED = len(MAGIC) + LENGTH.size
 _CHUNK = 1 << 20
+# A refused file up to this size is hashed to tell damage (the checksum fails) from an edit
+# (it passes: the field is named); a larger one is refused by its field without reading it.
+HASH_ON_REFUSAL = 1 << 32
 
 
 class _Bytes:
@@ -139,7 +142,7 @@ def _checked_header(src, path):
     try:
         return _header_of(src, path)
     except UserError:
-        if not src.digest_ok():
+        if src.size <= HASH_ON_REFUSAL and not src.digest_ok():
             raise _checksum_error(path) from None
         raise
 
@@ -157,10 +160,14 @@ def _read_file(path):
     """``(bytes, header)`` of a packed file; read whole only once its size is the header's."""
     if not os.path.isfile(path):
         raise UserError(f"packed model '{path}' not found")
-    with open(path, "rb") as handle:
-        src = _File(handle)
-        header = _checked_header(src, path)
-        data = src.read(0, src.size)
+    try:
+        with open(path, "rb") as handle:
+            src = _File(handle)
+            header = _checked_header(src, path)
+            data = src.read(0, src.size)
+    except OSError as exc:
+        raise UserError(f"packed model '{path}' cannot be read ({exc.strerror or exc}); "
+                        "expected a readable file") from None
     if len(data) != header["file_bytes"] or not _Bytes(data).digest_ok():
         raise _checksum_error(path)
     return data, header

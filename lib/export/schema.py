@@ -40,10 +40,13 @@ class Fields:
     def __init__(self, path):
         self.path = path
 
+    def _field(self, where):
+        return "the header" if where == "header" else f"header field '{where}'"
+
     def fail(self, where, value, expected):
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise UserError(f"'{self.path}': header field '{where}' is {shown}; expected {expected}")
+        raise UserError(f"'{self.path}': {self._field(where)} is {shown}; expected {expected}")
 
     def object(self, where, value, keys):
         """``value`` as a dict holding (at least) ``keys``."""
@@ -51,13 +54,14 @@ class Fields:
             self.fail(where, value, f"an object with keys {', '.join(keys)}")
         missing = [k for k in keys if k not in value]
         if missing:
-            raise UserError(f"'{self.path}': header field '{where}' lacks '{missing[0]}'; "
+            raise UserError(f"'{self.path}': {self._field(where)} lacks '{missing[0]}'; "
                             f"expected an object with keys {', '.join(keys)}")
         return value
 
     def integer(self, where, value, lo=0, hi=MAX_INT):
         if type(value) is not int or not lo <= value <= hi:
-            self.fail(where, value, f"an integer in {lo}..{hi}")
+            self.fail(where, value, "a non-negative integer" if (lo, hi) == (0, MAX_INT)
+                      else f"an integer in {lo}..{hi}")
         return value
 
     def string(self, where, value, optional=False):
@@ -110,7 +114,7 @@ def check_header(header, path):
 
 def _check_model_kwargs(f, kwargs):
     keys = ("num_classes", "input_size", "width_mult")
-    f.object("model_kwargs", kwargs, keys[:2])
+    f.object("model_kwargs", kwargs, keys[:2])     # width_mult may be left out: None
     extra = sorted(set(kwargs) - set(keys))
     if extra:
         f.fail(f"model_kwargs.{extra[0]}", kwargs[extra[0]],
