@@ -257,13 +257,15 @@ def _wrong_type(value):
 
 
 def _mutations(header):
-    """``(label, edit, harmless)``: each field made a wrong type, negative, huge, NaN or
-    missing, and an unknown key added to each object (harmless where nothing reads it)."""
+    """``(label, edit, harmless)``: each field made a wrong type, negative, huge (10^18 and
+    10^400, past a float's range), NaN or missing, and an unknown key added to each object
+    (harmless where nothing reads it)."""
     paths = _leaves(header)
     for path in paths:
         value = _get(header, path)
         for label, new in (("wrong type", _wrong_type(value)), ("negative", -7),
-                           ("huge", 10 ** 18), ("NaN", math.nan), ("missing", None)):
+                           ("huge", 10 ** 18), ("past float's range", 10 ** 400),
+                           ("NaN", math.nan), ("missing", None)):
             if new == value and label != "missing":
                 continue
             yield f"{'.'.join(map(str, path))}: {label}", _edit(path, new, label), False

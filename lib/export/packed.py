@@ -5,7 +5,8 @@ Layout (all integers little-endian)::
     8 bytes   magic  b"HAQPACK1"
     8 bytes   uint64 length H of the header
     H bytes   header: UTF-8 JSON (strict: no NaN/Infinity), zlib-compressed (RFC 1950)
-    P bytes   payload: the blocks the header's entries point at (offsets from the payload start)
+    P bytes   payload: the blocks the header's entries point at (offsets from the payload
+              start), back to back: each byte belongs to exactly one block
     32 bytes  SHA-256 of everything above
 
 The header holds the architecture (``arch``, ``model_kwargs``), the ``mode`` and ``policy``,

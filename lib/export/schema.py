@@ -90,8 +90,7 @@ def check_header(header, path):
     f.object("header", header, _HEADER_KEYS)
     f.choice("format", header["format"], ("haq-packed",))
     if type(header["version"]) is not int or header["version"] != FORMAT_VERSION:
-        raise UserError(f"'{path}' has format version {header['version']!r}; expected "
-                        f"{FORMAT_VERSION}")
+        f.fail("version", header["version"], f"{FORMAT_VERSION}, the format this reader knows")
     f.string("arch", header["arch"])
     _check_model_kwargs(f, header["model_kwargs"])
     mode = f.choice("mode", header["mode"], tuple(_SIDE))
@@ -122,7 +121,8 @@ def _check_model_kwargs(f, kwargs):
     f.integer("model_kwargs.num_classes", kwargs["num_classes"], 1, MAX_CLASSES)
     f.integer("model_kwargs.input_size", kwargs["input_size"], *INPUT_SIZES)
     width = kwargs.get("width_mult")
-    if width is not None and (type(width) not in (int, float) or not math.isfinite(width)
+    # NaN fails the comparison; an int past float's range compares exactly
+    if width is not None and (type(width) not in (int, float)
                               or not 0 < width <= MAX_WIDTH_MULT):
         f.fail("model_kwargs.width_mult", width, f"null or a number in (0, {MAX_WIDTH_MULT:g}]")
 
