@@ -3,12 +3,11 @@
 In order: the magic; the header's length (capped); the header, inflated with a cap and parsed
 as strict JSON; its schema (:mod:`lib.export.schema`); the file's size against the size the
 header describes; only then the file read whole and its SHA-256; the header against the model
-its ``arch`` builds (on the meta device, so no weights are allocated yet); and while decoding,
-every float finite and every index inside its codebook or grid.  A refusal before the whole
+its ``arch`` and (bounded) ``model_kwargs`` build; and while decoding, every float finite and
+every index inside its codebook or grid.  A refusal before the whole
 file is read names the checksum when the file fails it (it is then damaged rather than
 crafted), else the field.  No pickle anywhere: reading the file runs no code.
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -173,14 +172,16 @@ def _read_file(path):
     return data, header
 
 
-def _model_of(header, path, device=None):
-    """The model the header's arch and kwargs build (on ``device``: "meta" allocates nothing)."""
+def _model_of(header, path):
+    """The model the header's arch and kwargs build.
+
+    Built only after the schema has bounded the kwargs (num_classes, width_mult) to what the
+    CLI's flags accept, so a crafted header cannot ask for a larger model than a user can.
+    """
     from models import get_model
-    place = torch.device(device) if device else contextlib.nullcontext()
     try:
-        with place:
-            return get_model(header["arch"], linear=header["mode"] == "linear",
-                             **header["model_kwargs"])
+        return get_model(header["arch"], linear=header["mode"] == "linear",
+                         **header["model_kwargs"])
     except UserError as exc:
         raise UserError(f"'{path}': {exc}") from None
 
@@ -226,21 +227,23 @@ def _decode(data, header, entry, path):
 
 
 def _contents(data, header, path):
-    """The state dict of checked bytes: the header against its model, then every value."""
-    check_fits_model(header, _model_of(header, path, "meta"), path)
-    return {e["key"]: _decode(data, header, e, path) for e in header["entries"]}
+    """``(model, state_dict)`` of checked bytes: the header against the model it describes,
+    then every value."""
+    model = _model_of(header, path)
+    check_fits_model(header, model, path)
+    return model, {e["key"]: _decode(data, header, e, path) for e in header["entries"]}
 
 
 def unpack(data, path="<bytes>"):
     """``(state_dict, header)`` of a packed file's bytes, every field and value checked."""
     header = read_header(data, path)
-    return _contents(data, header, path), header
+    return _contents(data, header, path)[1], header
 
 
 def read_packed(path):
     """``(state_dict, header)`` of a packed file, every field and value checked."""
     data, header = _read_file(path)
-    return _contents(data, header, path), header
+    return _contents(data, header, path)[1], header
 
 
 def load_packed(path):
@@ -250,9 +253,9 @@ def load_packed(path):
     mode: a Q twin, or the model with its layers swapped), every tensor is loaded strictly,
     the linear policy and half-wave flags are set as recorded.
     """
-    state, header = read_packed(path)
+    data, header = _read_file(path)
+    model, state = _contents(data, header, path)
     linear = header["mode"] == "linear"
-    model = _model_of(header, path)
     if linear:
         for name, module in policy_layers(model, "linear"):
             module.half_wave = header["half_wave"][name]

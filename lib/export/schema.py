@@ -249,7 +249,7 @@ def part_sizes(entries, float_weights):
 
 
 def check_fits_model(header, model, path):
-    """The header describes ``model`` (built from its arch and kwargs, on any device): the
+    """The header describes ``model`` (built from its arch and kwargs): the
     same tensors with the same shapes and dtypes, each policy layer at the policy's width,
     the half-wave flags of its layers, and the sizes its entries add up to."""
     f, mode = Fields(path), header["mode"]
