@@ -155,6 +155,11 @@ CASES = {
     "header_inflates_to_64_mib": ("kmeans", lambda h, p: (_bomb(h), None), "inflates"),
     "header_length_2_to_62": ("kmeans", lambda h, p: (zlib.compress(json.dumps(h).encode()),
                                                       1 << 62), "claims"),
+    "header_not_zlib": ("kmeans", lambda h, p: (b"not zlib at all", None), "not zlib data"),
+    "header_not_json": ("kmeans", lambda h, p: (zlib.compress(b'{"format": '), None), "JSON"),
+    "header_key_twice": ("kmeans", lambda h, p: (zlib.compress(json.dumps(h).replace(
+        '"mode": "kmeans"', '"mode": "linear", "mode": "kmeans"', 1).encode()), None),
+        "appears twice"),
     "num_classes_1e8": ("kmeans", _set(("model_kwargs", "num_classes"), 1e8), "num_classes"),
     "width_mult_nan": ("kmeans", _set(("model_kwargs", "width_mult"), math.nan), "JSON"),
     "header_is_a_list": ("kmeans", lambda h, p: (zlib.compress(json.dumps([h]).encode()), None),
