@@ -92,9 +92,11 @@ def _inflate(head, path):
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"key '{next(k for k in keys if keys.count(k) > 1)}' appears twice")
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key '{key[:40]}' appears twice")
+        seen.add(key)
     return dict(pairs)
 
 

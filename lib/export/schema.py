@@ -274,9 +274,11 @@ def check_fits_model(header, model, path):
 
 
 def _check_keys(f, keys, wanted):
-    if len(set(keys)) != len(keys):
-        twice = next(k for k in keys if keys.count(k) > 1)
-        f.fail("entries", twice, "each state_dict key once (this one comes twice)")
+    seen = set()
+    for key in keys:
+        if key in seen:
+            f.fail("entries", key, "each state_dict key once (this one comes twice)")
+        seen.add(key)
     if set(keys) != set(wanted):
         odd = sorted(set(keys) - set(wanted)) or sorted(set(wanted) - set(keys))
         f.fail("entries", odd[:3], f"the {len(wanted)} state_dict keys of the model that arch "
