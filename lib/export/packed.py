@@ -1,11 +1,12 @@
-"""The packed file of a fine-tuned policy (DESIGN.md section 15): write, verify, rebuild.
+"""The packed file of a fine-tuned policy (DESIGN.md section 15): its layout, and the writer.
 
 Layout (all integers little-endian)::
 
     8 bytes   magic  b"HAQPACK1"
     8 bytes   uint64 length H of the header
     H bytes   header: UTF-8 JSON (strict: no NaN/Infinity), zlib-compressed (RFC 1950)
-    P bytes   payload: the blocks the header's entries point at (offsets from the payload start)
+    P bytes   payload: the blocks the header's entries point at (offsets from the payload
+              start), back to back: each byte belongs to exactly one block
     32 bytes  SHA-256 of everything above
 
 The header holds the architecture (``arch``, ``model_kwargs``), the ``mode`` and ``policy``,
@@ -24,31 +25,24 @@ order, with its ``key``, ``shape`` and ``encoding``:
   tensor (BN parameters and statistics, biases, ranges, layers the policy leaves float),
   ``int64`` for integer buffers (BN's ``num_batches_tracked``).
 
-No pickle anywhere: reading the file runs no code.  A file whose checksum or length does not
-match is refused (:class:`lib.utils.errors.UserError`).
+No pickle anywhere: reading the file runs no code.  The reader (:mod:`lib.export.reader`)
+checks every header field against :mod:`lib.export.schema` and refuses, in one line
+(:class:`lib.utils.errors.UserError`), a file whose checksum, length or any field is wrong.
 """
 import hashlib
 import json
-import os
-import struct
 import zlib
 
 import numpy as np
 import torch
 
-from lib.export.bitpack import pack_bits, unpack_bits
+from lib.export.bitpack import pack_bits
+from lib.export.reader import LENGTH, unpack
+from lib.export.schema import (FORMAT_VERSION, MAGIC, float_weight_keys, part_sizes,
+                               policy_layers, quantized_weights)
 from lib.quantize.linear import n_steps
-from lib.quantize.policy import (apply_linear_policy, resolve_kmeans_policy,
-                                 resolve_linear_policy)
 from lib.utils.checkpoint import atomic_write_bytes
 from lib.utils.errors import UserError
-from lib.utils.layers import quantizable_layers
-
-MAGIC = b"HAQPACK1"
-FORMAT_VERSION = 1
-_LEN = struct.Struct("<Q")
-_DIGEST = 32
-PARTS = ("weights", "codebooks_scales", "float")
 
 
 class _Payload:
@@ -126,20 +120,6 @@ def _linear_entry(payload, name, module, bits):
     return entry, clip
 
 
-def _quantized_weights(model, mode, policy):
-    """{weight key: (layer name, module, bits)} of the layers the policy quantizes."""
-    out = {}
-    if mode == "kmeans":
-        for name, module, bits in resolve_kmeans_policy(model, policy):
-            if bits is not None:
-                out[f"{name}.weight" if name else "weight"] = (name, module, bits)
-    else:
-        for name, module, w_bit, _ in resolve_linear_policy(model, policy):
-            if w_bit > 0:
-                out[f"{name}.weight" if name else "weight"] = (name, module, w_bit)
-    return out
-
-
 def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source=None):
     """The packed file's bytes for ``model`` quantized by ``policy`` (see the module doc).
 
@@ -147,10 +127,8 @@ def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source
     the policy applied and ``weight_range`` calibrated).
     """
     model = model.cpu()
-    quantized = _quantized_weights(model, mode, policy)
-    float_weights = {f"{n}.weight" for n, _ in _policy_layers(model, mode)} - set(quantized)
+    quantized = quantized_weights(model, mode, policy)
     payload, entries, clips = _Payload(), [], {}
-    sizes = dict.fromkeys(PARTS, 0)
     for key, tensor in model.state_dict().items():
         if key in quantized:
             name, module, bits = quantized[key]
@@ -160,126 +138,35 @@ def pack_model(model, arch, model_kwargs, mode, policy, layer_names=None, source
                 entry, clip = _linear_entry(payload, name, module, bits)
                 # weight is listed before its layer's weight_range buffer in state_dict order
                 clips[f"{name}.weight_range" if name else "weight_range"] = clip
-            side = entry["codebook"] if mode == "kmeans" else entry["scale"]
-            sizes["weights"] += entry["indices"]["nbytes"]
-            sizes["codebooks_scales"] += side["nbytes"]
         else:
             if key in clips:
                 tensor = torch.full_like(tensor, clips[key])
             entry = dict(_float_block(payload, tensor), encoding="float")
-            sizes["weights" if key in float_weights else "float"] += entry["nbytes"]
         entries.append(dict(entry, key=key, shape=list(tensor.shape)))
+    sizes = part_sizes(entries, float_weight_keys(model, mode, quantized))
     header = {"format": "haq-packed", "version": FORMAT_VERSION, "arch": arch,
               "model_kwargs": model_kwargs, "mode": mode, "policy": list(policy),
               "layers": layer_names, "half_wave": _half_wave(model, mode), "source": source,
               "sizes": sizes, "entries": entries}
     # the header names every tensor: compressed it is ~10x smaller (~5 KB for MobileNet-V2)
     head = zlib.compress(json.dumps(header, allow_nan=False).encode("utf-8"), 9)
-    body = MAGIC + _LEN.pack(len(head)) + head + b"".join(payload.blocks)
+    body = MAGIC + LENGTH.pack(len(head)) + head + b"".join(payload.blocks)
     return body + hashlib.sha256(body).digest()
-
-
-def _policy_layers(model, mode):
-    return quantizable_layers(model, linear=mode == "linear")
 
 
 def _half_wave(model, mode):
     if mode != "linear":
         return None
-    return {n: bool(m.half_wave) for n, m in _policy_layers(model, mode)}
+    return {n: bool(m.half_wave) for n, m in policy_layers(model, mode)}
 
 
 def write_packed(path, model, arch, model_kwargs, mode, policy, layer_names=None, source=None):
-    """Write the packed file atomically; returns its header (with the sizes)."""
-    data = pack_model(model, arch, model_kwargs, mode, policy, layer_names, source)
-    atomic_write_bytes(path, data)
-    return read_header(data, path)
+    """Write the packed file atomically; returns its header (with the sizes).
 
-
-# ------------------------------------------------------------------------------ reading
-def read_header(data, path="<bytes>"):
-    """Check magic, length and checksum of a packed file's bytes; return its header dict."""
-    fixed = len(MAGIC) + _LEN.size
-    if len(data) < fixed + _DIGEST or data[:len(MAGIC)] != MAGIC:
-        if data[:len(MAGIC)] == MAGIC:
-            raise UserError(f"'{path}' is truncated ({len(data)} bytes); expected a complete "
-                            "packed file written by python -m lib.export")
-        raise UserError(f"'{path}' is not a packed HAQ model; expected a file written by "
-                        "python -m lib.export")
-    if hashlib.sha256(data[:-_DIGEST]).digest() != data[-_DIGEST:]:
-        raise UserError(f"'{path}' fails its SHA-256 checksum (truncated or altered); expected "
-                        "the file exactly as python -m lib.export wrote it")
-    (head_len,) = _LEN.unpack_from(data, len(MAGIC))
-    header = json.loads(zlib.decompress(data[fixed:fixed + head_len]).decode("utf-8"))
-    if header.get("version") != FORMAT_VERSION:
-        raise UserError(f"'{path}' has format version {header.get('version')}; expected "
-                        f"{FORMAT_VERSION}")
-    header["payload_offset"] = fixed + head_len
-    header["file_bytes"] = len(data)
-    return header
-
-
-def _block(data, header, block):
-    start = header["payload_offset"] + block["offset"]
-    return data[start:start + block["nbytes"]]
-
-
-def _float_array(data, header, block):
-    dtype = {"float32": "<f4", "int64": "<i8"}[block["dtype"]]
-    return torch.from_numpy(np.frombuffer(_block(data, header, block), dtype=dtype).copy())
-
-
-def _decode(data, header, entry):
-    enc = entry["encoding"]
-    if enc == "float":
-        values = _float_array(data, header, entry)
-    else:
-        codes = torch.from_numpy(unpack_bits(_block(data, header, entry["indices"]),
-                                             entry["bits"], entry["count"]))
-        if enc == "kmeans":
-            values = _float_array(data, header, entry["codebook"])[codes]
-        else:
-            scale = float(_float_array(data, header, entry["scale"])[0])
-            steps = n_steps(entry["bits"], signed=True)
-            q = (2 * codes - 1) if steps == 0 else (codes - steps)
-            values = q.float() * torch.tensor(scale, dtype=torch.float32)
-    return values.reshape(entry["shape"])
-
-
-def read_packed(path):
-    """``(state_dict, header)`` of a packed file."""
-    if not os.path.isfile(path):
-        raise UserError(f"packed model '{path}' not found")
-    with open(path, "rb") as f:
-        data = f.read()
-    header = read_header(data, path)
-    state = {e["key"]: _decode(data, header, e) for e in header["entries"]}
-    return state, header
-
-
-def load_packed(path):
-    """Rebuild the torch model a packed file describes; returns ``(model, header)`` (eval mode).
-
-    Only the file is read: the architecture is built from ``arch``/``model_kwargs`` (linear
-    mode: a Q twin, or the model with its layers swapped), every tensor is loaded strictly,
-    the linear policy and half-wave flags are set as recorded.
+    The bytes pass the reader's every check before anything is written, so a model the
+    reader would refuse (a NaN weight, 10^6 classes) is refused here, and no file appears.
     """
-    from models import get_model
-    state, header = read_packed(path)
-    linear = header["mode"] == "linear"
-    model = get_model(header["arch"], linear=linear, **header["model_kwargs"])
-    if linear:
-        for name, module in _policy_layers(model, "linear"):
-            module.half_wave = header["half_wave"][name]
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own:
-            state[key] = value.to(own[key].dtype)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"'{path}' does not fit arch '{header['arch']}' "
-                        f"({str(exc).splitlines()[0]})") from None
-    if linear:
-        apply_linear_policy(model, header["policy"])
-    return model.eval(), header
+    data = pack_model(model, arch, model_kwargs, mode, policy, layer_names, source)
+    _, header = unpack(data, path)
+    atomic_write_bytes(path, data)
+    return header

@@ -6,7 +6,8 @@ quantity the K-Means search budgets.  The other parts have no simulator counterp
 expected sizes are counted from the model: a codebook of 2^b float32 centroids per K-Means
 layer, one float32 scale per linear layer, 4 bytes per float element elsewhere.
 """
-from lib.export.packed import PARTS, write_packed
+from lib.export.packed import write_packed
+from lib.export.schema import PARTS
 from lib.quantize.policy import apply_linear_policy
 from lib.simulator import SizeCost
 from lib.utils.checkpoint import extract_state_dict, load_checkpoint
