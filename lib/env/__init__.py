@@ -6,8 +6,8 @@ the agent (the CLI connects them). Layer order is ``model.modules()`` order
 """
 from .base import EnvConfig, QuantizeEnv, action_to_bits, layer_features, normalize_columns
 from .evaluator import FinetuneConfig, ShortFinetune
-from .kmeans_env import KMeansQuantizeEnv
+from .kmeans_env import KMeansQuantizeEnv, shared_training
 from .linear_env import LinearQuantizeEnv
 
 __all__ = ["EnvConfig", "QuantizeEnv", "action_to_bits", "layer_features", "normalize_columns",
-           "FinetuneConfig", "ShortFinetune", "KMeansQuantizeEnv", "LinearQuantizeEnv"]
+           "FinetuneConfig", "ShortFinetune", "KMeansQuantizeEnv", "LinearQuantizeEnv", "shared_training"]
