@@ -1,4 +1,4 @@
-"""The short fine-tune + validation that scores one search episode (DESIGN.md section 3).
+"""The short fine-tune + validation that scores one search episode (docs/design.md, "the search").
 
 After a policy is applied, the model is fine-tuned for ``finetune_epoch`` epochs
 (1 in the paper) over the search's training subset with SGD (momentum 0.9,

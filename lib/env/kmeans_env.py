@@ -22,6 +22,7 @@ from lib.simulator.costs import SizeCost
 from lib.utils.distributed import broadcast_tensors, broadcast_values, get_rank, is_distributed
 
 from .base import QuantizeEnv
+from .torchrun import check_ranks_agree
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class KMeansQuantizeEnv(QuantizeEnv):
         codebooks = self.cluster(policy, seed) if get_rank() == 0 else None
         if is_distributed():
             codebooks = self.share_codebooks(codebooks, policy)
-            self.check_ranks_agree("K-Means")
+            check_ranks_agree(self.model, "K-Means")
         # Under torchrun every rank clusters its own copy of the free layers for scoring:
         # DDP keeps the weights equal and the seed is shared, so the ranks get the same clusters.
         sharer, scoring = shared_training(self.model, codebooks, n_iter=self.n_iter, seed=seed,

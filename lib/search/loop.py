@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from lib.env.torchrun import release_followers, run_follower, sync_from_main
 from lib.utils.checkpoint import save_checkpoint
 from lib.utils.errors import UserError, error_reason
 
@@ -194,7 +195,7 @@ def run_search(args, env, agent, out_dir, state=None, device="cpu"):
                  env.n_steps, acc, args.preserve_ratio, args.cost)
     log.info("output folder %s (%s)", out_dir, device)
     search = Search(args, env, agent, out_dir, state)
-    env.sync_from_main()
+    sync_from_main(env)
     started = time.perf_counter()
     if method.prologue is not None:
         method.prologue(args, env, search)
@@ -203,7 +204,7 @@ def run_search(args, env, agent, out_dir, state=None, device="cpu"):
     # the original-accuracy pass every method pays; bench/allocate_bench.sh reads this line
     log.info("search time %.1fs (%s, episodes %d-%d)", time.perf_counter() - started,
              args.method, search.start + 1, args.train_episode)
-    env.release_followers()
+    release_followers(env)
     return best
 
 
@@ -212,4 +213,4 @@ def follow_search(args, env):
     on rank 0; docs/design.md, "beyond one machine")."""
     method = METHODS[args.method]
     prologue = None if method.prologue is None else (lambda: method.prologue(args, env))
-    env.run_follower(resumed=args.resume_search is not None, prologue=prologue)
+    run_follower(env, resumed=args.resume_search is not None, prologue=prologue)
