@@ -14,7 +14,7 @@ import torch
 from lib.utils.distributed import (broadcast_values, get_rank, is_distributed, model_tensors,
                                    ranks_agree)
 
-log = logging.getLogger("lib.env.base")
+log = logging.getLogger(__name__)
 
 
 def send_episode(env, raw_bits):
