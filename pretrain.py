@@ -28,8 +28,8 @@ from lib.utils.distributed import (cleanup, init_distributed, is_distributed, mo
 from lib.utils.errors import UserError, error_reason, run_cli
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
-from lib.utils.run_utils import (freeze_startup_objects, lr_setter, memory_format, model_kwargs_for,
-                                 open_run_logs, seed_everything)
+from lib.utils.run_utils import (lr_setter, memory_format, model_kwargs_for, open_run_logs,
+                                 seed_everything)
 from lib.utils.train import evaluate, train_one_epoch
 from models import default_pretrained_path, get_model, list_models
 
@@ -223,7 +223,6 @@ def main(argv=None):
         writer, logger = open_run_logs(
             log_dir, ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5"],
             resume=args.resume)
-    freeze_startup_objects()
     start = time.time()
     for epoch in range(start_epoch, args.epochs):
         if is_distributed():

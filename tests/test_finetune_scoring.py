@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import finetune
+import lib.finetune.outputs
+import lib.finetune.run
 from lib.utils.checkpoint import save_checkpoint
 from lib.utils.layers import quantizable_layers
 
@@ -44,7 +46,7 @@ def test_free_high_bit_scores_and_saves_only_fully_quantized_models(policy, tmp_
     bits = policy["bits"]
     scored = []   # per accuracy measurement: the most distinct values any layer had over 2^b
 
-    real_evaluate = finetune.evaluate_model
+    real_evaluate = lib.finetune.run.evaluate_model
 
     def spy_evaluate(model, *args, **kwargs):
         scored.append(max(distinct(model.get_submodule(n).weight) / 2 ** b
@@ -52,14 +54,14 @@ def test_free_high_bit_scores_and_saves_only_fully_quantized_models(policy, tmp_
         return real_evaluate(model, *args, **kwargs)
 
     saved = []
-    real_save = finetune.save_checkpoint
+    real_save = lib.finetune.outputs.save_checkpoint
 
     def spy_save(state, path):
         saved.append((os.path.basename(path), copy.deepcopy(state)))
         real_save(state, path)
 
-    monkeypatch.setattr(finetune, "evaluate_model", spy_evaluate)
-    monkeypatch.setattr(finetune, "save_checkpoint", spy_save)
+    monkeypatch.setattr(lib.finetune.run, "evaluate_model", spy_evaluate)
+    monkeypatch.setattr(lib.finetune.outputs, "save_checkpoint", spy_save)
     out = str(tmp_path / "run")
     res = finetune.main(["--strategy", policy["path"], "--pretrained_path", policy["weights"],
                          "-c", out, "--epochs", "3", "--no-eval_fp32"] + TINY)
@@ -108,8 +110,8 @@ def test_pruned_zeros_stay_zero_in_free_and_shared_layers(policy, tmp_path, tiny
     save_checkpoint({"state_dict": state}, weights)
 
     saved = []
-    real_save = finetune.save_checkpoint
-    monkeypatch.setattr(finetune, "save_checkpoint",
+    real_save = lib.finetune.outputs.save_checkpoint
+    monkeypatch.setattr(lib.finetune.outputs, "save_checkpoint",
                         lambda s, path: (saved.append(copy.deepcopy(s)), real_save(s, path)))
     finetune.main(["--strategy", policy["path"], "--pretrained_path", weights, "--is_pruned",
                    "-c", str(tmp_path / "run"), "--epochs", "2", "--no-eval_fp32"] + TINY)

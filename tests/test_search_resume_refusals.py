@@ -163,3 +163,22 @@ def test_a_state_from_before_reuse_codebooks_resumes_without_it(searched, tmp_pa
     rl_quantize.main(argv + ["--train_episode", "2", "--resume_search", copy])
     with open(os.path.join(copy, "log.txt")) as f:
         assert [line.split("\t")[0] for line in f.read().splitlines()[1:]] == ["0", "1"]
+
+
+def test_resume_keys_are_the_config_fields_that_are_flags():
+    """The flags a resume must repeat come from the config dataclasses: a setting added to
+    EnvConfig, DDPGConfig or FinetuneConfig (and given a flag) is checked without more code;
+    output, logging and worker flags, --progress and --train_episode may change."""
+    from dataclasses import fields
+
+    from lib.env import EnvConfig, FinetuneConfig
+    from lib.rl import DDPGConfig
+    from lib.search import resume_defaults, resume_fields
+    args = rl_quantize.get_args_parser().parse_args([])
+    keys = {f.name for f in resume_fields(args)}
+    for cls in (EnvConfig, DDPGConfig, FinetuneConfig):
+        assert ({f.name for f in fields(cls)} & set(vars(args))) - {"progress"} <= keys, cls
+    assert {"arch", "dataset", "method", "cost_batch", "finetune_lr", "rmsize"} <= keys
+    assert not keys & {"train_episode", "progress", "output", "n_worker", "half", "suffix",
+                       "debug", "resume_search", "device"}
+    assert resume_defaults(args) == {"reuse_codebooks": False}

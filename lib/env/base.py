@@ -1,11 +1,11 @@
-"""The search environment shared by both quantization modes (HAQ section 3, DESIGN.md section 3).
+"""The search environment shared by both quantization modes (HAQ section 3; docs/design.md, "the search").
 
 An episode is one pass over the quantizable layers. At every step the agent
 gives an action in [0, 1]; the environment turns it into a bit width
 (:func:`action_to_bits`), and after the last step it
 
 1. applies the mode's pins (linear mode: first layer [8, -1], last [8, 8]),
-2. enforces the budget (:meth:`QuantizeEnv.action_wall`, "limit action space"
+2. enforces the budget (:meth:`PolicyBudget.action_wall`, "limit action space"
    in the paper, section 3.3),
 3. restores the pretrained weights, applies the policy, fine-tunes shortly and
    validates (the mode's :meth:`QuantizeEnv.evaluate_policy`),
@@ -17,25 +17,22 @@ budget wall and the reward; a mode subclass only says how many actions a layer
 takes, how a policy is applied to the model, and what a policy costs. Nothing
 here knows about the agent: the CLI passes numpy states to it and actions back.
 
-Under torchrun (DESIGN.md section 13) the agent lives on rank 0 only. Every
-other rank builds the same env and calls :meth:`QuantizeEnv.follow`: rank 0
-broadcasts each episode's bits in :meth:`QuantizeEnv.finish_episode`, every
-rank applies them (the mode shares rank 0's K-Means codebooks or calibrated
-ranges), fine-tunes its shard under DDP and validates its shard, and the
-validation counts are all-reduced, so every rank scores the same accuracy.
+Under torchrun the agent lives on rank 0 only; the other ranks follow its
+episodes (lib.env.torchrun).
 """
 import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from lib.simulator.shapes import extract_layer_shapes
-from lib.utils.distributed import (broadcast_values, get_rank, is_distributed, model_tensors,
-                                   ranks_agree)
+from lib.utils.distributed import get_rank, is_distributed
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
+
+from .budget import PolicyBudget
+from .torchrun import send_episode
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +87,7 @@ def layer_features(shapes):
 
     ``shapes`` are lib.simulator LayerShape records (traced at the search's input
     size). A fully-connected row has type 0, stride 0, kernel 1, and its in/out
-    features as channels (DESIGN.md section 3); its "h*w" is in_features, as in the
+    features as channels (docs/design.md, "the search"); its "h*w" is in_features, as in the
     released code (its tracer took the fc input's (1, in_features) shape as h x w).
     """
     rows = []
@@ -105,7 +102,7 @@ def layer_features(shapes):
     return np.asarray(rows, dtype=np.float64)
 
 
-class QuantizeEnv:
+class QuantizeEnv(PolicyBudget):
     """Base environment: one episode = one action per step over the quantizable layers.
 
     ``model``: the network, already holding its pretrained weights (they are
@@ -146,62 +143,9 @@ class QuantizeEnv:
         self.org_acc = None
         self._bits = []
 
-    # ------------------------------------------------------- mode interface
-    def policy_from_bits(self, flat_bits):
-        """Turn one bit width per step into the mode's policy (list of ints, or of [w, a])."""
-        raise NotImplementedError
-
-    def cost(self, policy):
-        raise NotImplementedError
-
-    def reference_cost(self):
-        raise NotImplementedError
-
     def evaluate_policy(self, policy):
         """Apply ``policy`` to the (restored) model, fine-tune, validate; return the metrics dict."""
         raise NotImplementedError
-
-    # -------------------------------------------------------------- budget
-    def budget(self):
-        return self.cfg.preserve_ratio * self.reference_cost()
-
-    def min_bits(self):
-        """The cheapest reachable step bits: every free step at min_bit, pins kept."""
-        return [self.pins.get(i, self.cfg.min_bit) for i in range(self.n_steps)]
-
-    def min_cost_ratio(self):
-        return self.cost(self.policy_from_bits(self.min_bits())) / self.reference_cost()
-
-    def check_budget(self):
-        """Refuse a budget no policy can meet (UserError naming the smallest reachable ratio)."""
-        smallest = self.min_cost_ratio()
-        if self.cfg.preserve_ratio < smallest - 1e-12:
-            raise UserError(
-                f"--preserve_ratio {self.cfg.preserve_ratio} is unreachable: with every layer at "
-                f"--min_bit {self.cfg.min_bit} the cost ratio is {smallest:.4f}; expected a "
-                f"preserve ratio >= {math.ceil(smallest * 1e4) / 1e4:.4f}")
-
-    def action_wall(self, flat_bits):
-        """Lower bits one step at a time, last step first, until within budget (paper 3.3).
-
-        Sweeps from the last step backwards (linear mode: a layer's activation bits
-        before its weight bits), skipping pinned steps and steps at min_bit, and
-        repeats until ``cost <= preserve_ratio * reference`` or nothing can go lower.
-        """
-        bits = list(flat_bits)
-        target = self.budget()
-        while self.cost(self.policy_from_bits(bits)) > target:
-            lowered = False
-            for i in reversed(range(self.n_steps)):
-                if i in self.pins or bits[i] <= self.cfg.min_bit:
-                    continue
-                bits[i] -= 1
-                lowered = True
-                if self.cost(self.policy_from_bits(bits)) <= target:
-                    return bits
-            if not lowered:
-                break
-        return bits
 
     # ------------------------------------------------------------- episodes
     def embed(self, step, prev_bits):
@@ -237,10 +181,10 @@ class QuantizeEnv:
     def finish_episode(self, raw_bits):
         """Pins, wall, evaluation and reward of a complete episode's bits.
 
-        Under torchrun rank 0's bits are sent to the followers first (see :meth:`follow`).
+        Under torchrun rank 0's bits are sent to the followers first (see lib.env.torchrun).
         """
         if is_distributed() and get_rank() == 0:
-            self._send_episode(raw_bits)
+            send_episode(self, raw_bits)
         bits = list(raw_bits)
         for i, b in self.pins.items():
             bits[i] = b
@@ -289,60 +233,3 @@ class QuantizeEnv:
         self.org_acc = state["org_acc"]
         if "evaluator" in state and hasattr(self.evaluator, "load_state_dict"):
             self.evaluator.load_state_dict(state["evaluator"])
-
-    # ------------------------------------------------------------ torchrun
-    def _send_episode(self, raw_bits):
-        """Rank 0: tell the followers to evaluate ``raw_bits`` (flag 1 + one value per step)."""
-        broadcast_values([1] + [int(b) for b in raw_bits], dtype=torch.int64)
-
-    def release_followers(self):
-        """Rank 0, at the end of a search: the followers' :meth:`follow` returns."""
-        if is_distributed() and get_rank() == 0:
-            broadcast_values([0] * (self.n_steps + 1), dtype=torch.int64)
-
-    def sync_from_main(self):
-        """Every rank: take rank 0's acc_original and evaluator state (after a resume there)."""
-        if not is_distributed():
-            return
-        org = -1.0 if self.org_acc is None else float(self.org_acc)
-        org = broadcast_values([org])[0]
-        self.org_acc = org if org >= 0 else None
-        if hasattr(self.evaluator, "sync_from_main"):
-            self.evaluator.sync_from_main()
-
-    def run_follower(self, resumed=False, prologue=None):
-        """A rank > 0's whole search: the same collectives as rank 0, in the same order.
-
-        Rank 0 measures acc_original (unless it resumes), loads any saved state, runs
-        what comes before its episodes (``prologue``: the integer program's scoring),
-        then evaluates its episodes; this rank joins each of those steps.
-        """
-        if not resumed:
-            self.measure_original()
-        self.sync_from_main()
-        if prologue is not None:
-            prologue()
-        return self.follow()
-
-    def follow(self):
-        """Ranks > 0: evaluate every episode rank 0 announces, until it releases them.
-
-        Returns the number of episodes evaluated. Each rank logs its own line per
-        episode so the logs show that all ranks applied the same policy and scored
-        the same accuracy.
-        """
-        log.setLevel(logging.INFO)   # this rank's root logger shows warnings only
-        done = 0
-        while True:
-            msg = broadcast_values([0] * (self.n_steps + 1), dtype=torch.int64)
-            if not msg[0]:
-                return done
-            info = self.finish_episode([int(b) for b in msg[1:]])
-            done += 1
-            log.info("rank %d: policy %s accuracy %.4f", get_rank(), info["policy"],
-                     info["accuracy"])
-
-    def check_ranks_agree(self, what):
-        """Raise unless every rank holds the same model (after rank 0's quantization is shared)."""
-        if is_distributed() and not ranks_agree(model_tensors(self.model)):
-            raise RuntimeError(f"ranks hold different models after {what}")

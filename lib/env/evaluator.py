@@ -1,4 +1,4 @@
-"""The short fine-tune + validation that scores one search episode (DESIGN.md section 3).
+"""The short fine-tune + validation that scores one search episode (docs/design.md, "the search").
 
 After a policy is applied, the model is fine-tuned for ``finetune_epoch`` epochs
 (1 in the paper) over the search's training subset with SGD (momentum 0.9,
@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinetuneConfig:
+    """The short fine-tune of every episode (rl_quantize.py's --finetune_* flags).
+
+    ``progress`` only shows bars, so a resumed search may change it (``resume=False``).
+    """
     finetune_flag: bool = True
     finetune_epoch: int = 1
     finetune_lr: float = 1e-3
@@ -34,7 +38,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 4e-5
     max_train_batches: int = None   # cap per epoch (benchmarks, smoke runs)
-    progress: bool = False
+    progress: bool = field(default=False, metadata={"resume": False})
     amp: object = None              # autocast dtype of fine-tune and validation; None = fp32
 
 

@@ -6,7 +6,7 @@ search) and fine-tuned with the centroid-shared update after every optimizer
 step, so a layer never holds more than 2^bits values. As in the released search,
 layers above 6 bits are left to train freely during the short fine-tune
 (``free_high_bit``); unlike it, they are clustered again before every
-validation, so only the fully quantized model is scored (DESIGN.md section 4).
+validation, so only the fully quantized model is scored (:func:`shared_training`).
 Cost = model size ``sum(bits_i * #weights_i)`` against
 ``float_bit * sum(#weights_i)`` (lib.simulator.SizeCost); a pruned model
 (``is_pruned``) counts only its non-zero weights in both, as released.
@@ -22,8 +22,33 @@ from lib.simulator.costs import SizeCost
 from lib.utils.distributed import broadcast_tensors, broadcast_values, get_rank, is_distributed
 
 from .base import QuantizeEnv
+from .torchrun import check_ranks_agree
 
 log = logging.getLogger(__name__)
+
+
+def shared_training(model, codebooks, free_bits=None, *, n_iter, seed, is_pruned=False,
+                    method="fast", free_high_bit=False):
+    """The two halves of fine-tuning a K-Means model, for the search's episodes and finetune.py.
+
+    Returns ``(sharer, scoring)``. ``sharer.step()`` runs after every optimizer step: the
+    centroid-shared update of every layer with a codebook, except those ``free_high_bit``
+    leaves free (above 6 bits). ``free_bits`` (``{name: bits}``) names further layers that
+    train in float without a codebook (finetune.py's until its last epoch); a pruned
+    model's free layers keep their zeros. ``scoring()`` is the context every accuracy is
+    measured in: all free layers clustered (``n_iter`` iterations, ``seed``: the same model
+    each time), their float weights back afterwards, so only a fully quantized model is
+    ever scored.
+    """
+    keep_zero = list(free_bits or ()) if is_pruned else []
+    sharer = CentroidSharer(model, codebooks, free_high_bit=free_high_bit, keep_zero=keep_zero)
+    free = {**sharer.free_layers(), **(free_bits or {})}
+
+    def scoring():
+        return fully_quantized(model, free, n_iter=n_iter, method=method, is_pruned=is_pruned,
+                               seed=seed)
+
+    return sharer, scoring
 
 
 class KMeansQuantizeEnv(QuantizeEnv):
@@ -71,18 +96,13 @@ class KMeansQuantizeEnv(QuantizeEnv):
         codebooks = self.cluster(policy, seed) if get_rank() == 0 else None
         if is_distributed():
             codebooks = self.share_codebooks(codebooks, policy)
-            self.check_ranks_agree("K-Means")
-        sharer = CentroidSharer(self.model, codebooks, free_high_bit=self.free_high_bit)
+            check_ranks_agree(self.model, "K-Means")
+        # Under torchrun every rank clusters its own copy of the free layers for scoring:
+        # DDP keeps the weights equal and the seed is shared, so the ranks get the same clusters.
+        sharer, scoring = shared_training(self.model, codebooks, n_iter=self.n_iter, seed=seed,
+                                          is_pruned=self.is_pruned, method=self.method,
+                                          free_high_bit=self.free_high_bit)
         self.timings["quantize"] += time.perf_counter() - start
-        free = sharer.free_layers()
-
-        def scoring():
-            # Every validation sees the free layers clustered again (the search's k-means).
-            # Under torchrun every rank clusters its own copy: DDP keeps the weights equal
-            # and the seed is shared, so the ranks get the same clusters.
-            return fully_quantized(self.model, free, n_iter=self.n_iter, method=self.method,
-                                   is_pruned=self.is_pruned, seed=seed)
-
         return self.evaluator.finetune(self.model, step_hook=sharer.step, scoring=scoring)
 
     def cluster(self, policy, seed):

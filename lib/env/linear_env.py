@@ -22,6 +22,7 @@ from lib.quantize.policy import apply_linear_policy
 from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed
 
 from .base import QuantizeEnv
+from .torchrun import check_ranks_agree
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class LinearQuantizeEnv(QuantizeEnv):
         if is_distributed():
             broadcast_tensors([t for m in quant_layers(self.model)
                                for t in (m.weight_range, m.activation_range)])
-            self.check_ranks_agree("calibration")
+            check_ranks_agree(self.model, "calibration")
 
     def _calibrate_or_reuse(self, reuse):
         """Calibrate, or (``reuse``) put back the last calibration's ranges where they would

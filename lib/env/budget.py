@@ -1,0 +1,69 @@
+"""The budget of a search: what a policy costs and the wall that keeps it within budget.
+
+Paper section 3.3 ("limit action space"): after an episode's last action the bits are
+lowered, one step at a time from the last step back, until the policy's cost is within
+``preserve_ratio`` of the reference cost. A mode says how a policy is built from the
+per-step bits and what it costs; :class:`PolicyBudget` does the rest.
+"""
+import math
+
+from lib.utils.errors import UserError
+
+
+class PolicyBudget:
+    """Budget, cheapest policy and budget wall over the mode's ``policy_from_bits``/``cost``.
+
+    Needs ``cfg`` (preserve_ratio, min_bit), ``n_steps`` and ``pins`` (step -> fixed bits)
+    on the object; a mode implements the first three methods.
+    """
+
+    def policy_from_bits(self, flat_bits):
+        """Turn one bit width per step into the mode's policy (list of ints, or of [w, a])."""
+        raise NotImplementedError
+
+    def cost(self, policy):
+        raise NotImplementedError
+
+    def reference_cost(self):
+        raise NotImplementedError
+
+    def budget(self):
+        return self.cfg.preserve_ratio * self.reference_cost()
+
+    def min_bits(self):
+        """The cheapest reachable step bits: every free step at min_bit, pins kept."""
+        return [self.pins.get(i, self.cfg.min_bit) for i in range(self.n_steps)]
+
+    def min_cost_ratio(self):
+        return self.cost(self.policy_from_bits(self.min_bits())) / self.reference_cost()
+
+    def check_budget(self):
+        """Refuse a budget no policy can meet (UserError naming the smallest reachable ratio)."""
+        smallest = self.min_cost_ratio()
+        if self.cfg.preserve_ratio < smallest - 1e-12:
+            raise UserError(
+                f"--preserve_ratio {self.cfg.preserve_ratio} is unreachable: with every layer at "
+                f"--min_bit {self.cfg.min_bit} the cost ratio is {smallest:.4f}; expected a "
+                f"preserve ratio >= {math.ceil(smallest * 1e4) / 1e4:.4f}")
+
+    def action_wall(self, flat_bits):
+        """Lower bits one step at a time, last step first, until within budget (paper 3.3).
+
+        Sweeps from the last step backwards (linear mode: a layer's activation bits
+        before its weight bits), skipping pinned steps and steps at min_bit, and
+        repeats until ``cost <= preserve_ratio * reference`` or nothing can go lower.
+        """
+        bits = list(flat_bits)
+        target = self.budget()
+        while self.cost(self.policy_from_bits(bits)) > target:
+            lowered = False
+            for i in reversed(range(self.n_steps)):
+                if i in self.pins or bits[i] <= self.cfg.min_bit:
+                    continue
+                bits[i] -= 1
+                lowered = True
+                if self.cost(self.policy_from_bits(bits)) <= target:
+                    return bits
+            if not lowered:
+                break
+        return bits

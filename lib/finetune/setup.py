@@ -1,0 +1,136 @@
+"""What finetune.py fine-tunes: arch, mode, dataset, model and policy, from its flags, the
+strategy and any --resume checkpoint (refused early, as one UserError, when underdetermined)."""
+import logging
+from dataclasses import dataclass, field
+
+from lib.utils.checkpoint import load_checkpoint
+from lib.utils.errors import UserError
+from lib.utils.layers import quantizable_layers
+from lib.utils.run_utils import memory_format, model_kwargs_for
+from lib.utils.strategy import list_presets, load_strategy, validate_strategy
+from models import float_twin, get_model, list_models
+
+log = logging.getLogger("finetune")
+
+DEFAULT_ARCH = {"kmeans": "mobilenetv2", "linear": "qmobilenetv2"}
+
+
+@dataclass
+class Setup:
+    """What is fine-tuned: resolved from the flags, the strategy and any --resume checkpoint."""
+    arch: str
+    mode: str                   # 'kmeans' or 'linear'
+    dataset: str
+    model_kwargs: dict
+    strategy: dict              # as loaded; validated once the model exists
+    ckpt: dict = None           # a finetune.py checkpoint being resumed or evaluated
+    foreign: dict = None        # other weights to evaluate (-e --resume of e.g. a released file)
+    layer_names: list = field(default_factory=list)
+
+
+def _arch_for_mode(arch, mode):
+    """Linear mode needs the Q twin of a float arch; K-Means mode uses the float twin."""
+    if mode == "linear" and not arch.startswith("q") and "q" + arch in list_models():
+        log.info("linear mode: using '%s' (the quantized twin of '%s')", "q" + arch, arch)
+        return "q" + arch
+    if mode == "kmeans" and float_twin(arch) != arch:
+        log.info("K-Means mode: using '%s' (the float twin of '%s')", float_twin(arch), arch)
+        return float_twin(arch)
+    return arch
+
+
+CKPT_EXPECTED = "expected a checkpoint written by finetune.py"
+
+
+def _positive_int(value):
+    return type(value) is int and value > 0
+
+
+def check_finetune_checkpoint(path, ckpt, evaluate):
+    """UserError unless ``ckpt`` has the fields of a finetune.py checkpoint, well typed.
+
+    Checked before any model is built, so an edited or older file is a one-line error
+    naming the field, not a KeyError or TypeError deep in model construction or logging.
+    """
+    def bad(field, value):
+        raise UserError(f"--resume '{path}': '{field}' is {value!r}; {CKPT_EXPECTED}")
+    if ckpt.get("mode") not in ("kmeans", "linear"):
+        bad("mode", ckpt.get("mode"))
+    kwargs = ckpt.get("model_kwargs")
+    if not isinstance(kwargs, dict) or not _positive_int(kwargs.get("num_classes")) or not (
+            kwargs.get("input_size") is None or _positive_int(kwargs.get("input_size"))):
+        bad("model_kwargs", kwargs)
+    width = kwargs.get("width_mult")
+    if width is not None and (type(width) not in (int, float) or not 0 < width <= 8):
+        bad("model_kwargs", kwargs)
+    if not isinstance(ckpt.get("arch"), str):
+        bad("arch", ckpt.get("arch"))
+    epoch = ckpt.get("epoch")
+    if type(epoch) is not int or epoch < 0:
+        bad("epoch", epoch)
+    codebooks = ckpt.get("codebooks")
+    if codebooks is not None and not (isinstance(codebooks, dict) and all(
+            isinstance(c, dict) for c in codebooks.values())):
+        bad("codebooks", type(codebooks).__name__ if not isinstance(codebooks, dict)
+            else "a dict with non-dict entries")
+    if not evaluate and not isinstance(ckpt.get("optimizer"), dict):
+        raise UserError(f"--resume '{path}' holds no optimizer state, so training cannot "
+                        f"continue from it; {CKPT_EXPECTED}, or -e to evaluate it")
+
+
+def setup_from_checkpoint(args, ckpt):
+    check_finetune_checkpoint(args.resume, ckpt, args.evaluate)
+    mode = ckpt["mode"]
+    if args.linear_quantization is not None and args.linear_quantization != (mode == "linear"):
+        raise UserError(f"--resume '{args.resume}' holds a {mode}-mode model; expected "
+                        f"{'no ' if mode == 'kmeans' else ''}--linear_quantization")
+    if args.strategy and load_strategy(args.strategy)["strategy"] != ckpt["policy"]["strategy"]:
+        log.warning("--strategy differs from the policy recorded in %s; using the recorded one",
+                    args.resume)
+    dataset = args.data_name or ckpt.get("dataset") or "mnist5k"
+    # the data flags default to the run's own, so -e --resume reproduces its accuracy
+    saved = ckpt.get("args") or {}
+    for key in ("data", "train_subset"):
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key))
+    return Setup(ckpt["arch"], mode, dataset, ckpt["model_kwargs"], ckpt["policy"], ckpt=ckpt)
+
+
+def resolve_setup(args):
+    """Arch, mode, dataset, model kwargs and policy of this run (UserError if underdetermined)."""
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and isinstance(ckpt, dict) and "policy" in ckpt:
+        return setup_from_checkpoint(args, ckpt)
+    if ckpt is not None and not args.evaluate:
+        raise UserError(f"--resume '{args.resume}' was not written by finetune.py (it records no "
+                        "policy); expected a finetune.py checkpoint, or start from other weights "
+                        "with --pretrained_path")
+    if not args.strategy:
+        raise UserError("no policy to fine-tune; expected --strategy PATH|PRESET (presets: "
+                        f"{', '.join(list_presets())}) or --resume of a finetune.py checkpoint")
+    strategy = load_strategy(args.strategy)
+    if args.linear_quantization is None:
+        mode = strategy["mode"]
+    else:
+        mode = "linear" if args.linear_quantization else "kmeans"
+    arch = _arch_for_mode(args.arch or strategy.get("arch") or DEFAULT_ARCH[mode], mode)
+    dataset = args.data_name or strategy.get("dataset") or "mnist5k"
+    width = args.width_mult if args.width_mult is not None else strategy.get("width_mult")
+    kwargs = model_kwargs_for(arch, dataset, args.data, width,
+                              args.input_size or strategy.get("input_size"))
+    return Setup(arch, mode, dataset, kwargs, strategy, foreign=ckpt)
+
+
+def build_model(setup, args, device):
+    """The model of ``setup`` with its policy validated against the model's layers."""
+    linear = setup.mode == "linear"
+    # linear mode: a Q twin as is, any other model swapped to QConv2d/QLinear
+    model = memory_format(get_model(setup.arch, linear=linear, **setup.model_kwargs).to(device),
+                          args.channels_last)
+    names = [name for name, _ in quantizable_layers(model, linear=linear)]
+    if not names:
+        raise UserError(f"arch '{setup.arch}' has no Conv2d/Linear layers to quantize; expected "
+                        "a CNN classifier")
+    setup.strategy = validate_strategy(setup.strategy, names, setup.mode, args.min_bit, args.max_bit)
+    setup.layer_names = names
+    return model
