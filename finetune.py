@@ -113,6 +113,7 @@ def get_args_parser():
     p.add_argument("--train_subset", type=cli.positive_int, default=None,
                    help="use only the first N images of each split (smoke tests)")
     cli.bool_flag(p, "--progress", True, "progress bars (shown only on a terminal)")
+    cli.add_threads_argument(p)
     return p
 
 
@@ -176,6 +177,7 @@ def main(argv=None):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
     device, rank, world = init_distributed(args.device)
     setup_logging(rank=rank)
+    args.threads = cli.apply_threads(args)   # recorded with the flags in results.json
     seed_everything(args.manualSeed)
     if args.gpu_id and "," in args.gpu_id and world == 1:
         log.info("--gpu_id lists several GPUs; this process uses one (run under torchrun "

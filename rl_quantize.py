@@ -158,6 +158,7 @@ def get_args_parser():
                    help="continue a stopped search: its output folder, or the latest run of "
                         "these flags when no folder is given")
     cli.bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
+    cli.add_threads_argument(p)
     add_method_args(p)
     p.add_argument("--input_size", default=None, type=cli.input_size,
                    help="image size in pixels (default: the dataset's, 224 or 32 for mnist5k); "
@@ -221,6 +222,7 @@ def main(argv=None):
     setup_logging(verbose=args.debug)
     check_args(args)
     check_method_args(args)
+    args.threads = cli.apply_threads(args)   # recorded with the flags in search_state
     seed_everything(args.seed)   # the only place seeds are set
     device, rank, _ = init_distributed(args.device, gpu_index(args.gpu_id))
     setup_logging(verbose=args.debug, rank=rank)

@@ -29,7 +29,7 @@ FINETUNE = {
     "--lr": ((), ["11"]), "--schedule": ((), []), "--gamma": ((), ["1.5"]),
     "--momentum": ({"0"}, ["1"]), "--wd": ({"0"}, ["1"]), "--width_mult": ((), ["9"]),
     "--min_bit": ((), ["9"]), "--max_bit": ((), ["9"]), "--kl_max_bit": ({"0"}, ["9"]), "--manualSeed": ({"0"}, ["4294967296"]),
-    "--train_subset": ((), []), "--input_size": ((), ["7", "1025"]),
+    "--train_subset": ((), []), "--input_size": ((), ["7", "1025"]), "--threads": ((), ["1025"]),
 }
 PRETRAIN = {
     "--width_mult": ((), ["9"]), "--epochs": ((), []), "--batch_size": ((), []),
@@ -50,7 +50,7 @@ RL = {
     "--seed": ({"0"}, ["4294967296"]), "--n_worker": ({"0"}, ["1025"]), "--data_bsize": ((), []),
     "--finetune_epoch": ((), []), "--finetune_gamma": ((), ["1.5"]), "--finetune_lr": ((), ["11"]),
     "--train_size": ((), []), "--val_size": ((), []), "--cost_batch": ((), []),
-    "--width_mult": ((), ["9"]), "--input_size": ((), ["7", "1025"]),
+    "--width_mult": ((), ["9"]), "--input_size": ((), ["7", "1025"]), "--threads": ((), ["1025"]),
 }
 SIMULATOR = {
     "--batch": ((), []), "--input_size": ((), ["7", "1025"]), "--width_mult": ((), ["9"]),
