@@ -75,15 +75,15 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad_r = None
-        if ctx.needs_input_grad[0] and not ctx.clip_grad:
-            grad_x = grad
-        if ctx.needs_input_grad[0] and ctx.clip_grad or ctx.needs_input_grad[1]:
+        want_x, want_r = ctx.needs_input_grad[:2]
+        grad_x = grad if want_x and not ctx.clip_grad else None
+        grad_r = None
+        if want_x and ctx.clip_grad or want_r:
             x, r = ctx.saved_tensors
             lo = -r if ctx.signed else torch.zeros_like(r)
-            if ctx.needs_input_grad[0] and ctx.clip_grad:
+            if want_x and ctx.clip_grad:
                 grad_x = torch.where((x > lo) & (x < r), grad, 0)
-            if ctx.needs_input_grad[1]:
+            if want_r:
                 grad_r = torch.where(x > r, grad, 0).sum()
                 if ctx.signed:
                     grad_r = grad_r - torch.where(x < lo, grad, 0).sum()
