@@ -1,4 +1,5 @@
-"""Quantization operators for HAQ (docs/design.md, quantizers).  Knows nothing of RL or the search env.
+"""Quantization operators for HAQ (docs/design.md, quantizers).  Knows nothing of RL or the
+search env.
 
 K-Means weight sharing (:mod:`lib.quantize.kmeans`)::
 

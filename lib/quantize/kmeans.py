@@ -451,9 +451,9 @@ class CentroidSharer:
     With ``free_high_bit`` the layers above 6 bits are skipped (they train freely) until
     :meth:`recluster` clusters them again, e.g. before the last epoch.
 
-    Pruned models keep their zeros whatever the bit width (docs/design.md, quantizers): a free layer
-    whose codebook is pruned, and every float layer named in ``keep_zero`` (e.g. layers not
-    clustered yet), has the weights that are zero now put back to zero after every step.
+    Pruned models keep their zeros whatever the bit width (docs/design.md, quantizers): a free
+    layer whose codebook is pruned, and every float layer named in ``keep_zero`` (e.g. layers
+    not clustered yet), has the weights that are zero now put back to zero after every step.
     """
 
     def __init__(self, model, codebooks, free_high_bit=False, keep_zero=()):
@@ -538,8 +538,8 @@ def fully_quantized(model, free_bits, n_iter=3, method="fast", is_pruned=False, 
     come back, so training continues where it was.
 
     ``free_high_bit`` lets layers above 6 bits train freely (the released search and
-    fine-tune); only a fully quantized model may be scored (docs/design.md, quantizers), so every
-    accuracy of such a model is measured inside this block. Yields the temporary codebooks
+    fine-tune); only a fully quantized model may be scored (docs/design.md, quantizers), so
+    every accuracy of such a model is measured inside this block. Yields the temporary codebooks
     (``{name: Codebook}``), e.g. to save the scored model. The clustering is
     :func:`kmeans_quantize_model`'s with the same arguments, so the same float weights and
     ``seed`` give the same quantized model each time.
@@ -556,4 +556,3 @@ def fully_quantized(model, free_bits, n_iter=3, method="fast", is_pruned=False, 
         with torch.no_grad():
             for name, weight in saved.items():
                 modules[name].weight.copy_(weight)
-

@@ -1,6 +1,7 @@
 """Applying a quantization policy to a model, by layer order or by layer name.
 
-A policy is what the search produces and what ``strategy.json`` stores (docs/design.md, policies and file formats):
+A policy is what the search produces and what ``strategy.json`` stores (docs/design.md,
+policies and file formats):
 
 * K-Means mode: one weight bit width per ``nn.Conv2d``/``nn.Linear``, e.g. ``[6, 6, 5, ...]``;
 * linear mode: one ``[w_bit, a_bit]`` pair per ``QConv2d``/``QLinear``, e.g.
