@@ -1,7 +1,7 @@
-"""Wall time of one search episode on the embedded default, split by phase (DESIGN.md section 11).
+"""Wall time of one search episode on the embedded default, split by phase (docs/performance.md).
 
     python bench/episode_bench.py [--mode kmeans|linear|both] [--train_size 1000 --val_size 1000]
-                                   [--channels_last] [--torch_passes]
+                                   [--channels_last]
 
 For each mode, one episode (policy -> wall -> quantize -> short fine-tune ->
 validate -> agent update) is timed phase by phase and compared, in the same run,
@@ -13,12 +13,10 @@ median of ``--repeat`` runs. Goals (issue 17): episode / fp32 pass <= 1.15x (lin
 (K-Means), the agent update <= 3% of the episode.
 """
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
-from unittest import mock
 
 import numpy as np
 import torch
@@ -27,15 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rl_quantize  # noqa: E402  (the CLI's builders: same model, data and env as a search)
-from lib.quantize import fake_quant_jit  # noqa: E402
-from lib.quantize.linear import compiled_passes  # noqa: E402
 from lib.utils.distributed import resolve_device  # noqa: E402
 from lib.utils.train import evaluate, train_one_epoch  # noqa: E402
-
-
-def _passes():
-    """Which fake-quantization passes run at this thread count (lib/quantize/linear.py)."""
-    return "torch passes" if compiled_passes(torch.zeros(1)) is None else "compiled passes"
 
 
 def search_args(mode, a):
@@ -111,8 +102,7 @@ def bench_mode(mode, a, device):
     print(f"\n{mode} mode ({args.arch}, {len(env.layers)} layers, {env.n_steps} actions), "
           f"train {a.train_size} / val {a.val_size} images, batch {a.data_bsize}, {device}, "
           f"{torch.get_num_threads()} thread(s), "
-          f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}"
-          + (f", fake quantization: {_passes()}" if mode == "linear" else ""))
+          f"{'channels-last' if a.channels_last else 'contiguous'}, median of {a.repeat}")
     print(f"  {'phase':28s} {'seconds':>8s} {'share':>7s}")
     for k, v in med.items():
         if k != "episode":
@@ -145,9 +135,6 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--channels_last", action="store_true",
                    help="the search's --channels_last (the fp32 pass runs channels-last too)")
-    p.add_argument("--torch_passes", action="store_true",
-                   help="torch's fake-quantization passes instead of the compiled ones "
-                        "(lib/quantize/fake_quant_jit.py), to measure what those save")
     p.add_argument("--pretrained_path", default=None,
                    help="default checkpoints/pretrained/mobilenetv2_mnist5k.pth.tar (pretrain.py)")
     a = p.parse_args(argv)
@@ -155,10 +142,7 @@ def main(argv=None):
     torch.manual_seed(234)
     device = resolve_device(a.device)
     modes = ["kmeans", "linear"] if a.mode == "both" else [a.mode]
-    with contextlib.ExitStack() as stack:
-        if a.torch_passes:
-            stack.enter_context(mock.patch.object(fake_quant_jit, "applies", lambda flat: False))
-        return {m: bench_mode(m, a, device) for m in modes}
+    return {m: bench_mode(m, a, device) for m in modes}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmarks of lib/quantize, each measured side by side in one run (DESIGN.md section 11).
+"""Benchmarks of lib/quantize, each measured side by side in one run (docs/performance.md).
 
 (a) K-Means of a whole ResNet-50 (54 layers, the published 10% policy): the fast path at its
     defaults vs scikit-learn KMeans at the released settings (k-means++, n_init=1, max_iter=3):
@@ -9,11 +9,9 @@
     weight size: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before,
     in a fresh child process; the result (labels, 1 byte per weight) counts as extra.
 (d) one QAT training step (forward + backward) of qmobilenetv2 at w4a4 vs mobilenetv2 fp32,
-    same batch, on the CPU; where compiled fake-quantization passes run (numba, <= 2 threads),
-    also with torch's passes in place of the compiled ones.
-(e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8): with
-    numpy seeding, the lockstep k-means++ of lib/quantize/kmeans_batch vs kmeans_centroids layer
-    by layer; the compiled seeding (lib/quantize/kmeans_jit, numba); and that all are identical.
+    same batch, on the CPU.
+(e) the centroids a sensitivity scan needs (every layer of a MobileNetV2 at widths 2-8, the
+    fast path layer by layer): the wall time.
 
     python bench/quant_bench.py                       # everything, the issue's settings
     python bench/quant_bench.py --only a,b --qat-batch 4
@@ -25,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from unittest import mock
 
 import numpy as np
 import torch
@@ -36,14 +33,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, inertia,  # noqa: E402
-                                 kmeans_centroids, kmeans_quantize_model, masked_loop_update)
-from lib.quantize import fake_quant_jit, kmeans_jit  # noqa: E402
-from lib.quantize import linear  # noqa: E402
+                                 kmeans_centroids, kmeans_quantize_model)
 from lib.quantize.linear import calibrate  # noqa: E402
 from lib.quantize.policy import apply_linear_policy  # noqa: E402
 from lib.utils.layers import quantizable_layers  # noqa: E402
 
-# DESIGN.md section 6: the released ResNet-50 K-Means policy at preserve ratio 0.1.
+# The released ResNet-50 K-Means policy at preserve ratio 0.1 (docs/results.md).
 RESNET50_10PCT = [6, 6, 6, 6, 5, 5, 6, 5, 5, 6, 5, 5, 6, 5, 5, 5, 5, 5, 4, 5, 4, 4, 5, 4, 4, 4, 3,
                   4, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 3, 3, 2, 3, 2, 3, 3, 2, 3, 4]
 
@@ -75,12 +70,7 @@ def bench_kmeans(args):
     model, source = resnet50()
     print(f"(a) K-Means of ResNet-50 ({source}, random init), 54 layers, published 10% policy")
     originals = {n: m.weight.detach().clone() for n, m in quantizable_layers(model)}
-    # one-off costs outside the timings: numba's import and the compiled seeding's load (or
-    # first compile), scikit-learn's import
-    start = time.perf_counter()
-    kmeans_centroids(torch.randn(64), 4, seed=0)
-    t_load = time.perf_counter() - start
-    kmeans_centroids(torch.randn(64), 4, method="sklearn", seed=0)
+    kmeans_centroids(torch.randn(64), 4, method="sklearn", seed=0)   # its import, not timed
     runs = {}
     for label, kw in [("fast", dict(method="fast")),
                       ("sklearn", dict(method="sklearn")),
@@ -102,11 +92,28 @@ def bench_kmeans(args):
     print(f"    fast defaults: greedy k-means++ (as sklearn) + max(n_iter, {FAST_MIN_ITER}) Lloyd "
           f"iterations; sklearn on {torch.get_num_threads()} threads; goal >= 10x, "
           f"mean <= 1.01, max <= 1.05")
-    print(f"    once per process, not in the times above: loading the compiled k-means++ seeding "
-          f"{t_load:.2f} s ({'numba' if kmeans_jit.available() else 'numba missing: numpy seeding'})")
 
 
 # ------------------------------------------------------------------------------------ (b)
+
+def masked_loop_update(model, codebooks):
+    """The straightforward per-centroid update, one masked pass per centroid: the baseline of
+    CentroidSharer.step()."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, cb in codebooks.items():
+            flat = modules[name].weight.data.view(-1)
+            labels = cb.labels.to(flat.device)
+            for j in range(cb.n_clusters):
+                mask = labels == j
+                members = flat[mask]
+                if members.numel():
+                    mean = members.double().mean()
+                    cb.centroids[j] = mean
+                    flat.masked_fill_(mask, mean.to(flat.dtype))
+            if cb.pruned:
+                flat.masked_fill_(labels == cb.n_clusters, 0.0)
+
 
 def bench_update(args):
     model, _ = resnet50()
@@ -137,7 +144,7 @@ def bench_update(args):
     diff = max((a - b).abs().max().item() for a, b in zip(results["shared"], results["masked"]))
     t_new, t_old = min(times["shared"]), min(times["masked"])
     print(f"(b) centroid-shared update of all {len(layers)} ResNet-50 layers (best of "
-          f"{args.update_reps}): bincount/gather {t_new * 1e3:.1f} ms vs per-centroid "
+          f"{args.update_reps}): index_add_/gather {t_new * 1e3:.1f} ms vs per-centroid "
           f"masked loop {t_old * 1e3:.1f} ms -> {t_old / t_new:.1f}x  (max |diff| {diff:.1e};"
           f" goal >= 10x)")
 
@@ -204,19 +211,12 @@ def bench_qat(args):
         for model in (fmodel, qmodel):
             _step(model, x, y)
         print(f"(d) torch.compile of both models (first steps): {time.perf_counter() - start:.0f} s")
-    times = {"fp32": [], "w4a4": [], "w4a4 torch passes": []}
-    # where compiled fake-quantization passes run (numba, <= 2 threads), also time the torch
-    # passes they replace (lib/quantize/fake_quant_jit.py)
-    compiled_passes = linear.compiled_passes(x.view(-1)) is not None
-    torch_passes = mock.patch.object(fake_quant_jit, "applies", lambda flat: False)
+    times = {"fp32": [], "w4a4": []}
     for model in (fmodel, qmodel):  # warm-up
         _step(model, x, y)
-    for _ in range(args.qat_steps):  # interleaved, so load changes hit all alike
+    for _ in range(args.qat_steps):  # interleaved, so load changes hit both alike
         times["fp32"].append(_step(fmodel, x, y))
         times["w4a4"].append(_step(qmodel, x, y))
-        if compiled_passes:
-            with torch_passes:
-                times["w4a4 torch passes"].append(_step(qmodel, x, y))
     tf, tq = statistics.median(times["fp32"]), statistics.median(times["w4a4"])
     # each w4a4 step over the fp32 step just before it: the spread shows the machine's noise
     pairs = sorted(q / f for f, q in zip(times["fp32"], times["w4a4"]))
@@ -225,46 +225,22 @@ def bench_qat(args):
           f"{args.qat_batch} at {args.qat_size}, CPU x{torch.get_num_threads()} threads, median of {args.qat_steps}: "
           f"w4a4 {tq:.2f} s vs fp32 {tf:.2f} s -> {tq / tf:.2f}x (per-step ratios "
           f"{pairs[0]:.2f}-{pairs[-1]:.2f}; goal <= 1.2x)")
-    if compiled_passes:
-        tt = statistics.median(times["w4a4 torch passes"])
-        print(f"(d) the same w4a4 step with torch's fake-quantization passes instead of the compiled "
-              f"ones: {tt:.2f} s -> {tt / tf:.2f}x the fp32 step (compiled {tt / tq:.2f}x sooner)")
 
 
 # ------------------------------------------------------------------------------------ (e)
 
-def bench_lockstep(args):
-    from lib.quantize.kmeans_batch import centroids_by_width
+def bench_scan_centroids(args):
     torch.manual_seed(0)
     model, source = build("mobilenetv2", num_classes=10)
-    xs = [m.weight.detach().reshape(-1).numpy() for _, m in quantizable_layers(model)]
+    xs = [m.weight.detach().reshape(-1) for _, m in quantizable_layers(model)]
     widths = range(2, 9)
+    start = time.perf_counter()
+    for bits in widths:
+        for x in xs:
+            kmeans_centroids(x, 2 ** bits, 3, "fast", 0)
     print(f"(e) centroids of {len(xs)} MobileNetV2 layers ({source}, random init, "
-          f"{sum(x.size for x in xs)} weights) at widths 2-8, seed 0 for each")
-    def timed(fn):
-        start = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - start, out
-
-    def layer_by_layer():
-        return {(i, b): kmeans_centroids(torch.from_numpy(x), 2 ** b, 3, "fast", 0)
-                for b in widths for i, x in enumerate(xs)}
-
-    def by_width():
-        return centroids_by_width(xs, widths, 3, [0] * len(xs))
-
-    with mock.patch.object(kmeans_jit, "available", lambda: False):   # numpy seeding
-        t_one, one = timed(layer_by_layer)
-        t_many, many = timed(by_width)
-    same = all(np.array_equal(one[key], many[key]) for key in one)
-    line = (f"    numpy seeding: layer by layer {t_one:.2f} s, lockstep {t_many:.2f} s -> "
-            f"{t_one / t_many:.1f}x")
-    if kmeans_jit.available():
-        kmeans_centroids(torch.randn(64), 4, seed=0)   # numba's import and load, not timed
-        t_jit, jit = timed(by_width)
-        same = same and all(np.array_equal(one[key], jit[key]) for key in one)
-        line += f"; compiled seeding {t_jit:.2f} s -> {t_one / t_jit:.1f}x"
-    print(f"{line}; identical centroids: {same}")
+          f"{sum(x.numel() for x in xs)} weights) at widths 2-8, seed 0 for each, layer by "
+          f"layer: {time.perf_counter() - start:.2f} s for {len(xs) * len(widths)} clusterings")
 
 
 def main(argv=None):
@@ -284,7 +260,7 @@ def main(argv=None):
     if args.memory_child:
         return memory_child()
     parts = {"a": bench_kmeans, "b": bench_update, "c": bench_memory, "d": bench_qat,
-             "e": bench_lockstep}
+             "e": bench_scan_centroids}
     for key in args.only.split(","):
         parts[key.strip()](args)
         sys.stdout.flush()

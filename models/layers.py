@@ -6,12 +6,13 @@ stays identical to the float model's, so a float checkpoint loads into its Q twi
 """
 import torch.nn as nn
 
+from lib.quantize.linear import QConv2d, QLinear
+
 
 def conv(quantized, in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, bias=False,
          half_wave=True):
     """A Conv2d, or a QConv2d whose input is non-negative when ``half_wave``."""
     if quantized:
-        from lib.quantize.linear import QConv2d
         return QConv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding,
                        groups=groups, bias=bias, half_wave=half_wave)
     return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding,
@@ -21,7 +22,6 @@ def conv(quantized, in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, b
 def linear(quantized, in_features, out_features, bias=True, half_wave=True):
     """A Linear, or a QLinear whose input is non-negative when ``half_wave``."""
     if quantized:
-        from lib.quantize.linear import QLinear
         return QLinear(in_features, out_features, bias=bias, half_wave=half_wave)
     return nn.Linear(in_features, out_features, bias=bias)
 

@@ -39,9 +39,6 @@ class MobileNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = linear(quantized, in_ch, num_classes)
         init_weights(self)
-        if quantized:   # each ReLU inside a block feeds only the next layer (lib/quantize/fused.py)
-            from lib.quantize.fused import fuse_input_activations
-            fuse_input_activations(self)
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))

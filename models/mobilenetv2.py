@@ -69,9 +69,6 @@ class MobileNetV2(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = linear(quantized, self.last_channel, num_classes)
         init_weights(self)
-        if quantized:   # each ReLU inside a block feeds only the next layer (lib/quantize/fused.py)
-            from lib.quantize.fused import fuse_input_activations
-            fuse_input_activations(self)
 
     def forward(self, x):
         x = self.pool(self.features(x)).flatten(1)

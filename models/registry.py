@@ -83,7 +83,7 @@ def float_twin(name):
 def default_pretrained_path(arch, dataset, root="checkpoints/pretrained"):
     """Where pretrain.py writes (and the search/finetune look for) weights.
 
-    ImageNet weights are ``<arch>.pth.tar`` (DESIGN.md section 6); weights trained
+    ImageNet weights are ``<arch>.pth.tar`` (docs/design.md, checkpoints); weights trained
     on another dataset are ``<arch>_<dataset>.pth.tar`` (a dataset given as a folder by its
     last component, see ``dataset_label``). Quantized archs share their
     float twin's file.

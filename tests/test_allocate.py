@@ -22,7 +22,7 @@ from lib.allocate import (allocate_bits, hutchinson_traces, layer_options, layer
 from lib.env import (EnvConfig, FinetuneConfig, KMeansQuantizeEnv, LinearQuantizeEnv,
                      ShortFinetune)
 from lib.quantize.linear import QConv2d, QLinear
-from lib.quantize.policy import apply_kmeans_policy
+from lib.quantize.kmeans import apply_kmeans_policy
 from lib.simulator.costs import TableCost
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import run_cli

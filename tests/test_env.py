@@ -237,7 +237,7 @@ def _kmeans_state(env):
 def test_reused_codebooks_equal_clustering_again_with_the_search_seed():
     """--reuse_codebooks: a (layer, bits) pair met before gets the codebook it got then, which
     is the one clustering the pretrained weights again with the search's seed gives."""
-    from lib.quantize.policy import apply_kmeans_policy
+    from lib.quantize.kmeans import apply_kmeans_policy
     env = kmeans_env(ratio=1.0)
     env.reuse_codebooks = True
     first, second = [2, 3, 2, 4], [2, 2, 3, 4]     # layers 0 and 3 keep their widths

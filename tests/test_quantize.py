@@ -8,17 +8,33 @@ import torch
 import torch.nn as nn
 
 from lib.quantize import kmeans as km
-from lib.quantize.kmeans import (CentroidSharer, codebooks_state_dict, inertia, kmeans_1d,
-                                 kmeans_quantize_model, label_dtype, load_codebooks,
-                                 masked_loop_update)
+from lib.quantize.kmeans import (CentroidSharer, apply_kmeans_policy, codebooks_state_dict,
+                                 inertia, kmeans_1d, kmeans_quantize_model, label_dtype,
+                                 load_codebooks)
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip, n_steps
-from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy,
-                                 resolve_kmeans_policy)
+from lib.quantize.policy import apply_linear_policy, resolve_kmeans_policy
 from lib.utils.errors import UserError
 
 
+def masked_loop_update(model, codebooks):
+    """The straightforward centroid-shared update, one masked pass per centroid: each centroid
+    becomes the float64 mean of its members, which are set to it; a pruned layer's zeros stay 0."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, cb in codebooks.items():
+            flat = modules[name].weight.data.view(-1)
+            for j in range(cb.n_clusters):
+                mask = cb.labels == j
+                if mask.any():
+                    mean = flat[mask].double().mean()
+                    cb.centroids[j] = mean
+                    flat.masked_fill_(mask, mean.to(flat.dtype))
+            if cb.pruned:
+                flat.masked_fill_(cb.labels == cb.n_clusters, 0.0)
+
+
 def _update_both_and_compare(model, codebooks, twin, twin_books):
-    """Same optimizer-like nudge on both copies, then the fast update must equal the masked loop."""
+    """Same optimizer-like nudge on both copies, then the update must equal the masked loop."""
     with torch.no_grad():
         for a, b in zip(model.parameters(), twin.parameters()):
             noise = torch.randn_like(a) * 1e-2
@@ -245,97 +261,6 @@ def test_kmeans_degenerate_inputs():
         kmeans_1d(x, 2, method="nope")
 
 
-def _awkward_rows():
-    """Heavy-tailed, rounded (many ties), tiny, constant, signed-zero and empty rows."""
-    g = np.random.default_rng(0)
-    return [g.standard_normal(3000).astype(np.float32) * 0.05,
-            g.standard_t(2, 1500).astype(np.float32),
-            np.round(g.standard_normal(2000), 1).astype(np.float32),
-            np.float32([1.0, 1.0, -0.0, 0.0, 2.0]), np.float32([3.0]), np.zeros(7, np.float32),
-            np.repeat(np.float32([0.5, -0.25, 0.125]), 40), np.zeros(0, np.float32),
-            g.uniform(-1, 1, 700).astype(np.float32)]
-
-
-def test_lockstep_kmeans_gives_the_single_versions_centroids_bit_for_bit(monkeypatch):
-    """centroids_by_width (k-means++ of many rows in lockstep) = kmeans_centroids row by row,
-    both in numpy (the compiled seeding switched off): awkward rows, every width."""
-    from lib.quantize import kmeans_jit
-    from lib.quantize.kmeans_batch import centroids_by_width
-    monkeypatch.setattr(kmeans_jit, "available", lambda: False)
-    rows = _awkward_rows()
-    seeds = [11 * i for i in range(len(rows))]
-    widths = range(1, 9)
-    for max_values in (1 << 22, 2500):   # one group, and groups of a few rows
-        got = centroids_by_width(rows, widths, 3, seeds, max_values=max_values)
-        assert {i for i, _ in got} == {i for i, r in enumerate(rows) if r.size}
-        for (i, bits), centers in got.items():
-            want = km.kmeans_centroids(torch.from_numpy(rows[i]), 2 ** bits, 3, "fast", seeds[i])
-            assert centers.dtype == want.dtype and np.array_equal(centers, want), (i, bits)
-    got = centroids_by_width(rows[:1], [3], 3, [5], method="sklearn")[(0, 3)]
-    np.testing.assert_array_equal(got, km.kmeans_centroids(torch.from_numpy(rows[0]), 8, 3,
-                                                           "sklearn", 5))
-
-
-@pytest.mark.skipif(not __import__("lib.quantize.kmeans_jit", fromlist=["x"]).available(),
-                    reason="numba is not installed")
-def test_compiled_kmeans_pp_gives_the_numpy_versions_seeds_bit_for_bit(monkeypatch):
-    """lib/quantize/kmeans_jit.py seeds = kmeans._kmeans_pp seeds, exactly: awkward rows and
-    every width, 60 random layers (normal, half pruned to zero, rounded, Laplace, shifted
-    grid), the layers of a MobileNetV2; and kmeans_centroids takes the compiled path."""
-    from lib.quantize import kmeans_jit
-    from models import get_model
-    g = np.random.default_rng(1)
-    cases = [(x, 2 ** b) for x in _awkward_rows() if x.size for b in range(1, 9)]
-    for i in range(60):
-        n = int(g.integers(1, 30000))
-        x = g.standard_normal(n).astype(np.float32) * 0.05
-        x = [x, np.where(g.random(n) < 0.5, 0, x), np.round(x * 50) / 50,
-             g.laplace(size=n), np.round(x * 1000) / 1000 + 0.3][i % 5].astype(np.float32)
-        cases.append((x, 2 ** int(g.integers(1, 9))))
-    torch.manual_seed(0)
-    net = get_model("mobilenetv2", num_classes=10, input_size=32, width_mult=0.5)
-    cases += [(m.weight.detach().reshape(-1).numpy(), 2 ** (1 + i % 8))
-              for i, m in enumerate(net.modules()) if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for i, (x, k) in enumerate(cases):
-        data = km._Sorted1D(x)
-        k = max(1, min(k, data.n))
-        want = km._kmeans_pp(data, k, np.random.default_rng(i))
-        got = kmeans_jit.kmeans_pp(data, k, np.random.default_rng(i))
-        assert got.dtype == want.dtype and np.array_equal(got, want), (i, x.size, k)
-    calls, real = [], kmeans_jit.kmeans_pp
-    monkeypatch.setattr(kmeans_jit, "kmeans_pp", lambda *a: calls.append(1) or real(*a))
-    km.kmeans_centroids(torch.from_numpy(cases[0][0]), 4, seed=0)
-    assert calls == [1]
-
-
-def test_compiled_kernels_fall_back_to_uncached_where_numba_cannot_cache(monkeypatch):
-    """A read-only install with no writable cache directory: numba refuses cache=True at
-    decoration (RuntimeError); lib/utils/numba_jit.jit then compiles without the cache
-    instead of failing the import of the compiled modules."""
-    from lib.utils import numba_jit as _numba
-
-    class NoCacheNumba:
-        @staticmethod
-        def njit(fn=None, **options):
-            def decorate(f):
-                if options.get("cache"):
-                    raise RuntimeError(f"cannot cache function {f.__name__!r}: no locator "
-                                       "available for file 'x.py'")
-                return ("uncached", f, options)
-            return decorate if fn is None else decorate(fn)
-
-    monkeypatch.setattr(_numba, "numba", NoCacheNumba)
-
-    def kernel():
-        return 1
-
-    assert _numba.jit(kernel) == ("uncached", kernel, {"fastmath": False,
-                                                       "error_model": "python"})
-    # the options survive the fallback
-    assert _numba.jit(fastmath={"reassoc"}, error_model="numpy")(kernel) == (
-        "uncached", kernel, {"fastmath": {"reassoc"}, "error_model": "numpy"})
-
-
 def test_precomputed_centers_quantize_a_layer_as_clustering_it():
     torch.manual_seed(0)
     for is_pruned in (False, True):
@@ -393,29 +318,7 @@ def test_ste_gradient_inside_range_and_pact_range_gradient():
     assert r.grad.item() == pytest.approx(5.0 + 6.0)  # -1 not clipped at -2
 
 
-def test_device_tensor_path_matches_host_scalar_path(monkeypatch):
-    """The accelerator code path (range kept as a tensor) computes what the CPU path does."""
-    from lib.quantize import linear
-    torch.manual_seed(0)
-    x0 = torch.randn(3, 50) * 3
-    g = torch.randn(3, 50)
-    results = []
-    for host in (True, False):
-        monkeypatch.setattr(linear, "_host_scalars", lambda x, host=host: host)
-        out = []
-        for bits, signed in ((3, False), (4, True), (1, True)):
-            x = x0.clone().requires_grad_()
-            r = torch.tensor([2.0], requires_grad=True)
-            y = fake_quantize(x, r, bits, signed)
-            y.backward(g)
-            out += [y.detach(), x.grad, r.grad]
-        results.append(out)
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
-
-
-def test_shared_update_torch_path_matches_masked_loop():
-    """Float64 weights take the torch bincount path (the one used on accelerators)."""
+def test_shared_update_of_float64_weights_matches_masked_loop():
     model = tiny_cnn().double()
     codebooks = kmeans_quantize_model(model, [2, 3, 2], seed=0)
     twin = copy.deepcopy(model)
@@ -426,17 +329,28 @@ def test_shared_update_torch_path_matches_masked_loop():
 @pytest.mark.parametrize("cls,args,shape", [(QConv2d, (4, 6, 3), (2, 4, 7, 7)),
                                             (QLinear, (5, 3), (4, 5))])
 def test_unquantized_layer_is_bit_for_bit_the_float_layer(cls, args, shape):
+    """Bits -1/-1: outputs and gradients of the float layer, fresh and after the layer has
+    been quantized (and its ranges set) and switched off again; no gradient for the range."""
     torch.manual_seed(0)
     float_cls = nn.Conv2d if cls is QConv2d else nn.Linear
     q, f = cls(*args), float_cls(*args)
     missing, unexpected = q.load_state_dict(f.state_dict(), strict=False)
     assert sorted(missing) == ["activation_range", "weight_range"] and not unexpected
     x = torch.randn(*shape) * 10
-    assert torch.equal(q(x), f(x))
-    xq, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    q(xq).sum().backward()
-    f(xf).sum().backward()
-    assert torch.equal(xq.grad, xf.grad) and torch.equal(q.weight.grad, f.weight.grad)
+    for used_quantized in (False, True):
+        if used_quantized:
+            q.set_bits(3, 3)
+            q(x).sum().backward()
+            assert q.weight_range.item() > 0
+            q.set_bits(-1, -1)
+        q.zero_grad(set_to_none=True)
+        f.zero_grad(set_to_none=True)
+        assert torch.equal(q(x), f(x))
+        xq, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        q(xq).sum().backward()
+        f(xf).sum().backward()
+        assert torch.equal(xq.grad, xf.grad) and torch.equal(q.weight.grad, f.weight.grad)
+        assert torch.equal(q.bias.grad, f.bias.grad) and q.activation_range.grad is None
 
 
 def test_state_dict_entries_and_set_bits():
@@ -536,19 +450,3 @@ def test_float_checkpoint_loads_into_q_twin(arch, n_layers):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(qmodel(x), fmodel(x))  # all bits -1: the float model
-
-
-@pytest.mark.parametrize("bits,signed", [(4, False), (3, True), (1, True), (8, False)])
-def test_fake_quantize_without_autograd_gives_the_autograd_values(bits, signed):
-    """Under no_grad (validation, calibration) fake_quantize skips autograd.Function; the
-    values are those of the recorded path, big blocked tensors and 1-bit signs included."""
-    torch.manual_seed(0)
-    for shape in [(2, 3, 5, 5), (4, 64, 40, 40)]:      # the second is over one CPU block
-        x = torch.randn(shape) * 3
-        r = torch.tensor([2.5], requires_grad=True)
-        recorded = fake_quantize(x.clone().requires_grad_(), r, bits, signed)
-        with torch.no_grad():
-            plain = fake_quantize(x, r, bits, signed)
-        assert recorded.grad_fn is not None and plain.grad_fn is None
-        assert torch.equal(recorded.detach(), plain)
-        assert torch.unique(plain).numel() <= 2 ** bits

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lib.quantize.kmeans import clustering_values, kmeans_quantize_layer
-from lib.quantize.kmeans_batch import centroids_by_width
+from lib.quantize.kmeans import clustering_values, kmeans_centroids, kmeans_quantize_layer
 from lib.quantize.linear import calibrate
 from lib.utils.distributed import all_reduce_sum
 
@@ -65,11 +64,16 @@ def _finite(scores):
 def _kmeans_centers(env):
     """``{(layer, bits): centroids}`` of every layer at every width, as
     ``apply_kmeans_policy(model, {name: bits}, seed=seed)`` clusters them (a one-layer policy
-    uses the seed itself; tests/test_allocate.py checks), seeded in lockstep across the
-    layers of a width: the same centroids, 3x sooner (lib.quantize.kmeans_batch)."""
-    return centroids_by_width(
-        [clustering_values(m.weight, env.is_pruned).numpy() for _, m in env.layers],
-        bit_widths(env), env.n_iter, [env.cfg.seed] * len(env.layers), env.method)
+    uses the seed itself; tests/test_allocate.py checks). A fully pruned layer has none."""
+    centers = {}
+    for layer, (_, module) in enumerate(env.layers):
+        values = clustering_values(module.weight, env.is_pruned)
+        if values.numel() == 0:
+            continue
+        for bits in bit_widths(env):
+            centers[(layer, bits)] = kmeans_centroids(values, 2 ** bits, env.n_iter, env.method,
+                                                      env.cfg.seed)
+    return centers
 
 
 def _kmeans_weight(env, centers, layer, module, bits):

@@ -17,7 +17,7 @@ import time
 import torch
 
 from lib.quantize.kmeans import CentroidSharer, Codebook, fully_quantized
-from lib.quantize.policy import apply_kmeans_policy
+from lib.quantize.kmeans import apply_kmeans_policy
 from lib.simulator.costs import SizeCost
 from lib.utils.distributed import broadcast_tensors, broadcast_values, get_rank, is_distributed
 

@@ -1,4 +1,5 @@
-"""Quantization operators for HAQ (DESIGN.md section 4).  Knows nothing of RL or the search env.
+"""Quantization operators for HAQ (docs/design.md, quantizers).  Knows nothing of RL or the
+search env.
 
 K-Means weight sharing (:mod:`lib.quantize.kmeans`)::
 
@@ -21,7 +22,7 @@ K-Means weight sharing (:mod:`lib.quantize.kmeans`)::
     codebooks_state_dict(codebooks) / load_codebooks(state)   # checkpoint (weights_only-safe)
     kmeans_1d(x, k, n_iter=3, method="fast", seed=None, min_iter=None) -> (centroids, labels)
     inertia(x, centroids, labels) -> float                     # the objective, float64
-    masked_loop_update(model, codebooks)  # per-centroid reference update (bench/tests only)
+    apply_kmeans_policy(model, policy, **kmeans_kwargs)        # kmeans_quantize_model's other name
 
 Linear fake quantization (:mod:`lib.quantize.linear`)::
 
@@ -43,22 +44,20 @@ Linear mode for any model (:mod:`lib.quantize.swap`)::
 
 Policies (:mod:`lib.quantize.policy`), by layer order or by name, UserError on a bad one::
 
-    apply_kmeans_policy(model, policy, **kmeans_kwargs) -> codebooks
     apply_linear_policy(model, [[w, a], ...] or {name: [w, a]}) -> [(name, w, a)]
     resolve_kmeans_policy(model, policy) / resolve_linear_policy(model, policy)
 """
-from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, Codebook, codebooks_state_dict,
-                                 fully_quantized, inertia, kmeans_1d, kmeans_quantize_layer,
-                                 kmeans_quantize_model, load_codebooks, masked_loop_update)
+from lib.quantize.kmeans import (FAST_MIN_ITER, CentroidSharer, Codebook, apply_kmeans_policy,
+                                 codebooks_state_dict, fully_quantized, inertia, kmeans_1d,
+                                 kmeans_quantize_layer, kmeans_quantize_model, load_codebooks)
 from lib.quantize.linear import QConv2d, QLinear, calibrate, fake_quantize, kl_clip, quant_layers
 from lib.quantize.swap import infer_half_wave, linear_mode, quantize_model
-from lib.quantize.policy import (apply_kmeans_policy, apply_linear_policy, resolve_kmeans_policy,
-                                 resolve_linear_policy)
+from lib.quantize.policy import apply_linear_policy, resolve_kmeans_policy, resolve_linear_policy
 
 __all__ = [
     "FAST_MIN_ITER", "CentroidSharer", "Codebook", "codebooks_state_dict", "fully_quantized",
     "inertia", "kmeans_1d",
-    "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks", "masked_loop_update",
+    "kmeans_quantize_layer", "kmeans_quantize_model", "load_codebooks",
     "QConv2d", "QLinear", "calibrate", "fake_quantize", "kl_clip", "quant_layers",
     "infer_half_wave", "linear_mode", "quantize_model",
     "apply_kmeans_policy", "apply_linear_policy", "resolve_kmeans_policy", "resolve_linear_policy",

@@ -1,6 +1,6 @@
 """K-Means weight sharing (HAQ's model-size experiments; Han et al., "Deep Compression", 2016).
 
-Behaviour: DESIGN.md section 4.
+Behaviour: docs/design.md, quantizers.
 
 Each quantized layer's weights are flattened to 1-D and clustered into k = 2^bits centroids;
 every weight is replaced by its centroid and the cluster labels are kept so that fine-tuning can
@@ -231,19 +231,10 @@ def _finish(data, seeds, k, n_iter):
     return centers
 
 
-def _seed_centers(data, k, rng):
-    """Greedy k-means++ seeds: compiled when numba is there (lib/quantize/kmeans_jit.py, the
-    same values ~40x sooner), else :func:`_kmeans_pp`."""
-    from . import kmeans_jit   # imports numba (~0.2 s): only once something is clustered
-    if kmeans_jit.available():
-        return kmeans_jit.kmeans_pp(data, k, rng)
-    return _kmeans_pp(data, k, rng)
-
-
 def _fast_centroids(x, k, n_iter, rng):
     data = _Sorted1D(x)
     # the sorted copy and prefix sums (20 bytes per weight) go before labelling, with ``data``
-    return _finish(data, _seed_centers(data, k, rng), k, n_iter)
+    return _finish(data, _kmeans_pp(data, k, rng), k, n_iter)
 
 
 def _sklearn_centroids(x, k, n_iter, seed):
@@ -356,7 +347,7 @@ def kmeans_quantize_layer(weight, bits, n_iter=3, method="fast", is_pruned=False
 
     Labels follow the weight's logical (row-major) flattening, whatever its memory layout.
     ``centers``: the sorted float64 centroids :func:`kmeans_centroids` gives for
-    :func:`clustering_values` (precomputed, e.g. by lib.quantize.kmeans_batch); None clusters.
+    :func:`clustering_values` (precomputed, e.g. by the sensitivity scan); None clusters.
     """
     flat = _flat(weight)
     cpu = flat.detach().float().cpu()
@@ -396,31 +387,25 @@ def _commit(weight, flat):
 
 
 def _cluster_sums(flat, labels, n):
-    """Float64 sums of ``flat`` per label (bincount), ``n`` bins.
+    """Float64 sums of ``flat`` per label, ``n`` bins.
 
     Sums in float64: a float32 running sum over ~10^6 members drifts by ~1e-2 relative, far
-    more than one optimizer step moves a centroid.  On the CPU, chunk by chunk, so that the
-    int32 labels and float64 weights torch.bincount wants are cache-sized copies (1.5-1.9x
-    faster than one whole-layer numpy bincount, which converts both at full size).
+    more than one optimizer step moves a centroid.  ``index_add_`` into a fixed number of bins
+    rather than ``bincount``, which reads the largest label back to the host to size its
+    output (a wait per layer per step on an accelerator).  Chunk by chunk, so that the int64
+    labels and float64 weights it wants are small copies, not 16 bytes per weight at once.
     """
+    sums = torch.zeros(n, dtype=torch.float64, device=flat.device)
     labels = labels.to(flat.device)
-    if flat.device.type != "cpu":
-        # index_add_ into n bins: bincount would read the largest label back to the host
-        # to size its output, a synchronisation per layer per step on an accelerator.
-        sums = torch.zeros(n, dtype=torch.float64, device=flat.device)
-        return sums.index_add_(0, labels.long(), flat.double())
-    sums = torch.zeros(n, dtype=torch.float64)
     for i in range(0, flat.numel(), _CHUNK):
-        sums += torch.bincount(labels[i:i + _CHUNK].int(), weights=flat[i:i + _CHUNK].double(),
-                               minlength=n)
+        sums.index_add_(0, labels[i:i + _CHUNK].long(), flat[i:i + _CHUNK].double())
     return sums
 
 
 def _write_back(flat, cb):
     """flat[:] = centroids[labels] without a full-size int64 copy of the labels."""
     c = cb.centroids.to(device=flat.device, dtype=flat.dtype)
-    # chunks: the int32 copy of the 1-byte labels stays in cache (on the CPU this measured
-    # 1.3x faster than numpy's take on the uint8 labels, for 2.4M weights and 16 centroids)
+    # chunks: the int32 copy of the 1-byte labels stays small
     for i in range(0, flat.numel(), _CHUNK):
         idx = cb.labels[i:i + _CHUNK].to(device=flat.device, dtype=torch.int32)
         torch.index_select(c, 0, idx, out=flat[i:i + _CHUNK])
@@ -450,21 +435,25 @@ def kmeans_quantize_model(model, policy, n_iter=3, method="fast", is_pruned=Fals
     return codebooks
 
 
+# under the name of its linear twin, lib.quantize.policy.apply_linear_policy
+apply_kmeans_policy = kmeans_quantize_model
+
+
 class CentroidSharer:
-    """Keeps K-Means-quantized weights shared during fine-tuning (DESIGN.md section 4).
+    """Keeps K-Means-quantized weights shared during fine-tuning (docs/design.md, quantizers).
 
     Call :meth:`step` after every ``optimizer.step()``: each centroid becomes the mean of its
     members' updated weights and the members are reset to it.  Labels never change, so the
-    cluster sizes are computed once here; an update is one ``bincount`` (weighted sums) and
+    cluster sizes are computed once here; an update is one ``index_add_`` (weighted sums) and
     one gather (write-back) per layer, O(#weights) in total, instead of one masked pass per
-    centroid, both chunk by chunk on the CPU (:func:`_cluster_sums`, :func:`_write_back`).
+    centroid (:func:`_cluster_sums`, :func:`_write_back`).
 
     With ``free_high_bit`` the layers above 6 bits are skipped (they train freely) until
     :meth:`recluster` clusters them again, e.g. before the last epoch.
 
-    Pruned models keep their zeros whatever the bit width (DESIGN.md section 4): a free layer
-    whose codebook is pruned, and every float layer named in ``keep_zero`` (e.g. layers not
-    clustered yet), has the weights that are zero now put back to zero after every step.
+    Pruned models keep their zeros whatever the bit width (docs/design.md, quantizers): a free
+    layer whose codebook is pruned, and every float layer named in ``keep_zero`` (e.g. layers
+    not clustered yet), has the weights that are zero now put back to zero after every step.
     """
 
     def __init__(self, model, codebooks, free_high_bit=False, keep_zero=()):
@@ -549,8 +538,8 @@ def fully_quantized(model, free_bits, n_iter=3, method="fast", is_pruned=False, 
     come back, so training continues where it was.
 
     ``free_high_bit`` lets layers above 6 bits train freely (the released search and
-    fine-tune); only a fully quantized model may be scored (DESIGN.md section 4), so every
-    accuracy of such a model is measured inside this block. Yields the temporary codebooks
+    fine-tune); only a fully quantized model may be scored (docs/design.md, quantizers), so
+    every accuracy of such a model is measured inside this block. Yields the temporary codebooks
     (``{name: Codebook}``), e.g. to save the scored model. The clustering is
     :func:`kmeans_quantize_model`'s with the same arguments, so the same float weights and
     ``seed`` give the same quantized model each time.
@@ -567,22 +556,3 @@ def fully_quantized(model, free_bits, n_iter=3, method="fast", is_pruned=False, 
         with torch.no_grad():
             for name, weight in saved.items():
                 modules[name].weight.copy_(weight)
-
-
-def masked_loop_update(model, codebooks):
-    """The straightforward per-centroid update, one masked pass per centroid: the benchmark's
-    baseline and the tests' oracle for :class:`CentroidSharer`."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, cb in codebooks.items():
-            flat = modules[name].weight.data.view(-1)
-            labels = cb.labels.to(flat.device)
-            for j in range(cb.n_clusters):
-                mask = labels == j
-                members = flat[mask]
-                if members.numel():
-                    mean = members.double().mean()
-                    cb.centroids[j] = mean
-                    flat.masked_fill_(mask, mean.to(flat.dtype))
-            if cb.pruned:
-                flat.masked_fill_(labels == cb.n_clusters, 0.0)

@@ -1,4 +1,4 @@
-"""Linear (uniform) fake quantization for quantization-aware training (DESIGN.md section 4).
+"""Linear (uniform) fake quantization for quantization-aware training (docs/design.md, quantizers).
 
 :class:`QConv2d` / :class:`QLinear` are ``nn.Conv2d`` / ``nn.Linear`` plus
 
@@ -22,7 +22,6 @@ State-dict entries beyond the float layer's: ``activation_range`` [1] and ``weig
 the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet).
 """
 import logging
-import math
 
 import numpy as np
 import torch
@@ -42,18 +41,6 @@ RELEASED_KL_MAX_BIT = 4
 DEFAULT_KL_MAX_BIT = 0
 ACT_RANGE_INIT = 6.0  # ReLU6's range: the released code's initial/maximum activation clip
 _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
-# Elements per block of the CPU fake quantization (1 MiB of float32 per tensor, so that a
-# block is still in cache for its next pass; 2^18 measured best of 2^15..2^18 on a 2-core
-# EPYC); see _blocked_quantize and _blocked_ste.
-_BLOCK = 1 << 18
-_HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward
-# The compiled passes (lib/quantize/fake_quant_jit.py) are single-threaded; up to how many torch
-# threads they beat torch's passes (2-core EPYC). Forward: 0.65 vs 1.21 ms per 3.1M values at
-# one thread; at two, a linear episode's validation and fine-tune excess over the fp32 pass fell
-# from 0.17-0.21 and 0.21-0.32 s to 0.15 and 0.22 s (bench/episode_bench.py, 2 runs each).
-# STE (with its sums): 0.25 vs 0.74 ms per 1.6M values at one thread, 0.17 vs 0.42 ms per 1M
-# at two, and faster at every size from 2,048 values (3.4 vs 13 us).
-COMPILED_MAX_THREADS = 2
 
 
 def n_steps(bits, signed):
@@ -62,231 +49,54 @@ def n_steps(bits, signed):
 
 
 class _FakeQuant(torch.autograd.Function):
-    """round(clamp(x, lo, r) / s) * s with s = r / steps and lo = -r (signed) or 0.
+    """y = round(clamp(x, lo, r) / s) * s with s = r / steps and lo = -r (signed) or 0.
 
     Backward (straight-through estimator): with ``clip_grad`` (inputs), dL/dx = dL/dy inside
     (lo, r) and 0 outside (the boundary has measure zero, and after a ReLU its gradient is
     zero anyway); without it (weights, as released), dL/dx = dL/dy everywhere.  dL/dr = sum of
-    dL/dy over x > r, minus the sum over x < -r when signed (PACT); weights' ``r`` is a buffer
-    and gets none.  With ``steps == 0`` (1-bit signed) the output is ``r * sign(x)``.
-
-    ``cap``: the largest value the input can take (6 after a ReLU6, see lib/quantize/fused.py);
-    with ``r >= cap`` no input lies above r, so dL/dr is 0 without looking (which keeps it 0
-    when the ReLU6 before this layer is skipped and its input is the pre-activation).
-
-    On the CPU the range is read once as a Python float: scalar clamps/compares run at about
-    twice the speed of broadcast [1]-tensor ones, hardtanh_backward gives the STE mask in
-    one pass, and both directions run as one compiled pass each (_compiled_quantize,
-    _compiled_ste) or block by block (_blocked_quantize, _blocked_ste).  On
-    an accelerator everything stays on the device (no host sync).
+    dL/dy over x > r, minus the sum over x < -r when signed (PACT, Choi et al. 2018, eq. 3);
+    weights' ``r`` is a buffer and gets none.  With ``steps == 0`` (1-bit signed) the output
+    is ``r * sign(x)``.  The range stays a tensor on x's device: no host read, so an
+    accelerator never waits and torch.compile keeps one graph.
     """
 
     @staticmethod
-    def forward(ctx, x, r, steps, signed, clip_grad, cap=math.inf):
-        r = _range_of(x, r)
-        ctx.signed, ctx.r, ctx.clip_grad = signed, r, clip_grad
-        ctx.range_grad = ctx.needs_input_grad[1] and (torch.is_tensor(r) or r < cap)
-        if clip_grad or ctx.range_grad:
-            ctx.save_for_backward(x)
-        return _quantize(x, r, steps, signed)
+    def forward(ctx, x, r, steps, signed, clip_grad):
+        r = r.detach().clamp(min=_MIN_RANGE).to(x.dtype)
+        ctx.signed, ctx.clip_grad = signed, clip_grad
+        if clip_grad or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, r)
+        lo = -r if signed else torch.zeros_like(r)
+        if steps == 0:
+            return torch.where(x >= 0, r, lo)
+        scale = r / steps
+        # one allocation, then in-place passes: activations are the big tensors here
+        return torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        r, signed = ctx.r, ctx.signed
-        lo = -r if signed else 0.0 * r
-        want_x = ctx.needs_input_grad[0] and ctx.clip_grad
-        want_r = ctx.range_grad
-        grad_x = grad if ctx.needs_input_grad[0] and not ctx.clip_grad else None
+        want_x, want_r = ctx.needs_input_grad[:2]
+        grad_x = grad if want_x and not ctx.clip_grad else None
         grad_r = None
-        if want_x or want_r:
-            (x,) = ctx.saved_tensors
-            fast = None
-            if not torch.is_tensor(r):
-                fast = _compiled_ste(grad, x, lo, r, signed, want_x, want_r)
-                if fast is None:
-                    fast = _blocked_ste(grad, x, lo, r, signed, want_x, want_r)
-            masked_x, grad_r = fast if fast is not None else \
-                _ste(grad, x, lo, r, signed, want_x, want_r)
-            grad_x = masked_x if want_x else grad_x
-        if ctx.needs_input_grad[1] and not want_r:   # r >= cap: a zero, as the sum would be
-            grad_r = grad.new_zeros(1)
-        return grad_x, grad_r, None, None, None, None
+        if want_x and ctx.clip_grad or want_r:
+            x, r = ctx.saved_tensors
+            lo = -r if ctx.signed else torch.zeros_like(r)
+            if want_x and ctx.clip_grad:
+                grad_x = torch.where((x > lo) & (x < r), grad, 0)
+            if want_r:
+                grad_r = torch.where(x > r, grad, 0).sum()
+                if ctx.signed:
+                    grad_r = grad_r - torch.where(x < lo, grad, 0).sum()
+                grad_r = grad_r.reshape(1)
+        return grad_x, grad_r, None, None, None
 
 
-def _range_of(x, r):
-    """The clip range as the forward uses it: at least _MIN_RANGE, x's dtype, a host float
-    where :func:`_host_scalars` allows."""
-    r = r.detach().clamp(min=_MIN_RANGE).to(x.dtype)
-    return float(r) if _host_scalars(x) else r
-
-
-def _quantize(x, r, steps, signed):
-    """The fake-quantized values of ``x`` (range ``r`` from :func:`_range_of`)."""
-    lo = -r if signed else 0.0 * r
-    if steps == 0:
-        return torch.where(x >= 0, r, lo).to(x.dtype)
-    scale = r / steps
-    if not torch.is_tensor(r):
-        compiled = _compiled_quantize(x, lo, r, scale)
-        if compiled is not None:
-            return compiled
-        blocked = _blocked_quantize(x, lo, r, scale)
-        if blocked is not None:
-            return blocked
-    # one allocation, then in-place passes: activations are the big tensors here
-    return torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
-
-
-def compiled_passes(flat):
-    """lib/quantize/fake_quant_jit.py where its compiled passes run for the 1-D CPU view
-    ``flat`` (not None), else None: at most :data:`COMPILED_MAX_THREADS` torch threads,
-    numba importable, a dtype numpy has. numba is imported only where they may run."""
-    if flat is None or torch.get_num_threads() > COMPILED_MAX_THREADS:
-        return None
-    from . import fake_quant_jit   # imports numba (~0.2 s), once
-    return fake_quant_jit if fake_quant_jit.applies(flat) else None
-
-
-def _compiled_quantize(x, lo, r, scale):
-    """round(clamp(x, lo, r) / scale) * scale in one compiled pass (the same values, about twice
-    as fast), or None where :func:`compiled_passes` says no."""
-    flat_x = _flat(x)
-    compiled = compiled_passes(flat_x)
-    if compiled is None:
-        return None
-    y = torch.empty_like(x)
-    compiled.quantize(flat_x, _flat(y), lo, r, scale)
-    return y
-
-
-def _blocked_quantize(x, lo, r, scale):
-    """round(clamp(x, lo, r) / scale) * scale, one cache-sized block at a time (host scalars).
-
-    Why: the four passes then read and write main memory once instead of four times.
-    Returns None when ``x`` is not densely laid out or fits one block (the caller then takes
-    the whole-tensor path).
-    """
-    flat_x = _flat(x)
-    if flat_x is None or flat_x.numel() <= _BLOCK:   # one block: nothing to gain, more calls
-        return None
-    y = torch.empty_like(x)
-    flat_y = _flat(y)
-    for start in range(0, flat_x.numel(), _BLOCK):
-        block = flat_y[start:start + _BLOCK]
-        torch.clamp(flat_x[start:start + _BLOCK], lo, r, out=block).div_(scale).round_().mul_(scale)
-    return y
-
-
-def _ste(grad, x, lo, r, signed, want_x, want_r):
-    """(dL/dx inside (lo, r), PACT dL/dr) over whole tensors (the accelerator path)."""
-    grad_x = _pass_inside(grad, x, lo, r) if want_x else None
-    grad_r = None
-    if want_r:
-        grad_r = _pass_inside(grad, x, r, math.inf).sum()
-        if signed:
-            grad_r = grad_r - _pass_inside(grad, x, -math.inf, lo).sum()
-        grad_r = grad_r.reshape(1)
-    return grad_x, grad_r
-
-
-def _compiled_ste(grad, x, lo, r, signed, want_x, want_r):
-    """What :func:`_ste` computes, in one compiled pass over the whole tensors (host-scalar
-    range only; dL/dr summed in float64), or None where :func:`compiled_passes` says no or
-    ``grad`` and ``x`` are not laid out alike."""
-    flat_g, flat_x = _flat(grad), _flat(x)
-    if flat_g is None or flat_x is None or _layout(grad) != _layout(x) \
-            or flat_g.dtype != flat_x.dtype:
-        return None
-    compiled = compiled_passes(flat_g)
-    if compiled is None:
-        return None
-    grad_x = torch.empty_like(grad) if want_x else None
-    grad_r = compiled.ste(flat_g, flat_x, lo, r, _flat(grad_x) if want_x else None, signed)
-    return grad_x, (grad.new_tensor([grad_r]) if want_r else None)
-
-
-def _blocked_ste(grad, x, lo, r, signed, want_x, want_r):
-    """What :func:`_ste` computes, one cache-sized block at a time (host-scalar range only).
-
-    Why: on the CPU the whole-tensor version allocates a full-size temporary per dL/dr term,
-    and a fresh large buffer costs more in page faults than the pass that fills it; the
-    blocks reuse one small buffer while the block of ``grad`` and ``x`` is still in cache.
-    Returns None when ``grad`` and ``x`` are not laid out alike or fit one block (the
-    caller falls back).
-    """
-    flat_g, flat_x = _flat(grad), _flat(x)
-    if flat_g is None or flat_x is None or _layout(grad) != _layout(x):
-        return None
-    n = flat_g.numel()
-    if n <= _BLOCK:   # one block: the whole-tensor passes cost less than the calls saved
-        return None
-    grad_x = torch.empty_like(grad) if want_x else None
-    flat_gx = _flat(grad_x) if want_x else None
-    starts = range(0, n, _BLOCK)
-    buf = grad.new_empty(min(_BLOCK, n)) if want_r else None
-    parts = grad.new_zeros(2, len(starts)) if want_r else None
-    for i, start in enumerate(starts):
-        g, xb = flat_g[start:start + _BLOCK], flat_x[start:start + _BLOCK]
-        if want_x:
-            _HARDTANH_BACKWARD(g, xb, lo, r, grad_input=flat_gx[start:start + _BLOCK])
-        if want_r:
-            b = buf[:g.numel()]
-            torch.sum(_HARDTANH_BACKWARD(g, xb, r, math.inf, grad_input=b), 0, out=parts[0, i])
-            if signed:
-                torch.sum(_HARDTANH_BACKWARD(g, xb, -math.inf, lo, grad_input=b), 0,
-                          out=parts[1, i])
-    grad_r = (parts[0].sum() - parts[1].sum()).reshape(1) if want_r else None
-    return grad_x, grad_r
-
-
-def _layout(t):
-    """'contiguous', 'channels_last' or None: the element order :func:`_flat` walks."""
-    if t.is_contiguous():
-        return "contiguous"
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return None
-
-
-def _flat(t):
-    """A 1-D view of ``t`` in memory order, or None if ``t`` is not densely laid out."""
-    layout = _layout(t)
-    if layout == "contiguous":
-        return t.view(-1)
-    if layout == "channels_last":
-        return t.permute(0, 2, 3, 1).reshape(-1)
-    return None
-
-
-def _host_scalars(x):
-    """Whether the range may be read to the host (free on the CPU; a sync on a GPU).
-
-    Not under torch.compile: a host read breaks the graph at every layer, while the tensor
-    path lets the compiler fuse the fake quantization into its neighbours (measured on the
-    CPU: bench/quant_bench.py --only d --compile).
-    """
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _pass_inside(grad, x, lo, hi):
-    """grad where lo < x < hi, else 0 (one fused pass on the CPU via hardtanh_backward)."""
-    if torch.is_tensor(lo) or torch.is_tensor(hi):
-        return torch.where((x > lo) & (x < hi), grad, 0)
-    return _HARDTANH_BACKWARD(grad, x, lo, hi)
-
-
-def fake_quantize(x, r, bits, signed, clip_grad=True, cap=math.inf):
+def fake_quantize(x, r, bits, signed, clip_grad=True):
     """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see _FakeQuant.
 
-    ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights);
-    ``cap``: the input's largest possible value (dL/dr is 0 for r >= cap).
+    ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights).
     """
-    steps = n_steps(bits, signed)
-    if not (torch.is_grad_enabled() and (x.requires_grad or r.requires_grad)):
-        # validation and calibration: the same values without autograd.Function's overhead
-        # (~20 us a call, a few percent of a linear-mode validation on the CPU)
-        return _quantize(x, _range_of(x, r), steps, signed)
-    return _FakeQuant.apply(x, r, steps, signed, clip_grad, cap)
+    return _FakeQuant.apply(x, r, n_steps(bits, signed), signed, clip_grad)
 
 
 def kl_clip(values, bits):
@@ -338,11 +148,14 @@ def _jeffreys(c, q):
 class _QuantMixin:
     """Quantization state and forward helpers shared by QConv2d and QLinear."""
 
+    # How code below lib/quantize (lib.utils.layers.quantizable_layers) tells a fake-quantized
+    # layer from a float one without importing this module.
+    fake_quantized = True
+
     def _init_quant(self, w_bit, a_bit, half_wave):
         ref = self.weight
         self.half_wave = bool(half_wave)
         self.calibrating = False
-        self.input_cap = None   # set by lib.quantize.fused when a ReLU/ReLU6 before it may be skipped
         self.kl_max_bit = DEFAULT_KL_MAX_BIT   # read by calibration only; calibrate() sets it
         self.activation_range = nn.Parameter(
             torch.full((1,), ACT_RANGE_INIT, device=ref.device, dtype=ref.dtype))
@@ -371,21 +184,7 @@ class _QuantMixin:
             return x
         if self.a_bit <= 0:
             return x
-        return fake_quantize(x, self.activation_range, self.a_bit, signed=not self.half_wave,
-                             cap=math.inf if self.input_cap is None else self.input_cap)
-
-    def absorbs_input_activation(self, x):
-        """Whether quantizing the input ``x`` here computes the ReLU(6) before it as well.
-
-        True when that activation was fused into this layer (``input_cap`` set), the input is
-        quantized half-wave, not while calibrating, and the clip r <= the activation's cap:
-        then clamp(z, 0, r) == clamp(relu6(z), 0, r), with the same gradients (see
-        lib/quantize/fused.py). Only where the range is a host scalar (the CPU): elsewhere the
-        check would synchronise with the device, and the activation simply runs.
-        """
-        return (self.input_cap is not None and self.half_wave and self.a_bit > 0
-                and not self.calibrating and _host_scalars(x)
-                and float(self.activation_range.detach()) <= self.input_cap)
+        return fake_quantize(x, self.activation_range, self.a_bit, signed=not self.half_wave)
 
     def quantized_weight(self):
         """The weight fake-quantized on the stored ``weight_range`` (float while calibrating)."""
@@ -402,15 +201,11 @@ class _QuantMixin:
     def _init_weight_range(self):
         """Never calibrated (range <= 0): max|w| now, kept from then on (the released lazy init).
 
-        On an accelerator the check stays on the device (a select, no host sync).
+        A select on the device rather than a test on the host, which would wait for an
+        accelerator at every layer and break a compiled graph.
         """
         r = self.weight_range
-        if _host_scalars(r):
-            if float(r) <= 0:
-                r.fill_(float(self.weight.abs().max()))
-                logger.debug("weight_range of an uncalibrated layer set to max|w| = %g", float(r))
-        else:
-            r.copy_(torch.where(r > 0, r, self.weight.abs().max().to(r.dtype)))
+        r.copy_(torch.where(r > 0, r, self.weight.abs().max().to(r.dtype)))
 
     @torch.no_grad()
     def _calibrate_weight(self):

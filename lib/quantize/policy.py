@@ -1,6 +1,7 @@
 """Applying a quantization policy to a model, by layer order or by layer name.
 
-A policy is what the search produces and what ``strategy.json`` stores (DESIGN.md sections 3, 9):
+A policy is what the search produces and what ``strategy.json`` stores (docs/design.md,
+policies and file formats):
 
 * K-Means mode: one weight bit width per ``nn.Conv2d``/``nn.Linear``, e.g. ``[6, 6, 5, ...]``;
 * linear mode: one ``[w_bit, a_bit]`` pair per ``QConv2d``/``QLinear``, e.g.
@@ -100,8 +101,3 @@ def apply_linear_policy(model, policy):
         module.set_bits(w, a)
     return [(name, w, a) for name, _, w, a in plan]
 
-
-def apply_kmeans_policy(model, policy, **kwargs):
-    """K-Means-quantize the model by ``policy``; see :func:`kmeans.kmeans_quantize_model`."""
-    from lib.quantize.kmeans import kmeans_quantize_model
-    return kmeans_quantize_model(model, policy, **kwargs)

@@ -1,6 +1,6 @@
 """Linear mode for any model: swap its Conv2d/Linear layers for QConv2d/QLinear.
 
-HAQ's linear mode (DESIGN.md sections 4 and 15) quantizes every layer's weights and its
+HAQ's linear mode (docs/design.md, quantizers and export) quantizes every layer's weights and its
 *input* activation.  An input is quantized on the grid [0, r] when it can never be negative
 ("half-wave": it comes out of a ReLU, ReLU6, Hardsigmoid, ...), otherwise on the symmetric
 grid [-r, r] with one bit for the sign ("full-wave").  The hand-written twins (qmobilenetv2,

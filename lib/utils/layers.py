@@ -1,6 +1,6 @@
 """Quantizable-layer discovery shared by the search, fine-tuning and the simulator.
 
-HAQ's policies are lists in ``model.modules()`` order (DESIGN.md section 3); this
+HAQ's policies are lists in ``model.modules()`` order (docs/design.md, policies); this
 module is the one place that order is defined. Users see layers by their
 ``named_modules()`` name.
 """
@@ -14,15 +14,13 @@ def quantizable_layers(model, linear=False):
     """Return ``[(name, module), ...]`` of the layers a policy assigns bits to.
 
     K-Means mode (``linear=False``): every ``nn.Conv2d`` and ``nn.Linear``.
-    Linear mode (``linear=True``): every ``QConv2d`` / ``QLinear`` (they subclass
-    the float layers, so they also count in K-Means mode).
+    Linear mode (``linear=True``): those of them that fake-quantize (a true
+    ``fake_quantized`` attribute: lib/quantize's ``QConv2d`` / ``QLinear``, which
+    subclass the float layers, so they also count in K-Means mode).
     """
-    if linear:
-        from lib.quantize.linear import QConv2d, QLinear
-        types = (QConv2d, QLinear)
-    else:
-        types = (nn.Conv2d, nn.Linear)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+            and (not linear or getattr(m, "fake_quantized", False))]
 
 
 def fold_batchnorm(model, scales=None):
@@ -62,7 +60,7 @@ def fold_batchnorm(model, scales=None):
 
 def adjacent_children(model):
     """``(parent, name, child, next_name, next_child)`` for every two children of a module
-    registered one after the other (the pattern BN folding and activation fusion look for).
+    registered one after the other (the pattern BN folding looks for).
 
     Children are read as the walk goes, so a caller may replace either child of a pair.
     """
