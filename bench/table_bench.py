@@ -1,4 +1,4 @@
-"""Time to build every cost table of ResNet-50 at 224 px, batch 16 (DESIGN.md section 11).
+"""Time to build every cost table of ResNet-50 at 224 px, batch 16 (docs/design.md section 11).
 
 Prints the shape-trace time (meta device, and a real CPU forward pass side by side
 for the ratio), the time of each (hardware, metric) table, and the total.

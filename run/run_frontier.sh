@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accuracy against cost on the embedded default (DESIGN.md section 14): for both modes, the
+# Accuracy against cost on the embedded default (docs/design.md section 14): for both modes, the
 # uniform policy at every bit width, and at each budget DDPG, random search (same episodes) and the
 # integer program, every policy fine-tuned exactly as the demo does; plus the reward's noise (the
 # best random policy replayed). Writes $OUT/frontier.{png,md,json} and $OUT/learning.png.

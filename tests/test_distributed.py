@@ -1,4 +1,4 @@
-"""torchrun (DESIGN.md section 13): exact distributed validation counts and the search on 2 processes.
+"""torchrun (docs/design.md section 13): exact distributed validation counts and the search on 2 processes.
 
 The fast tests spawn a 2-process gloo group with torch.multiprocessing; the slow
 ones launch ``torchrun`` (``python -m torch.distributed.run``) on CPU.

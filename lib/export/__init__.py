@@ -1,4 +1,4 @@
-"""Packed files of a fine-tuned HAQ policy (DESIGN.md section 15).
+"""Packed files of a fine-tuned HAQ policy (docs/design.md section 15).
 
     header = export_checkpoint("checkpoints/<run>/checkpoint.pth.tar", "model.haq")
     model, header = load_packed("model.haq")       # from the file alone, no pickle

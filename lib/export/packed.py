@@ -1,4 +1,4 @@
-"""The packed file of a fine-tuned policy (DESIGN.md section 15): its layout, and the writer.
+"""The packed file of a fine-tuned policy (docs/design.md section 15): its layout, and the writer.
 
 Layout (all integers little-endian)::
 
@@ -19,7 +19,7 @@ order, with its ``key``, ``shape`` and ``encoding``:
   ceil(n * b / 8) bytes;
 * ``linear``: a linearly quantized weight: ``scale`` = one float32, ``indices`` = b-bit
   unsigned codes u = q + 2^(b-1) - 1 of the integers q = round(clamp(w, -t, t) / scale),
-  scale = t / (2^(b-1) - 1), t = the layer's ``weight_range`` (DESIGN.md section 4); the
+  scale = t / (2^(b-1) - 1), t = the layer's ``weight_range`` (docs/design.md section 4); the
   weight is q * scale.  One bit (b = 1) stores sign(w): the weight is (2u - 1) * t;
 * ``float``: a raw little-endian array: IEEE-754 binary32 (``float32``) for every floating
   tensor (BN parameters and statistics, biases, ranges, layers the policy leaves float),

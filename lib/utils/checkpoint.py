@@ -8,7 +8,7 @@ file, never half of one. A kill during a write leaves its temporary file
 
 Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and are
 read with ``torch.load(..., weights_only=True)``: loading a file never runs code
-(DESIGN.md section 12).
+(docs/design.md section 12).
 """
 import json
 import logging

@@ -1,5 +1,5 @@
 """Datasets and loaders: ImageNet, ImageNet-100, any ImageFolder root, and the
-embedded ``mnist5k`` default (DESIGN.md sections 7 and 10).
+embedded ``mnist5k`` default (docs/design.md sections 7 and 10).
 
 ``get_dataset`` gives the real train/val loaders (pretraining, fine-tuning);
 ``get_split_train_dataset`` gives the search's two disjoint subsets cut from the
@@ -572,7 +572,7 @@ class SearchData:
 def get_search_data(dataset, batch_size, n_worker, val_size=10000, train_size=20000,
                     data_root=None, seed=SEARCH_SPLIT_SEED, shuffle=True, input_size=None,
                     distributed=False):
-    """The search's data: two disjoint subsets of the train split (DESIGN.md section 3).
+    """The search's data: two disjoint subsets of the train split (docs/design.md section 3).
 
     The validation subset uses the evaluation transform. ``shuffle`` reshuffles the
     training subset every epoch with torch's global RNG (seeded once by the CLI).

@@ -1,6 +1,6 @@
 """strategy.json: loading, validation against a model, writing, and the two published policies.
 
-A strategy (DESIGN.md section 9) is what the search writes and what finetune.py reads::
+A strategy (docs/design.md section 9) is what the search writes and what finetune.py reads::
 
     {"arch": "qmobilenetv2", "mode": "linear", "metric": "latency", "hardware": "bismo_cloud",
      "preserve_ratio": 0.6, "cost_ratio": 0.598, "accuracy": 71.2, "episode": 412,
@@ -23,7 +23,7 @@ from .errors import UserError
 MODES = ("kmeans", "linear")
 UNQUANTIZED = -1   # linear mode: an activation left in floating point (the image input)
 
-# The released search results (DESIGN.md section 6), in model.modules() order. Presets carry
+# The released search results (docs/design.md section 6), in model.modules() order. Presets carry
 # no layer names: validation takes them from the model, so only the length is checked.
 _RESNET50_KMEANS_01 = [6, 6, 6, 6, 5, 5, 6, 5, 5, 6, 5, 5, 6, 5, 5, 5, 5, 5, 4, 5, 4, 4, 5, 4, 4,
                        4, 3, 4, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 4, 3, 4, 3, 3, 2, 3, 2, 3,
@@ -115,7 +115,7 @@ def load_strategy(path_or_preset, flag="--strategy"):
         data = {"strategy": data}
     if not isinstance(data, dict) or not isinstance(data.get("strategy"), list):
         raise UserError(f"strategy file '{path_or_preset}' has no 'strategy' list; expected "
-                        '{"mode": ..., "layers": [...], "strategy": [...]} (DESIGN.md section 9)')
+                        '{"mode": ..., "layers": [...], "strategy": [...]} (docs/design.md section 9)')
     _check_fields(data, path_or_preset)
     if data.get("mode") is None:
         data["mode"] = infer_mode(data["strategy"])
@@ -167,7 +167,7 @@ def validate_strategy(strategy, layer_names, mode, min_bit=1, max_bit=8):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(strategy, dict) or not isinstance(strategy.get("strategy"), list):
-        raise UserError("strategy must be a dict with a 'strategy' list (DESIGN.md section 9)")
+        raise UserError("strategy must be a dict with a 'strategy' list (docs/design.md section 9)")
     declared = strategy.get("mode", mode)
     if declared != mode:
         flag = "without" if declared == "kmeans" else "with"
