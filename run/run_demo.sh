@@ -5,7 +5,7 @@
 #   DDPG search -> the reward's noise (its best policy replayed) -> the integer program (ILP)
 #   -> the best uniform policy within the same budget -> each policy fine-tuned alike
 #   -> summary table (markdown + JSON) and plots in $OUT.
-# The budgets are tight enough that the policies differ (README, "Demo settings").
+# The budgets are tight enough that the policies differ (docs/results.md, "Why the demo and the frontier use these settings").
 # Shorter or longer: EPISODES=20 WARMUP=5 FT_EPOCHS=1 bash run/run_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,7 @@ unquantized input (the image is already 8-bit) and the last layer to w8a8 in
 every episode, and the budget wall never lowers them. The released code applied
 these pins only while its budget wall was lowering bits, so a policy already
 within budget kept the agent's bits there; pinning every episode is a deliberate
-difference (README, "Where this differs from the released code").
+difference (docs/fidelity.md, "The search").
 """
 import logging
 import time
