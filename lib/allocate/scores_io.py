@@ -53,12 +53,25 @@ def load_scores(path, expect):
     return record
 
 
-def plot_scores(path, scores):
-    """Heat map of the scores, layers x widths (one panel per kind, layer names on the left).
+def heatmap_scale(values):
+    """(matrix to draw, colour normalisation, colour bar label) of a layers x widths score map.
 
-    Margins are set from the longest name rather than by ``tight_layout``, which measures
-    every tick label again (half the drawing time of a 53-layer map).
+    Scores fall steeply as widths grow, so on one linear scale the narrowest column takes
+    the whole colour range and the others are one colour. Positive scores are drawn on a log
+    scale; scores with a zero or negative entry (no logarithm) are scaled column by column.
     """
+    from matplotlib.colors import LogNorm, Normalize
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isfinite(v), v, np.nan)
+    if np.all(np.isnan(v) | (v > 0)) and not np.all(np.isnan(v)):
+        return v, LogNorm(np.nanmin(v), np.nanmax(v)), "score (log scale)"
+    lo, hi = np.fmin.reduce(v, axis=0), np.fmax.reduce(v, axis=0)
+    scaled = (v - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return scaled, Normalize(0.0, 1.0), "score per column (0: its lowest, 1: its highest)"
+
+
+def scores_figure(scores):
+    """The heat map of :func:`plot_scores`, returned open (pyplot, figure)."""
     import matplotlib
     matplotlib.use("Agg")   # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -70,14 +83,25 @@ def plot_scores(path, scores):
     fig.subplots_adjust(left=left / width, right=1 - 0.45 / width, bottom=0.6 / height,
                         top=1 - 0.35 / height, wspace=0.45)
     for ax, kind in zip(axes[0], kinds):
-        image = ax.imshow(np.asarray(scores[kind]), aspect="auto", cmap="viridis",
+        values, norm, label = heatmap_scale(scores[kind])
+        image = ax.imshow(values, aspect="auto", cmap="viridis", norm=norm,
                           interpolation="nearest")
         ax.set_xticks(range(len(bits)))
         ax.set_xticklabels(bits)
         ax.set_xlabel(f"{kind} bits")
         ax.set_title(f"{kind} sensitivity ({scores['metric']})", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.08)
+        fig.colorbar(image, ax=ax, fraction=0.08).set_label(label, fontsize=7)
     axes[0][0].set_yticks(range(len(layers)))
     axes[0][0].set_yticklabels(layers, fontsize=5)
+    return plt, fig
+
+
+def plot_scores(path, scores):
+    """Heat map of the scores, layers x widths (one panel per kind, layer names on the left).
+
+    Margins are set from the longest name rather than by ``tight_layout``, which measures
+    every tick label again (half the drawing time of a 53-layer map).
+    """
+    plt, fig = scores_figure(scores)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -13,6 +13,7 @@ import statistics
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from lib.utils.errors import UserError
 
+from . import anyruns
 from .plots import plot_policy, save, search_figure
 from .runs import (MODES, find_search, matching_results, newest_run, over_budget,
                    policy_sha256, read_log)
@@ -147,6 +148,8 @@ def report(demo_dir):
         plot_policy(os.path.join(demo_dir, f"{mode}_policy.png"), s["haq"]["policy"], s["layers"],
                     title=f"HAQ {mode} policy ({s['metric']} ratio {s['haq']['cost_ratio']:.3f})")
         plot_search(os.path.join(demo_dir, f"{mode}_search.png"), s, mode)
+    # the same table any runs get, beside the demo's own HAQ-vs-uniform summary
+    anyruns.build([demo_dir], demo_dir, search_plots=False)
     atomic_write_text(os.path.join(demo_dir, "summary.md"), "# HAQ demo summary\n\n" + table)
     atomic_write_json(os.path.join(demo_dir, "summary.json"),
                       {m: {k: v for k, v in s.items() if k != "history"} for m, s in summary.items()})
