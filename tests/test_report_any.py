@@ -41,7 +41,7 @@ def test_report_on_two_arbitrary_run_folders(tmp_path, tiny_pretrained):
     assert row["cost_ratio"] == strategy["cost_ratio"] and row["budget"] == 0.2
     assert row["top1"] == results["best_top1"] and row["search_top1"] == strategy["accuracy"]
     assert row["over_budget"] is False
-    assert f"| {row['top1']:.2f} | {ft} |" in table
+    assert f"| {row['top1']:.2f} | {os.path.join('elsewhere', 'ft')} |" in table
     stem = anyruns.file_stem(row["run"])
     for name in ("runs.md", "runs.png", f"{stem}_search.png", f"{stem}_policy.png"):
         assert os.path.getsize(out / name) > 0, name
@@ -145,8 +145,9 @@ def test_accuracy_vs_cost_legend_outside_and_colour_bar():
 
 def test_sensitivity_map_shows_every_column():
     """A 2-bit column 1000x the others: on one linear scale the 3..8-bit columns would all be
-    the lowest colour; drawn on a log scale they span a good part of the range."""
-    from matplotlib.colors import LogNorm
+    the lowest colour; drawn on a log scale they span a good part of the range, also when
+    some scores are below zero."""
+    from matplotlib.colors import LogNorm, SymLogNorm
     from lib.allocate.scores_io import heatmap_scale, scores_figure
     rng = np.random.default_rng(0)
     scores = rng.uniform(1, 2, (5, 7)) * 4.0 ** -np.arange(7)[None]
@@ -155,10 +156,11 @@ def test_sensitivity_map_shows_every_column():
     assert isinstance(norm, LogNorm)
     linear = scores[:, 1:] / scores.max()
     assert np.ptp(linear) < 0.001 and np.ptp(norm(values[:, 1:])) > 0.4
-    # a negative score has no logarithm: then each column gets the whole range
-    scores[0, 3] = -0.1
-    values, norm, _ = heatmap_scale(scores)
-    assert np.allclose(values.min(axis=0), 0) and np.allclose(values.max(axis=0), 1)
+    # a negative score (noise) has no logarithm: linear within the noise, log beyond it
+    scores[0, 6] = -1e-4
+    values, norm, label = heatmap_scale(scores)
+    assert isinstance(norm, SymLogNorm) and norm.linthresh == pytest.approx(1e-4)
+    assert "the noise" in label and np.ptp(norm(values[:, 1:6])) > 0.2
     plt, fig = scores_figure({"weight": scores, "layers": list("abcde"), "bits": list(range(2, 9)),
                               "metric": "hessian"})
     assert [a.get_label() for a in fig.axes].count("<colorbar>") == 1

@@ -57,17 +57,22 @@ def heatmap_scale(values):
     """(matrix to draw, colour normalisation, colour bar label) of a layers x widths score map.
 
     Scores fall steeply as widths grow, so on one linear scale the narrowest column takes
-    the whole colour range and the others are one colour. Positive scores are drawn on a log
-    scale; scores with a zero or negative entry (no logarithm) are scaled column by column.
+    the whole colour range and the others are one colour: the scale is logarithmic. A score
+    below zero is measurement noise (quantizing cannot lower the true loss), so when there
+    are such scores the band up to the largest of them is drawn linearly (symmetric log).
     """
-    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.colors import LogNorm, SymLogNorm
     v = np.asarray(values, dtype=np.float64)
     v = np.where(np.isfinite(v), v, np.nan)
-    if np.all(np.isnan(v) | (v > 0)) and not np.all(np.isnan(v)):
-        return v, LogNorm(np.nanmin(v), np.nanmax(v)), "score (log scale)"
-    lo, hi = np.fmin.reduce(v, axis=0), np.fmax.reduce(v, axis=0)
-    scaled = (v - lo) / np.where(hi > lo, hi - lo, 1.0)
-    return scaled, Normalize(0.0, 1.0), "score per column (0: its lowest, 1: its highest)"
+    if np.all(np.isnan(v)):
+        return v, None, "score"
+    lo, hi = np.nanmin(v), np.nanmax(v)
+    if lo > 0:
+        return v, LogNorm(lo, hi), "score (log scale)"
+    positive = v[v > 0]
+    band = -lo if lo < 0 else (positive.min() if positive.size else 1.0)
+    return v, SymLogNorm(band, vmin=lo, vmax=max(hi, band), base=10), \
+        f"score (log scale; linear within ±{band:.2g}, the noise)"
 
 
 def scores_figure(scores):
@@ -80,7 +85,7 @@ def scores_figure(scores):
     left = 0.3 + 0.032 * max((len(n) for n in layers), default=0)   # inches, 5-pt names
     width, height = 3.2 * len(kinds) + 1.0 + left, max(4.0, 0.16 * len(layers) + 1.5)
     fig, axes = plt.subplots(1, len(kinds), figsize=(width, height), squeeze=False, sharey=True)
-    fig.subplots_adjust(left=left / width, right=1 - 0.45 / width, bottom=0.6 / height,
+    fig.subplots_adjust(left=left / width, right=1 - 0.75 / width, bottom=0.6 / height,
                         top=1 - 0.35 / height, wspace=0.45)
     for ax, kind in zip(axes[0], kinds):
         values, norm, label = heatmap_scale(scores[kind])

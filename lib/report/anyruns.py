@@ -22,6 +22,7 @@ from lib.utils.errors import UserError
 from .plots import legend_below, plot_policy, pyplot, save, search_figure
 from .runs import (is_finetune, is_search, over_budget, policy_of, policy_sha256, read_log,
                    read_results, same_policy, trained_strategy)
+from .uniform import uniform_label
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,13 @@ def _number(*values):
                 None)
 
 
-def row(name, strategy, search=None, finetune=None):
+def row(name, strategy, search=None, finetune=None, finetune_name=None):
     """One table row: a policy, its cost and budget, and the accuracies measured on it."""
     r = finetune["results"] if finetune else {}
     cost_ratio = _number(strategy.get("cost_ratio"), r.get("cost_ratio"))
     budget = _number(strategy.get("preserve_ratio"), r.get("preserve_ratio"))
-    method = strategy.get("method") or (f"uniform {strategy['uniform_bits']}-bit"
-                                        if strategy.get("uniform_bits") else None)
+    method = strategy.get("method") or (uniform_label(strategy) if strategy.get("uniform_bits")
+                                        and strategy.get("mode") else None)
     return {"run": name, "method": method, "mode": strategy.get("mode") or r.get("mode"),
             "metric": strategy.get("metric"), "budget": budget, "cost_ratio": cost_ratio,
             "over_budget": over_budget(cost_ratio, budget),
@@ -91,7 +92,7 @@ def row(name, strategy, search=None, finetune=None):
             "top1": _number(r.get("best_top1")), "quant_top1": _number(r.get("quant_top1")),
             "fp32_top1": _number(r.get("fp32_top1")),
             "search": search["folder"] if search else None,
-            "finetune": finetune["folder"] if finetune else None,
+            "finetune": finetune["folder"] if finetune else None, "finetune_run": finetune_name,
             "policy_sha256": policy_sha256(policy_of(strategy))}
 
 
@@ -102,9 +103,10 @@ def pair(searches, finetunes, label):
         mine = [f for f in finetunes if same_policy(policy_of(f["strategy"]),
                                                     policy_of(s["strategy"]))]
         paired.update(f["folder"] for f in mine)
-        rows += [row(label(s["folder"]), s["strategy"], s, f) for f in mine] or \
+        rows += [row(label(s["folder"]), s["strategy"], s, f, label(f["folder"]))
+                 for f in mine] or \
             [row(label(s["folder"]), s["strategy"], s)]
-    rows += [row(label(f["folder"]), f["strategy"], finetune=f)
+    rows += [row(label(f["folder"]), f["strategy"], finetune=f, finetune_name=label(f["folder"]))
              for f in finetunes if f["folder"] not in paired]
     return rows
 
@@ -137,7 +139,7 @@ def markdown(rows, notes):
         budget = f"{r['metric'] or 'cost'} <= {r['budget']:g}" if r["budget"] is not None else "-"
         lines.append(f"| {r['run']} | {r['method'] or '-'} | {r['mode'] or '-'} | {budget} "
                      f"| {_f(r['cost_ratio'], '.3f')}{over} | {_f(r['search_top1'])} "
-                     f"| {_f(r['top1'])} | {r['finetune'] or '-'} |")
+                     f"| {_f(r['top1'])} | {r['finetune_run'] or '-'} |")
     if notes:
         lines += ["", "Left out:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -174,7 +176,7 @@ def plot_search_run(out, s, rows):
     """The search's episodes with its fine-tuned policy marked, and its policy's bars."""
     name = next(r["run"] for r in rows if r["search"] == s["folder"])
     strategy = s["strategy"]
-    marks = [(f"fine-tune {r['finetune']}", "*", "#d62728", r["cost_ratio"], r["top1"])
+    marks = [(f"fine-tune {r['finetune_run']}", "*", "#d62728", r["cost_ratio"], r["top1"])
              for r in rows if r["search"] == s["folder"] and r["top1"] is not None
              and r["cost_ratio"] is not None]
     save(*search_figure(s["history"], marks, _number(strategy.get("preserve_ratio")),
