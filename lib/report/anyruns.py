@@ -119,11 +119,12 @@ def collect(paths):
     if not searches and not finetunes:
         raise UserError(f"no search or fine-tune found under {', '.join(paths)}; expected "
                         "folders holding log.txt + strategy.json or results.json")
-    top = os.path.commonpath([os.path.abspath(os.path.dirname(os.path.normpath(p)))
-                              for p in paths])
+    top = os.path.commonpath([os.path.abspath(p) for p in paths])
 
     def label(folder):
-        return os.path.relpath(os.path.abspath(folder), top)
+        """The run's path from the folders given (its own name when it was given itself)."""
+        name = os.path.relpath(os.path.abspath(folder), top)
+        return os.path.basename(os.path.abspath(folder)) if name == "." else name
     return pair(searches, finetunes, label), searches, notes
 
 
@@ -156,11 +157,14 @@ def plot_rows(path, rows):
     modes = sorted({r["mode"] or "-" for r in rows if r["top1"] is not None}) or ["-"]
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        for r in (r for r in rows if (r["mode"] or "-") == mode and r["top1"] is not None):
-            if r["cost_ratio"] is not None:
-                ax.scatter([r["cost_ratio"]], [r["top1"]], s=40,
-                           marker="X" if r["over_budget"] else "o",
-                           label=r["run"] + (" (over budget)" if r["over_budget"] else ""))
+        points = {}   # one point per fine-tune, named after every run of its policy
+        for r in rows:
+            if (r["mode"] or "-") == mode and None not in (r["top1"], r["cost_ratio"]):
+                points.setdefault(r["finetune"], (r, []))[1].append(r["run"])
+        for r, names in points.values():
+            ax.scatter([r["cost_ratio"]], [r["top1"]], s=40,
+                       marker="X" if r["over_budget"] else "o",
+                       label=", ".join(names) + (" (over budget)" if r["over_budget"] else ""))
         for budget in sorted({r["budget"] for r in rows if (r["mode"] or "-") == mode
                               and r["budget"] is not None}):
             ax.axvline(budget, color="k", lw=0.6, ls=":")
