@@ -165,3 +165,10 @@ def test_sensitivity_map_shows_every_column():
                               "metric": "hessian"})
     assert [a.get_label() for a in fig.axes].count("<colorbar>") == 1
     plt.close(fig)
+
+
+def test_a_policy_recorded_in_results_json_is_read_without_a_checkpoint(runs):
+    _write(str(runs / "c" / "ft" / "results.json"),
+           {"best_top1": 91.0, "policy": [4, 3, 2], "cost_ratio": 0.09})
+    rows, _ = anyruns.build([str(runs / "a" / "s1"), str(runs / "c")], str(runs / "out"))
+    assert [(r["top1"], r["search"]) for r in rows] == [(91.0, str(runs / "a" / "s1"))]

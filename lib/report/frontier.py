@@ -57,7 +57,7 @@ def read_run(prefix, notes):
     with open(prefix + ".strategy") as f:
         strategy_path = f.read().strip()
     strategy = _json(strategy_path)
-    if policy_of(strategy) is None:
+    if not isinstance(strategy, dict) or policy_of(strategy) is None:
         notes.append(f"{prefix}.strategy: skipped, '{strategy_path}' holds no policy")
         return None
     history = read_log(os.path.join(os.path.dirname(strategy_path), "log.txt"))
@@ -126,6 +126,9 @@ def collect_uniform(folder, notes):
             continue
         ft = os.path.join(folder, f"w{match.group(1)}_ft")
         strategy = _json(path)
+        if not isinstance(strategy, dict) or policy_of(strategy) is None:
+            notes.append(f"{path}: skipped, it holds no policy")
+            continue
         r = matching_results(ft, strategy, notes) if is_finetune(ft) else None
         if r is None or not isinstance(strategy.get("cost_ratio"), (int, float)):
             continue

@@ -103,8 +103,9 @@ def trained_strategy(folder, results):
     results.json's own record wins; older fine-tunes record the policy only in their
     checkpoints, which are read with the safe loader.
     """
-    recorded = results.get("policy") if isinstance(results, dict) else None
-    if policy_of(recorded) is not None:
+    recorded = next((results[k] for k in ("policy", "strategy") if policy_of(results.get(k))),
+                    None) if isinstance(results, dict) else None
+    if recorded is not None:
         return (recorded if isinstance(recorded, dict) else {"strategy": recorded}), \
             "results.json"
     why = "neither results.json nor a checkpoint beside it records the policy it trained"
