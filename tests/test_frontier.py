@@ -131,7 +131,7 @@ def test_the_report_cli_builds_the_frontier(out, capsys, tmp_path):
 
 
 def test_unknown_folders_files_and_log_rows_are_skipped_and_named(out, caplog):
-    """A backup budget folder, a stray uniform file and a damaged log row: named, not a traceback."""
+    """A backup budget folder, a stray uniform file, a damaged log row: named, no traceback."""
     import shutil
     shutil.copytree(out / "kmeans" / "b0.07", out / "kmeans" / "b0.08.bak")
     (out / "kmeans" / "uniform" / "w3_old.json").write_text("{}")

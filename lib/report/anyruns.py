@@ -191,11 +191,12 @@ def plot_search_run(out, s, rows):
     if not (isinstance(layers, list) and len(layers) == len(policy)):
         layers = [str(i) for i in range(len(policy))]
     plot_policy(os.path.join(out, file_stem(name) + "_policy.png"), policy, layers,
-                title=f"{name}: policy (cost ratio {_f(_number(strategy.get('cost_ratio')), '.3f')})")
+                title=f"{name}: policy (cost ratio "
+                      f"{_f(_number(strategy.get('cost_ratio')), '.3f')})")
 
 
 def build(paths, out, search_plots=True):
-    """The ``runs`` command: table, JSON and plots of the runs under ``paths``, written to ``out``."""
+    """The ``runs`` command: table, JSON and plots of the runs under ``paths``, into ``out``."""
     rows, searches, notes = collect(paths)
     for note in notes:
         log.warning("%s", note)

@@ -127,7 +127,7 @@ def _gap_line(mode, s):
 
 
 def plot_search(path, s, mode):
-    """Accuracy vs cost of every episode, with the fine-tuned HAQ, ILP and uniform policies marked."""
+    """Accuracy vs cost of every episode; the fine-tuned HAQ, ILP and uniform policies marked."""
     marks = [(label, marker, color, s[key]["cost_ratio"], s[key]["top1"])
              for key, marker, color, label in (("haq", "*", "#d62728", "HAQ"),
                                                ("ilp", "D", "#2ca02c", "ILP"),
