@@ -172,3 +172,15 @@ def test_a_policy_recorded_in_results_json_is_read_without_a_checkpoint(runs):
            {"best_top1": 91.0, "policy": [4, 3, 2], "cost_ratio": 0.09})
     rows, _ = anyruns.build([str(runs / "a" / "s1"), str(runs / "c")], str(runs / "out"))
     assert [(r["top1"], r["search"]) for r in rows] == [(91.0, str(runs / "a" / "s1"))]
+
+
+def test_damaged_records_are_left_out_not_a_traceback(runs):
+    """Fields of the wrong type in a checkpoint's policy or a strategy.json: rows stay readable."""
+    _finetune(str(runs / "d" / "tensor_policy"), {"strategy": [torch.tensor(4)] * 3}, 50.0)
+    _finetune(str(runs / "d" / "odd_fields"),
+              {"mode": ["kmeans"], "method": 3, "cost_ratio": float("nan"), "uniform_bits": "x",
+               "strategy": [5, 5, 5]}, 70.0)
+    rows, table = anyruns.build([str(runs / "a"), str(runs / "d")], str(runs / "out"))
+    odd = rows[-1]
+    assert (odd["top1"], odd["mode"], odd["method"], odd["cost_ratio"]) == (70.0, None, None, None)
+    assert len(rows) == 2 and "tensor_policy: left out" in table

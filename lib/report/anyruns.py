@@ -13,6 +13,7 @@ baseline, a preset) has its own row, costed from the strategy recorded with the 
 fine-tune whose policy cannot be read is left out with a note; a row over its budget is marked.
 """
 import logging
+import math
 import os
 import re
 
@@ -74,8 +75,13 @@ def read_finetune(folder, notes):
 
 
 def _number(*values):
-    return next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)),
-                None)
+    """The first finite number among ``values`` (a damaged record's fields are skipped)."""
+    return next((v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and math.isfinite(v)), None)
+
+
+def _text(*values):
+    return next((v for v in values if isinstance(v, str)), None)
 
 
 def row(name, strategy, search=None, finetune=None, finetune_name=None):
@@ -83,10 +89,12 @@ def row(name, strategy, search=None, finetune=None, finetune_name=None):
     r = finetune["results"] if finetune else {}
     cost_ratio = _number(strategy.get("cost_ratio"), r.get("cost_ratio"))
     budget = _number(strategy.get("preserve_ratio"), r.get("preserve_ratio"))
-    method = strategy.get("method") or (uniform_label(strategy) if strategy.get("uniform_bits")
-                                        and strategy.get("mode") else None)
-    return {"run": name, "method": method, "mode": strategy.get("mode") or r.get("mode"),
-            "metric": strategy.get("metric"), "budget": budget, "cost_ratio": cost_ratio,
+    mode = _text(strategy.get("mode"), r.get("mode"))
+    method = _text(strategy.get("method")) or (
+        uniform_label(dict(strategy, mode=mode)) if _number(strategy.get("uniform_bits")) and mode
+        else None)
+    return {"run": name, "method": method, "mode": mode,
+            "metric": _text(strategy.get("metric")), "budget": budget, "cost_ratio": cost_ratio,
             "over_budget": over_budget(cost_ratio, budget),
             "search_top1": _number(strategy.get("accuracy")) if search else None,
             "top1": _number(r.get("best_top1")), "quant_top1": _number(r.get("quant_top1")),

@@ -79,11 +79,21 @@ def is_finetune(folder):
     return os.path.isfile(os.path.join(folder, "results.json"))
 
 
+def _bits(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def policy_of(record):
-    """The policy list of a strategy dict (or a bare policy list); None when there is none."""
+    """The policy list of a strategy dict (or a bare policy list): numbers or [w, a] pairs of
+    numbers. None when there is none, or when it holds anything else (it is compared and
+    hashed, and a report must not fail on a damaged file)."""
     if isinstance(record, dict):
         record = record.get("strategy")
-    return record if isinstance(record, list) and record else None
+    if not isinstance(record, list) or not record:
+        return None
+    pairs = all(isinstance(e, (list, tuple)) and len(e) == 2 and all(map(_bits, e))
+                for e in record)
+    return record if pairs or all(map(_bits, record)) else None
 
 
 def policy_sha256(policy):
