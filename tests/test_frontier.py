@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from lib.report import frontier
 from lib.utils.errors import UserError
@@ -25,17 +26,24 @@ def write_search(folder, name, accs, best_episode, cost_ratio, top1, policy=(4, 
     with open(os.path.join(folder, name + ".strategy"), "w") as f:
         f.write(os.path.join(run, "strategy.json") + "\n")
     if top1 is not None:
-        os.makedirs(os.path.join(folder, name + "_ft"))
-        with open(os.path.join(folder, name + "_ft", "results.json"), "w") as f:
-            json.dump({"best_top1": top1, "fp32_top1": 98.0, "quant_top1": 50.0}, f)
+        write_finetune(os.path.join(folder, name + "_ft"), list(policy),
+                       {"best_top1": top1, "fp32_top1": 98.0, "quant_top1": 50.0})
+
+
+def write_finetune(folder, policy, results):
+    """What finetune.py leaves: results.json, and the policy it trained in its checkpoint."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f)
+    torch.save({"policy": {"mode": "kmeans", "strategy": policy}, "state_dict": {}},
+               os.path.join(folder, "model_best.pth.tar"))
 
 
 def write_uniform(folder, bits, cost_ratio, top1):
-    os.makedirs(os.path.join(folder, f"w{bits}_ft"), exist_ok=True)
     with open(os.path.join(folder, f"w{bits}.json"), "w") as f:
-        json.dump({"cost_ratio": cost_ratio, "uniform_bits": bits}, f)
-    with open(os.path.join(folder, f"w{bits}_ft", "results.json"), "w") as f:
-        json.dump({"best_top1": top1, "fp32_top1": 98.0}, f)
+        json.dump({"cost_ratio": cost_ratio, "uniform_bits": bits, "strategy": [bits, bits]}, f)
+    write_finetune(os.path.join(folder, f"w{bits}_ft"), [bits, bits],
+                   {"best_top1": top1, "fp32_top1": 98.0})
 
 
 @pytest.fixture
@@ -111,6 +119,49 @@ def test_noisy_rewards_fail_the_signal_and_learning_goals(out):
 def test_a_folder_without_runs_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="holds no linear/ or kmeans/"):
         frontier.build(str(tmp_path), WARMUP)
+
+
+def test_unknown_folders_files_and_log_rows_are_skipped_and_named(out, caplog):
+    """A backup budget folder, a stray uniform file, a damaged log row: named, no traceback."""
+    import shutil
+    shutil.copytree(out / "kmeans" / "b0.07", out / "kmeans" / "b0.08.bak")
+    (out / "kmeans" / "uniform" / "w3_old.json").write_text("{}")
+    (out / "kmeans" / "b0.07" / "notes.strategy").write_text("elsewhere\n")
+    log = next((out / "kmeans" / "b0.07" / "ddpg_s0").glob("*/log.txt"))
+    log.write_text(log.read_text() + "8\t0.1\tnot-a-number\t0.069\n")
+    result, table = frontier.build(str(out), WARMUP)
+    assert list(result["kmeans"]["budgets"]) == ["0.07"]
+    assert [u["bits"] for u in result["kmeans"]["uniform"]] == [2, 3]
+    notes = "\n".join(result["kmeans"]["notes"])
+    assert "b0.08.bak: skipped" in notes and "w3_old.json: skipped" in notes
+    assert "notes.strategy: skipped" in notes
+    assert "b0.08.bak: skipped" in table
+    assert "line 10: not an episode row" in caplog.text
+    # the damaged row is left out; the other eight episodes still count
+    assert result["kmeans"]["budgets"]["0.07"]["ddpg"]["learning"][0]["gain"] == \
+        pytest.approx(95.5 - 81.0)
+
+
+def test_a_rerun_search_is_not_paired_with_the_older_fine_tune(out):
+    """run_frontier.sh reruns a search whose .strategy is gone but keeps its _ft results: the
+    new policy's cost would sit beside the old policy's accuracy."""
+    b = out / "kmeans" / "b0.07"
+    run = next((b / "ilp").glob("*/strategy.json"))
+    record = json.load(open(run))
+    run.write_text(json.dumps(dict(record, strategy=[2, 2], cost_ratio=0.065)))
+    result, table = frontier.build(str(out), WARMUP)
+    ilp = result["kmeans"]["budgets"]["0.07"]["runs"]["ilp"][0]
+    assert ilp["top1"] is None and ilp["cost_ratio"] == 0.065
+    assert result["kmeans"]["budgets"]["0.07"]["goals"]["vs_uniform"]["ilp_top1"] is None
+    assert "ilp_ft: left out, it fine-tuned another policy" in table
+
+
+def test_a_run_over_its_budget_is_marked(out):
+    write_search(str(out / "kmeans" / "b0.07"), "ddpg_s2", [90, 91], 1, 0.2, 97.5)
+    result, table = frontier.build(str(out), WARMUP)
+    runs = result["kmeans"]["budgets"]["0.07"]["runs"]["ddpg"]
+    assert [r["over_budget"] for r in runs] == [False, False, True]
+    assert "| kmeans | 0.07 | ddpg | 3 | 0.113 **over budget** |" in table
 
 
 def test_the_report_cli_builds_the_frontier(out, capsys, tmp_path):

@@ -53,12 +53,30 @@ def load_scores(path, expect):
     return record
 
 
-def plot_scores(path, scores):
-    """Heat map of the scores, layers x widths (one panel per kind, layer names on the left).
+def heatmap_scale(values):
+    """(matrix to draw, colour normalisation, colour bar label) of a layers x widths score map.
 
-    Margins are set from the longest name rather than by ``tight_layout``, which measures
-    every tick label again (half the drawing time of a 53-layer map).
+    Scores fall steeply as widths grow, so on one linear scale the narrowest column takes
+    the whole colour range and the others are one colour: the scale is logarithmic. A score
+    below zero is measurement noise (quantizing cannot lower the true loss), so when there
+    are such scores the band up to the largest of them is drawn linearly (symmetric log).
     """
+    from matplotlib.colors import LogNorm, SymLogNorm
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isfinite(v), v, np.nan)
+    if np.all(np.isnan(v)):
+        return v, None, "score"
+    lo, hi = np.nanmin(v), np.nanmax(v)
+    if lo > 0:
+        return v, LogNorm(lo, hi), "score (log scale)"
+    positive = v[v > 0]
+    band = -lo if lo < 0 else (positive.min() if positive.size else 1.0)
+    return v, SymLogNorm(band, vmin=lo, vmax=max(hi, band), base=10), \
+        f"score (log scale; linear within ±{band:.2g}, the noise)"
+
+
+def scores_figure(scores):
+    """The heat map of :func:`plot_scores`, returned open (pyplot, figure)."""
     import matplotlib
     matplotlib.use("Agg")   # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -67,17 +85,28 @@ def plot_scores(path, scores):
     left = 0.3 + 0.032 * max((len(n) for n in layers), default=0)   # inches, 5-pt names
     width, height = 3.2 * len(kinds) + 1.0 + left, max(4.0, 0.16 * len(layers) + 1.5)
     fig, axes = plt.subplots(1, len(kinds), figsize=(width, height), squeeze=False, sharey=True)
-    fig.subplots_adjust(left=left / width, right=1 - 0.45 / width, bottom=0.6 / height,
+    fig.subplots_adjust(left=left / width, right=1 - 0.75 / width, bottom=0.6 / height,
                         top=1 - 0.35 / height, wspace=0.45)
     for ax, kind in zip(axes[0], kinds):
-        image = ax.imshow(np.asarray(scores[kind]), aspect="auto", cmap="viridis",
+        values, norm, label = heatmap_scale(scores[kind])
+        image = ax.imshow(values, aspect="auto", cmap="viridis", norm=norm,
                           interpolation="nearest")
         ax.set_xticks(range(len(bits)))
         ax.set_xticklabels(bits)
         ax.set_xlabel(f"{kind} bits")
         ax.set_title(f"{kind} sensitivity ({scores['metric']})", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.08)
+        fig.colorbar(image, ax=ax, fraction=0.08).set_label(label, fontsize=7)
     axes[0][0].set_yticks(range(len(layers)))
     axes[0][0].set_yticklabels(layers, fontsize=5)
+    return plt, fig
+
+
+def plot_scores(path, scores):
+    """Heat map of the scores, layers x widths (one panel per kind, layer names on the left).
+
+    Margins are set from the longest name rather than by ``tight_layout``, which measures
+    every tick label again (half the drawing time of a 53-layer map).
+    """
+    plt, fig = scores_figure(scores)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -18,6 +18,7 @@ Accuracies are in percent; the search reward is 0.1 x (accuracy - fp32 accuracy)
 every comparison made on accuracy holds for the reward.
 """
 import glob
+import logging
 import os
 import re
 import statistics
@@ -26,7 +27,9 @@ from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from lib.utils.errors import UserError
 
 from .plots import pyplot
-from .runs import MODES, read_log
+from .runs import MODES, is_finetune, matching_results, over_budget, policy_of, read_log
+
+log = logging.getLogger(__name__)
 
 METHODS = ("ddpg", "random", "ilp")
 SMOOTH = 5   # episodes in the learning plot's running mean
@@ -45,14 +48,21 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
-def read_run(prefix):
-    """One search of the frontier: its best policy, episode history and fine-tune result."""
+def read_run(prefix, notes):
+    """One search of the frontier: its best policy, episode history and fine-tune result.
+
+    The fine-tune counts only if it trained this search's policy (a rerun search beside an
+    older fine-tune is not paired with it); ``notes`` says which were left out.
+    """
     with open(prefix + ".strategy") as f:
         strategy_path = f.read().strip()
     strategy = _json(strategy_path)
+    if not isinstance(strategy, dict) or policy_of(strategy) is None:
+        notes.append(f"{prefix}.strategy: skipped, '{strategy_path}' holds no policy")
+        return None
     history = read_log(os.path.join(os.path.dirname(strategy_path), "log.txt"))
-    ft = prefix + "_ft/results.json"
-    results = _json(ft) if os.path.isfile(ft) else {}
+    ft = prefix + "_ft"
+    results = (matching_results(ft, strategy, notes) if is_finetune(ft) else None) or {}
     return {"search_acc": strategy.get("accuracy"), "cost_ratio": strategy.get("cost_ratio"),
             "best_episode": strategy.get("episode"), "top1": results.get("best_top1"),
             "fp32_top1": results.get("fp32_top1"), "policy": strategy["strategy"],
@@ -73,20 +83,25 @@ def top_quarter_sd(history):
     return _sd(best)
 
 
-def collect_budget(folder, warmup):
+def collect_budget(folder, warmup, notes):
     """Every run at one budget, grouped by method, plus the noise and goal figures."""
     runs = {m: [] for m in METHODS}
-    for path in sorted(glob.glob(os.path.join(folder, "*.strategy"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.strategy"))):
         name = os.path.basename(path)[:-len(".strategy")]
         match = re.fullmatch(r"(ddpg|random)_s(\d+)|ilp", name)
         if match:
-            run = read_run(path[:-len(".strategy")])
+            run = read_run(path[:-len(".strategy")], notes)
+            if run is None:
+                continue
             run["seed"] = int(match.group(2)) if match.group(2) else None
             runs[match.group(1) or "ilp"].append(run)
+        elif name != "noise":
+            notes.append(f"{path}: skipped, not ilp, ddpg_s<seed>, random_s<seed> or noise")
     out = {"runs": runs}
     noise_prefix = os.path.join(folder, "noise")
-    if os.path.isfile(noise_prefix + ".strategy"):
-        replays = read_run(noise_prefix)["history"]
+    noise = read_run(noise_prefix, notes) if os.path.isfile(noise_prefix + ".strategy") else None
+    if noise is not None:
+        replays = noise["history"]
         out["noise"] = {"replays": replays, "sd": _sd(replays)}
     for method in ("ddpg", "random"):
         rs = runs[method]
@@ -101,15 +116,23 @@ def collect_budget(folder, warmup):
     return out
 
 
-def collect_uniform(folder):
+def collect_uniform(folder, notes):
+    """The uniform policies w<bits>.json whose fine-tune w<bits>_ft trained that very policy."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(folder, "w*.json"))):
-        bits = int(re.fullmatch(r"w(\d+)\.json", os.path.basename(path)).group(1))
-        ft = os.path.join(folder, f"w{bits}_ft", "results.json")
-        if not os.path.isfile(ft):
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "w*.json"))):
+        match = re.fullmatch(r"w(\d+)\.json", os.path.basename(path))
+        if not match:
+            notes.append(f"{path}: skipped, not a uniform policy w<bits>.json")
             continue
-        r = _json(ft)
-        rows.append({"bits": bits, "cost_ratio": _json(path)["cost_ratio"],
+        ft = os.path.join(folder, f"w{match.group(1)}_ft")
+        strategy = _json(path)
+        if not isinstance(strategy, dict) or policy_of(strategy) is None:
+            notes.append(f"{path}: skipped, it holds no policy")
+            continue
+        r = matching_results(ft, strategy, notes) if is_finetune(ft) else None
+        if r is None or not isinstance(strategy.get("cost_ratio"), (int, float)):
+            continue
+        rows.append({"bits": int(match.group(1)), "cost_ratio": strategy["cost_ratio"],
                      "top1": r.get("best_top1"), "fp32_top1": r.get("fp32_top1")})
     return sorted(rows, key=lambda r: r["cost_ratio"])
 
@@ -150,20 +173,34 @@ def goals(b, budget, uniform, warmup):
     return g
 
 
+def _budget_of(folder):
+    """The budget of a b<budget> folder (b0.07), or None for anything else (b0.08.bak, a file)."""
+    match = re.fullmatch(r"b(\d+(?:\.\d*)?|\.\d+)", os.path.basename(folder))
+    return float(match.group(1)) if match and os.path.isdir(folder) else None
+
+
 def collect(out_dir, warmup):
     frontier = {}
     for mode in MODES:
         folder = os.path.join(out_dir, mode)
         if not os.path.isdir(folder):
             continue
-        uniform = collect_uniform(os.path.join(folder, "uniform"))
+        notes = []
+        uniform = collect_uniform(os.path.join(folder, "uniform"), notes)
         budgets = {}
-        for sub in sorted(glob.glob(os.path.join(folder, "b*"))):
-            budget = float(os.path.basename(sub)[1:])
-            b = collect_budget(sub, warmup)
+        for sub in sorted(glob.glob(os.path.join(glob.escape(folder), "b*"))):
+            budget = _budget_of(sub)
+            if budget is None:
+                notes.append(f"{sub}: skipped, not a b<budget> folder of run_frontier.sh")
+                continue
+            b = collect_budget(sub, warmup, notes)
+            for run in (r for rs in b["runs"].values() for r in rs):
+                run["over_budget"] = over_budget(run["cost_ratio"], budget)
             b["goals"] = goals(b, budget, uniform, warmup)
             budgets[f"{budget:g}"] = b
-        frontier[mode] = {"uniform": uniform, "budgets": budgets}
+        for note in notes:
+            log.warning("%s", note)
+        frontier[mode] = {"uniform": uniform, "budgets": budgets, "notes": notes}
     if not frontier:
         raise UserError(f"'{out_dir}' holds no linear/ or kmeans/ folder of run_frontier.sh")
     return frontier
@@ -210,8 +247,10 @@ def markdown(frontier):
                     continue
                 top1 = [r["top1"] for r in rs if r["top1"] is not None]
                 spread = f" ± {_sd(top1):.2f}" if len(top1) > 1 else ""
+                cost = _mean([r["cost_ratio"] for r in rs if r["cost_ratio"] is not None])
+                over = " **over budget**" if over_budget(cost, float(budget)) else ""
                 lines.append(f"| {mode} | {budget} | {method} | {len(rs)} | "
-                             f"{_f(_mean([r['cost_ratio'] for r in rs]), '.3f')} | "
+                             f"{_f(cost, '.3f')}{over} | "
                              f"{_f(_mean([r['search_acc'] for r in rs]))} | "
                              f"{_f(_mean(top1))}{spread} |")
         for u in m["uniform"]:
@@ -224,6 +263,9 @@ def markdown(frontier):
                 if key in b["goals"]:
                     g = b["goals"][key]
                     lines.append(f"- **{mode} <= {budget}** {text(g)}: {_mark(g)}")
+    notes = [f"- {mode}: {n}" for mode, m in frontier.items() for n in m.get("notes", [])]
+    if notes:
+        lines += ["", "## Left out", ""] + notes
     return "\n".join(lines) + "\n"
 
 

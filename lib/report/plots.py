@@ -46,22 +46,37 @@ def plot_policy(path, policy, layer_names, title=""):
     plt.close(fig)
 
 
-def plot_history(path, history, best_episode, warmup, preserve_ratio, metric,
-                 labels=("warmup (random)", "DDPG")):
-    """Accuracy vs cost ratio of every episode; warmup (random) episodes, learned ones, the best.
+def episode_points(fig, ax, history, **kwargs):
+    """Episodes' accuracy against cost ratio, coloured by episode, with a colour bar saying so."""
+    points = ax.scatter([h["cost_ratio"] for h in history], [h["accuracy"] for h in history],
+                        c=[h["episode"] for h in history], cmap="viridis", **kwargs)
+    fig.colorbar(points, ax=ax, pad=0.02).set_label("episode", fontsize=8)
+    return points
 
-    ``labels``: legend names of the episodes before and from ``warmup`` (other methods).
-    """
+
+def legend_below(ax, ncol=2):
+    """The legend under the axes, where it cannot cover a point (saved with bbox 'tight')."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol,
+              frameon=False)
+
+
+def save(plt, fig, path):
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def history_figure(history, best_episode, warmup, preserve_ratio, metric,
+                   labels=("warmup (random)", "DDPG")):
+    """The figure of :func:`plot_history` (returned open, for a caller or a test to inspect)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
     rand = [h for h in history if h["episode"] < warmup]
     learned = [h for h in history if h["episode"] >= warmup]
     if rand:
         ax.scatter([h["cost_ratio"] for h in rand], [h["accuracy"] for h in rand], s=12,
                    c="#999999", label=labels[0])
     if learned:
-        ax.scatter([h["cost_ratio"] for h in learned], [h["accuracy"] for h in learned], s=12,
-                   c=[h["episode"] for h in learned], cmap="viridis", label=labels[1])
+        episode_points(fig, ax, learned, s=12, label=labels[1])
     best = [h for h in history if h["episode"] == best_episode]
     if best:
         ax.scatter([best[0]["cost_ratio"]], [best[0]["accuracy"]], s=120, marker="*",
@@ -69,7 +84,39 @@ def plot_history(path, history, best_episode, warmup, preserve_ratio, metric,
     ax.axvline(preserve_ratio, color="#d62728", lw=0.8, ls="--", label="budget")
     ax.set_xlabel(f"{metric} / reference")
     ax.set_ylabel("accuracy after the short fine-tune (%)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    legend_below(ax)
+    return plt, fig
+
+
+def plot_history(path, history, best_episode, warmup, preserve_ratio, metric,
+                 labels=("warmup (random)", "DDPG")):
+    """Accuracy vs cost ratio of every episode; warmup (random) episodes, learned ones, the best.
+
+    ``labels``: legend names of the episodes before and from ``warmup`` (other methods).
+    """
+    save(*history_figure(history, best_episode, warmup, preserve_ratio, metric, labels), path)
+
+
+def search_figure(history, marks, budget, metric, title):
+    """Left: every episode's accuracy vs cost with the fine-tuned policies marked; right: reward.
+
+    ``marks``: (label, marker, colour, cost ratio, top-1 after the full fine-tune) per policy.
+    """
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if history:
+        episode_points(fig, ax, history, s=10, label="search episodes (short fine-tune)")
+    for label, marker, color, cost_ratio, top1 in marks:
+        ax.scatter([cost_ratio], [top1], marker=marker, s=140, c=color, zorder=3,
+                   edgecolors="k", label=f"{label}, after full fine-tune")
+    if budget is not None:
+        ax.axvline(budget, color="#d62728", lw=0.8, ls="--", label="budget")
+    ax.set_xlabel(f"{metric} / reference")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{title}: accuracy vs cost", fontsize=9)
+    legend_below(ax)
+    ax2.plot([h["episode"] for h in history], [h["reward"] for h in history], lw=0.8, marker=".")
+    ax2.set_xlabel("episode")
+    ax2.set_ylabel("reward = 0.1 x (acc - acc_fp32)")
+    ax2.set_title(f"{title}: reward over episodes", fontsize=9)
+    return plt, fig

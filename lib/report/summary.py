@@ -13,8 +13,10 @@ import statistics
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from lib.utils.errors import UserError
 
-from .plots import plot_policy, pyplot
-from .runs import MODES, find_search, newest_run, read_log
+from . import anyruns
+from .plots import plot_policy, save, search_figure
+from .runs import (MODES, find_search, matching_results, newest_run, over_budget,
+                   policy_sha256, read_log)
 from .uniform import cost_model_for, uniform_label
 
 
@@ -33,8 +35,24 @@ def replay_noise(demo_dir, mode):
     return (statistics.stdev(accs) if len(accs) > 1 else None), accs
 
 
+def policy_row(strategy, results, cost):
+    """One policy's row: its cost from its own bits, its accuracies from the fine-tune that
+    trained exactly those bits (None when no such fine-tune was found)."""
+    c = cost(strategy["strategy"])
+    value, unit = cost.to_human(c)
+    r = results or {}
+    return {"top1": r.get("best_top1"), "quant_top1": r.get("quant_top1"),
+            "cost_ratio": c / cost.reference(), "cost": value, "unit": unit,
+            "policy": strategy["strategy"], "fp32_top1": r.get("fp32_top1"),
+            "matched": results is not None, "policy_sha256": policy_sha256(strategy["strategy"])}
+
+
 def collect(demo_dir, mode):
-    """Everything the summary reports for one mode (the ILP row when the demo ran it)."""
+    """Everything the summary reports for one mode (the ILP row when the demo ran it).
+
+    A fine-tune that trained another policy than the strategy beside it (a later search
+    replaced the strategy, say) is left out with a note; a row over the budget is marked.
+    """
     search = find_search(demo_dir, mode)
     haq = _read_json(os.path.join(search, "strategy.json"))
     uniform = _read_json(os.path.join(demo_dir, f"{mode}_uniform.json"))
@@ -43,14 +61,11 @@ def collect(demo_dir, mode):
     if os.path.isdir(os.path.join(demo_dir, f"{mode}_ilp")):
         ilp = find_search(demo_dir, f"{mode}_ilp")
         policies.insert(1, ("ilp", _read_json(os.path.join(ilp, "strategy.json"))))
-    res = {}
+    res, notes = {}, []
     for name, strat in policies:
-        r = _read_json(os.path.join(demo_dir, f"{mode}_{name}", "results.json"))
-        c = cost(strat["strategy"])
-        value, unit = cost.to_human(c)
-        res[name] = {"top1": r.get("best_top1"), "quant_top1": r.get("quant_top1"),
-                     "cost_ratio": c / cost.reference(), "cost": value, "unit": unit,
-                     "policy": strat["strategy"], "fp32_top1": r.get("fp32_top1")}
+        results = matching_results(os.path.join(demo_dir, f"{mode}_{name}"), strat, notes)
+        res[name] = policy_row(strat, results, cost)
+        res[name]["over_budget"] = over_budget(res[name]["cost_ratio"], haq["preserve_ratio"])
     ref_value, ref_unit = cost.to_human(cost.reference())
     res["uniform"]["label"] = uniform_label(uniform)
     noise_sd, replays = replay_noise(demo_dir, mode)
@@ -58,34 +73,43 @@ def collect(demo_dir, mode):
             "history": read_log(os.path.join(search, "log.txt")),
             "layers": haq["layers"], "preserve_ratio": haq["preserve_ratio"],
             "metric": haq["metric"], "hardware": haq.get("hardware"),
-            "reference": {"cost": ref_value, "unit": ref_unit}, **res}
+            "reference": {"cost": ref_value, "unit": ref_unit}, "notes": notes, **res}
 
 
 def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
+def _cost_cell(r):
+    """The cost ratio, marked when the policy does not fit the budget it is reported under."""
+    return f"{r['cost_ratio']:.3f}" + (" **over budget**" if r.get("over_budget") else "")
+
+
 def markdown(summary):
     lines = ["| mode | policy | top-1 after fine-tune (%) | top-1 right after quantization (%) "
              "| cost ratio | cost |", "|---|---|---|---|---|---|"]
+    notes = []
     for mode in MODES:
         s = summary.get(mode)
         if not s:
             continue
         ref = s["reference"]
         budget = f"{s['metric']} <= {s['preserve_ratio']} x reference"
-        fp32 = s["haq"]["fp32_top1"]
+        fp32 = next((s[k]["fp32_top1"] for k in ("haq", "ilp", "uniform")
+                     if s.get(k) and s[k]["fp32_top1"] is not None), None)
         ref_name = "w8a8" if mode == "linear" else "fp32"
         lines.append(f"| {mode} ({budget}) | fp32 model | {_fmt(fp32)} | - | 1.000 ({ref_name}) "
                      f"| {ref['cost']:.4g} {ref['unit']} |")
         for key, label in (("uniform", s["uniform"]["label"]), ("ilp", "ILP (sensitivity)"),
                            ("haq", "HAQ (searched)")):
             r = s.get(key)
-            if r is not None:
+            if r is not None and r.get("matched", True):
                 lines.append(f"| {mode} | {label} | {_fmt(r['top1'])} | {_fmt(r['quant_top1'])} "
-                             f"| {r['cost_ratio']:.3f} | {r['cost']:.4g} {r['unit']} |")
-    return "\n".join(lines) + "\n" + "".join(_gap_line(m, summary[m]) for m in MODES
-                                             if summary.get(m))
+                             f"| {_cost_cell(r)} | {r['cost']:.4g} {r['unit']} |")
+        notes += [f"- {mode}: {n}" for n in s.get("notes", [])]
+    gaps = "".join(_gap_line(m, summary[m]) for m in MODES if summary.get(m))
+    return "\n".join(lines) + "\n" + gaps + ("\nNotes:\n" + "\n".join(notes) + "\n" if notes
+                                             else "")
 
 
 def _gap_line(mode, s):
@@ -103,31 +127,13 @@ def _gap_line(mode, s):
 
 
 def plot_search(path, s, mode):
-    """Accuracy vs cost of every episode, with the fine-tuned HAQ and uniform policies marked."""
-    plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    hist = s["history"]
-    ax.scatter([h["cost_ratio"] for h in hist], [h["accuracy"] for h in hist], s=10,
-               c=[h["episode"] for h in hist], cmap="viridis", label="search episodes (short fine-tune)")
-    for key, marker, color, label in (("haq", "*", "#d62728", "HAQ"),
-                                      ("ilp", "D", "#2ca02c", "ILP"),
-                                      ("uniform", "s", "#1f77b4", s["uniform"]["label"])):
-        r = s.get(key)
-        if r is not None and r["top1"] is not None:
-            ax.scatter([r["cost_ratio"]], [r["top1"]], marker=marker, s=140, c=color, zorder=3,
-                       edgecolors="k", label=f"{label}, after full fine-tune")
-    ax.axvline(s["preserve_ratio"], color="#d62728", lw=0.8, ls="--", label="budget")
-    ax.set_xlabel(f"{s['metric']} / reference")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{mode}: accuracy vs cost", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax2.plot([h["episode"] for h in hist], [h["reward"] for h in hist], lw=0.8, marker=".")
-    ax2.set_xlabel("episode")
-    ax2.set_ylabel("reward = 0.1 x (acc - acc_fp32)")
-    ax2.set_title(f"{mode}: reward over episodes", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Accuracy vs cost of every episode; the fine-tuned HAQ, ILP and uniform policies marked."""
+    marks = [(label, marker, color, s[key]["cost_ratio"], s[key]["top1"])
+             for key, marker, color, label in (("haq", "*", "#d62728", "HAQ"),
+                                               ("ilp", "D", "#2ca02c", "ILP"),
+                                               ("uniform", "s", "#1f77b4", s["uniform"]["label"]))
+             if s.get(key) is not None and s[key]["top1"] is not None]
+    save(*search_figure(s["history"], marks, s["preserve_ratio"], s["metric"], mode), path)
 
 
 def report(demo_dir):
@@ -142,6 +148,8 @@ def report(demo_dir):
         plot_policy(os.path.join(demo_dir, f"{mode}_policy.png"), s["haq"]["policy"], s["layers"],
                     title=f"HAQ {mode} policy ({s['metric']} ratio {s['haq']['cost_ratio']:.3f})")
         plot_search(os.path.join(demo_dir, f"{mode}_search.png"), s, mode)
+    # the same table any runs get, beside the demo's own HAQ-vs-uniform summary
+    anyruns.build([demo_dir], demo_dir, search_plots=False)
     atomic_write_text(os.path.join(demo_dir, "summary.md"), "# HAQ demo summary\n\n" + table)
     atomic_write_json(os.path.join(demo_dir, "summary.json"),
                       {m: {k: v for k, v in s.items() if k != "history"} for m, s in summary.items()})
