@@ -20,8 +20,8 @@ import math
 import os
 import time
 
-from lib.finetune import (Finetune, check_output, default_run_name, output_folder,
-                          resolve_setup)
+from lib.finetune import (Finetune, check_output, default_run_name, lock_output,
+                          output_folder, resolve_setup)
 from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.utils import cli
 from lib.utils.data_utils import list_datasets
@@ -183,11 +183,14 @@ def main(argv=None):
         log.info("--gpu_id lists several GPUs; this process uses one (run under torchrun "
                  "--nproc_per_node N to use N)")
     start = time.time()
+    lock = run = None
     try:
         setup = resolve_setup(args)
         folder = output_folder(args, setup)
+        lock = lock_output(args, folder, rank)
         replaced = check_output(args, setup, folder)
         run = Finetune(args, setup, device, rank, folder, replaced)
+        run.outputs.lock = lock
         log.info("%s: %s mode, %d layers, policy from %s, dataset %s, %d process(es) on %s",
                  setup.arch, setup.mode, len(setup.layer_names),
                  setup.strategy.get("source", args.resume), setup.dataset, world, device)
@@ -195,6 +198,10 @@ def main(argv=None):
             return run_evaluation(run)
         return run_training(run, start)
     finally:
+        if run is not None:
+            run.outputs.release()
+        elif lock is not None:
+            lock.release()
         cleanup()
 
 

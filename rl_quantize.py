@@ -36,6 +36,7 @@ from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.distributed import cleanup, init_distributed
 from lib.utils.errors import UserError, run_cli
+from lib.utils.lock import FolderLock
 from lib.utils.run_utils import seed_everything
 from lib.utils.train import HALF_TYPES
 
@@ -237,8 +238,9 @@ def main(argv=None):
     if args.resume != "default":
         load_agent_weights(agent, args.resume)
     out_dir = output_folder(args)
-    state = load_search_state(out_dir, args, env) if args.resume_search else None
-    best = run_search(args, env, agent, out_dir, state, device)
+    with FolderLock(out_dir, "--resume_search" if args.resume_search else "--output"):
+        state = load_search_state(out_dir, args, env) if args.resume_search else None
+        best = run_search(args, env, agent, out_dir, state, device)
     cleanup()
     log.info("best: episode %d, accuracy %.2f%%, %s ratio %.4f, strategy %s", best["episode"],
              best["accuracy"], args.cost, best["cost_ratio"], json.dumps(best["policy"]))
