@@ -25,7 +25,7 @@ from lib.finetune import (Finetune, check_output, default_run_name, lock_output,
 from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.utils import cli
 from lib.utils.data_utils import list_datasets
-from lib.utils.distributed import cleanup, init_distributed
+from lib.utils.distributed import check_same_args, cleanup, init_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.logger import setup_logging
 from lib.utils.lr_schedule import LR_TYPES
@@ -176,6 +176,7 @@ def main(argv=None):
     if args.gpu_id is not None:   # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
     device, rank, world = init_distributed(args.device)
+    check_same_args(args)
     setup_logging(rank=rank)
     args.threads = cli.apply_threads(args)   # recorded with the flags in results.json
     seed_everything(args.manualSeed)

@@ -23,8 +23,8 @@ from lib.utils.checkpoint import (load_checkpoint, load_state_dict, remove_stale
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
 from lib.utils.data_utils import get_dataset, list_datasets
-from lib.utils.distributed import (cleanup, init_distributed, is_distributed, model_tensors,
-                                   ranks_agree, sync_buffers)
+from lib.utils.distributed import (check_same_args, cleanup, init_distributed, is_distributed,
+                                   model_tensors, ranks_agree, sync_buffers)
 from lib.utils.errors import UserError, error_reason, run_cli
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
@@ -186,6 +186,7 @@ def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     output = check_args(args)
     device, rank, world = init_distributed(args.device)
+    check_same_args(args)
     setup_logging(rank=rank)
     threads = make_reproducible(args)
     if rank == 0:

@@ -34,7 +34,7 @@ from lib.search.state import base_name
 from lib.simulator.hardware import list_hardware
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
-from lib.utils.distributed import cleanup, init_distributed
+from lib.utils.distributed import check_same_args, cleanup, init_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.lock import FolderLock
 from lib.utils.run_utils import seed_everything
@@ -226,6 +226,7 @@ def main(argv=None):
     args.threads = cli.apply_threads(args)   # recorded with the flags in search_state
     seed_everything(args.seed)   # the only place seeds are set
     device, rank, _ = init_distributed(args.device, gpu_index(args.gpu_id))
+    check_same_args(args)
     setup_logging(verbose=args.debug, rank=rank)
     loaders = build_loaders(args)
     model, info = build_model(args, device)
