@@ -150,9 +150,15 @@ def ranks_agree(tensors, device=None):
 RANK_SPECIFIC_ARGS = frozenset({"local_rank", "threads"})
 
 
-def _all_gather_bytes(data):
-    """Every rank's ``data`` (bytes), in rank order: one length, then one padded uint8 tensor
-    per rank."""
+def all_gather_json(obj):
+    """Every rank's ``obj`` (anything JSON can hold), in rank order; ``[obj]`` without torchrun.
+
+    Sent as bytes in one uint8 tensor per rank (its length in the first 8), padded to the
+    longest, so nothing is unpickled.
+    """
+    data = json.dumps(obj, sort_keys=True, default=repr).encode()
+    if not is_distributed():
+        return [json.loads(data)]
     dev = _comm_device()
     size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
@@ -164,7 +170,7 @@ def _all_gather_bytes(data):
     out = []
     for part in parts:
         raw = bytes(part.cpu().tolist())
-        out.append(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        out.append(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]))
     return out
 
 
@@ -177,9 +183,7 @@ def check_same_args(args, ignore=RANK_SPECIFIC_ARGS):
     """
     if not is_distributed():
         return
-    mine = {k: v for k, v in vars(args).items() if k not in ignore}
-    ranks = [json.loads(raw) for raw in
-             _all_gather_bytes(json.dumps(mine, sort_keys=True, default=repr).encode())]
+    ranks = all_gather_json({k: v for k, v in vars(args).items() if k not in ignore})
     differ = []
     for key in sorted(set().union(*ranks)):
         values = [r.get(key) for r in ranks]
