@@ -9,6 +9,7 @@ SGD + cosine schedule, TensorBoard + log.txt, checkpoint/resume, runs under
     torchrun --nproc_per_node 2 pretrain.py --arch mobilenetv2 --dataset mnist5k --device cpu
 """
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from lib.utils.distributed import (all_gather_json, check_same_args, cleanup, ge
                                    get_world_size, init_distributed, is_distributed,
                                    model_tensors, ranks_agree, sync_buffers)
 from lib.utils.errors import UserError, error_reason, run_cli
+from lib.utils.lock import FolderLock
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
 from lib.utils.run_utils import (lr_setter, memory_format, model_kwargs_for, open_run_logs,
@@ -234,6 +236,15 @@ def main(argv=None):
     device, rank, world = init_distributed(args.device)
     check_same_args(args)
     setup_logging(rank=rank)
+    # one run per --output: rank 0 holds its log folder's lock until the run ends
+    lock = (FolderLock(log_folder(output), "--output (its _log folder)") if rank == 0
+            else contextlib.nullcontext())
+    with lock:
+        return train(args, output, device, rank, world)
+
+
+def train(args, output, device, rank, world):
+    """The run itself: model, data, resume, the epochs and their checkpoints."""
     threads = make_reproducible(args)
     if rank == 0:
         log.info("seed %d, %d CPU thread(s) (%s), deterministic algorithms %s", args.seed,

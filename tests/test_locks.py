@@ -119,3 +119,16 @@ def test_resume_search_of_a_held_folder_is_refused(tmp_path, holder, capsys, tin
     assert err[-1].startswith("error: --resume_search") and f"pid {proc.pid} " in err[-1], err
     assert (os.path.getmtime(state), sorted(os.listdir(folder))) == before
     assert proc.poll() is None   # the holder was not disturbed
+
+
+def test_pretrain_into_a_held_output_is_refused(tmp_path, holder, capsys):
+    import pretrain
+    out = tmp_path / "m.pth.tar"
+    proc = holder(tmp_path / "m_log")
+    with pytest.raises(SystemExit) as info:
+        run_cli(pretrain.main, ["--width_mult", "0.25", "--train_subset", "16", "--epochs", "1",
+                                "--output", str(out), "--no-progress", "--device", "cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --output") and f"pid {proc.pid} " in err[-1], err
+    assert not out.exists() and os.listdir(tmp_path / "m_log") == [LOCK_FILE]
