@@ -12,5 +12,5 @@ from .run import Finetune, checkpoint_dict, evaluate_model
 from .setup import Setup, build_model, check_finetune_checkpoint, resolve_setup
 
 __all__ = ["CHECKPOINT_PARENT", "LOG_COLUMNS", "RunOutputs", "check_output", "default_run_name",
-           "lock_output", "output_folder", "KMEANS_ITERS", "QuantizedPolicy", "Finetune", "checkpoint_dict",
-           "evaluate_model", "Setup", "build_model", "check_finetune_checkpoint", "resolve_setup"]
+           "lock_output", "output_folder", "KMEANS_ITERS", "QuantizedPolicy", "Finetune",
+           "checkpoint_dict", "evaluate_model", "Setup", "build_model", "check_finetune_checkpoint", "resolve_setup"]
