@@ -171,9 +171,9 @@ def restore_streams(output, loader, states):
     gens, rank = random_streams(loader), get_rank()
     mine = states[rank] if isinstance(states, list) and len(states) == get_world_size() else None
     if not isinstance(mine, dict) or set(mine) != set(gens):
-        log.warning("--resume: '%s' records no generator states for this launch (%s); the "
-                    "resumed epochs draw another data order than an uninterrupted run would",
-                    output, ", ".join(sorted(gens)))
+        log.warning("--resume: '%s' records no generator states that fit %d rank(s) with "
+                    "generators %s; the resumed epochs draw another data order than an "
+                    "uninterrupted run would", output, get_world_size(), ", ".join(sorted(gens)))
         return
     if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in mine.values()):
         raise UserError(f"--resume: the generator states in '{output}' are not byte tensors; "
