@@ -20,12 +20,12 @@ import math
 import os
 import time
 
-from lib.finetune import (Finetune, check_output, default_run_name, output_folder,
-                          resolve_setup)
+from lib.finetune import (Finetune, check_output, default_run_name, lock_output,
+                          output_folder, resolve_setup)
 from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.utils import cli
 from lib.utils.data_utils import list_datasets
-from lib.utils.distributed import cleanup, init_distributed
+from lib.utils.distributed import check_same_args, cleanup, init_distributed
 from lib.utils.errors import UserError, run_cli
 from lib.utils.logger import setup_logging
 from lib.utils.lr_schedule import LR_TYPES
@@ -176,6 +176,7 @@ def main(argv=None):
     if args.gpu_id is not None:   # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
     device, rank, world = init_distributed(args.device)
+    check_same_args(args)
     setup_logging(rank=rank)
     args.threads = cli.apply_threads(args)   # recorded with the flags in results.json
     seed_everything(args.manualSeed)
@@ -183,11 +184,14 @@ def main(argv=None):
         log.info("--gpu_id lists several GPUs; this process uses one (run under torchrun "
                  "--nproc_per_node N to use N)")
     start = time.time()
+    lock = run = None
     try:
         setup = resolve_setup(args)
         folder = output_folder(args, setup)
+        lock = lock_output(args, folder, rank)
         replaced = check_output(args, setup, folder)
         run = Finetune(args, setup, device, rank, folder, replaced)
+        run.outputs.lock = lock
         log.info("%s: %s mode, %d layers, policy from %s, dataset %s, %d process(es) on %s",
                  setup.arch, setup.mode, len(setup.layer_names),
                  setup.strategy.get("source", args.resume), setup.dataset, world, device)
@@ -195,6 +199,10 @@ def main(argv=None):
             return run_evaluation(run)
         return run_training(run, start)
     finally:
+        if run is not None:
+            run.outputs.release()
+        elif lock is not None:
+            lock.release()
         cleanup()
 
 

@@ -9,6 +9,7 @@ SGD + cosine schedule, TensorBoard + log.txt, checkpoint/resume, runs under
     torchrun --nproc_per_node 2 pretrain.py --arch mobilenetv2 --dataset mnist5k --device cpu
 """
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -22,10 +23,12 @@ from lib.utils.checkpoint import (load_checkpoint, load_state_dict, remove_stale
                                   save_checkpoint)
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
-from lib.utils.data_utils import get_dataset, list_datasets
-from lib.utils.distributed import (cleanup, init_distributed, is_distributed, model_tensors,
-                                   ranks_agree, sync_buffers)
+from lib.utils.data_utils import data_generators, get_dataset, list_datasets
+from lib.utils.distributed import (all_gather_json, check_same_args, cleanup, get_rank,
+                                   get_world_size, init_distributed, is_distributed,
+                                   model_tensors, ranks_agree, sync_buffers)
 from lib.utils.errors import UserError, error_reason, run_cli
+from lib.utils.lock import FolderLock
 from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
 from lib.utils.run_utils import (lr_setter, memory_format, model_kwargs_for, open_run_logs,
@@ -140,6 +143,49 @@ def ema_update(decay):
     return update
 
 
+def random_streams(loader):
+    """The generators an epoch draws from, by name: the loader's own (data order, mnist5k's
+    augmentation) and torch's global ones (dropout, torchvision's transforms; CUDA's on a
+    GPU). Python's and NumPy's generators are not drawn from while training."""
+    gens = data_generators(loader)
+    gens["torch"] = torch.default_generator
+    if torch.cuda.is_available():
+        gens.update({f"cuda:{i}": g for i, g in enumerate(torch.cuda.default_generators)})
+    return gens
+
+
+def stream_states(loader):
+    """Every rank's generator states, in rank order (the checkpoint's "rng")."""
+    mine = {name: g.get_state().tolist() for name, g in random_streams(loader).items()}
+    return [{name: torch.tensor(state, dtype=torch.uint8) for name, state in rank.items()}
+            for rank in all_gather_json(mine)]
+
+
+def restore_streams(output, loader, states):
+    """Continue every generator where the checkpoint's run left it, so a resumed run draws
+    the data order and augmentation an uninterrupted one would.
+
+    A checkpoint of an older version, or of a run on another number of ranks or devices,
+    records no states that fit: the run goes on with a warning (its data order then differs).
+    """
+    gens, rank = random_streams(loader), get_rank()
+    mine = states[rank] if isinstance(states, list) and len(states) == get_world_size() else None
+    if not isinstance(mine, dict) or set(mine) != set(gens):
+        log.warning("--resume: '%s' records no generator states that fit %d rank(s) with "
+                    "generators %s; the resumed epochs draw another data order than an "
+                    "uninterrupted run would", output, get_world_size(), ", ".join(sorted(gens)))
+        return
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in mine.values()):
+        raise UserError(f"--resume: the generator states in '{output}' are not byte tensors; "
+                        f"{RESUME_EXPECTED}")
+    try:
+        for name, gen in gens.items():
+            gen.set_state(mine[name])
+    except RuntimeError as exc:
+        raise UserError(f"--resume: the generator states in '{output}' do not fit "
+                        f"({error_reason(exc)}); {RESUME_EXPECTED}") from exc
+
+
 RESUME_EXPECTED = "expected a checkpoint written by an earlier pretrain.py run of this --arch"
 
 
@@ -159,8 +205,9 @@ def _resume_fields(output, ckpt):
     return weights, epoch, float(best)
 
 
-def resume_from(output, model, optimizer, ema, epochs):
-    """Load the training state of ``output``; returns (start_epoch, best_acc).
+def resume_from(output, model, optimizer, ema, epochs, loader):
+    """Load the training state of ``output`` (``loader``'s generators too); returns
+    (start_epoch, best_acc).
 
     Everything is checked before training starts, so a file that does not fit is a
     one-line error and is left as it was.
@@ -178,6 +225,7 @@ def resume_from(output, model, optimizer, ema, epochs):
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise UserError(f"--resume: the optimizer or averaged-weights state in '{output}' does "
                         f"not fit ({error_reason(exc)}); {RESUME_EXPECTED}") from exc
+    restore_streams(output, loader, ckpt.get("rng"))
     log.info("resumed from %s at epoch %d", output, start_epoch)
     return start_epoch, best_acc
 
@@ -186,7 +234,17 @@ def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args_parser().parse_args(argv)
     output = check_args(args)
     device, rank, world = init_distributed(args.device)
+    check_same_args(args)
     setup_logging(rank=rank)
+    # one run per --output: rank 0 holds its log folder's lock until the run ends
+    lock = (FolderLock(log_folder(output), "--output (its _log folder)") if rank == 0
+            else contextlib.nullcontext())
+    with lock:
+        return train(args, output, device, rank, world)
+
+
+def train(args, output, device, rank, world):
+    """The run itself: model, data, resume, the epochs and their checkpoints."""
     threads = make_reproducible(args)
     if rank == 0:
         log.info("seed %d, %d CPU thread(s) (%s), deterministic algorithms %s", args.seed,
@@ -208,7 +266,8 @@ def main(argv=None):
     kept = [model] if ema is None else [model, ema.module]   # must match across ranks
     start_epoch, best_acc, acc = 0, 0.0, None
     if args.resume and os.path.isfile(output):
-        start_epoch, best_acc = resume_from(output, model, optimizer, ema, args.epochs)
+        start_epoch, best_acc = resume_from(output, model, optimizer, ema, args.epochs,
+                                            train_loader)
     elif args.resume:
         raise UserError(f"--resume given but '{output}' does not exist; expected a checkpoint "
                         "written by an earlier pretrain.py run")
@@ -238,6 +297,7 @@ def main(argv=None):
         scored = net if ema is None else ema.module
         va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0)
         acc, best_acc = va["top1"], max(best_acc, va["top1"])
+        rng = stream_states(train_loader)   # a collective: every rank sends its own
         if rank == 0:
             lr = optimizer.param_groups[0]["lr"]
             log.info("epoch %d/%d  lr %.4f  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f "
@@ -250,7 +310,7 @@ def main(argv=None):
             state = {"state_dict": model.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
                      "acc": va["top1"], "optimizer": optimizer.state_dict(),
                      "arch": args.arch, "dataset": args.dataset, "model_kwargs": model_kwargs,
-                     "seed": args.seed, "num_threads": threads}
+                     "seed": args.seed, "num_threads": threads, "rng": rng}
             if ema is not None:  # the scored (averaged) weights are what later steps load
                 state.update(state_dict=ema.module.state_dict(), ema=ema.state_dict(),
                              train_state_dict=model.state_dict())

@@ -34,8 +34,9 @@ from lib.search.state import base_name
 from lib.simulator.hardware import list_hardware
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
-from lib.utils.distributed import cleanup, init_distributed
+from lib.utils.distributed import check_same_args, cleanup, init_distributed
 from lib.utils.errors import UserError, run_cli
+from lib.utils.lock import FolderLock
 from lib.utils.run_utils import seed_everything
 from lib.utils.train import HALF_TYPES
 
@@ -225,6 +226,7 @@ def main(argv=None):
     args.threads = cli.apply_threads(args)   # recorded with the flags in search_state
     seed_everything(args.seed)   # the only place seeds are set
     device, rank, _ = init_distributed(args.device, gpu_index(args.gpu_id))
+    check_same_args(args)
     setup_logging(verbose=args.debug, rank=rank)
     loaders = build_loaders(args)
     model, info = build_model(args, device)
@@ -237,8 +239,9 @@ def main(argv=None):
     if args.resume != "default":
         load_agent_weights(agent, args.resume)
     out_dir = output_folder(args)
-    state = load_search_state(out_dir, args, env) if args.resume_search else None
-    best = run_search(args, env, agent, out_dir, state, device)
+    with FolderLock(out_dir, "--resume_search" if args.resume_search else "--output"):
+        state = load_search_state(out_dir, args, env) if args.resume_search else None
+        best = run_search(args, env, agent, out_dir, state, device)
     cleanup()
     log.info("best: episode %d, accuracy %.2f%%, %s ratio %.4f, strategy %s", best["episode"],
              best["accuracy"], args.cost, best["cost_ratio"], json.dumps(best["policy"]))

@@ -157,3 +157,40 @@ def test_resume_of_a_file_that_does_not_fit_is_a_one_line_error(tmp_path, capsys
     assert err[-1].startswith("error: --resume") and expected in err[-1], err[-1]
     assert (open(out, "rb").read(), os.listdir(tmp_path / "m_log")) == before
     assert open(str(tmp_path / "m_log" / "log.txt")).read() == log_before
+
+
+# pretrain.py that dies (as if killed) right after saving its first epoch's checkpoint
+DIE_AFTER_EPOCH_1 = """import os, sys
+import pretrain
+def save_then_die(state, path, save=pretrain.save_checkpoint):
+    save(state, path)
+    if state["epoch"] == 1:
+        os._exit(9)
+pretrain.save_checkpoint = save_then_die
+pretrain.main(sys.argv[1:])
+"""
+
+
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(repo_root, tmp_path):
+    """--epochs 2 straight vs the same command killed after epoch 1 and resumed: the resumed
+    epoch draws the same data order and augmentation (the generators' states are in the
+    checkpoint), so the weights, the averaged weights and the optimizer state are identical."""
+    def run(name, entry, resume=False):
+        out = str(tmp_path / f"{name}.pth.tar")
+        r = _run([sys.executable] + entry + [
+            "--width_mult", "0.25", "--train_subset", "64", "--batch_size", "16", "--epochs",
+            "2", "--output", out, "--no-progress"] + (["--resume"] if resume else []), repo_root)
+        return r, out
+    r, straight = run("straight", ["pretrain.py"])
+    assert r.returncode == 0, r.stderr
+    r, out = run("resumed", ["-c", DIE_AFTER_EPOCH_1])
+    assert r.returncode == 9 and load_checkpoint(out)["epoch"] == 1, r.stderr
+    r, _ = run("resumed", ["pretrain.py"], resume=True)
+    assert r.returncode == 0 and "another data order" not in r.stderr, r.stderr
+    straight, resumed = load_checkpoint(straight), load_checkpoint(out)
+    assert straight["epoch"] == resumed["epoch"] == 2
+    for key in ("state_dict", "train_state_dict", "ema"):
+        a, b = straight[key], resumed[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+    a, b = straight["optimizer"]["state"], resumed["optimizer"]["state"]
+    assert all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)

@@ -6,11 +6,11 @@
     run        the epoch loop
 """
 from .outputs import (CHECKPOINT_PARENT, LOG_COLUMNS, RunOutputs, check_output,
-                      default_run_name, output_folder)
+                      default_run_name, lock_output, output_folder)
 from .quantized import KMEANS_ITERS, QuantizedPolicy
 from .run import Finetune, checkpoint_dict, evaluate_model
 from .setup import Setup, build_model, check_finetune_checkpoint, resolve_setup
 
 __all__ = ["CHECKPOINT_PARENT", "LOG_COLUMNS", "RunOutputs", "check_output", "default_run_name",
-           "output_folder", "KMEANS_ITERS", "QuantizedPolicy", "Finetune", "checkpoint_dict",
-           "evaluate_model", "Setup", "build_model", "check_finetune_checkpoint", "resolve_setup"]
+           "lock_output", "output_folder", "KMEANS_ITERS", "QuantizedPolicy", "Finetune",
+           "checkpoint_dict", "evaluate_model", "Setup", "build_model", "check_finetune_checkpoint", "resolve_setup"]

@@ -5,7 +5,8 @@ when training starts; ``-c`` names one, which must not hold another run's result
 ``--overwrite`` replaces them; a resumed run continues in its checkpoint's folder. The
 folder receives checkpoint.pth.tar (to resume from), model_best.pth.tar (the best fully
 quantized model), log.txt (one row per epoch, row 0 right after quantization), TensorBoard
-events and results.json.
+events and results.json. Rank 0 holds the folder's lock (lib.utils.lock) from before the
+check for earlier results until the run ends, so a second run into it is refused.
 """
 import glob
 import logging
@@ -17,6 +18,7 @@ from lib.utils.checkpoint import (atomic_write_json, finite_or_none, remove_stal
 from lib.utils.cli import check_output_dir
 from lib.utils.data_utils import dataset_label
 from lib.utils.errors import UserError
+from lib.utils.lock import FolderLock
 from lib.utils.logger import trim_log
 from lib.utils.run_utils import new_run_folder, open_run_logs
 
@@ -54,6 +56,16 @@ def earlier_results(folder):
     return [p for p in paths if os.path.exists(p)] + sorted(events)
 
 
+def lock_output(args, folder, rank):
+    """Rank 0's lock of a -c or resumed folder (None when nothing is written or the folder is
+    a new -runN one, locked when made). Taken before :func:`check_output`, so no other run can
+    write results after that check has passed."""
+    if args.evaluate or folder is None or rank != 0:
+        return None
+    check_output_dir(folder, "-c/--checkpoint")
+    return FolderLock(folder, "-c/--checkpoint").acquire()
+
+
 def check_output(args, setup, folder):
     """Before any work: something left to train, a writable folder, no other run's results in it.
 
@@ -87,6 +99,7 @@ class RunOutputs:
         self.args, self.setup = args, setup
         self.folder = folder            # None: a new -runN folder, made when training starts
         self.replaced = list(replaced)  # an earlier run's files that --overwrite replaces
+        self.lock = None                # lock_output's, else taken when the -runN folder is made
         self.writer = self.logger = None
 
     def open(self, results):
@@ -94,6 +107,7 @@ class RunOutputs:
         right after quantization, before any training)."""
         if self.folder is None:
             self.folder = new_run_folder(CHECKPOINT_PARENT, default_run_name(self.setup))
+            self.lock = FolderLock(self.folder, "-c/--checkpoint").acquire()
         for path in self.replaced:
             log.warning("--overwrite: removing %s of an earlier run", path)
             os.remove(path)
@@ -143,4 +157,10 @@ class RunOutputs:
                "checkpoint": os.path.join(self.folder, "checkpoint.pth.tar"),
                "best_checkpoint": os.path.join(self.folder, "model_best.pth.tar")}
         atomic_write_json(os.path.join(self.folder, "results.json"), out)
+        self.release()
         return out
+
+    def release(self):
+        """Let another run into the folder (at the end, or when the run stops on an error)."""
+        if self.lock is not None:
+            self.lock.release()

@@ -494,6 +494,15 @@ def _reseed_worker_augmentation(worker_id):
         gen.manual_seed(info.seed)
 
 
+def data_generators(loader):
+    """A training loader's own generators by name: "shuffle" (the data order) and "augment"
+    (mnist5k's distortions), those it has (get_dataset's ``seed``); what a resumed run
+    restores to continue the data exactly where it stopped."""
+    gens = {"shuffle": loader.generator,
+            "augment": getattr(_base_dataset(loader.dataset), "generator", None)}
+    return {name: g for name, g in gens.items() if g is not None}
+
+
 def _seeded_streams(seed, rank=0):
     """(shuffle generator, augmentation generator): independent streams from one seed.
 

@@ -4,9 +4,11 @@ Library code takes a ``torch.device``; only the CLIs turn ``--device`` into one.
 Besides the process group, this holds the few collectives the training CLIs and
 the search share: rank/world queries, broadcasts of plain tensors (no pickling:
 every message is a tensor of a shape both sides know), the copy of rank 0's
-buffers, an exact agreement check, and :class:`ShardSampler`, the validation
+buffers, exact agreement checks (of tensors, and of every rank's parsed flags), and
+:class:`ShardSampler`, the validation
 sampler that gives every image to exactly one rank.
 """
+import json
 import math
 import os
 
@@ -141,6 +143,56 @@ def ranks_agree(tensors, device=None):
     diff = torch.tensor([float((flat - ref).abs().max())], dtype=torch.float64, device=dev)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item() == 0.0
+
+
+# Flags that may differ between the ranks of one run: the launcher's per-process index,
+# and the CPU thread count (speed only; it may come from each process's environment).
+RANK_SPECIFIC_ARGS = frozenset({"local_rank", "threads"})
+
+
+def all_gather_json(obj):
+    """Every rank's ``obj`` (anything JSON can hold), in rank order; ``[obj]`` without torchrun.
+
+    Sent as bytes in one uint8 tensor per rank (its length in the first 8), padded to the
+    longest, so nothing is unpickled.
+    """
+    data = json.dumps(obj, sort_keys=True, default=repr).encode()
+    if not is_distributed():
+        return [json.loads(data)]
+    dev = _comm_device()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    buf = torch.zeros(int(size.item()) + 8, dtype=torch.uint8)
+    buf[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+    buf[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    parts = [torch.empty_like(buf, device=dev) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, buf.to(dev))
+    out = []
+    for part in parts:
+        raw = bytes(part.cpu().tolist())
+        out.append(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]))
+    return out
+
+
+def check_same_args(args, ignore=RANK_SPECIFIC_ARGS):
+    """UserError on every rank unless all ranks parsed the same flags (no-op without torchrun).
+
+    torchrun starts every rank with one command line, but a hand-made launch (or a script
+    that varies one flag per rank) can differ; the ranks would then train or search
+    different things in one collective run. The message names each differing flag.
+    """
+    if not is_distributed():
+        return
+    ranks = all_gather_json({k: v for k, v in vars(args).items() if k not in ignore})
+    differ = []
+    for key in sorted(set().union(*ranks)):
+        values = [r.get(key) for r in ranks]
+        if any(v != values[0] for v in values):
+            shown = ", ".join(f"rank {i}: {v}" for i, v in enumerate(values))
+            differ.append(f"--{key} ({shown})")
+    if differ:
+        raise UserError(f"the ranks were started with different flags: {'; '.join(differ)}; "
+                        "expected every rank launched with the same command line")
 
 
 def model_tensors(model):
