@@ -90,9 +90,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--metric", action="append", type=parse_metric, required=True)
     p.add_argument("--log", default=None, help="also write every run's full output here")
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        p.error("expected the benchmark command after --")
+    split = argv.index("--")
+    args, command = p.parse_args(argv[:split]), argv[split + 1:]
     if not command:
         p.error("expected the benchmark command after --")
     metrics = dict(args.metric)
