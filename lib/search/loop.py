@@ -40,12 +40,15 @@ def play_episode(env, agent, episode):
 
 
 def strategy_meta(args, env):
-    """What strategy.json records beside the policy (docs/design.md, "strategy.json")."""
+    """What strategy.json records beside the policy (docs/design.md, "strategy.json"): the
+    model's settings in full, so the fine-tune and the report take them from it."""
+    from lib.utils.data_utils import dataset_defaults
     meta = {"arch": args.arch, "mode": "linear" if args.linear_quantization else "kmeans",
             "metric": args.cost, "hardware": args.hardware if args.linear_quantization else None,
             "preserve_ratio": args.preserve_ratio, "dataset": args.dataset,
             "width_mult": args.width_mult, "min_bit": args.min_bit, "max_bit": args.max_bit,
-            "method": args.method, "input_size": args.input_size}
+            "method": args.method, "input_size": args.input_size,
+            "num_classes": dataset_defaults(args.dataset, args.dataset_root).num_classes}
     if (table := cost_table_of(env)) is not None:
         meta["cost_table"] = table
     return meta
