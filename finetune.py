@@ -51,7 +51,9 @@ def get_args_parser():
                    help="first epoch (a resume overrides it); below --epochs")
     p.add_argument("--warmup_epoch", type=cli.nonneg_float, default=0,
                    help="epochs of linear lr warmup (at most --epochs)")
-    p.add_argument("--train_batch", type=cli.positive_int, default=256, help="per process")
+    p.add_argument("--train_batch", type=cli.positive_int, default=None,
+                   help="per process (default: 256, as released; 32 on the CPU above 64 px, "
+                        "where 256 needs about 12 GB; --lr is not rescaled)")
     p.add_argument("--test_batch", type=cli.positive_int, default=512)
     p.add_argument("--lr", "--learning-rate", type=cli.learning_rate, default=0.01)
     p.add_argument("--lr_type", default="cos", choices=LR_TYPES)

@@ -548,7 +548,7 @@ def test_replay_plays_one_policy_every_episode(cli_assets, tmp_path):
                          extra=KMEANS + ("--policy", source)))
     rows = log_rows(folder_of(tmp_path / "rep"))
     assert [int(r[0]) for r in rows] == [0, 1, 2]
-    assert all(json.loads(r[-1]) == policy for r in rows)
+    assert all(json.loads(r[6]) == policy for r in rows)
 
 
 def test_replay_refuses_a_policy_over_budget_or_without_policy(cli_assets, tmp_path, capsys):
