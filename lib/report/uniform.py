@@ -69,7 +69,7 @@ def uniform_strategy(strategy, bits, cost=None, names=None):
         cost, names = cost_model_for(strategy)
     policy = uniform_policy(bits, len(names), strategy["mode"] == "linear")
     # the model's settings in full, so finetune.py builds the search's model (docs/design.md,
-    # "source of truth"); an older search without input_size passes on its absence
+    # "source of truth"); an older K-Means search without input_size passes on its absence
     out = {k: strategy.get(k) for k in ("arch", "mode", "metric", "hardware", "preserve_ratio",
                                           "dataset", "width_mult", "input_size", "num_classes",
                                           "min_bit", "max_bit")}
