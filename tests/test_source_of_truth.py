@@ -137,3 +137,16 @@ def test_an_older_strategy_without_input_size(search, folder_and_weights, tmp_pa
                    str(tmp_path / "b")] + FINETUNE)
     kwargs = load_checkpoint(str(tmp_path / "b" / "checkpoint.pth.tar"))["model_kwargs"]
     assert kwargs["input_size"] == 32
+
+
+def test_a_policy_may_be_fine_tuned_on_another_dataset(search, tmp_path):
+    """As released (searched on imagenet100, fine-tuned on imagenet): --data_name overrides the
+    strategy's dataset; its size and width still hold."""
+    import finetune
+    from lib.utils.checkpoint import load_checkpoint
+    path, _ = search
+    finetune.main(["--strategy", path, "--data_name", "mnist5k", "--no-pretrained",
+                   "--train_subset", "8", "-c", str(tmp_path / "ft")] + FINETUNE)
+    ckpt = load_checkpoint(str(tmp_path / "ft" / "checkpoint.pth.tar"))
+    assert ckpt["dataset"] == "mnist5k"
+    assert ckpt["model_kwargs"] == {"num_classes": 10, "input_size": 32, "width_mult": 0.25}

@@ -134,10 +134,12 @@ def settle_model_settings(args, arch, strategy, src):
 
     Each setting comes from its flag, else the strategy, else the checkpoint pretrain.py
     wrote, else the dataset's default; any two that disagree are a UserError (docs/design.md,
-    "source of truth"). An older strategy without input_size is refused only where the
-    dataset's default would be a guess: an ImageFolder with nothing else recording a size.
+    "source of truth"), except --data_name against the strategy: a policy may be fine-tuned
+    on another dataset than its search's (released: searched on imagenet100, fine-tuned on
+    imagenet). An older strategy without input_size is refused only where the dataset's
+    default would be a guess: an ImageFolder with nothing else recording a size.
     """
-    dataset = settle("--data_name", args.data_name, strategy.get("dataset"), src)
+    dataset = args.data_name or strategy.get("dataset")
     width = settle("--width_mult", args.width_mult, strategy.get("width_mult"), src)
     size = settle("--input_size", args.input_size, strategy.get("input_size"), src)
     record = {}
@@ -153,9 +155,8 @@ def settle_model_settings(args, arch, strategy, src):
                         f"file) and ImageFolder '{dataset}' has no standard size; expected "
                         "--input_size of its search")
     kwargs = model_kwargs_for(arch, dataset, args.data, width, size)
-    for n in (strategy.get("num_classes"), record.get("num_classes")):
-        settle(f"the dataset {dataset} (its number of classes)", kwargs["num_classes"], n,
-               "the strategy or the pretrained checkpoint")
+    settle(f"the number of classes of {dataset}", kwargs["num_classes"],
+           record.get("num_classes"), src)
     return dataset, kwargs
 
 
