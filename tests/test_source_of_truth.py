@@ -150,3 +150,19 @@ def test_a_policy_may_be_fine_tuned_on_another_dataset(search, tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "ft" / "checkpoint.pth.tar"))
     assert ckpt["dataset"] == "mnist5k"
     assert ckpt["model_kwargs"] == {"num_classes": 10, "input_size": 32, "width_mult": 0.25}
+
+
+def test_the_same_folder_spelled_otherwise_agrees(folder_and_weights):
+    from lib.utils.recorded import settle
+    root, _ = folder_and_weights
+    assert settle("--dataset", root + "/./", root, "x") == root + "/./"
+    assert settle("--width_mult", 0.25, 0.25, "x") == 0.25
+    with pytest.raises(UserError, match=r"--dataset mnist5k disagrees .* or no --dataset"):
+        settle("--dataset", "mnist5k", root, "x")
+
+
+def test_resume_refuses_a_size_its_checkpoint_was_not_built_at(kmeans_finetune_checkpoint):
+    import finetune
+    ckpt = kmeans_finetune_checkpoint(lambda i: 4)
+    with pytest.raises(UserError, match=r"--input_size 64 disagrees with 32 recorded in --resume"):
+        finetune.main(["--resume", ckpt, "-e", "--input_size", "64", "--device", "cpu"])

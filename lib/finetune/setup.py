@@ -142,21 +142,21 @@ def settle_model_settings(args, arch, strategy, src):
     dataset = args.data_name or strategy.get("dataset")
     width = settle("--width_mult", args.width_mult, strategy.get("width_mult"), src)
     size = settle("--input_size", args.input_size, strategy.get("input_size"), src)
-    record = {}
-    if args.pretrained:
+    record, weights = {}, None
+    if args.pretrained:   # --no-pretrained: no weights, so nothing of theirs to agree with
         path = args.pretrained_path or default_pretrained_path(arch, dataset or "mnist5k")
-        record, src = pretrained_record(path), f"the pretrained checkpoint '{path}'"
-    settle("--arch", arch, record.get("arch"), src, same=_same_arch)
-    dataset = settle("the dataset", dataset, record.get("dataset"), src) or "mnist5k"
-    width = settle("the width (--width_mult)", width, record.get("width_mult"), src)
-    size = settle("the input size (--input_size)", size, record.get("input_size"), src)
+        record, weights = pretrained_record(path), f"the pretrained checkpoint '{path}'"
+    settle("--arch", arch, record.get("arch"), weights, same=_same_arch)
+    dataset = settle("the dataset", dataset, record.get("dataset"), weights) or "mnist5k"
+    width = settle("the width (--width_mult)", width, record.get("width_mult"), weights)
+    size = settle("the input size (--input_size)", size, record.get("input_size"), weights)
     if size is None and "arch" in strategy and dataset not in list_datasets():
         raise UserError(f"the strategy '{strategy['source']}' records no input_size (an older "
                         f"file) and ImageFolder '{dataset}' has no standard size; expected "
                         "--input_size of its search")
     kwargs = model_kwargs_for(arch, dataset, args.data, width, size)
     settle(f"the number of classes of {dataset}", kwargs["num_classes"],
-           record.get("num_classes"), src)
+           record.get("num_classes"), weights)
     return dataset, kwargs
 
 

@@ -44,6 +44,7 @@ def settle(flag, given, recorded, source, same=same_value):
     if given is None:
         return recorded
     if recorded is not None and not same(given, recorded):
+        hint = f", or no {flag} to take it from there" if flag.startswith("--") else ""
         raise UserError(f"{flag} {given} disagrees with {recorded} recorded in {source}; "
-                        f"expected {recorded}, or leave the flag out to take it from there")
+                        f"expected {recorded}{hint}")
     return given
