@@ -54,7 +54,7 @@ def get_args_parser():
                    help="epochs of linear lr warmup (at most --epochs)")
     p.add_argument("--train_batch", type=cli.positive_int, default=None,
                    help="per process (default: 256, as released; 32 on the CPU above 64 px, "
-                        "where 256 needs about 12 GB; --lr is not rescaled)")
+                        "where 256 needs about 20 GB; --lr is not rescaled)")
     p.add_argument("--test_batch", type=cli.positive_int, default=512)
     p.add_argument("--lr", "--learning-rate", type=cli.learning_rate, default=0.01)
     p.add_argument("--lr_type", default="cos", choices=LR_TYPES)

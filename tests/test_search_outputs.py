@@ -49,7 +49,7 @@ def test_finetune_batch_follows_the_device_when_not_given():
     import finetune
     from lib.finetune.run import default_train_batch
     assert finetune.get_args_parser().parse_args([]).train_batch is None
-    assert default_train_batch("cpu", 224) == 32       # 256 at 224 px: about 12 GB
+    assert default_train_batch("cpu", 224) == 32       # 256 at 224 px: about 20 GB
     assert default_train_batch("cpu", 32) == 256
     assert default_train_batch("cuda", 224) == 256
     assert finetune.get_args_parser().parse_args(["--train_batch", "8"]).train_batch == 8
