@@ -166,3 +166,18 @@ def test_resume_refuses_a_size_its_checkpoint_was_not_built_at(kmeans_finetune_c
     ckpt = kmeans_finetune_checkpoint(lambda i: 4)
     with pytest.raises(UserError, match=r"--input_size 64 disagrees with 32 recorded in --resume"):
         finetune.main(["--resume", ckpt, "-e", "--input_size", "64", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("mode, dropped", [("kmeans", "dataset"), ("linear", "input_size")])
+def test_uniform_refuses_a_strategy_without_a_field_it_needs(tmp_path, mode, dropped):
+    """No guessed dataset (it was imagenet) nor, for a latency budget, a guessed image size."""
+    from lib.report.uniform import write_uniform
+    strategy = {"arch": "qmobilenetv2", "mode": mode, "preserve_ratio": 0.5, "metric": "latency",
+                "hardware": "bismo_cloud", "dataset": "mnist5k", "input_size": 32,
+                "width_mult": 0.25, "strategy": [[8, -1], [8, 8]] if mode == "linear" else [8, 8]}
+    del strategy[dropped]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(strategy))
+    with pytest.raises(UserError, match=f"has no '{dropped}'"):
+        write_uniform(str(path), str(tmp_path / "u.json"))
+    assert not os.path.exists(tmp_path / "u.json")
