@@ -181,3 +181,23 @@ def test_uniform_refuses_a_strategy_without_a_field_it_needs(tmp_path, mode, dro
     with pytest.raises(UserError, match=f"has no '{dropped}'"):
         write_uniform(str(path), str(tmp_path / "u.json"))
     assert not os.path.exists(tmp_path / "u.json")
+
+
+def test_real_pretrain_checkpoint_reaches_search_and_finetune(folder_and_weights, tmp_path):
+    """What pretrain.py itself records (not a hand-made checkpoint) is what the others read."""
+    import finetune
+    import pretrain
+    import rl_quantize
+    from lib.utils.checkpoint import load_checkpoint
+    root, _ = folder_and_weights
+    weights = str(tmp_path / "pre.pth.tar")
+    pretrain.main(["--dataset", root, "--input_size", "32", "--width_mult", "0.25", "--epochs",
+                   "1", "--batch_size", "8", "--workers", "0", "--output", weights,
+                   "--no-progress", "--device", "cpu"])
+    res = rl_quantize.main(["--pretrained_path", weights, "--output", str(tmp_path / "s")] + SMALL)
+    strategy = os.path.join(res["output"], "strategy.json")
+    finetune.main(["--strategy", strategy, "--pretrained_path", weights, "-c",
+                   str(tmp_path / "ft")] + FINETUNE)
+    ckpt = load_checkpoint(str(tmp_path / "ft" / "checkpoint.pth.tar"))
+    assert (ckpt["dataset"], ckpt["model_kwargs"]) == (
+        root, {"num_classes": 2, "input_size": 32, "width_mult": 0.25})
