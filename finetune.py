@@ -102,8 +102,9 @@ def get_args_parser():
                         "(linear mode swaps in QConv2d/QLinear where no Q twin exists); "
                         "default: the strategy's arch")
     p.add_argument("--width_mult", type=cli.width_mult, default=None,
-                   help="MobileNet width (default: the strategy's, else the pretrained checkpoint's, "
-                        "else the dataset's: 0.5 on mnist5k); one that disagrees with them is refused")
+                   help="MobileNet width (default: the strategy's, else the pretrained "
+                        "checkpoint's, else the dataset's: 0.5 on mnist5k); one that disagrees "
+                        "with them is refused")
     p.add_argument("--input_size", type=cli.input_size, default=None,
                    help="image size in pixels (default: the strategy's, else the pretrained "
                         "checkpoint's, else the dataset's: 224, 32 for mnist5k); one that "

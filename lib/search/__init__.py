@@ -14,7 +14,7 @@ from .methods import (METHODS, Method, build_agent, check_method_args, load_agen
 from .state import STATE_FILE, load_search_state, output_folder
 
 __all__ = ["build_cost", "build_env", "build_loaders", "build_model", "settle_from_pretrained",
-           "SearchConfig", "config_from_args", "resume_defaults", "resume_fields", "LOG_COLUMNS", "Search",
-           "follow_search", "play_episode", "run_search", "METHODS", "Method", "build_agent",
-           "check_method_args", "load_agent_weights", "methods_help", "STATE_FILE",
+           "SearchConfig", "config_from_args", "resume_defaults", "resume_fields", "LOG_COLUMNS",
+           "Search", "follow_search", "play_episode", "run_search", "METHODS", "Method",
+           "build_agent", "check_method_args", "load_agent_weights", "methods_help", "STATE_FILE",
            "load_search_state", "output_folder"]
