@@ -44,14 +44,17 @@ def get_args_parser():
     p.add_argument("-d", "--data", default=None, help="dataset root (default data/<data_name>)")
     p.add_argument("--data_name", default=None,
                    help=f"{', '.join(list_datasets())} or an ImageFolder root (default: the "
-                        "strategy's or checkpoint's dataset, else mnist5k)")
+                        "strategy's or checkpoint's dataset, else mnist5k; may differ from the "
+                        "strategy's, not from the pretrained checkpoint's)")
     p.add_argument("-j", "--workers", type=cli.workers_int, default=0, help="data loading workers")
     p.add_argument("--epochs", type=cli.positive_int, default=30)
     p.add_argument("--start_epoch", type=cli.nonneg_int, default=0,
                    help="first epoch (a resume overrides it); below --epochs")
     p.add_argument("--warmup_epoch", type=cli.nonneg_float, default=0,
                    help="epochs of linear lr warmup (at most --epochs)")
-    p.add_argument("--train_batch", type=cli.positive_int, default=256, help="per process")
+    p.add_argument("--train_batch", type=cli.positive_int, default=None,
+                   help="per process (default: 256, as released; 32 on the CPU above 64 px, "
+                        "where 256 needs about 20 GB; --lr is not rescaled)")
     p.add_argument("--test_batch", type=cli.positive_int, default=512)
     p.add_argument("--lr", "--learning-rate", type=cli.learning_rate, default=0.01)
     p.add_argument("--lr_type", default="cos", choices=LR_TYPES)
@@ -99,10 +102,13 @@ def get_args_parser():
                         "(linear mode swaps in QConv2d/QLinear where no Q twin exists); "
                         "default: the strategy's arch")
     p.add_argument("--width_mult", type=cli.width_mult, default=None,
-                   help="MobileNet width (default: the strategy's, else the dataset's: 0.5 on mnist5k)")
+                   help="MobileNet width (default: the strategy's, else the pretrained "
+                        "checkpoint's, else the dataset's: 0.5 on mnist5k); one that disagrees "
+                        "with them is refused")
     p.add_argument("--input_size", type=cli.input_size, default=None,
-                   help="image size in pixels (default: the strategy's, else the dataset's: 224, "
-                        "32 for mnist5k)")
+                   help="image size in pixels (default: the strategy's, else the pretrained "
+                        "checkpoint's, else the dataset's: 224, 32 for mnist5k); one that "
+                        "disagrees with them is refused")
     p.add_argument("--min_bit", type=cli.bit_width, default=1, help="lowest bit width a policy may use")
     p.add_argument("--max_bit", type=cli.bit_width, default=8, help="highest bit width a policy may use")
     p.add_argument("--manualSeed", type=cli.seed_int, default=2019, help="seed (set once, here)")

@@ -29,7 +29,8 @@ import torch
 
 from lib.search import (METHODS, STATE_FILE, Search, build_agent, build_env, build_loaders,
                         build_model, check_method_args, follow_search, load_agent_weights,
-                        load_search_state, methods_help, output_folder, play_episode, run_search)
+                        load_search_state, methods_help, output_folder, play_episode, run_search,
+                        settle_from_pretrained)
 from lib.search.state import base_name
 from lib.simulator.hardware import list_hardware
 from lib.utils import cli
@@ -56,8 +57,9 @@ def get_args_parser():
     p.add_argument("--suffix", default=None, type=cli.name_part,
                    help="suffix of the output folder name (letters, digits, '.', '_', '-')")
     # environment
-    p.add_argument("--dataset", default="imagenet", type=str,
-                   help="imagenet, imagenet100, mnist5k or an ImageFolder root")
+    p.add_argument("--dataset", default=None, type=str,
+                   help="imagenet, imagenet100, mnist5k or an ImageFolder root (default: the "
+                        "pretrained checkpoint's, else imagenet)")
     p.add_argument("--dataset_root", default=None, type=str,
                    help="dataset folder (default data/<dataset>, i.e. data/imagenet)")
     p.add_argument("--preserve_ratio", default=0.1, type=cli.fraction,
@@ -153,7 +155,8 @@ def get_args_parser():
     p.add_argument("--pretrained_path", default=None, type=str,
                    help="pretrained weights (default checkpoints/pretrained/<arch>[_<dataset>].pth.tar)")
     p.add_argument("--width_mult", default=None, type=cli.width_mult,
-                   help="MobileNet width (default: the dataset's, 0.5 on mnist5k)")
+                   help="MobileNet width (default: the pretrained checkpoint's, else the "
+                        "dataset's, 0.5 on mnist5k)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume_search", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue a stopped search: its output folder, or the latest run of "
@@ -162,8 +165,8 @@ def get_args_parser():
     cli.add_threads_argument(p)
     add_method_args(p)
     p.add_argument("--input_size", default=None, type=cli.input_size,
-                   help="image size in pixels (default: the dataset's, 224 or 32 for mnist5k); "
-                        "the cost table is traced at it")
+                   help="image size in pixels (default: the pretrained checkpoint's, else the "
+                        "dataset's, 224 or 32 for mnist5k); the cost table is traced at it")
     return p
 
 
@@ -215,6 +218,7 @@ def check_args(args):
         raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
                         "reference model at least as wide as any policy")
     cli.check_output_dir(args.output, "--output")
+    settle_from_pretrained(args)
 
 
 def main(argv=None):

@@ -431,7 +431,7 @@ def test_random_search_draws_differ_within_budget_and_resume_logs_once(cli_asset
     full = cli(cli_assets, tmp_path / "full", "random", episodes=4, extra=KMEANS)
     rl_quantize.main(full)
     ref = log_rows(folder_of(tmp_path / "full"))
-    policies = [r[-1] for r in ref]
+    policies = [r[6] for r in ref]
     assert [int(r[0]) for r in ref] == [0, 1, 2, 3]
     assert len(set(policies)) == 4                                   # a new draw per episode
     assert all(float(r[3]) <= 0.15 for r in ref)                     # within the budget
@@ -446,7 +446,7 @@ def test_random_search_draws_differ_within_budget_and_resume_logs_once(cli_asset
     folder = folder_of(tmp_path / "cut")
     rows = log_rows(folder)
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]                 # each episode once
-    assert [r[-1] for r in rows] == policies                         # the same draws
+    assert [r[6] for r in rows] == policies                         # the same draws
     s = load_strategy(os.path.join(folder, "strategy.json"))
     assert s["method"] == "random" and s["cost_ratio"] <= 0.15
     validate_strategy(s, names("mobilenetv2", False), "kmeans", min_bit=1, max_bit=4)
@@ -548,7 +548,7 @@ def test_replay_plays_one_policy_every_episode(cli_assets, tmp_path):
                          extra=KMEANS + ("--policy", source)))
     rows = log_rows(folder_of(tmp_path / "rep"))
     assert [int(r[0]) for r in rows] == [0, 1, 2]
-    assert all(json.loads(r[-1]) == policy for r in rows)
+    assert all(json.loads(r[6]) == policy for r in rows)
 
 
 def test_replay_refuses_a_policy_over_budget_or_without_policy(cli_assets, tmp_path, capsys):
@@ -587,8 +587,8 @@ def test_channels_last_search_plays_the_same_episodes(cli_assets, tmp_path, mode
         best = rl_quantize.main(cli(cli_assets, out, "random", episodes=2, extra=mode + flag))
         runs[bool(flag)] = (log_rows(folder_of(out)), best)
     (plain, _), (strided, best) = runs[False], runs[True]
-    assert [r[-1] for r in strided] == [r[-1] for r in plain]
+    assert [r[6] for r in strided] == [r[6] for r in plain]
     assert [float(r[2]) for r in strided] == pytest.approx([float(r[2]) for r in plain],
                                                            abs=100 / 32 + 1e-9)
-    assert best["policy"] == json.loads(plain[best["episode"]][-1])
+    assert best["policy"] == json.loads(plain[best["episode"]][6])
     assert formats == [False, True]

@@ -52,8 +52,11 @@ def _only_run(out):
 
 
 def _log_rows(folder):
+    """log.txt's lines without the episode's wall time, the one column that differs between runs."""
     with open(os.path.join(folder, "log.txt")) as f:
-        return f.read().splitlines()
+        rows = [ln.split("\t") for ln in f.read().splitlines()]
+    drop = rows[0].index("seconds")
+    return ["\t".join(r[:drop] + r[drop + 1:]) for r in rows]
 
 
 def _sha256(path):

@@ -148,6 +148,12 @@ class RunOutputs:
         s, r = self.setup, results
         out = {"arch": s.arch, "dataset": s.dataset, "mode": s.mode,
                "strategy_source": s.strategy.get("source"), "layers": len(s.layer_names),
+               # what was fine-tuned and its budget, as the strategy records them (None
+               # where it records none, e.g. a bare policy list)
+               "policy": s.strategy["strategy"], "layer_names": list(s.layer_names),
+               "metric": s.strategy.get("metric"), "cost_ratio": s.strategy.get("cost_ratio"),
+               "preserve_ratio": s.strategy.get("preserve_ratio"),
+               "model_kwargs": s.model_kwargs,
                "kl_max_bit": kl_max_bit,
                "fp32_top1": finite_or_none(r["fp32_top1"]),
                "quant_top1": finite_or_none(r["quant_top1"]),

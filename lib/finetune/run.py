@@ -32,6 +32,22 @@ def evaluate_model(model, loader, criterion, device, args):
                     amp=autocast_dtype(args, device))
 
 
+RELEASED_BATCH = 256
+# a MobileNet-V2 training step at 224 px holds about 80 MB per image on the CPU: 3.4 GB at
+# batch 32, about 20 GB at 256 (peak RSS of one float step)
+CPU_LARGE_IMAGE_BATCH = 32
+
+
+def default_train_batch(device, input_size):
+    """--train_batch when not given: the released 256 on a GPU or for small images (<= 64 px);
+    on the CPU at larger sizes 32, so a first run fits a laptop's memory."""
+    if torch.device(device).type != "cpu" or (input_size or 224) <= 64:
+        return RELEASED_BATCH
+    log.info("--train_batch %d (not given: the CPU default above 64 px; the released %d needs "
+             "about 20 GB for MobileNet-V2 at 224 px)", CPU_LARGE_IMAGE_BATCH, RELEASED_BATCH)
+    return CPU_LARGE_IMAGE_BATCH
+
+
 class Finetune:
     """One run: the model, its data, its quantization state and the epoch loop."""
 
@@ -40,6 +56,8 @@ class Finetune:
         self.outputs = RunOutputs(args, setup, folder, replaced)
         self.criterion = nn.CrossEntropyLoss()
         self.model = build_model(setup, args, device)
+        if args.train_batch is None:
+            args.train_batch = default_train_batch(device, setup.model_kwargs.get("input_size"))
         self.train_loader, self.val_loader, _ = get_dataset(
             setup.dataset, args.train_batch, args.workers, args.data, distributed=is_distributed(),
             train_subset=args.train_subset, val_batch_size=args.test_batch,

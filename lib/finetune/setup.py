@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
+from lib.utils.data_utils import list_datasets
+from lib.utils.recorded import pretrained_record, settle
 from lib.utils.run_utils import memory_format, model_kwargs_for
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
-from models import float_twin, get_model, list_models
+from models import default_pretrained_path, float_twin, get_model, list_models
 
 log = logging.getLogger("finetune")
 
@@ -81,6 +83,9 @@ def check_finetune_checkpoint(path, ckpt, evaluate):
 def setup_from_checkpoint(args, ckpt):
     check_finetune_checkpoint(args.resume, ckpt, args.evaluate)
     mode = ckpt["mode"]
+    for key in ("width_mult", "input_size"):   # the checkpoint's model is the one built
+        settle(f"--{key}", getattr(args, key), ckpt["model_kwargs"].get(key),
+               f"--resume '{args.resume}'")
     if args.linear_quantization is not None and args.linear_quantization != (mode == "linear"):
         raise UserError(f"--resume '{args.resume}' holds a {mode}-mode model; expected "
                         f"{'no ' if mode == 'kmeans' else ''}--linear_quantization")
@@ -113,12 +118,46 @@ def resolve_setup(args):
         mode = strategy["mode"]
     else:
         mode = "linear" if args.linear_quantization else "kmeans"
-    arch = _arch_for_mode(args.arch or strategy.get("arch") or DEFAULT_ARCH[mode], mode)
-    dataset = args.data_name or strategy.get("dataset") or "mnist5k"
-    width = args.width_mult if args.width_mult is not None else strategy.get("width_mult")
-    kwargs = model_kwargs_for(arch, dataset, args.data, width,
-                              args.input_size or strategy.get("input_size"))
+    src = f"the strategy '{strategy['source']}'"
+    arch = settle("--arch", args.arch, strategy.get("arch"), src, same=_same_arch)
+    arch = _arch_for_mode(arch or DEFAULT_ARCH[mode], mode)
+    dataset, kwargs = settle_model_settings(args, arch, strategy, src)
     return Setup(arch, mode, dataset, kwargs, strategy, foreign=ckpt)
+
+
+def _same_arch(a, b):
+    return float_twin(a) == float_twin(b)
+
+
+def settle_model_settings(args, arch, strategy, src):
+    """(dataset, model kwargs) from the flags, the strategy and the pretrained checkpoint.
+
+    Each setting comes from its flag, else the strategy, else the checkpoint pretrain.py
+    wrote, else the dataset's default; any two that disagree are a UserError (docs/design.md,
+    "source of truth"), except --data_name against the strategy: a policy may be fine-tuned
+    on another dataset than its search's (released: searched on imagenet100, fine-tuned on
+    imagenet). An older strategy without input_size is refused only where the dataset's
+    default would be a guess: an ImageFolder with nothing else recording a size.
+    """
+    dataset = args.data_name or strategy.get("dataset")
+    width = settle("--width_mult", args.width_mult, strategy.get("width_mult"), src)
+    size = settle("--input_size", args.input_size, strategy.get("input_size"), src)
+    record, weights = {}, None
+    if args.pretrained:   # --no-pretrained: no weights, so nothing of theirs to agree with
+        path = args.pretrained_path or default_pretrained_path(arch, dataset or "mnist5k")
+        record, weights = pretrained_record(path), f"the pretrained checkpoint '{path}'"
+    settle("--arch", arch, record.get("arch"), weights, same=_same_arch)
+    dataset = settle("the dataset", dataset, record.get("dataset"), weights) or "mnist5k"
+    width = settle("the width (--width_mult)", width, record.get("width_mult"), weights)
+    size = settle("the input size (--input_size)", size, record.get("input_size"), weights)
+    if size is None and "arch" in strategy and dataset not in list_datasets():
+        raise UserError(f"the strategy '{strategy['source']}' records no input_size (an older "
+                        f"file) and ImageFolder '{dataset}' has no standard size; expected "
+                        "--input_size of its search")
+    kwargs = model_kwargs_for(arch, dataset, args.data, width, size)
+    settle(f"the number of classes of {dataset}", kwargs["num_classes"],
+           record.get("num_classes"), weights)
+    return dataset, kwargs
 
 
 def build_model(setup, args, device):

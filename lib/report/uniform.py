@@ -38,8 +38,7 @@ def cost_model_for(strategy):
     from lib.utils.run_utils import model_kwargs_for
     from models import get_model
 
-    arch, dataset, linear = strategy["arch"], strategy.get("dataset", "imagenet"), \
-        strategy["mode"] == "linear"
+    arch, dataset, linear = strategy["arch"], strategy["dataset"], strategy["mode"] == "linear"
     kwargs = model_kwargs_for(arch, dataset, None, strategy.get("width_mult"),
                               strategy.get("input_size"))
     model = get_model(arch, linear=linear, **kwargs)
@@ -69,8 +68,11 @@ def uniform_strategy(strategy, bits, cost=None, names=None):
     if cost is None:
         cost, names = cost_model_for(strategy)
     policy = uniform_policy(bits, len(names), strategy["mode"] == "linear")
+    # the model's settings in full, so finetune.py builds the search's model (docs/design.md,
+    # "source of truth"); an older K-Means search without input_size passes on its absence
     out = {k: strategy.get(k) for k in ("arch", "mode", "metric", "hardware", "preserve_ratio",
-                                          "dataset", "width_mult", "min_bit", "max_bit")}
+                                          "dataset", "width_mult", "input_size", "num_classes",
+                                          "min_bit", "max_bit")}
     if strategy.get("cost_table") is not None:
         out["cost_table"] = strategy["cost_table"]
     out.update(cost_ratio=cost(policy) / cost.reference(), layers=names, strategy=policy,
@@ -105,8 +107,9 @@ def check_not_input(output, source):
 def read_search_strategy(path):
     """A search's strategy.json with the fields the uniform baseline needs, type-checked."""
     strategy = load_strategy(path)
-    needed = ["arch", "preserve_ratio"] + (["metric", "hardware"] if strategy["mode"] == "linear"
-                                           else [])
+    # linear mode's cost depends on the image size, K-Means mode's (weights) does not
+    needed = ["arch", "preserve_ratio", "dataset"] + (
+        ["metric", "hardware", "input_size"] if strategy["mode"] == "linear" else [])
     missing = [k for k in needed if strategy.get(k) is None]
     if missing:
         raise UserError(f"strategy file '{path}' has no '{missing[0]}'; expected a strategy.json "

@@ -13,6 +13,31 @@ from .config import config_from_args
 log = logging.getLogger("rl_quantize")
 
 
+def settle_from_pretrained(args):
+    """--dataset, --width_mult and --input_size from the pretrained checkpoint when not given.
+
+    The checkpoint (--pretrained_path, else the default path of --arch and --dataset)
+    is the source of truth (docs/design.md, "source of truth"): a flag that disagrees
+    with it, or a dataset with another number of classes, is a UserError naming both.
+    Weights that record nothing leave the flags to the dataset's defaults.
+    """
+    from lib.utils.data_utils import dataset_defaults
+    from lib.utils.recorded import pretrained_record, settle
+    from models import default_pretrained_path, float_twin
+    path = args.pretrained_path or default_pretrained_path(args.arch, args.dataset or "imagenet")
+    record = pretrained_record(path)
+    source = f"the pretrained checkpoint '{path}'"
+    settle("--arch", float_twin(args.arch), record.get("arch") and float_twin(record["arch"]),
+           source)
+    args.dataset = settle("--dataset", args.dataset, record.get("dataset"), source) or "imagenet"
+    args.width_mult = settle("--width_mult", args.width_mult, record.get("width_mult"), source)
+    args.input_size = settle("--input_size", args.input_size, record.get("input_size"), source)
+    if "num_classes" in record:
+        n = dataset_defaults(args.dataset, args.dataset_root).num_classes
+        settle(f"--dataset {args.dataset} (its number of classes)", n, record["num_classes"],
+               source)
+
+
 def build_model(args, device):
     """The pretrained model (Q archs and swapped models start from the float checkpoint)."""
     from lib.utils.data_utils import dataset_defaults

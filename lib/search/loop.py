@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from lib.env.torchrun import release_followers, run_follower, sync_from_main
-from lib.utils.checkpoint import save_checkpoint
+from lib.utils.checkpoint import atomic_write_text, save_checkpoint
 from lib.utils.errors import UserError, error_reason
 
 from .methods import METHODS
@@ -24,7 +24,10 @@ from .state import STATE_FILE, BEST_KEYS, check_resumable, cost_table_of, rng_st
 log = logging.getLogger("rl_quantize")
 
 PLOT_INTERVAL_S = 60
-LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy"]
+# seconds: the episode's wall time; warmup: 1 for a learning method's random warmup episodes.
+# Columns are only ever appended, so readers that go by the header keep working.
+LOG_COLUMNS = ["episode", "reward", "accuracy", "cost_ratio", "cost", "nonfinite", "policy",
+               "seconds", "warmup"]
 
 
 def play_episode(env, agent, episode):
@@ -40,15 +43,30 @@ def play_episode(env, agent, episode):
 
 
 def strategy_meta(args, env):
-    """What strategy.json records beside the policy (docs/design.md, "strategy.json")."""
+    """What strategy.json records beside the policy (docs/design.md, "strategy.json"): the
+    model's settings in full, so the fine-tune and the report take them from it."""
+    from lib.utils.data_utils import dataset_defaults
     meta = {"arch": args.arch, "mode": "linear" if args.linear_quantization else "kmeans",
             "metric": args.cost, "hardware": args.hardware if args.linear_quantization else None,
             "preserve_ratio": args.preserve_ratio, "dataset": args.dataset,
             "width_mult": args.width_mult, "min_bit": args.min_bit, "max_bit": args.max_bit,
-            "method": args.method, "input_size": args.input_size}
+            "method": args.method, "input_size": args.input_size,
+            "num_classes": dataset_defaults(args.dataset, args.dataset_root).num_classes}
     if (table := cost_table_of(env)) is not None:
         meta["cost_table"] = table
     return meta
+
+
+def complete_log_header(path):
+    """A resumed log.txt of an earlier version gets the columns appended since; its old rows
+    simply lack them (readers go by the header)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    header = lines[0].split("\t") if lines else []
+    if header != LOG_COLUMNS and header == LOG_COLUMNS[:len(header)]:
+        atomic_write_text(path, "\n".join(["\t".join(LOG_COLUMNS)] + lines[1:]) + "\n")
 
 
 class Search:
@@ -66,6 +84,7 @@ class Search:
         if state is not None:
             self._restore(state)
             trim_log(log_path, self.start)
+            complete_log_header(log_path)
             log.info("resuming %s at episode %d", out_dir, self.start)
         self.meta["original_accuracy"] = env.org_acc
         self.logger = Logger(log_path, LOG_COLUMNS, resume=state is not None)
@@ -106,14 +125,16 @@ class Search:
         for episode in range(self.start, total):
             start = time.time()
             info, losses = self.run_episode(episode)
-            info["episode"] = episode
-            self.record(episode, info, losses)
             elapsed = time.time() - start
+            info.update(episode=episode, seconds=elapsed)
+            self.record(episode, info, losses)
             left = (time.time() - t0) / (episode - self.start + 1) * (total - episode - 1)
             log.info("episode %d/%d  reward %.3f  acc %.2f  cost %.4f  (best %.2f @ %d, %.4f)  "
-                     "%.1fs  eta %dm%02ds", episode + 1, total, info["reward"], info["accuracy"],
+                     "%.1fs  eta %dm%02ds%s", episode + 1, total, info["reward"], info["accuracy"],
                      info["cost_ratio"], self.best["accuracy"], self.best["episode"],
-                     self.best["cost_ratio"], elapsed, left // 60, left % 60)
+                     self.best["cost_ratio"], elapsed, left // 60, left % 60,
+                     "  (warmup: random)" if self.method.learns and episode < self.args.warmup
+                     else "")
         self.writer.close()
         self.logger.close()
         if self.best is not None:
@@ -122,9 +143,11 @@ class Search:
 
     def record(self, episode, info, losses):
         """Log, track the best, then save the state (after the log line, see trim_log)."""
+        warmup = int(self.method.learns and episode < self.args.warmup)
         self.logger.append([episode, float(info["reward"]), float(info["accuracy"]),
                             float(info["cost_ratio"]), float(info["cost"]), int(info["nonfinite"]),
-                            json.dumps(info["policy"])])
+                            json.dumps(info["policy"]), round(float(info.get("seconds", 0.0)), 3),
+                            warmup])
         self.history.append({k: info[k] for k in ("episode", "reward", "accuracy", "cost_ratio")})
         # a NaN best (never expected: diverged episodes score 0%) must not block every later one
         improved = (self.best is None or info["reward"] > self.best["reward"]
@@ -147,12 +170,12 @@ class Search:
         if self.method.learns:
             w.add_scalar("info/exploration_sigma", self.agent.sigma(episode)
                          if episode >= self.args.warmup else 1.0, episode)
-        for i, bits in enumerate(info["policy"]):
-            if isinstance(bits, list):
-                w.add_scalar(f"bits_w/{i:03d}", bits[0], episode)
-                w.add_scalar(f"bits_a/{i:03d}", bits[1], episode)
-            else:
-                w.add_scalar(f"bits_w/{i:03d}", bits, episode)
+        # tags by layer name, the index first so TensorBoard lists them in model order
+        for i, (name, bits) in enumerate(zip(self.env.layer_names, info["policy"])):
+            w_bits, a_bits = bits if isinstance(bits, list) else (bits, None)
+            w.add_scalar(f"bits_w/{i:03d}_{name}", w_bits, episode)
+            if a_bits is not None:
+                w.add_scalar(f"bits_a/{i:03d}_{name}", a_bits, episode)
         losses = [lv for lv in losses if lv[0] is not None]
         if losses:
             w.add_scalar("loss/value", float(np.mean([lv[0] for lv in losses])), episode)

@@ -139,6 +139,10 @@ def check_method_args(args):
     if method.takes_policy != (args.policy is not None):
         raise UserError("--policy goes with --method replay (and replay needs it); expected "
                         "both or neither")
+    if method.learns and args.warmup >= args.train_episode:
+        log.warning("--warmup %d >= --train_episode %d: every episode is random, the agent never "
+                    "acts; expected --warmup below --train_episode (or --method random)",
+                    args.warmup, args.train_episode)
     if method.one_episode and args.train_episode != 1:
         log.info("--method %s evaluates one policy: one episode (--train_episode ignored)",
                  args.method)

@@ -558,8 +558,11 @@ def _eval_view(ds, input_size):
 def split_indices(n, val_size, train_size, seed=SEARCH_SPLIT_SEED):
     """Disjoint (val_idx, train_idx) from one fixed-seed shuffle of range(n)."""
     if val_size + train_size > n:
+        # the same val:train proportion, scaled down to fit
+        val = max(1, min(n - 1, n * val_size // (val_size + train_size)))
         raise UserError(f"val_size + train_size = {val_size + train_size} exceeds the "
-                        f"{n} images of the train split; expected at most {n}")
+                        f"{n} images of the train split; expected at most {n}, e.g. "
+                        f"--train_size {n - val} --val_size {val}")
     order = np.random.RandomState(seed).permutation(n)
     return order[:val_size].tolist(), order[val_size:val_size + train_size].tolist()
 

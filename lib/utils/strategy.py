@@ -212,8 +212,8 @@ def strategy_record(best, layer_names, meta):
               "accuracy": _rounded(best["accuracy"], 4), "episode": int(best["episode"]),
               "layers": list(layer_names), "strategy": best["policy"]}
     # Extra context (finetune.py needs only the fields above).
-    for key in ("dataset", "width_mult", "input_size", "min_bit", "max_bit", "original_accuracy",
-                "method", "cost_table"):
+    for key in ("dataset", "width_mult", "input_size", "num_classes", "min_bit", "max_bit",
+                "original_accuracy", "method", "cost_table"):
         if key in meta:
             record[key] = meta[key]
     if "original_accuracy" in meta:
