@@ -22,7 +22,7 @@ from lib.utils.errors import UserError
 
 from .plots import legend_below, plot_policy, pyplot, save, search_figure
 from .runs import (is_finetune, is_search, over_budget, policy_of, policy_sha256, read_log,
-                   read_results, same_policy, trained_strategy)
+                   read_finetune, same_policy)
 from .uniform import uniform_label
 
 log = logging.getLogger(__name__)
@@ -60,18 +60,6 @@ def read_search(folder, notes):
         return None
     return {"folder": folder, "strategy": strategy,
             "history": read_log(os.path.join(folder, "log.txt"))}
-
-
-def read_finetune(folder, notes):
-    results = read_results(folder)
-    if not isinstance(results, dict):
-        notes.append(f"{folder}: left out, its results.json is not an object")
-        return None
-    trained, where = trained_strategy(folder, results)
-    if trained is None:
-        notes.append(f"{folder}: left out, {where}")
-        return None
-    return {"folder": folder, "results": results, "strategy": trained}
 
 
 def _number(*values):

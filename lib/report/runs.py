@@ -139,24 +139,33 @@ def read_results(folder):
                      "a results.json written by finetune.py")
 
 
-def matching_results(folder, strategy, notes):
-    """The fine-tune's results.json if it trained ``strategy``'s policy, else None with a note.
-
-    ``notes`` collects one line per fine-tune left out and why.
-    """
+def read_finetune(folder, notes):
+    """{"folder", "results", "strategy"} of a fine-tune folder (``strategy``: the one it trained,
+    read by :func:`trained_strategy`), or None with a line in ``notes`` saying why it is left out."""
     results = read_results(folder)
     if not isinstance(results, dict):
-        notes.append(f"{folder}: results.json is not an object; left out")
+        notes.append(f"{folder}: left out, its results.json is not an object")
         return None
     trained, where = trained_strategy(folder, results)
     if trained is None:
         notes.append(f"{folder}: left out, {where}")
         return None
-    if not same_policy(policy_of(trained), policy_of(strategy)):
-        notes.append(f"{folder}: left out, it fine-tuned another policy (per its {where}) than "
-                     f"the one it is paired with")
+    return {"folder": folder, "results": results, "strategy": trained, "where": where}
+
+
+def matching_results(folder, strategy, notes):
+    """The fine-tune's results.json if it trained ``strategy``'s policy, else None with a note.
+
+    ``notes`` collects one line per fine-tune left out and why.
+    """
+    run = read_finetune(folder, notes)
+    if run is None:
         return None
-    return results
+    if not same_policy(policy_of(run["strategy"]), policy_of(strategy)):
+        notes.append(f"{folder}: left out, it fine-tuned another policy (per its {run['where']}) "
+                     f"than the one it is paired with")
+        return None
+    return run["results"]
 
 
 def over_budget(cost_ratio, budget):
