@@ -22,6 +22,7 @@ KINDS = ("weight", "activation")
 # Past any score a run computes (a non-finite loss is cached as 1e6, NONFINITE_SCORE): the
 # solver sums a few hundred of them, which must stay finite.
 MAX_SCORE = 1e12
+MAX_SECONDS = 1e9   # a scoring time past 30 years is not a measurement
 
 
 def save_scores(path, scores):
@@ -43,8 +44,10 @@ def _check_record(record, expect, kinds):
                 and all(is_real(v, -MAX_SCORE, MAX_SCORE) for v in row) for row in value)):
             raise ValueError(f"'{kind}' is not {shape[0]} rows of {shape[1]} numbers in "
                              f"[-{MAX_SCORE:g}, {MAX_SCORE:g}]")
-    for key, ok in (("n_images", is_int), ("baseline_loss", is_real),
-                    ("seconds", lambda v: is_real(v, 0))):
+    most = expect.get("requested_images")
+    for key, ok in (("n_images", lambda v: is_int(v, 1, most)),
+                    ("baseline_loss", lambda v: is_real(v, 0, MAX_SCORE)),
+                    ("seconds", lambda v: is_real(v, 0, MAX_SECONDS))):
         if not ok(record.get(key)):
             raise ValueError(f"'{key}' is {shown(record.get(key))}")
 
