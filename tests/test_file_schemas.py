@@ -279,7 +279,9 @@ def _state_paths(state):
     paths += [("best", k) for k in state["best"]] + [("best", "policy", 0),
                                                      ("best", "policy", -1)]
     paths += [("history", 0, k) for k in state["history"][0]]
-    paths += _leaves(state["env"], ("env",)) + _leaves(state["agent"], ("agent",), depth=0)
+    # generators' states are whole values to their own loaders (numpy's, torch's, Python's)
+    paths += _leaves(state["env"], ("env",), depth=0) + [("env", "evaluator", "passes")]
+    paths += _leaves(state["agent"], ("agent",), depth=0)
     paths += [("agent", "memory", k) for k in ("next_index", "size")]
     paths += _leaves(state["rng"], ("rng",), depth=0) + _leaves(state["args"], ("args",), 0)
     return paths
@@ -288,10 +290,14 @@ def _state_paths(state):
 def _unused(path, label, flags):
     """A mutation a resume may accept: an unknown key; a flag that does not define the search,
     or one left out (it takes its default, then must match); no user table (as None); the
-    target networks left out (an older state: they start as copies of the networks)."""
+    target networks left out (an older state: they start as copies of the networks); a past
+    episode's cost ratio at another finite value (only plotted; no policy to check it by); a
+    negative reward baseline (rewards are negative below the original accuracy)."""
     return (path is None or (path[0] == "args" and (path[1] not in flags or label.endswith(
         "missing"))) or (label.endswith("missing") and path in (
-            ("cost_table",), ("agent", "actor_target"), ("agent", "critic_target"))))
+            ("cost_table",), ("agent", "actor_target"), ("agent", "critic_target")))
+        or (path == ("history", 0, "cost_ratio") and label.endswith("huge"))
+        or (path == ("agent", "moving_average") and label.endswith("negative")))
 
 
 def test_every_mutated_search_state_field_is_refused_or_harmless(searched, tmp_path):

@@ -14,6 +14,7 @@ import random
 import numpy as np
 import torch
 
+from lib.env.base import REWARD_SCALE
 from lib.utils.checkpoint import load_checkpoint, remove_stale_tmp
 from lib.utils.errors import UserError
 from lib.utils.schema import is_int, is_real, shown
@@ -24,6 +25,7 @@ from .config import resume_defaults, resume_fields
 STATE_FILE = "search_state.pth.tar"
 BEST_KEYS = {"episode", "reward", "accuracy", "cost_ratio", "cost", "policy"}
 HISTORY_KEYS = {"episode", "reward", "accuracy", "cost_ratio"}
+MAX_PASSES = 1 << 32    # training passes of the search's short fine-tunes
 STATE_KEYS = {"args", "agent", "env", "episode", "best", "history", "rng"}
 
 
@@ -148,63 +150,85 @@ def check_policy(file, field, policy, env):
                  f"a width in [{lo}, {hi}] (the search's --min_bit/--max_bit){pin}")
 
 
-def _check_episode(file, field, row, keys):
-    """One episode's record: its index, reward, accuracy (percent) and cost ratio."""
+def _check_episode(file, field, row, keys, org_acc):
+    """One episode's record: its index, accuracy (percent), cost ratio, and the reward its
+    accuracy earns (paper eq. 4, against the saved original accuracy)."""
     if not isinstance(row, dict) or not set(keys) <= set(row):
         _bad(file, field, row, f"an object with {', '.join(sorted(keys))}")
     if not is_int(row["episode"]):
         _bad(file, f"{field}.episode", row["episode"], "a non-negative integer")
-    _check_number(file, f"{field}.reward", row["reward"])
     _check_number(file, f"{field}.accuracy", row["accuracy"], 0, 100)
     _check_number(file, f"{field}.cost_ratio", row["cost_ratio"], 0)
-    if "cost" in keys:
-        _check_number(file, f"{field}.cost", row["cost"], 0)
+    _check_number(file, f"{field}.reward", row["reward"])
+    _check_derived(file, f"{field}.reward", row["reward"],
+                   REWARD_SCALE * (row["accuracy"] - org_acc), "0.1 x (accuracy - env.org_acc)")
+
+
+def _check_derived(file, field, value, expected, how):
+    if not math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12):
+        _bad(file, field, value, f"{expected:.6g} = {how}")
+
+
+def _check_best(file, best, state, env, org_acc):
+    """The best episode's record, its policy in the search's range, its cost that policy's."""
+    _check_episode(file, "best", best, BEST_KEYS, org_acc)
+    if best["episode"] >= state["episode"]:
+        _bad(file, "best.episode", best["episode"], f"an episode before {state['episode']}")
+    check_policy(file, "best.policy", best["policy"], env)
+    _check_number(file, "best.cost", best["cost"], 0)
+    _check_derived(file, "best.cost", best["cost"], env.cost(best["policy"]),
+                   "the cost of best.policy")
+    _check_derived(file, "best.cost_ratio", best["cost_ratio"],
+                   best["cost"] / env.reference_cost(), "best.cost / the reference cost")
 
 
 def check_state_values(file, state, env):
     """UserError naming the first value of a search state that no search writes.
 
     What the loaders of the agent, env and generators cannot catch themselves: values read
-    only later (accuracies, the best policy written to strategy.json, counters).
+    only later (accuracies, the best policy written to strategy.json, counters), and those
+    that follow from others (a reward from its accuracy, a cost from its policy).
     """
     if not is_int(state["episode"]):
         _bad(file, "episode", state["episode"], "a non-negative integer")
+    saved_env = state["env"]
+    if not isinstance(saved_env, dict):
+        _bad(file, "env", saved_env, "the env's state (an object)")
+    org_acc = saved_env.get("org_acc")
+    _check_number(file, "env.org_acc", org_acc, 0, 100)
+    evaluator = saved_env.get("evaluator")
+    # the pass counter orders the fine-tune's data (without it the resume differs) and seeds
+    # a generator with seed + passes, which must stay far inside 64 bits
+    if hasattr(env.evaluator, "load_state_dict") and not (
+            isinstance(evaluator, dict) and is_int(evaluator.get("passes"), 0, MAX_PASSES)):
+        _bad(file, "env.evaluator", evaluator, f'{{"passes": an integer in [0, {MAX_PASSES}]}}')
     history = state["history"]
     if not isinstance(history, list) or len(history) != state["episode"]:
         raise UserError(f"--resume_search: '{file}' is inconsistent: 'history' is "
                         f"{shown(history)}; expected a list of {state['episode']} records, one "
                         "per episode run")
     for i, row in enumerate(history):
-        _check_episode(file, f"history[{i}]", row, HISTORY_KEYS)
+        _check_episode(file, f"history[{i}]", row, HISTORY_KEYS, org_acc)
         if row["episode"] != i:
             _bad(file, f"history[{i}].episode", row["episode"], f"{i}, its place in the list")
-    best = state["best"]
-    if best is not None:
-        _check_episode(file, "best", best, BEST_KEYS)
-        if best["episode"] >= state["episode"]:
-            _bad(file, "best.episode", best["episode"], f"an episode before {state['episode']}")
-        check_policy(file, "best.policy", best["policy"], env)
-    saved_env = state["env"]
-    if not isinstance(saved_env, dict):
-        _bad(file, "env", saved_env, "the env's state (an object)")
-    _check_number(file, "env.org_acc", saved_env.get("org_acc"), 0, 100)
-    evaluator = saved_env.get("evaluator")
-    if hasattr(env.evaluator, "load_state_dict") and not (
-            isinstance(evaluator, dict) and is_int(evaluator.get("passes"))):
-        # the pass counter orders the fine-tune's data: without it the resume differs
-        _bad(file, "env.evaluator", evaluator, '{"passes": a non-negative integer}')
-    _check_agent_counters(file, state["agent"])
+    if state["best"] is not None:
+        _check_best(file, state["best"], state, env, org_acc)
+    _check_agent_counters(file, state, env)
 
 
-def _check_agent_counters(file, agent):
-    """The DDPG agent's counters and baseline, which its loader copies unchecked (the
+def _check_agent_counters(file, state, env):
+    """The DDPG agent's counters and reward baseline, which its loader copies unchecked (the
     replay memory checks its own, lib.rl.memory)."""
+    agent = state["agent"]
     if not isinstance(agent, dict):
         _bad(file, "agent", agent, "the agent's state (an object)")
-    if agent.get("moving_average") is not None:
-        _check_number(file, "agent.moving_average", agent["moving_average"])
-    if "n_updates" in agent and not is_int(agent["n_updates"]):
-        _bad(file, "agent.n_updates", agent["n_updates"], "a non-negative integer")
+    if agent.get("moving_average") is not None:   # a mean of rewards, each within +-10
+        _check_number(file, "agent.moving_average", agent["moving_average"],
+                      -100 * REWARD_SCALE, 100 * REWARD_SCALE)
+    if "n_updates" in agent:   # at most n_update updates per step of each episode run
+        most = state["episode"] * env.n_steps * state["args"].get("n_update", 1)
+        if not is_int(agent["n_updates"], 0, most if is_int(most) else 0):
+            _bad(file, "agent.n_updates", agent["n_updates"], f"an integer in [0, {most}]")
 
 
 def check_resumable(out, start, best, history, train_episode):

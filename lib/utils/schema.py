@@ -6,6 +6,7 @@ the field and what it should hold, not in a crash later.  Numbers are matched by
 float's range must compare exactly rather than overflow in :func:`math.isfinite`.
 """
 import math
+import sys
 
 MAX_CLASSES = 100_000          # ImageNet-21k has 21,841
 INPUT_SIZES = (8, 1024)        # pixels: the range --input_size accepts
@@ -18,9 +19,10 @@ def is_int(value, lo=0, hi=None):
 
 
 def is_real(value, lo=-math.inf, hi=math.inf):
-    """``value`` is a finite int or float (not a bool) in [lo, hi]."""
+    """``value`` is a finite int or float (not a bool) in [lo, hi]; an int must convert to a
+    finite float, so arithmetic on it later cannot overflow."""
     if type(value) is int:
-        return lo <= value <= hi
+        return lo <= value <= hi and abs(value) <= sys.float_info.max
     return type(value) is float and math.isfinite(value) and lo <= value <= hi
 
 
