@@ -41,6 +41,7 @@ def _arch_for_mode(arch, mode):
 
 
 CKPT_EXPECTED = "expected a checkpoint written by finetune.py"
+MAX_INT = 1 << 62   # counts past this are no run's (and overflow torch's int64)
 
 
 def _percent(value):
@@ -52,7 +53,7 @@ def _percent(value):
 _CKPT_FIELDS = {
     "mode": (lambda v: isinstance(v, str) and v in ("kmeans", "linear"), None),
     "arch": (lambda v: isinstance(v, str), None),
-    "epoch": (is_int, None),
+    "epoch": (lambda v: is_int(v, 0, MAX_INT), None),
     "policy": (lambda v: isinstance(v, dict) and isinstance(v.get("strategy"), list), None),
     "acc": (_percent, "absent"),
     "best_acc": (_percent, "absent"),
@@ -61,14 +62,15 @@ _CKPT_FIELDS = {
     "quant_top1": (_percent, "null"),
     "kl_max_bit": (lambda v: is_int(v, 0, 8), "null"),
     "args": (lambda v: isinstance(v, dict) and (v.get("data") is None or isinstance(
-        v["data"], str)) and (v.get("train_subset") is None or is_int(v["train_subset"], 1)),
-        "null"),
+        v["data"], str)) and (v.get("train_subset") is None
+                              or is_int(v["train_subset"], 1, MAX_INT)), "null"),
 }
 
 
 def _model_kwargs_ok(kwargs):
     width = kwargs.get("width_mult") if isinstance(kwargs, dict) else None
-    return (isinstance(kwargs, dict) and is_int(kwargs.get("num_classes"), 1, MAX_CLASSES)
+    return (isinstance(kwargs, dict) and set(kwargs) <= {"num_classes", "input_size", "width_mult"}
+            and is_int(kwargs.get("num_classes"), 1, MAX_CLASSES)
             and (kwargs.get("input_size") is None or is_int(kwargs["input_size"], *INPUT_SIZES))
             and (width is None or (is_real(width) and 0 < width <= MAX_WIDTH_MULT)))
 
@@ -128,6 +130,10 @@ def resolve_setup(args):
         raise UserError(f"--resume '{args.resume}' was not written by finetune.py (it records no "
                         "policy); expected a finetune.py checkpoint, or start from other weights "
                         "with --pretrained_path")
+    if not args.strategy and ckpt is not None:
+        raise UserError(f"--resume '{args.resume}' records no policy (not written by "
+                        "finetune.py?); expected --strategy PATH|PRESET to evaluate its weights "
+                        "with, or a finetune.py checkpoint")
     if not args.strategy:
         raise UserError("no policy to fine-tune; expected --strategy PATH|PRESET (presets: "
                         f"{', '.join(list_presets())}) or --resume of a finetune.py checkpoint")
@@ -154,6 +160,12 @@ def build_model(setup, args, device):
     if not names:
         raise UserError(f"arch '{setup.arch}' has no Conv2d/Linear layers to quantize; expected "
                         "a CNN classifier")
-    setup.strategy = validate_strategy(setup.strategy, names, setup.mode, args.min_bit, args.max_bit)
+    try:
+        setup.strategy = validate_strategy(setup.strategy, names, setup.mode, args.min_bit,
+                                           args.max_bit)
+    except UserError as exc:
+        if setup.ckpt is None:
+            raise
+        raise UserError(f"--resume '{args.resume}': its 'policy' does not fit: {exc}") from None
     setup.layer_names = names
     return model
