@@ -166,7 +166,8 @@ def _as_bit(value, where, lo, hi, allow_unquantized):
         raise UserError(f"{where}: bit width {shown(value)} is not a number; expected {allowed}")
     if not isinstance(value, Integral):
         if not float(value).is_integer():
-            raise UserError(f"{where}: bit width {shown(value)} is not an integer; expected {allowed}")
+            raise UserError(f"{where}: bit width {shown(value)} is not an integer; "
+                            f"expected {allowed}")
         value = int(value)
     if allow_unquantized and value == UNQUANTIZED:
         return UNQUANTIZED
