@@ -89,12 +89,13 @@ _FIELDS = {
     "min_bit": _BIT_FIELD,
     "max_bit": _BIT_FIELD,
     "layers": (is_str_list, "a list of layer names (strings)"),
-    "episode": (is_int, "a non-negative integer"),
+    "episode": (lambda v: is_int(v, 0, 1 << 62), "a non-negative integer"),
     "accuracy": (lambda v: is_real(v, 0, 100), "a percentage in [0, 100]"),
     "original_accuracy": (lambda v: is_real(v, 0, 100), "a percentage in [0, 100]"),
     "cost_ratio": (lambda v: is_real(v, 0), "a non-negative number"),
     "cost": (lambda v: is_real(v, 0), "a non-negative number"),
-    "reward": (is_real, "a finite number"),
+    "reward": (lambda v: is_real(v, -10, 10), "a number in [-10, 10] (0.1 x an accuracy "
+               "difference in percent)"),
     "cost_table": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
                    and isinstance(v.get("sha256"), str), 'an object {"path", "sha256"}'),
 }
