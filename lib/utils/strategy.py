@@ -111,15 +111,12 @@ def _check_fields(data, path):
 
 
 def _check_policy(data, path):
-    """Every entry a width in [1, 8] ([w_bit, a_bit] pairs in linear mode, a_bit -1 allowed),
-    one per listed layer; the model's own range is checked later (:func:`validate_strategy`)."""
+    """Every entry a width in [1, 8] ([w_bit, a_bit] pairs in linear mode, a_bit -1 allowed);
+    the length and the model's own range are checked later (:func:`validate_strategy`)."""
     policy = data["strategy"]
     if not policy:
         raise UserError(f"strategy file '{path}': 'strategy' is empty; expected one entry per "
                         "quantizable layer")
-    if data["layers"] is not None and len(data["layers"]) != len(policy):
-        raise UserError(f"strategy file '{path}': {len(policy)} 'strategy' entries for "
-                        f"{len(data['layers'])} 'layers'; expected one entry per layer")
     for i, entry in enumerate(policy):
         where = f"strategy file '{path}': entry {i}"
         if data["mode"] == "kmeans":
