@@ -34,7 +34,8 @@ def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=
         expect = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
                   "requested_images": n_images,
                   "hessian_iters": hessian_iters if metric == "hessian" else None}
-        scores = load_scores(os.path.join(folder, CACHE_FILE), expect)
+        kinds = ("weight", "activation") if env.linear else ("weight",)
+        scores = load_scores(os.path.join(folder, CACHE_FILE), expect, kinds)
     if broadcast_values([scores is None])[0]:
         scores = layer_scores(env, metric, n_images, hessian_iters, seed)
         if main:

@@ -12,12 +12,17 @@ import numpy as np
 
 from lib.utils.checkpoint import atomic_write_json, read_json
 from lib.utils.errors import UserError
+from lib.utils.schema import is_int, is_real, shown
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "sensitivity.json"
 HEATMAP_FILE = "sensitivity.png"
 KINDS = ("weight", "activation")
+# Past any score a run computes (a non-finite loss is cached as 1e6, NONFINITE_SCORE): the
+# solver sums a few hundred of them, which must stay finite.
+MAX_SCORE = 1e12
+MAX_SECONDS = 1e9   # a scoring time past 30 years is not a measurement
 
 
 def save_scores(path, scores):
@@ -25,31 +30,54 @@ def save_scores(path, scores):
     atomic_write_json(path, record)
 
 
-def load_scores(path, expect):
+def _check_record(record, expect, kinds):
+    """ValueError naming the first field that does not hold what a scoring run writes."""
+    if not isinstance(record, dict):
+        raise ValueError(f"it holds a {type(record).__name__}, not the scores' object")
+    shape = (len(expect["layers"]), len(expect["bits"]))
+    for kind in KINDS:
+        value = record.get(kind)
+        if value is None and kind in kinds:
+            raise ValueError(f"it has no '{kind}' scores")
+        if value is not None and not (isinstance(value, list) and len(value) == shape[0] and all(
+                isinstance(row, list) and len(row) == shape[1]
+                and all(is_real(v, -MAX_SCORE, MAX_SCORE) for v in row) for row in value)):
+            raise ValueError(f"'{kind}' is not {shape[0]} rows of {shape[1]} numbers in "
+                             f"[-{MAX_SCORE:g}, {MAX_SCORE:g}]")
+    most = expect.get("requested_images")
+    for key, ok in (("n_images", lambda v: is_int(v, 1, most)),
+                    ("baseline_loss", lambda v: is_real(v, 0, MAX_SCORE)),
+                    ("seconds", lambda v: is_real(v, 0, MAX_SECONDS))):
+        if not ok(record.get(key)):
+            raise ValueError(f"'{key}' is {shown(record.get(key))}")
+
+
+def load_scores(path, expect, kinds=("weight",)):
     """The cached scores at ``path`` if they match ``expect`` (metric, bits, layers, n_images).
 
-    Returns None when the file is missing, unreadable or made for something else.
+    ``kinds``: the score tables the caller needs. Returns None (and the caller scores
+    again) when the file is missing, unreadable, made for something else, or holds a value
+    no scoring run writes: a score that is not a finite number within +-MAX_SCORE, a
+    table of the wrong shape, a non-numeric count.
     """
     if not os.path.isfile(path):
         return None
     try:
         record = read_json(path, "sensitivity cache", "the scores of an earlier run")
-        if not isinstance(record, dict):
-            raise ValueError(f"it holds a {type(record).__name__}, not the scores' object")
-        differs = [k for k, v in expect.items() if record.get(k) != v]
-        if differs:
-            log.info("%s was scored with another %s; scoring again", path, differs[0])
-            return None
-        for kind in KINDS:
-            if record.get(kind) is not None:
-                record[kind] = np.asarray(record[kind], dtype=np.float64)
-                if record[kind].shape != (len(expect["layers"]), len(expect["bits"])):
-                    raise ValueError(f"'{kind}' has shape {record[kind].shape}")
+        if isinstance(record, dict):
+            differs = [k for k, v in expect.items() if record.get(k) != v]
+            if differs:
+                log.info("%s was scored with another %s; scoring again", path, differs[0])
+                return None
+        _check_record(record, expect, kinds)
     except (UserError, ValueError) as exc:
         log.warning("ignoring %s (%s); scoring again", path, exc)
         return None
+    for kind in KINDS:
+        if record.get(kind) is not None:
+            record[kind] = np.asarray(record[kind], dtype=np.float64)
     log.info("sensitivity scores from %s (%s, %.1fs when computed)", path, record["metric"],
-             record.get("seconds", float("nan")))
+             record["seconds"])
     return record
 
 

@@ -8,6 +8,7 @@ from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 from lib.utils.data_utils import list_datasets
 from lib.utils.recorded import pretrained_record, settle
+from lib.utils.schema import INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_real, shown
 from lib.utils.run_utils import memory_format, model_kwargs_for
 from lib.utils.strategy import list_presets, load_strategy, validate_strategy
 from models import default_pretrained_path, float_twin, get_model, list_models
@@ -42,39 +43,63 @@ def _arch_for_mode(arch, mode):
 
 
 CKPT_EXPECTED = "expected a checkpoint written by finetune.py"
+MAX_INT = 1 << 62   # counts past this are no run's (and overflow torch's int64)
 
 
-def _positive_int(value):
-    return type(value) is int and value > 0
+def _percent(value):
+    return is_real(value, 0, 100)
+
+
+# field -> (check, what may stand in for a value: None (nothing), "absent" (the key may be
+# missing) or "null" (missing or null)); what a checkpoint written by finetune.py holds
+_CKPT_FIELDS = {
+    "mode": (lambda v: isinstance(v, str) and v in ("kmeans", "linear"), None),
+    "arch": (lambda v: isinstance(v, str), None),
+    "epoch": (lambda v: is_int(v, 0, MAX_INT), None),
+    "policy": (lambda v: isinstance(v, dict) and isinstance(v.get("strategy"), list), None),
+    "acc": (_percent, "absent"),
+    "best_acc": (_percent, "absent"),
+    "dataset": (lambda v: isinstance(v, str), "null"),
+    "fp32_top1": (_percent, "null"),
+    "quant_top1": (_percent, "null"),
+    "kl_max_bit": (lambda v: is_int(v, 0, 8), "null"),
+    "args": (lambda v: isinstance(v, dict) and (v.get("data") is None or isinstance(
+        v["data"], str)) and (v.get("train_subset") is None
+                              or is_int(v["train_subset"], 1, MAX_INT)), "null"),
+}
+
+
+def _model_kwargs_ok(kwargs):
+    width = kwargs.get("width_mult") if isinstance(kwargs, dict) else None
+    return (isinstance(kwargs, dict) and set(kwargs) <= {"num_classes", "input_size", "width_mult"}
+            and is_int(kwargs.get("num_classes"), 1, MAX_CLASSES)
+            and (kwargs.get("input_size") is None or is_int(kwargs["input_size"], *INPUT_SIZES))
+            and (width is None or (is_real(width) and 0 < width <= MAX_WIDTH_MULT)))
 
 
 def check_finetune_checkpoint(path, ckpt, evaluate):
     """UserError unless ``ckpt`` has the fields of a finetune.py checkpoint, well typed.
 
     Checked before any model is built, so an edited or older file is a one-line error
-    naming the field, not a KeyError or TypeError deep in model construction or logging.
+    naming the field, not a KeyError or TypeError deep in model construction, in logging,
+    or after a trained epoch (a best_acc that is not a number).
     """
     def bad(field, value):
-        raise UserError(f"--resume '{path}': '{field}' is {value!r}; {CKPT_EXPECTED}")
-    if ckpt.get("mode") not in ("kmeans", "linear"):
-        bad("mode", ckpt.get("mode"))
-    kwargs = ckpt.get("model_kwargs")
-    if not isinstance(kwargs, dict) or not _positive_int(kwargs.get("num_classes")) or not (
-            kwargs.get("input_size") is None or _positive_int(kwargs.get("input_size"))):
-        bad("model_kwargs", kwargs)
-    width = kwargs.get("width_mult")
-    if width is not None and (type(width) not in (int, float) or not 0 < width <= 8):
-        bad("model_kwargs", kwargs)
-    if not isinstance(ckpt.get("arch"), str):
-        bad("arch", ckpt.get("arch"))
-    epoch = ckpt.get("epoch")
-    if type(epoch) is not int or epoch < 0:
-        bad("epoch", epoch)
+        raise UserError(f"--resume '{path}': '{field}' is {shown(value)}; {CKPT_EXPECTED}")
+    for key, (ok, empty) in _CKPT_FIELDS.items():
+        if key not in ckpt and empty is not None:
+            continue
+        if not (ok(ckpt.get(key)) or (empty == "null" and ckpt.get(key) is None)):
+            bad(key, ckpt.get(key))
+    if not _model_kwargs_ok(ckpt.get("model_kwargs")):
+        bad("model_kwargs", ckpt.get("model_kwargs"))
     codebooks = ckpt.get("codebooks")
     if codebooks is not None and not (isinstance(codebooks, dict) and all(
             isinstance(c, dict) for c in codebooks.values())):
         bad("codebooks", type(codebooks).__name__ if not isinstance(codebooks, dict)
             else "a dict with non-dict entries")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        bad("state_dict", type(ckpt.get("state_dict")).__name__)
     if not evaluate and not isinstance(ckpt.get("optimizer"), dict):
         raise UserError(f"--resume '{path}' holds no optimizer state, so training cannot "
                         f"continue from it; {CKPT_EXPECTED}, or -e to evaluate it")
@@ -110,6 +135,10 @@ def resolve_setup(args):
         raise UserError(f"--resume '{args.resume}' was not written by finetune.py (it records no "
                         "policy); expected a finetune.py checkpoint, or start from other weights "
                         "with --pretrained_path")
+    if not args.strategy and ckpt is not None:
+        raise UserError(f"--resume '{args.resume}' records no policy (not written by "
+                        "finetune.py?); expected --strategy PATH|PRESET to evaluate its weights "
+                        "with, or a finetune.py checkpoint")
     if not args.strategy:
         raise UserError("no policy to fine-tune; expected --strategy PATH|PRESET (presets: "
                         f"{', '.join(list_presets())}) or --resume of a finetune.py checkpoint")
@@ -170,6 +199,12 @@ def build_model(setup, args, device):
     if not names:
         raise UserError(f"arch '{setup.arch}' has no Conv2d/Linear layers to quantize; expected "
                         "a CNN classifier")
-    setup.strategy = validate_strategy(setup.strategy, names, setup.mode, args.min_bit, args.max_bit)
+    try:
+        setup.strategy = validate_strategy(setup.strategy, names, setup.mode, args.min_bit,
+                                           args.max_bit)
+    except UserError as exc:
+        if setup.ckpt is None:
+            raise
+        raise UserError(f"--resume '{args.resume}': its 'policy' does not fit: {exc}") from None
     setup.layer_names = names
     return model

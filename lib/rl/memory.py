@@ -69,7 +69,10 @@ class ReplayMemory:
         if arrays["states"].shape != self.states.shape:
             raise ValueError(f"replay memory shape {arrays['states'].shape} does not match "
                              f"{self.states.shape}")
+        counters = [state["next_index"], state["size"]]
+        if not all(type(c) is int and 0 <= c <= len(self.states) for c in counters):
+            raise ValueError(f"replay memory counters {counters} are not in [0, "
+                             f"{len(self.states)}]")
         for key, value in arrays.items():
             getattr(self, key)[...] = value
-        self.next_index = int(state["next_index"])
-        self.size = int(state["size"])
+        self.next_index, self.size = counters

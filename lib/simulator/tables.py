@@ -162,11 +162,53 @@ def table_record(data, path):
     return {"path": os.path.abspath(path), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _read_user_table(path, expected_sha256=None):
-    """(bytes, record) of the table file at ``path``, checked against a recorded hash if given."""
+NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npy_header(f, path, expected):
+    """Shape and dtype from the open .npy file's header, checked before any data is read."""
+    start = f.read(len(NPY_MAGIC))
+    if start[:2] == b"PK":   # a zip archive: .npz
+        raise UserError(f"cost table '{path}' is an .npz archive; expected a single .npy array "
+                        f"of shape {expected} (np.save)")
+    if start != NPY_MAGIC:
+        raise UserError(f"cost table '{path}' is not a .npy file (it does not start with "
+                        f"\\x93NUMPY); expected an array of shape {expected} saved by np.save")
+    f.seek(0)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"format version {version[0]}.{version[1]} is not supported")
+        shape, _, dtype = _NPY_HEADERS[version](f)
+    except ValueError as exc:
+        raise UserError(f"cost table '{path}' has an unreadable .npy header "
+                        f"({str(exc).splitlines()[0][:100]}); expected an array of shape "
+                        f"{expected} saved by np.save") from None
+    if dtype.hasobject:
+        raise UserError(f"cannot read cost table '{path}' as .npy (it holds pickled objects); "
+                        f"expected a numeric array of shape {expected}")
+    if dtype.kind not in "iuf":
+        raise UserError(f"cost table '{path}' holds {dtype.name} values; expected real numbers "
+                        f"(integer or float) of shape {expected}")
+    if shape != expected:
+        raise UserError(f"cost table '{path}' has shape {shape}; expected {expected} "
+                        "indexed [layer, w_bit-1, a_bit-1]")
+    size = f.tell() + int(np.prod(shape)) * dtype.itemsize
+    if os.fstat(f.fileno()).st_size != size:
+        raise UserError(f"cost table '{path}' is {os.fstat(f.fileno()).st_size} bytes; its header "
+                        f"describes {size} (a truncated or padded file?)")
+
+
+def _read_user_table(path, expected, expected_sha256=None):
+    """(bytes, record) of the table file at ``path``, its header and size checked before it is
+    read whole, and its content against a recorded hash if given."""
     if not os.path.isfile(path):
         raise UserError(f"cost table '{path}' not found; expected a .npy array file")
     with open(path, "rb") as f:
+        _check_npy_header(f, path, expected)
+        f.seek(0)
         data = f.read()
     record = table_record(data, path)
     if expected_sha256 is not None and record["sha256"] != expected_sha256:
@@ -176,22 +218,18 @@ def _read_user_table(path, expected_sha256=None):
     return data, record
 
 
-def _parse_table(data, path, expected):
-    """The array in .npy bytes; archives, pickled objects and non-real values are refused."""
-    if data[:2] == b"PK":   # a zip archive: .npz
-        raise UserError(f"cost table '{path}' is an .npz archive; expected a single .npy array "
-                        f"of shape {expected} (np.save)")
-    try:
-        table = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
-        why = "it holds pickled objects" if "allow_pickle" in str(exc) else str(exc)
-        raise UserError(f"cannot read cost table '{path}' as .npy ({why}); expected a numeric "
-                        f"array of shape {expected}") from None
-    if not isinstance(table, np.ndarray) or table.dtype.kind not in "iuf":
-        kind = getattr(getattr(table, "dtype", None), "name", type(table).__name__)
-        raise UserError(f"cost table '{path}' holds {kind} values; expected real numbers "
-                        f"(integer or float) of shape {expected}")
-    return table
+def _check_monotone(table, path):
+    """A wider operand never costs less: a table falling as bits grow (e.g. its axes swapped
+    or reversed) would make every budget look unreachable or free."""
+    for axis, kind in ((1, "weight"), (2, "activation")):
+        falls = np.argwhere(np.diff(table, axis=axis) < 0)
+        if len(falls):
+            layer, w, a = (int(v) for v in falls[0])
+            wider = (layer, w + (axis == 1), a + (axis == 2))
+            raise UserError(f"cost table '{path}': layer {layer} costs {table[layer, w, a]:g} at "
+                            f"w{w + 1}a{a + 1} but {table[wider]:g} at w{wider[1] + 1}a"
+                            f"{wider[2] + 1}; expected costs that do not fall as {kind} bits "
+                            "grow (index [layer, w_bit-1, a_bit-1])")
 
 
 def load_user_table(path, n_layers, max_bit=8, expected_sha256=None):
@@ -204,11 +242,8 @@ def load_user_table(path, n_layers, max_bit=8, expected_sha256=None):
     cost ratio divides by it.
     """
     expected = (n_layers, max_bit, max_bit)
-    data, record = _read_user_table(path, expected_sha256)
-    table = _parse_table(data, path, expected)
-    if table.shape != expected:
-        raise UserError(f"cost table '{path}' has shape {table.shape}; expected {expected} "
-                        "indexed [layer, w_bit-1, a_bit-1]")
+    data, record = _read_user_table(path, expected, expected_sha256)
+    table = np.load(io.BytesIO(data), allow_pickle=False)
     table = table.astype(np.float64)
     if not np.all(np.isfinite(table)) or np.any(table < 0):
         raise UserError(f"cost table '{path}' must hold finite non-negative numbers")
@@ -217,4 +252,5 @@ def load_user_table(path, n_layers, max_bit=8, expected_sha256=None):
     if not (np.isfinite(reference) and reference > 0):
         raise UserError(f"cost table '{path}': the reference cost (sum of the w8a8 entries "
                         f"[:, 7, 7]) is {reference}; expected a positive finite number")
+    _check_monotone(table, path)
     return table, record

@@ -254,6 +254,14 @@ def load_state_dict(model, state_dict, source="checkpoint"):
         raise UserError(f"{source} does not fit the model: '{k}' has shape "
                         f"{_shape(state_dict[k])}, expected {tuple(own[k].shape)} "
                         f"({len(bad)} tensors differ; wrong --arch, --width_mult or dataset?)")
+    # copy_() would cast int64 codes or rounded weights silently into float parameters
+    cast = [k for k, v in state_dict.items() if k in own and own[k].is_floating_point()
+            and not v.is_floating_point()]
+    if cast:
+        k = cast[0]
+        raise UserError(f"{source} holds {str(state_dict[k].dtype)[6:]} values in "
+                        f"{_names(cast)}; expected floating-point weights ({len(cast)} tensors "
+                        "are not)")
     nonfinite = [k for k, v in state_dict.items() if k in own and torch.is_tensor(v)
                  and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:

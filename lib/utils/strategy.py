@@ -13,15 +13,16 @@ against the model's quantizable layers (length, names, bit ranges) and raises a
 """
 import copy
 import json
-import math
 import os
 from numbers import Integral, Real
 
 from .checkpoint import atomic_write_json, finite_or_none, read_json
 from .errors import UserError
+from .schema import INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_real, is_str_list, shown
 
 MODES = ("kmeans", "linear")
 UNQUANTIZED = -1   # linear mode: an activation left in floating point (the image input)
+MAX_BIT = 8        # the widest width a search picks (--max_bit's limit)
 
 # The released search results (docs/design.md section 6), in model.modules() order. Presets carry
 # no layer names: validation takes them from the model, so only the length is checked.
@@ -65,8 +66,7 @@ def _read_json(path):
 
 
 def _finite_in(value, lo, hi):
-    return (isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-            and lo < value <= hi)
+    return is_real(value) and lo < value <= hi
 
 
 # min_bit and max_bit share one check
@@ -80,10 +80,24 @@ _FIELDS = {
     "dataset": (lambda v: isinstance(v, str) and v != "", "a dataset name (string)"),
     "metric": (lambda v: isinstance(v, str), "a cost metric name (string)"),
     "hardware": (lambda v: isinstance(v, str), "a hardware preset name (string)"),
-    "width_mult": (lambda v: _finite_in(v, 0, 8), "a number in (0, 8]"),
+    "method": (lambda v: isinstance(v, str), "an allocation method name (string)"),
+    "width_mult": (lambda v: _finite_in(v, 0, MAX_WIDTH_MULT), "a number in (0, 8]"),
+    "input_size": (lambda v: is_int(v, *INPUT_SIZES),
+                   "an integer in [{}, {}] (pixels, as --input_size)".format(*INPUT_SIZES)),
+    "num_classes": (lambda v: is_int(v, 1, MAX_CLASSES), f"an integer in [1, {MAX_CLASSES}]"),
     "preserve_ratio": (lambda v: _finite_in(v, 0, 1), "a number in (0, 1]"),
     "min_bit": _BIT_FIELD,
     "max_bit": _BIT_FIELD,
+    "layers": (is_str_list, "a list of layer names (strings)"),
+    "episode": (lambda v: is_int(v, 0, 1 << 62), "a non-negative integer"),
+    "accuracy": (lambda v: is_real(v, 0, 100), "a percentage in [0, 100]"),
+    "original_accuracy": (lambda v: is_real(v, 0, 100), "a percentage in [0, 100]"),
+    "cost_ratio": (lambda v: is_real(v, 0), "a non-negative number"),
+    "cost": (lambda v: is_real(v, 0), "a non-negative number"),
+    "reward": (lambda v: is_real(v, -10, 10), "a number in [-10, 10] (0.1 x an accuracy "
+               "difference in percent)"),
+    "cost_table": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
+                   and isinstance(v.get("sha256"), str), 'an object {"path", "sha256"}'),
 }
 
 
@@ -92,8 +106,26 @@ def _check_fields(data, path):
     for key, (ok, expected) in _FIELDS.items():
         value = data.get(key)
         if value is not None and not ok(value):
-            raise UserError(f"strategy file '{path}': '{key}' is {json.dumps(value)[:60]}; "
+            raise UserError(f"strategy file '{path}': '{key}' is {shown(value)}; "
                             f"expected {expected}")
+
+
+def _check_policy(data, path):
+    """Every entry a width in [1, 8] ([w_bit, a_bit] pairs in linear mode, a_bit -1 allowed);
+    the length and the model's own range are checked later (:func:`validate_strategy`)."""
+    policy = data["strategy"]
+    if not policy:
+        raise UserError(f"strategy file '{path}': 'strategy' is empty; expected one entry per "
+                        "quantizable layer")
+    for i, entry in enumerate(policy):
+        where = f"strategy file '{path}': entry {i}"
+        if data["mode"] == "kmeans":
+            _as_bit(entry, where, 1, MAX_BIT, allow_unquantized=False)
+        elif not isinstance(entry, list) or len(entry) != 2:
+            raise UserError(f"{where} is {shown(entry)}; expected a [w_bit, a_bit] pair")
+        else:
+            _as_bit(entry[0], where + " weights", 1, MAX_BIT, False)
+            _as_bit(entry[1], where + " activations", 1, MAX_BIT, True)
 
 
 def load_strategy(path_or_preset, flag="--strategy"):
@@ -120,6 +152,7 @@ def load_strategy(path_or_preset, flag="--strategy"):
     if data.get("mode") is None:
         data["mode"] = infer_mode(data["strategy"])
     data.setdefault("layers", None)
+    _check_policy(data, path_or_preset)
     data["source"] = os.path.abspath(path_or_preset)
     return data
 
@@ -128,10 +161,11 @@ def _as_bit(value, where, lo, hi, allow_unquantized):
     """One bit width as int; UserError naming ``where`` and the allowed range otherwise."""
     allowed = f"{'-1 or ' if allow_unquantized else ''}an integer in [{lo}, {hi}]"
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise UserError(f"{where}: bit width {value!r} is not a number; expected {allowed}")
+        raise UserError(f"{where}: bit width {shown(value)} is not a number; expected {allowed}")
     if not isinstance(value, Integral):
         if not float(value).is_integer():
-            raise UserError(f"{where}: bit width {value!r} is not an integer; expected {allowed}")
+            raise UserError(f"{where}: bit width {shown(value)} is not an integer; "
+                            f"expected {allowed}")
         value = int(value)
     if allow_unquantized and value == UNQUANTIZED:
         return UNQUANTIZED
