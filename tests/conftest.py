@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 
@@ -12,6 +13,17 @@ if ROOT not in sys.path:
 # cores, tiny ops with 2 spinning threads run up to 100x slower whenever another process
 # is busy.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def root_log_handlers():
+    """Put the root logger's handlers back after each test: a CLI run in-process points them
+    at the test's captured stderr (setup_logging), which pytest closes when the test ends."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = saved
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)
