@@ -140,7 +140,7 @@ def test_full_disk_is_one_line_naming_the_path_and_keeps_the_old_file(tmp_path, 
 
 
 def test_real_torch_save_on_a_full_disk(tmp_path, monkeypatch):
-    """torch.save itself turns the file's ENOSPC into 'unexpected pos'; that reads as a full disk."""
+    """torch.save turns the file's ENOSPC into 'unexpected pos'; that reads as a full disk."""
     import lib.utils.checkpoint as checkpoint
     real_fdopen = os.fdopen
 

@@ -211,7 +211,8 @@ def validate_strategy(strategy, layer_names, mode, min_bit=1, max_bit=8):
     ``layer_names``: the model's quantizable layers in policy order; ``mode``: 'kmeans' or
     'linear'. K-Means entries are weight bits in [min_bit, max_bit]; linear entries are
     [w_bit, a_bit] pairs with w_bit in [min_bit, max_bit] and a_bit in [min_bit, max_bit]
-    or -1 (unquantized input); the first and last layers may also hold LINEAR_PIN_BIT. The copy has int bits, ``mode`` and ``layers`` filled in.
+    or -1 (unquantized input); the first and last layers may also hold LINEAR_PIN_BIT. The copy
+    has int bits, ``mode`` and ``layers`` filled in.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
