@@ -1,6 +1,8 @@
+import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -109,6 +111,68 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         save_checkpoint({"acc": np.float64(1.0)}, path)
     assert open(path).read().strip().startswith("{")
     assert os.listdir(tmp_path) == ["s.json"]
+
+
+def _full_disk(exc):
+    """A torch.save that writes part of the file, then fails as a full disk makes it fail."""
+    def save(obj, f):
+        f.write(b"PK partial")
+        raise exc
+    return save
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[enforce fail at inline_container.cc:778] . unexpected pos 1024 vs 960"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded")], ids=["torch", "enospc", "edquot"])
+def test_full_disk_is_one_line_naming_the_path_and_keeps_the_old_file(tmp_path, monkeypatch, exc):
+    path = str(tmp_path / "checkpoint.pth.tar")
+    save_checkpoint({"epoch": 1}, path)
+    before = open(path, "rb").read()
+    monkeypatch.setattr(torch, "save", _full_disk(exc))
+    with pytest.raises(UserError) as info:
+        save_checkpoint({"epoch": 2}, path)
+    msg = str(info.value)
+    assert "\n" not in msg and f"'{path}'" in msg and f"free in '{tmp_path}'" in msg
+    assert re.search(r"\d (GiB|MiB) free", msg)
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]      # no temporary file left
+    assert open(path, "rb").read() == before
+
+
+def test_real_torch_save_on_a_full_disk(tmp_path, monkeypatch):
+    """torch.save turns the file's ENOSPC into 'unexpected pos'; that reads as a full disk."""
+    import lib.utils.checkpoint as checkpoint
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = str(tmp_path / "checkpoint.pth.tar")
+    save_checkpoint({"epoch": 1}, path)
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(UserError, match="could not write .*checkpoint.pth.tar.* free in"):
+        save_checkpoint({"w": torch.zeros(1000)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+    assert load_checkpoint(path) == {"epoch": 1}
+
+
+def test_other_write_failures_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth.tar")
+    for exc in (RuntimeError("a bug"), OSError(errno.EACCES, "Permission denied")):
+        monkeypatch.setattr(torch, "save", _full_disk(exc))
+        with pytest.raises(type(exc)):
+            save_checkpoint({"epoch": 2}, path)
+        assert os.listdir(tmp_path) == []
 
 
 def test_logger_and_accuracy(tmp_path):

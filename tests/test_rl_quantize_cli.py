@@ -128,6 +128,27 @@ def test_linear_search_writes_valid_strategy(assets, tmp_path):
     resolve_linear_policy(model, dict(zip(s["layers"], s["strategy"])))
 
 
+def test_linear_search_below_8_bits_feeds_finetune_at_the_same_max_bit(assets, tmp_path):
+    """--max_bit 6: the search pins its end layers at 8 bits; finetune.py --max_bit 6 takes them."""
+    import finetune
+    out = tmp_path / "search"
+    rl_quantize.main(common(assets, out, episodes=2) + [
+        "--arch", "qmobilenetv2", "--linear_quantization", "--cost_table", assets["table"],
+        "--preserve_ratio", "0.5", "--min_bit", "5", "--max_bit", "6"])
+    path = os.path.join(run_dir(out), "strategy.json")
+    s = load_strategy(path)
+    assert s["strategy"][0] == [8, -1] and s["strategy"][-1] == [8, 8]
+    assert all(5 <= b <= 6 for w, a in s["strategy"][1:-1] for b in (w, a))
+    res = finetune.main(["--strategy", path, "--pretrained_path", assets["ckpt"], "--min_bit", "5",
+                         "--max_bit", "6", "-c", str(tmp_path / "ft"), "--epochs", "1",
+                         "--no-eval_fp32", "--width_mult", "0.25", "--train_subset", "32",
+                         "--train_batch", "16", "--test_batch", "32", "--device", "cpu",
+                         "--no-progress"])
+    assert res["mode"] == "linear"
+    ck = load_checkpoint(os.path.join(tmp_path, "ft", "checkpoint.pth.tar"))
+    assert ck["policy"]["strategy"] == s["strategy"]
+
+
 def test_crash_between_log_and_state_save_resumes_exactly_once(assets, tmp_path,
                                                                kill_before_state_save):
     """The worst moment to die: episode 2 is in log.txt but not in the saved state."""

@@ -1,5 +1,6 @@
 """strategy.json loading/validation and the two published presets (lib/utils/strategy.py)."""
 import json
+import re
 
 import pytest
 
@@ -103,3 +104,15 @@ def test_a_binary_file_given_as_strategy_is_named_as_such(tmp_path):
         load_strategy(str(path))
     message = str(exc.value)
     assert "is not text" in message and "strict JSON" not in message and "finite" not in message
+
+
+def test_linear_end_layers_may_hold_the_search_pin_below_max_bit():
+    """The search pins the end layers at 8 bits under any --max_bit; only there, only 8."""
+    names = ["a", "b", "c"]
+    ok = validate_strategy({"strategy": [[8, -1], [6, 5], [8, 8]]}, names, "linear", 5, 6)
+    assert ok["strategy"] == [[8, -1], [6, 5], [8, 8]]
+    for policy, expected in (([[8, -1], [8, 5], [8, 8]], "entry 1 (layer 'b') weights"),
+                             ([[7, -1], [6, 5], [8, 8]], "entry 0 (layer 'a') weights"),
+                             ([[8, -1], [6, 5], [8, 7]], "entry 2 (layer 'c') activations")):
+        with pytest.raises(UserError, match=re.escape(expected)):
+            validate_strategy({"strategy": policy}, names, "linear", 5, 6)

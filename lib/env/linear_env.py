@@ -20,13 +20,14 @@ import torch
 from lib.quantize.linear import calibrate, calibration_key, get_ranges, quant_layers, set_ranges
 from lib.quantize.policy import apply_linear_policy
 from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed
+from lib.utils.strategy import LINEAR_PIN_BIT
 
 from .base import QuantizeEnv
 from .torchrun import check_ranks_agree
 
 log = logging.getLogger(__name__)
 
-PIN_BIT = 8          # first/last layers keep 8 bits
+PIN_BIT = LINEAR_PIN_BIT   # first/last layers keep 8 bits, whatever --max_bit is
 UNQUANTIZED = -1     # the first layer's input (the image)
 
 

@@ -10,12 +10,14 @@ Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and ar
 read with ``torch.load(..., weights_only=True)``: loading a file never runs code
 (docs/design.md section 12).
 """
+import errno
 import json
 import logging
 import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 
@@ -78,11 +80,21 @@ def atomic_write(path, write):
     """Call ``write(binary_file)`` on a temporary file next to ``path``, then rename it into place.
 
     The file gets the mode a plain ``open()`` would give (mkstemp makes it 0600),
-    so outputs and caches are readable by the group as the umask allows.
+    so outputs and caches are readable by the group as the umask allows. A full disk
+    is a UserError naming ``path`` and the space left; the old file stays as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_tmp(folder, os.path.basename(path))
+    try:
+        _write_then_rename(folder, path, write)
+    except (OSError, RuntimeError) as exc:
+        if not _disk_full(exc):
+            raise
+        raise UserError(_disk_full_message(path, folder, exc)) from None
+
+
+def _write_then_rename(folder, path, write):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-",
                                suffix="-" + os.path.basename(path))
     try:
@@ -98,6 +110,33 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# torch.save's zip writer reports a failed write as a RuntimeError with one of these, not an OSError
+_TORCH_WRITE_FAILED = ("unexpected pos", "pytorchstreamwriter failed", "file write failed")
+
+
+def _disk_full(exc):
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    return any(mark in str(exc).lower() for mark in _TORCH_WRITE_FAILED)
+
+
+def _disk_full_message(path, folder, exc):
+    """One line: the path, why the write failed, and the space left in ``folder``."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or os.strerror(exc.errno)
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        reason = f"torch.save's writer failed ({first[:120]}), as it does on a full disk"
+    try:
+        free = shutil.disk_usage(folder).free
+        left = f"{free / 2 ** 30:.2f} GiB" if free >= 2 ** 30 else f"{free / 2 ** 20:.1f} MiB"
+    except OSError:
+        left = "unknown space"
+    return (f"could not write '{path}': {reason}; {left} free in '{folder}' (the previous "
+            "file is kept; free some space there or write elsewhere)")
 
 
 def check_plain(obj, where="checkpoint"):

@@ -23,6 +23,10 @@ from .schema import INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_real, i
 MODES = ("kmeans", "linear")
 UNQUANTIZED = -1   # linear mode: an activation left in floating point (the image input)
 MAX_BIT = 8        # the widest width a search picks (--max_bit's limit)
+# Linear mode's end layers: the search pins the first layer's weights and the last layer's
+# weights and activations at this width whatever --max_bit is (lib.env.linear_env), as the
+# release did, so validation admits it there even under a lower --max_bit.
+LINEAR_PIN_BIT = 8
 
 # The released search results (docs/design.md section 6), in model.modules() order. Presets carry
 # no layer names: validation takes them from the model, so only the length is checked.
@@ -174,6 +178,17 @@ def _as_bit(value, where, lo, hi, allow_unquantized):
     return int(value)
 
 
+def _pinned_hi(value, end, max_bit):
+    """The upper bound for one linear bit width: an end layer may hold the search's pin width.
+
+    Pinning the end layers at min(8, max_bit) would have made the two agree as well, but it
+    changes what a search below 8 bits evaluates; accepting the pin here leaves every search
+    as it was and the default (max_bit 8) unchanged too.
+    """
+    pinned = end and not isinstance(value, bool) and value == LINEAR_PIN_BIT
+    return max(max_bit, LINEAR_PIN_BIT) if pinned else max_bit
+
+
 def _check_layers(names, layer_names):
     """The strategy's layer names must be the model's, in the same order."""
     if not isinstance(names, list):
@@ -196,7 +211,8 @@ def validate_strategy(strategy, layer_names, mode, min_bit=1, max_bit=8):
     ``layer_names``: the model's quantizable layers in policy order; ``mode``: 'kmeans' or
     'linear'. K-Means entries are weight bits in [min_bit, max_bit]; linear entries are
     [w_bit, a_bit] pairs with w_bit in [min_bit, max_bit] and a_bit in [min_bit, max_bit]
-    or -1 (unquantized input). The copy has int bits, ``mode`` and ``layers`` filled in.
+    or -1 (unquantized input); the first and last layers may also hold LINEAR_PIN_BIT. The copy
+    has int bits, ``mode`` and ``layers`` filled in.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -221,8 +237,11 @@ def validate_strategy(strategy, layer_names, mode, min_bit=1, max_bit=8):
             continue
         if not isinstance(entry, (list, tuple)) or len(entry) != 2:
             raise UserError(f"{where} is {entry!r}; expected a [w_bit, a_bit] pair")
-        clean.append([_as_bit(entry[0], where + " weights", min_bit, max_bit, False),
-                      _as_bit(entry[1], where + " activations", min_bit, max_bit, True)])
+        end = i in (0, len(layer_names) - 1)
+        clean.append([_as_bit(entry[0], where + " weights", min_bit,
+                              _pinned_hi(entry[0], end, max_bit), False),
+                      _as_bit(entry[1], where + " activations", min_bit,
+                              _pinned_hi(entry[1], end, max_bit), True)])
     out = dict(strategy, mode=mode, layers=list(layer_names), strategy=clean)
     return out
 
