@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from helpers import image_tree
 from lib.utils.data_utils import (build_datasets, get_dataset, get_split_train_dataset,
                                   split_indices)
 from lib.utils.errors import UserError
@@ -96,18 +97,6 @@ def test_elastic_field_is_smooth_small_and_seeded():
     assert torch.equal(f, _elastic_field(64, 32, 20.0, 4.0))
 
 
-def _image_tree(root, classes_by_split, per_class=2, size=24):
-    """root/<split>/<class>/<i>.png with a colour per (class, i); returns root as str."""
-    from PIL import Image
-    for split, classes in classes_by_split.items():
-        for k, c in enumerate(classes):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.new("RGB", (size, size), (40 * k, 10 * i, 0)).save(d / f"{i}.png")
-    return str(root)
-
-
 def _class_of(ds, index):
     path, target = ds.samples[index]
     return os.path.basename(os.path.dirname(path)), target
@@ -115,7 +104,7 @@ def _class_of(ds, index):
 
 def test_val_indices_follow_train_class_names(tmp_path):
     # A stray hidden folder in val/ sorts first; taken as a class it would shift every val label.
-    root = _image_tree(tmp_path, {"train": ["cat", "dog", "eel"],
+    root = image_tree(tmp_path, {"train": ["cat", "dog", "eel"],
                                   "val": [".ipynb_checkpoints", "cat", "dog", "eel"]})
     train, val = build_datasets(root)
     assert val.classes == train.classes == ["cat", "dog", "eel"]
@@ -131,14 +120,14 @@ def test_val_indices_follow_train_class_names(tmp_path):
     (["cat", "dog", "eel", "fox"], "only in val/: fox"),
 ])
 def test_class_mismatch_between_splits_is_refused(tmp_path, val_classes, named):
-    root = _image_tree(tmp_path, {"train": ["cat", "dog", "eel"], "val": val_classes})
+    root = image_tree(tmp_path, {"train": ["cat", "dog", "eel"], "val": val_classes})
     with pytest.raises(UserError, match=named):
         build_datasets(root)
 
 
 def test_class_mismatch_cli_names_the_first_few(repo_root, tmp_path):
     train = [f"c{i:02d}" for i in range(8)]
-    root = _image_tree(tmp_path / "ds", {"train": train, "val": train[:2]}, per_class=1)
+    root = image_tree(tmp_path / "ds", {"train": train, "val": train[:2]}, per_class=1)
     r = subprocess.run([sys.executable, "pretrain.py", "--dataset", root, "--epochs", "1",
                         "--output", str(tmp_path / "x.pth.tar"), "--no-progress"],
                        cwd=repo_root, capture_output=True, text=True, timeout=120,
@@ -150,7 +139,7 @@ def test_class_mismatch_cli_names_the_first_few(repo_root, tmp_path):
 
 
 def test_symlink_loop_counts_each_image_once(tmp_path):
-    root = _image_tree(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]})
+    root = image_tree(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]})
     cls = tmp_path / "train" / "a"
     (cls / "loop").symlink_to(cls, target_is_directory=True)     # a/loop -> a
     (cls / "again.png").symlink_to(cls / "0.png")                # the same file twice
@@ -172,7 +161,7 @@ def test_symlink_loop_counts_each_image_once(tmp_path):
 
 def test_samples_match_torchvision_order_on_a_plain_tree(tmp_path):
     from torchvision.datasets import ImageFolder
-    root = _image_tree(tmp_path, {"train": ["b", "a", "c"], "val": ["a", "b", "c"]}, per_class=3)
+    root = image_tree(tmp_path, {"train": ["b", "a", "c"], "val": ["a", "b", "c"]}, per_class=3)
     sub = tmp_path / "train" / "a" / "nested"
     sub.mkdir()
     (sub / "x.png").write_bytes((tmp_path / "train" / "a" / "0.png").read_bytes())
@@ -182,7 +171,7 @@ def test_samples_match_torchvision_order_on_a_plain_tree(tmp_path):
 
 
 def test_non_images_are_skipped_with_a_warning(tmp_path, caplog):
-    root = _image_tree(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]})
+    root = image_tree(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]})
     (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "b" / "page.JPEG").write_text("<html>404</html>")   # a failed download
     with caplog.at_level("WARNING"):
@@ -197,7 +186,7 @@ def test_undecodable_image_does_not_stop_an_epoch(tmp_path, caplog):
     from torchvision.datasets import ImageFolder
     from models import get_model
     from lib.utils.train import evaluate, train_one_epoch
-    root = _image_tree(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]}, size=64)
+    root = image_tree(tmp_path, {"train": ["a", "b"], "val": ["a", "b"]}, size=64)
     good = (tmp_path / "train" / "b" / "0.png").read_bytes()
     (tmp_path / "train" / "b" / "2.png").write_bytes(good[:60])   # a PNG header, then nothing
     with pytest.raises(OSError):  # what a plain ImageFolder does mid-epoch

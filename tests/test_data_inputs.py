@@ -7,20 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import image_tree
 from lib.utils import make_data
 from lib.utils.data_utils import ImageFolderSplit, build_datasets
 from lib.utils.errors import UserError
-
-
-def _tree(root, classes=("a", "b"), per_class=2, size=24):
-    """root/{train,val}/<class>/<i>.png, a colour per (class, i); returns root as str."""
-    for split in ("train", "val"):
-        for k, c in enumerate(classes):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                Image.new("RGB", (size, size), (40 * k, 10 * i, 0)).save(d / f"{i}.png")
-    return str(root)
 
 
 def _png_declaring(width, height):
@@ -34,7 +24,7 @@ def _png_declaring(width, height):
 
 
 def test_decompression_bomb_is_skipped_with_a_warning(tmp_path, caplog):
-    root = _tree(tmp_path)
+    root = image_tree(tmp_path, {"train": ("a", "b"), "val": ("a", "b")})
     bomb = tmp_path / "train" / "b" / "1.png"
     bomb.write_bytes(_png_declaring(20000, 20000))
     limit = Image.MAX_IMAGE_PIXELS
@@ -111,7 +101,7 @@ def test_8_bit_images_load_as_torchvision_loads_them(tmp_path):
 
 
 def test_class_folder_linked_to_another_class_is_refused(tmp_path):
-    root = _tree(tmp_path, classes=("cat", "dog"))
+    root = image_tree(tmp_path, {"train": ("cat", "dog"), "val": ("cat", "dog")})
     (tmp_path / "train" / "puppy").symlink_to(tmp_path / "train" / "dog", target_is_directory=True)
     (tmp_path / "val" / "puppy").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "puppy" / "0.png")
@@ -122,7 +112,7 @@ def test_class_folder_linked_to_another_class_is_refused(tmp_path):
 
 
 def test_one_class_dataset_is_refused(tmp_path):
-    root = _tree(tmp_path, classes=("only",))
+    root = image_tree(tmp_path, {"train": ("only",), "val": ("only",)})
     with pytest.raises(UserError, match=r"only one class folder .*'only'.* at least 2 classes"):
         build_datasets(root)
 

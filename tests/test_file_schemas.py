@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import get_path, wrong_type
 import finetune
 import rl_quantize
 from lib.allocate import cached_layer_scores, load_scores, save_scores
@@ -55,20 +56,6 @@ def _one_line(exc, path):
 
 
 # ------------------------------------------------------------------ generated mutations
-def _get(node, path):
-    for key in path:
-        node = node[key]
-    return node
-
-
-def _wrong_type(value):
-    if isinstance(value, str):
-        return 7
-    if isinstance(value, (dict, list, tuple)) or torch.is_tensor(value):
-        return "text"
-    return [value] if value is not None else {"a": 1}
-
-
 VALUES = (("wrong type", None), ("negative", -7), ("huge", 10 ** 18),
           ("past float's range", 10 ** 400), ("NaN", math.nan), ("missing", None))
 
@@ -77,14 +64,14 @@ def mutations(record, paths):
     """``(label, mutated copy, path)`` for each path and value, then an unknown key in each
     object holding a mutated field (path None)."""
     for path in paths:
-        value = _get(record, path)
+        value = get_path(record, path)
         for label, new in VALUES:
-            new = _wrong_type(value) if label == "wrong type" else new
+            new = wrong_type(value) if label == "wrong type" else new
             if label != "missing" and type(new) is type(value) and new == value:
                 continue
             yield f"{'.'.join(map(str, path))}: {label}", _edit(record, path, new, label), path
     objects = {p[:-1] for p in paths} | {()}
-    for obj in sorted(o for o in objects if isinstance(_get(record, o), dict)):
+    for obj in sorted(o for o in objects if isinstance(get_path(record, o), dict)):
         yield (f"{'.'.join(map(str, obj)) or 'top'}: extra key",
                _edit(record, obj + (EXTRA,), 1, "extra"), None)
 
@@ -100,7 +87,7 @@ def _copy(node):
 
 def _edit(record, path, new, label):
     out = _copy(record)
-    parent = _get(out, path[:-1])
+    parent = get_path(out, path[:-1])
     if label == "missing":
         del parent[path[-1]]
     else:
@@ -588,7 +575,7 @@ def _table_mutations():
             if label == "missing":
                 del header[key]
             else:
-                header[key] = _wrong_type(valid[key]) if label == "wrong type" else new
+                header[key] = wrong_type(valid[key]) if label == "wrong type" else new
             yield f"header.{key}: {label}", _npy(header, data)
     yield "header: extra key", _npy(dict(valid, **{EXTRA: 1}), data)
     yield "header: version 3", _npy(valid, data, version=(3, 0))

@@ -16,6 +16,7 @@ import zlib
 import pytest
 import torch
 
+from helpers import get_path, wrong_type
 from lib.export import load_packed, write_packed
 from lib.export.__main__ import main as export_main
 from lib.quantize import apply_linear_policy, quant_layers
@@ -243,22 +244,8 @@ def _leaves(header):
 
 def _objects(header, paths):
     """The objects holding the mutated fields, each once (they get the extra key)."""
-    return sorted({p[:-1] for p in paths if p[:-1] and isinstance(_get(header, p[:-1]), dict)}
+    return sorted({p[:-1] for p in paths if p[:-1] and isinstance(get_path(header, p[:-1]), dict)}
                   | {()})
-
-
-def _get(node, path):
-    for key in path:
-        node = node[key]
-    return node
-
-
-def _wrong_type(value):
-    if isinstance(value, str):
-        return 7
-    if isinstance(value, (dict, list)):
-        return "text"
-    return [value] if value is not None else {"a": 1}
 
 
 def _mutations(header):
@@ -267,8 +254,8 @@ def _mutations(header):
     (harmless where nothing reads it)."""
     paths = _leaves(header)
     for path in paths:
-        value = _get(header, path)
-        for label, new in (("wrong type", _wrong_type(value)), ("negative", -7),
+        value = get_path(header, path)
+        for label, new in (("wrong type", wrong_type(value)), ("negative", -7),
                            ("huge", 10 ** 18), ("past float's range", 10 ** 400),
                            ("NaN", math.nan), ("missing", None)):
             if new == value and label != "missing":
@@ -281,7 +268,7 @@ def _mutations(header):
 
 def _edit(path, new, label):
     def edit(h, p):
-        parent = _get(h, path[:-1])
+        parent = get_path(h, path[:-1])
         if label == "missing":
             del parent[path[-1]]
         else:
