@@ -1,5 +1,7 @@
 """Helpers several test files share: small image folders and the field mutations of the
 generated-input tests."""
+import os
+
 import torch
 from PIL import Image
 
@@ -30,3 +32,21 @@ def wrong_type(value):
     if isinstance(value, (dict, list, tuple)) or torch.is_tensor(value):
         return "text"
     return [value] if value is not None else {"a": 1}
+
+
+def folder_snapshot(folder):
+    """Names and bytes of every file under ``folder`` (to prove a refusal wrote nothing)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return files
+
+
+def tiny_search_argv(weights, out, episodes):
+    """rl_quantize.py flags of a tiny seeded K-Means search on mnist5k (one warmup episode)."""
+    return ["--dataset", "mnist5k", "--width_mult", "0.25", "--pretrained_path", weights,
+            "--train_size", "32", "--val_size", "32", "--data_bsize", "32", "--n_worker", "0",
+            "--warmup", "1", "--train_episode", str(episodes), "--output", str(out), "--seed", "1",
+            "--max_bit", "4", "--preserve_ratio", "0.2"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import get_path, wrong_type
+from helpers import folder_snapshot, get_path, tiny_search_argv, wrong_type
 import finetune
 import rl_quantize
 from lib.allocate import cached_layer_scores, load_scores, save_scores
@@ -38,16 +38,6 @@ from lib.utils.strategy import load_strategy, strategy_record
 EXTRA = "zz_unknown"
 TINY_FT = ["--width_mult", "0.25", "--train_subset", "32", "--train_batch", "16",
            "--test_batch", "32", "--device", "cpu", "--no-progress"]
-
-
-def _snapshot(folder):
-    """Names and bytes of every file under ``folder`` (to prove a refusal wrote nothing)."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                files[os.path.relpath(os.path.join(root, name), folder)] = f.read()
-    return files
 
 
 def _one_line(exc, path):
@@ -173,7 +163,7 @@ def test_every_mutated_strategy_field_is_refused_or_harmless(tiny_layers, tmp_pa
     path = tmp_path / "strategy.json"
     for label, record, _ in mutations(valid, paths):
         _write(path, record)
-        before = _snapshot(tmp_path)
+        before = folder_snapshot(tmp_path)
         try:
             load_strategy(str(path))
         except UserError as exc:
@@ -187,19 +177,12 @@ def test_every_mutated_strategy_field_is_refused_or_harmless(tiny_layers, tmp_pa
             outcome["loaded"] += 1
         except UserError:
             outcome["refused by the model's checks"] += 1
-        assert _snapshot(tmp_path) == before, label
+        assert folder_snapshot(tmp_path) == before, label
     print(f"strategy: {sum(outcome.values())} generated cases: {outcome}")
     assert outcome["refused"] >= 100 and outcome["loaded"] >= 10
 
 
 # ------------------------------------------------------------------ search state
-def _search_argv(weights, out):
-    return ["--dataset", "mnist5k", "--width_mult", "0.25", "--pretrained_path", weights,
-            "--train_size", "32", "--val_size", "32", "--data_bsize", "32", "--n_worker", "0",
-            "--warmup", "1", "--train_episode", "2", "--output", str(out), "--seed", "1",
-            "--max_bit", "4", "--preserve_ratio", "0.2"]
-
-
 class _Stop(Exception):
     pass
 
@@ -208,7 +191,7 @@ class _Stop(Exception):
 def searched(tiny_pretrained, tmp_path_factory, request):
     """A two-episode search: (argv, its folder, its state, the resuming run's args/env/agent)."""
     out = tmp_path_factory.mktemp("search")
-    argv = _search_argv(tiny_pretrained[0], out)
+    argv = tiny_search_argv(tiny_pretrained[0], out, 2)
     rl_quantize.main(argv)
     (name,) = os.listdir(out)
     folder = os.path.join(out, name)
@@ -236,7 +219,7 @@ def searched(tiny_pretrained, tmp_path_factory, request):
 def _with_state(folder, tmp_path, state):
     copy = tmp_path / "copy"
     copy.mkdir(exist_ok=True)
-    for name, data in _snapshot(folder).items():
+    for name, data in folder_snapshot(folder).items():
         (copy / name).write_bytes(data)
     save_checkpoint(state, str(copy / STATE_FILE))
     return str(copy)
@@ -261,13 +244,13 @@ def _best(state, **changes):
 def test_resume_refuses_a_state_with_wrong_values(searched, tmp_path, capsys, edit, expected):
     argv, folder, state, _ = searched
     copy = _with_state(folder, tmp_path, edit(state))
-    before = _snapshot(copy)
+    before = folder_snapshot(copy)
     with pytest.raises(SystemExit) as stop:
         run_cli(rl_quantize.main, argv + ["--train_episode", "3", "--resume_search", copy])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("error: --resume_search") and expected in err[-1], err[-1]
-    assert _snapshot(copy) == before       # strategy.json keeps its policy
+    assert folder_snapshot(copy) == before       # strategy.json keeps its policy
 
 
 def _state_paths(state):
@@ -304,7 +287,7 @@ def test_every_mutated_search_state_field_is_refused_or_harmless(searched, tmp_p
     outcome = {"refused": 0, "restored": 0}
     for label, mutated, path in mutations(state, _state_paths(state)):
         copy = _with_state(folder, tmp_path, mutated)
-        before = _snapshot(copy)
+        before = folder_snapshot(copy)
         search = Search.__new__(Search)
         search.args, search.env, search.agent, search.out = (made["args"], made["env"],
                                                              made["agent"], copy)
@@ -316,7 +299,7 @@ def test_every_mutated_search_state_field_is_refused_or_harmless(searched, tmp_p
         else:
             assert _unused(path, label, flags), f"{label}: restored"
             outcome["restored"] += 1
-        assert _snapshot(copy) == before, label
+        assert folder_snapshot(copy) == before, label
     print(f"search state: {sum(outcome.values())} generated cases: {outcome}")
     assert outcome["refused"] >= 300 and outcome["restored"] >= 5
 
@@ -424,10 +407,10 @@ def test_resume_refuses_a_checkpoint_field_of_the_wrong_kind(trained, tmp_path, 
     folder.mkdir()
     path = folder / "checkpoint.pth.tar"
     save_checkpoint(dict(trained[1], **{field: value}), str(path))
-    before = _snapshot(folder)
+    before = folder_snapshot(folder)
     last = _ft_refused(["--resume", str(path), "--epochs", "3"] + TINY_FT, capsys)
     assert last.startswith(f"error: --resume '{path}': '{field}' is"), last
-    assert _snapshot(folder) == before
+    assert folder_snapshot(folder) == before
 
 
 def test_integer_weights_in_a_float_model_are_refused(trained, tmp_path, capsys):
@@ -439,10 +422,10 @@ def test_integer_weights_in_a_float_model_are_refused(trained, tmp_path, capsys)
     folder.mkdir()
     path = folder / "checkpoint.pth.tar"
     save_checkpoint(ckpt, str(path))
-    before = _snapshot(folder)
+    before = folder_snapshot(folder)
     last = _ft_refused(["--resume", str(path), "-e"] + TINY_FT, capsys)
     assert "holds int64 values" in last and key in last and "floating-point" in last, last
-    assert _snapshot(folder) == before
+    assert folder_snapshot(folder) == before
 
 
 def _ft_paths(ckpt):
@@ -472,7 +455,7 @@ def test_every_mutated_checkpoint_field_is_refused_or_harmless(trained, tmp_path
     bad = folder / "checkpoint.pth.tar"
     for label, ckpt, extra in mutations(valid, _ft_paths(valid)):
         save_checkpoint(ckpt, str(bad))
-        before = _snapshot(folder)
+        before = folder_snapshot(folder)
         for evaluate in ([], ["-e"]):
             args = finetune.get_args_parser().parse_args(
                 ["--resume", str(bad), "--epochs", "3"] + evaluate + TINY_FT)
@@ -487,7 +470,7 @@ def test_every_mutated_checkpoint_field_is_refused_or_harmless(trained, tmp_path
                 outcome["loaded"] += 1
                 assert _harmless_ft(label, evaluate), label
                 loaded.append(label)
-        assert _snapshot(folder) == before, label
+        assert folder_snapshot(folder) == before, label
     print(f"fine-tune checkpoint: {sum(outcome.values())} generated cases: {outcome}")
     print(f"loaded: {', '.join(sorted(set(loaded)))}")
     assert outcome["refused"] >= 150

@@ -10,32 +10,17 @@ import os
 import pytest
 import torch
 
+from helpers import folder_snapshot, tiny_search_argv
 import rl_quantize
 from lib.utils.checkpoint import load_checkpoint, save_checkpoint
 from lib.utils.errors import run_cli
-
-
-def _argv(weights, out):
-    return ["--dataset", "mnist5k", "--width_mult", "0.25", "--pretrained_path", weights,
-            "--train_size", "32", "--val_size", "32", "--data_bsize", "32", "--n_worker", "0",
-            "--warmup", "1", "--train_episode", "1", "--output", str(out), "--seed", "1",
-            "--max_bit", "4", "--preserve_ratio", "0.2"]
-
-
-def _snapshot(folder):
-    """Names and bytes of every file in ``folder`` (to prove a refusal wrote nothing)."""
-    files = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            files[name] = f.read()
-    return files
 
 
 @pytest.fixture(scope="module")
 def searched(tiny_pretrained, tmp_path_factory):
     """A finished one-episode search: (argv, its folder)."""
     out = tmp_path_factory.mktemp("search")
-    argv = _argv(tiny_pretrained[0], out)
+    argv = tiny_search_argv(tiny_pretrained[0], out, 1)
     rl_quantize.main(argv)
     (name,) = os.listdir(out)
     return argv, os.path.join(out, name)
@@ -54,17 +39,17 @@ def _refused(argv, capsys):
                                         ("--finetune_lr", "0.01"), ("--delta_decay", "0.5")])
 def test_resume_refuses_a_changed_search_flag(searched, flag, value, capsys):
     argv, folder = searched
-    before = _snapshot(folder)
+    before = folder_snapshot(folder)
     last = _refused(argv + [flag, value, "--train_episode", "2", "--resume_search", folder], capsys)
     assert last.startswith("error: --resume_search") and flag in last, last
-    assert _snapshot(folder) == before
+    assert folder_snapshot(folder) == before
 
 
 def _with_state(folder, tmp_path, edit):
     """A copy of ``folder`` whose search state went through ``edit``."""
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name, data in _snapshot(folder).items():
+    for name, data in folder_snapshot(folder).items():
         (copy / name).write_bytes(data)
     state = load_checkpoint(str(copy / rl_quantize.STATE_FILE))
     edit(state)
@@ -103,10 +88,10 @@ def _bad_history(state):
 def test_resume_refuses_a_state_that_does_not_fit(searched, tmp_path, capsys, edit, expected):
     argv, folder = searched
     copy = _with_state(folder, tmp_path, edit)
-    before = _snapshot(copy)
+    before = folder_snapshot(copy)
     last = _refused(argv + ["--train_episode", "2", "--resume_search", copy], capsys)
     assert last.startswith("error: --resume_search") and expected in last, last
-    assert _snapshot(copy) == before
+    assert folder_snapshot(copy) == before
 
 
 def test_resume_refuses_fewer_episodes_than_done(searched, tmp_path, capsys):
@@ -118,16 +103,16 @@ def test_resume_refuses_fewer_episodes_than_done(searched, tmp_path, capsys):
     rl_quantize.main(argv + ["--train_episode", "2", "--resume_search", copy])
     with open(os.path.join(copy, "log.txt")) as f:
         assert [r.split("\t")[0] for r in f.read().splitlines()] == ["episode", "0", "1"]
-    before = _snapshot(copy)
+    before = folder_snapshot(copy)
     last = _refused(argv + ["--train_episode", "1", "--resume_search", copy], capsys)
     assert "already run 2 episodes" in last and "at least 2" in last, last
-    assert _snapshot(copy) == before
+    assert folder_snapshot(copy) == before
 
 
 @pytest.mark.parametrize("suffix", ["a/b", "../up", "..", ".hidden", "x/../../y"])
 def test_suffix_is_one_folder_name(tiny_pretrained, tmp_path, capsys, suffix):
     out = tmp_path / "out"
-    last = _refused(_argv(tiny_pretrained[0], out) + ["--suffix", suffix], capsys)
+    last = _refused(tiny_search_argv(tiny_pretrained[0], out, 1) + ["--suffix", suffix], capsys)
     assert last.startswith("error: ") and "argument --suffix" in last and suffix in last, last
     assert os.listdir(tmp_path) == []   # no folder made, inside --output or out of it
 
@@ -137,7 +122,8 @@ def test_kmeans_search_refuses_a_cost_table_it_would_ignore(tiny_pretrained, tmp
     table = tmp_path / "table.npy"
     table.write_bytes(b"")
     out = tmp_path / "out"
-    last = _refused(_argv(tiny_pretrained[0], out) + ["--cost_table", str(table)], capsys)
+    argv = tiny_search_argv(tiny_pretrained[0], out, 1)
+    last = _refused(argv + ["--cost_table", str(table)], capsys)
     assert last.startswith("error: --cost_table") and "--linear_quantization" in last, last
     assert not out.exists()
 
@@ -145,7 +131,8 @@ def test_kmeans_search_refuses_a_cost_table_it_would_ignore(tiny_pretrained, tmp
 def test_an_agent_too_big_for_memory_is_a_one_line_error(tiny_pretrained, tmp_path, capsys):
     """--rmsize at its parse-time maximum asks numpy for terabytes: refused, nothing written."""
     out = tmp_path / "out"
-    last = _refused(_argv(tiny_pretrained[0], out) + ["--rmsize", "2147483647"], capsys)
+    argv = tiny_search_argv(tiny_pretrained[0], out, 1)
+    last = _refused(argv + ["--rmsize", "2147483647"], capsys)
     assert last.startswith("error: the agent does not fit in memory (--rmsize 2147483647"), last
     assert not out.exists()
 

@@ -17,15 +17,13 @@ from lib.export.bitpack import MAX_BITS, packed_nbytes
 from lib.quantize.policy import resolve_kmeans_policy, resolve_linear_policy
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
+from lib.utils.schema import INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_str_list, shown
 
 MAGIC = b"HAQPACK1"
 FORMAT_VERSION = 1
 PARTS = ("weights", "codebooks_scales", "float")
 MAX_HEADER_BYTES = 1 << 24      # compressed; MobileNet-V2's header takes ~5 KB
 MAX_HEADER_JSON = 1 << 25       # inflated: a header may not decompress to more than this
-MAX_CLASSES = 100_000           # ImageNet-21k has 21,841
-INPUT_SIZES = (8, 1024)         # pixels, the range --input_size accepts
-MAX_WIDTH_MULT = 8.0            # the largest --width_mult
 MAX_NDIM = 8
 MAX_INT = 1 << 62               # offsets, lengths, element counts
 DTYPES = {"float32": 4, "int64": 8}
@@ -44,9 +42,8 @@ class Fields:
         return "the header" if where == "header" else f"header field '{where}'"
 
     def fail(self, where, value, expected):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise UserError(f"'{self.path}': {self._field(where)} is {shown}; expected {expected}")
+        raise UserError(f"'{self.path}': {self._field(where)} is {shown(value)}; "
+                        f"expected {expected}")
 
     def object(self, where, value, keys):
         """``value`` as a dict holding (at least) ``keys``."""
@@ -59,7 +56,7 @@ class Fields:
         return value
 
     def integer(self, where, value, lo=0, hi=MAX_INT):
-        if type(value) is not int or not lo <= value <= hi:
+        if not is_int(value, lo, hi):
             self.fail(where, value, "a non-negative integer" if (lo, hi) == (0, MAX_INT)
                       else f"an integer in {lo}..{hi}")
         return value
@@ -75,7 +72,7 @@ class Fields:
         return value
 
     def string_list(self, where, value):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not is_str_list(value):
             self.fail(where, value, "a list of strings")
         return value
 
@@ -129,8 +126,9 @@ def _check_model_kwargs(f, kwargs):
 
 def _bit_width(f, where, value, float_widths):
     if type(value) is not int or not (1 <= value <= MAX_BITS or value in float_widths):
-        shown = " or ".join(str(w) for w in float_widths)
-        f.fail(where, value, f"an integer bit width: {shown} (not quantized) or 1..{MAX_BITS}")
+        unquantized = " or ".join(str(w) for w in float_widths)
+        f.fail(where, value,
+               f"an integer bit width: {unquantized} (not quantized) or 1..{MAX_BITS}")
 
 
 def _check_policy(f, policy, mode):

@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from .errors import UserError
+from .schema import INPUT_SIZES, MAX_WIDTH_MULT
 
 INT_MAX = 2 ** 31 - 1    # the largest count torch / DataLoader take as a C int
 SEED_MAX = 2 ** 32 - 1   # np.random.seed's range
@@ -134,9 +135,9 @@ fraction = number(float, 0.0, 1.0, lo_open=True)          # (0, 1]
 unit_interval = number(float, 0.0, 1.0)                   # [0, 1]
 below_one = number(float, 0.0, 1.0, hi_open=True)         # [0, 1): momentum, decays
 learning_rate = number(float, 0.0, 10.0, lo_open=True)    # SGD/Adam diverge long before 10
-width_mult = number(float, 0.0, 8.0, lo_open=True)
+width_mult = number(float, 0.0, MAX_WIDTH_MULT, lo_open=True)
 bit_width = number(int, 1, 8)
-input_size = number(int, 8, 1024)                         # pixels; the models' stems need >= 8
+input_size = number(int, *INPUT_SIZES)                     # pixels; the models' stems need >= 8
 
 
 # ------------------------------------------------------------------ threads
