@@ -74,8 +74,7 @@ def _finite_in(value, lo, hi):
 
 
 # min_bit and max_bit share one check
-_BIT_FIELD = (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8,
-              "an integer in [1, 8]")
+_BIT_FIELD = (lambda v: is_int(v, 1, 8), "an integer in [1, 8]")
 
 # field -> (check, what is expected); None is always allowed (the field is then unknown)
 _FIELDS = {
