@@ -18,6 +18,7 @@ from lib.env.torchrun import release_followers, run_follower, sync_from_main
 from lib.utils.checkpoint import atomic_write_text, save_checkpoint
 from lib.utils.errors import UserError, error_reason
 
+from .chance import chance_warning
 from .methods import METHODS
 from .state import STATE_FILE, BEST_KEYS, check_resumable, cost_table_of, rng_states, set_rng_states
 
@@ -135,6 +136,8 @@ class Search:
                      self.best["cost_ratio"], elapsed, left // 60, left % 60,
                      "  (warmup: random)" if self.method.learns and episode < self.args.warmup
                      else "")
+            if self.method.learns and episode + 1 == min(self.args.warmup, total):
+                self._warn_if_warmup_at_chance()
         self.writer.close()
         self.logger.close()
         if self.best is not None:
@@ -160,6 +163,17 @@ class Search:
         # Plots follow the best during long searches (not every time: matplotlib is slow).
         if improved and time.time() - self._last_plot > PLOT_INTERVAL_S:
             self._plots()
+
+    def _warn_if_warmup_at_chance(self):
+        """Once, after the last warmup episode (lib.search.chance)."""
+        warmup = [h["accuracy"] for h in self.history[:self.args.warmup]]
+        message = chance_warning(warmup, self.meta["num_classes"], self.env.org_acc,
+                                 self.args.val_size, {"metric": self.args.cost,
+                                                      "min_bit": self.args.min_bit,
+                                                      "preserve_ratio": self.args.preserve_ratio},
+                                 top_k=5 if self.args.use_top5 else 1)
+        if message:
+            log.warning(message)
 
     def _tensorboard(self, episode, info, losses):
         w = self.writer
