@@ -75,15 +75,17 @@ class ShortFinetune:
     def _net(self, model):
         """``model`` itself, or (torchrun) its DDP wrapper, built once and reused.
 
-        A Q layer with an unquantized input (linear mode's first layer, a_bit = -1)
-        leaves its activation_range out of the forward pass, which DDP must be told.
+        DDP is told to look for unused parameters only when some exist (it warns on every
+        run when told so in vain): see :func:`skipped_trainable`.
         """
         if not is_distributed():
             return model
         if self._ddp is None or self._ddp.module is not model:
-            unused = any(getattr(m, "a_bit", 1) <= 0 for m in model.modules()
-                         if hasattr(m, "activation_range"))
-            self._ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
+            skipped = skipped_trainable(model)
+            if skipped:
+                log.debug("DDP: parameters the forward pass skips: %s", ", ".join(skipped))
+            self._ddp = nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=bool(skipped))
         return self._ddp
 
     def _next_pass(self):
@@ -132,6 +134,18 @@ class ShortFinetune:
                             "reached so far")
                 break
         return dict(best, nonfinite=nonfinite)
+
+
+def skipped_trainable(model):
+    """Names of the parameters that want a gradient but that the forward pass leaves out.
+
+    The only such parameter is a Q layer's ``activation_range`` while its input is not
+    quantized (a_bit <= 0: linear mode's first layer); ``set_bits`` freezes it then, and
+    DDP ignores frozen parameters, so this is empty unless a range was unfrozen by hand.
+    """
+    return [f"{name}.activation_range" for name, m in model.named_modules()
+            if hasattr(m, "activation_range") and getattr(m, "a_bit", 1) <= 0
+            and m.activation_range.requires_grad]
 
 
 def _finite_weights(model):

@@ -39,7 +39,7 @@ def sync_from_main(env):
         env.evaluator.sync_from_main()
 
 
-def run_follower(env, resumed=False, prologue=None):
+def run_follower(env, resumed=False, prologue=None, verbose=False):
     """A rank > 0's whole search: the same collectives as rank 0, in the same order.
 
     Rank 0 measures acc_original (unless it resumes), loads any saved state, runs
@@ -51,17 +51,19 @@ def run_follower(env, resumed=False, prologue=None):
     sync_from_main(env)
     if prologue is not None:
         prologue()
-    return follow(env)
+    return follow(env, verbose)
 
 
-def follow(env):
+def follow(env, verbose=False):
     """Ranks > 0: evaluate every episode rank 0 announces, until it releases them.
 
-    Returns the number of episodes evaluated. Each rank logs its own line per
-    episode so the logs show that all ranks applied the same policy and scored
-    the same accuracy.
+    Returns the number of episodes evaluated. Rank 0 alone logs the episodes; with
+    ``verbose`` (the search's --debug) this rank logs its own line per episode too, at
+    DEBUG, so the logs can show that all ranks applied the same policy and scored the
+    same accuracy.
     """
-    log.setLevel(logging.INFO)   # this rank's root logger shows warnings only
+    if verbose:   # this rank's root logger shows warnings only (lib.utils.logger)
+        log.setLevel(logging.DEBUG)
     done = 0
     while True:
         msg = broadcast_values([0] * (env.n_steps + 1), dtype=torch.int64)
@@ -69,8 +71,8 @@ def follow(env):
             return done
         info = env.finish_episode([int(b) for b in msg[1:]])
         done += 1
-        log.info("rank %d: policy %s accuracy %.4f", get_rank(), info["policy"],
-                 info["accuracy"])
+        log.debug("rank %d: policy %s accuracy %.4f", get_rank(), info["policy"],
+                  info["accuracy"])
 
 
 def check_ranks_agree(model, what):

@@ -250,4 +250,5 @@ def follow_search(args, env):
     on rank 0; docs/design.md, "beyond one machine")."""
     method = METHODS[args.method]
     prologue = None if method.prologue is None else (lambda: method.prologue(args, env))
-    run_follower(env, resumed=args.resume_search is not None, prologue=prologue)
+    run_follower(env, resumed=args.resume_search is not None, prologue=prologue,
+                 verbose=args.debug)
