@@ -162,7 +162,7 @@ def _search_args(ckpt, out, linear, finetune, episodes=3):
     args = ["rl_quantize.py", "--dataset", "mnist5k", "--width_mult", "0.25", "--pretrained_path",
             ckpt, "--train_size", "64", "--val_size", "37", "--data_bsize", "32", "--n_worker", "0",
             "--warmup", "2", "--train_episode", str(episodes), "--seed", "1", "--device", "cpu",
-            "--output", str(out), "--finetune_flag", str(finetune)]
+            "--output", str(out), "--finetune_flag", str(finetune), "--debug"]   # rank 1's lines
     if linear:
         return args + ["--linear_quantization", "--preserve_ratio", "0.5", "--min_bit", "2"]
     return args + ["--preserve_ratio", "0.25", "--min_bit", "3"]
@@ -181,7 +181,7 @@ def _one_run(out):
 
 
 def _follower_rows(stderr):
-    """(policy, accuracy) of each episode as logged by rank 1."""
+    """(policy, accuracy) of each episode as logged by rank 1 (with --debug only)."""
     found = re.findall(r"rank 1: policy (\[.*\]) accuracy ([0-9.]+)", stderr)
     return [(json.loads(p), float(a)) for p, a in found]
 
