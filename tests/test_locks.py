@@ -132,3 +132,18 @@ def test_pretrain_into_a_held_output_is_refused(tmp_path, holder, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --output") and f"pid {proc.pid} " in err[-1], err
     assert not out.exists() and os.listdir(tmp_path / "m_log") == [LOCK_FILE]
+
+
+def test_a_file_system_without_flock_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(UserError) as exc:
+        FolderLock(str(tmp_path / "out"), "--output").acquire()
+    message = str(exc.value)
+    assert "refuses flock" in message and "No locks available" in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()   # the folder it made is gone again

@@ -7,6 +7,7 @@ file. The file records the holder's pid, host and start time, only for the refus
 flock is advisory and local to one machine's kernel: it keeps two runs of this project
 apart, not other programs, and not two machines sharing a network folder.
 """
+import contextlib
 import datetime
 import fcntl
 import os
@@ -44,6 +45,15 @@ class FolderLock:
                 raise UserError(f"{self.flag} '{self.folder}' is in use by another run "
                                 f"({holder}); expected one run per folder: wait for it to "
                                 "end or choose another folder") from None
+            except OSError as exc:   # ENOLCK, EOPNOTSUPP: a mount without flock
+                os.close(fd)
+                with contextlib.suppress(OSError):   # leave nothing behind
+                    os.unlink(self.path)
+                    if self.created:
+                        os.rmdir(self.folder)
+                raise UserError(f"{self.flag} '{self.folder}': its file system refuses flock "
+                                f"({exc.strerror}); expected a folder on a local disk or a mount "
+                                "with locking (docs/multinode.md)") from exc
             if _same_file(fd, self.path):
                 self.fd = fd
             else:   # the holder removed the file between our open and flock: take the new one
