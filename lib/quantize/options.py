@@ -80,6 +80,27 @@ class QuantOptions:
                    bias_correction=bool(getattr(args, "bias_correction", False)))
 
 
+def add_flags(parser, default):
+    """The four option flags (``default`` False for a search; None in the fine-tune, where
+    unset means the strategy's record)."""
+    from lib.utils import cli
+    cli.bool_flag(parser, "--per_channel", default, FLAG_HELP["per_channel"])
+    parser.add_argument("--weight_clip", default=None if default is None else "max",
+                        choices=WEIGHT_CLIPS, help=FLAG_HELP["weight_clip"])
+    cli.bool_flag(parser, "--fold_bn", default, FLAG_HELP["fold_bn"])
+    cli.bool_flag(parser, "--bias_correction", default, FLAG_HELP["bias_correction"])
+
+
+def resolve(args, record, where):
+    """The options of a fine-tune: the strategy's ``record``, each overridden by its flag when
+    given (None: unset)."""
+    options = QuantOptions.from_record(record, where).record()
+    for name in options:
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return QuantOptions(**options)
+
+
 FLAG_HELP = {
     "per_channel": "linear: one symmetric weight clip per output channel (default: one per layer, "
                    "as released)",
@@ -269,6 +290,6 @@ def needs_weight_recalibration(module):
     return module.weight_clip == "mse" or module.bias_correction
 
 
-__all__ = ["QuantOptions", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
+__all__ = ["QuantOptions", "add_flags", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
            "fold_batchnorm", "conv_bn_pairs", "prepare_model", "output_shift", "add_bias",
            "set_per_channel", "needs_weight_recalibration", "calibrate_weight_with_options"]
