@@ -158,6 +158,7 @@ class _QuantMixin:
     per_channel = False
     weight_clip = "max"
     bias_correction = False
+    weight_calibrator = None   # a function(layer) that sets weight_range in their stead
 
     def _init_quant(self, w_bit, a_bit, half_wave):
         ref = self.weight
@@ -217,10 +218,8 @@ class _QuantMixin:
 
     @torch.no_grad()
     def _calibrate_weight(self):
-        if self.per_channel or self.weight_clip != "max" or self.bias_correction:
-            # imported here: lib.quantize.options builds on this module
-            from lib.quantize.options import calibrate_weight_with_options
-            calibrate_weight_with_options(self)
+        if self.weight_calibrator is not None:
+            self.weight_calibrator(self)
             return
         if 0 < self.w_bit <= self.kl_max_bit:
             t = kl_clip(self.weight, self.w_bit)

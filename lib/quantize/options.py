@@ -7,7 +7,7 @@ after the quantized conv, float biases as trained) is what runs unless asked oth
   ``[C, 1, 1, 1]`` (conv) or ``[C, 1]`` (linear) and broadcasts in the fake quantization;
 * ``weight_clip``: ``"max"`` (t = max|w|) or ``"mse"``: t = argmin_t ||Q(w; t) - w||^2 over
   the grid t = max|w| * k / N, k = 1..N, chosen per layer and width (per channel too);
-* ``fold_bn``: every BatchNorm that directly follows a conv is folded into it before weight
+* ``fold_bn``: every BatchNorm that follows a conv is folded into it before weight
   quantization, W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta (Jacob et
   al. 2018, eq. 8 without the fake quantization), and becomes an identity;
 * ``bias_correction``: after calibration each quantized layer's bias absorbs the mean output
@@ -23,12 +23,12 @@ import logging
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.quantize.linear import fake_quantize, kl_clip, quant_layers
 from lib.utils.errors import UserError
+from lib.utils.layers import fold_batchnorm as folded_copy
 
 logger = logging.getLogger(__name__)
 
@@ -191,54 +191,32 @@ def add_bias(module):
         module.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """An fx tracer that keeps convs (Q ones too) and BatchNorms as single call_module nodes."""
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
-
-
-def conv_bn_pairs(model):
-    """``[(conv name, bn name)]``: each BatchNorm2d whose input is a conv output used by it alone.
-
-    UserError when the model cannot be traced with torch.fx (folding needs the graph).
-    """
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as exc:  # torch.fx raises many types on data-dependent control flow
-        raise UserError(f"--fold_bn: the model cannot be traced with torch.fx "
-                        f"({type(exc).__name__}); expected a traceable model or no --fold_bn")
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
-            continue
-        src = node.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1):
-            pairs.append((src.target, node.target))
-    return pairs
-
-
 @torch.no_grad()
 def fold_batchnorm(model):
-    """Fold every conv -> BatchNorm2d pair of ``model`` in place; returns the pairs folded.
+    """Fold every conv -> BatchNorm2d pair of ``model`` in place; returns the pairs' names.
 
-    The conv takes W * g / sqrt(v + eps) and bias (b - m) * g / sqrt(v + eps) + beta from the
-    BN's running statistics, and the BN becomes an ``nn.Identity``: in eval mode the output is
-    the conv+BN one up to float rounding.
+    The maths and the pairing are lib.utils.layers.fold_batchnorm's (a BatchNorm2d registered
+    right after a Conv2d of as many channels): the conv takes W * g / sqrt(v + eps) and bias
+    (b - m) * g / sqrt(v + eps) + beta from the BN's running statistics, here as trainable
+    Parameters, and the BN becomes an ``nn.Identity``; in eval mode the output is the
+    conv+BN one up to float rounding.  Call it while every layer is float (bits -1).
     """
-    pairs = conv_bn_pairs(model)
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        add_bias(conv)
-        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-        conv.weight.mul_(factor.reshape(_range_shape(conv)).to(conv.weight.dtype))
-        conv.bias.copy_((conv.bias - bn.running_mean) * factor + beta)
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    scales = {}
+    folded = folded_copy(model, scales)
+    names = {m: n for n, m in folded.named_modules()}
+    pairs = []
+    for conv in scales:
+        name = names[conv]
+        target = model.get_submodule(name)
+        target.weight.copy_(conv.weight)
+        target.bias = nn.Parameter(conv.bias.detach().clone().to(target.weight.dtype))
+    for name, module in folded.named_modules():
+        if isinstance(module, nn.Identity) and isinstance(model.get_submodule(name),
+                                                          nn.BatchNorm2d):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                    nn.Identity())
+            pairs.append(name)
     logger.info("folded %d BatchNorm layers into the convs before them", len(pairs))
     return pairs
 
@@ -255,6 +233,8 @@ def prepare_model(model, options):
     for m in quant_layers(model):
         m.weight_clip = options.weight_clip
         m.bias_correction = options.bias_correction
+        if not options.is_default():
+            m.weight_calibrator = calibrate_weight_with_options
         if options.per_channel:
             set_per_channel(m)
         if options.bias_correction:
@@ -291,5 +271,5 @@ def needs_weight_recalibration(module):
 
 
 __all__ = ["QuantOptions", "add_flags", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
-           "fold_batchnorm", "conv_bn_pairs", "prepare_model", "output_shift", "add_bias",
+           "fold_batchnorm", "prepare_model", "output_shift", "add_bias",
            "set_per_channel", "needs_weight_recalibration", "calibrate_weight_with_options"]
