@@ -53,21 +53,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ilp", action="append", default=[], help="an ILP search's strategy.json")
     p.add_argument("--out", required=True, help="folder for the strategies and -e run folders")
+    p.add_argument("--widths", default="4,3,2",
+                   help="weight widths of the uniform policies, comma-separated ('' for none)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    policies = {f"w{b}a8": uniform(b) for b in (4, 3, 2)}
+    policies = {f"w{b}a8": uniform(int(b)) for b in args.widths.split(",") if b}
     for i, path in enumerate(args.ilp):
         policies[f"ILP {i + 1} (a8)"] = with_8bit_activations(path)
     rows = []
     for name, policy in policies.items():
-        strategy = os.path.join(args.out, re.sub(r"\W+", "_", name) + ".json")
+        slug = re.sub(r"\W+", "_", name)
+        strategy = os.path.join(args.out, slug + ".json")
         with open(strategy, "w") as f:
             json.dump({"mode": "linear", "arch": "qmobilenetv2", "dataset": "mnist5k",
                        "strategy": policy}, f)
         row = []
         for j, flags in enumerate(OPTIONS.values()):
-            row.append(top1_after_quantization(strategy, flags,
-                                               os.path.join(args.out, f"run_{len(rows)}_{j}")))
+            folder = os.path.join(args.out, f"run_{slug}_{j}")
+            row.append(top1_after_quantization(strategy, flags, folder))
             print(f"{name} {list(OPTIONS)[j]}: {row[-1]:.1f}", file=sys.stderr, flush=True)
         rows.append((name, row))
     print("| policy | " + " | ".join(OPTIONS) + " |")
