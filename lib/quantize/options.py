@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_CLIPS = ("max", "mse")
 MSE_GRID = 100              # candidate clips max|w| * k / MSE_GRID, k = 1..MSE_GRID
-_CHUNK_ELEMENTS = 1 << 24   # candidates x weights evaluated at once (bounded memory)
+_CHUNK_ELEMENTS = 1 << 22   # candidates x weights evaluated at once (32 MB of float64)
 
 
 @dataclass(frozen=True)
