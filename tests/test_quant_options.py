@@ -210,17 +210,23 @@ def options_search(tiny_pretrained, tmp_path_factory):
     return json.loads(open(f"{result['output']}/strategy.json").read())
 
 
+@pytest.mark.slow
 def test_search_records_the_options_in_strategy_json(options_search):
     assert options_search["quant_options"] == ALL_ON.record()
 
 
 @pytest.fixture(scope="module")
-def options_finetune(options_search, tiny_pretrained, tmp_path_factory):
+def options_finetune(tiny_pretrained, tmp_path_factory):
+    """A 1-epoch fine-tune of a linear strategy that records every option (as a search writes)."""
     import finetune
-    weights, _ = tiny_pretrained
+    weights, model = tiny_pretrained
+    n = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     root = tmp_path_factory.mktemp("qopts_ft")
     strategy = root / "strategy.json"
-    strategy.write_text(json.dumps(options_search))
+    strategy.write_text(json.dumps({
+        "mode": "linear", "arch": "qmobilenetv2", "dataset": "mnist5k", "width_mult": 0.25,
+        "strategy": [[8, -1]] + [[3, 8]] * (n - 2) + [[8, 8]],
+        "quant_options": ALL_ON.record()}))
     finetune.main(["--strategy", str(strategy), "--pretrained_path", weights, "-c",
                    str(root / "ft"), "--epochs", "1", "--no-eval_fp32", "--train_subset", "32",
                    "--train_batch", "16", "--test_batch", "32", "--device", "cpu",
@@ -264,3 +270,26 @@ def test_kmeans_mode_refuses_the_options(tiny_pretrained, tmp_path):
     weights, _ = tiny_pretrained
     with pytest.raises(UserError, match="linear-quantizer options"):
         rl_quantize.main(tiny_search_argv(weights, tmp_path, 1) + ["--per_channel"])
+
+
+def test_ilp_sensitivity_quantizes_each_layer_with_the_options():
+    """The ILP's one-layer-at-a-time scoring sets the clip and bias the env would set."""
+    from types import SimpleNamespace
+
+    from lib.allocate.sensitivity import _FloatCalibration
+    torch.manual_seed(0)
+    model = get_model("qmobilenetv2", num_classes=10, input_size=32, width_mult=0.25).eval()
+    prepare_model(model, QuantOptions(per_channel=True, weight_clip="mse", bias_correction=True))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
+    x = torch.randn(8, 3, 32, 32)
+    env = SimpleNamespace(model=model, layers=layers, calib_loader=[(x, None)],
+                          unquantize=lambda: apply_linear_policy(model, [[-1, -1]] * len(layers)))
+    calib = _FloatCalibration(env)
+    module = layers[5][1]
+    float_bias = module.bias.detach().clone()
+    calib.set(module, w_bit=3)
+    np.testing.assert_allclose(module.weight_range.reshape(-1).numpy(),
+                               mse_clip(module.weight, 3, per_channel=True).numpy())
+    assert not torch.equal(module.bias, float_bias)          # corrected for this width
+    calib.reset(module)
+    assert torch.equal(module.bias, float_bias) and module.w_bit == -1
