@@ -35,7 +35,6 @@ import hashlib
 import json
 import zlib
 
-import numpy as np
 import torch
 
 from lib.export.bitpack import pack_bits
