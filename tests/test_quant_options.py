@@ -293,3 +293,12 @@ def test_ilp_sensitivity_quantizes_each_layer_with_the_options():
     assert not torch.equal(module.bias, float_bias)          # corrected for this width
     calib.reset(module)
     assert torch.equal(module.bias, float_bias) and module.w_bit == -1
+
+
+def test_evaluating_the_options_checkpoint_rebuilds_its_model(options_finetune):
+    """-e --resume prepares the model as the run did (folded, per channel) before loading it."""
+    import finetune
+    ckpt = load_checkpoint(options_finetune)
+    va = finetune.main(["-e", "--resume", options_finetune, "--device", "cpu", "--no-progress",
+                        "--test_batch", "32"])
+    assert va["top1"] == pytest.approx(ckpt["acc"], abs=1e-6)
