@@ -23,6 +23,7 @@ import time
 from lib.finetune import (Finetune, check_output, default_run_name, lock_output,
                           output_folder, resolve_setup)
 from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
+from lib.quantize.options import add_flags as add_quant_flags
 from lib.utils import cli
 from lib.utils.data_utils import list_datasets
 from lib.utils.distributed import check_same_args, cleanup, init_distributed
@@ -83,6 +84,7 @@ def get_args_parser():
                    help="linear: calibrate weights/inputs of at most this many bits with the released "
                         f"divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = the released "
                         "rule, 0 = max everywhere (default %(default)s; ranges are then fixed and saved)")
+    add_quant_flags(p, default=None)    # linear: quantizer options; unset = the strategy's
     cli.bool_flag(p, "--is_pruned", False,
                   "K-Means: zero weights are pruned (kept out of clustering, stay zero)")
     cli.bool_flag(p, "--half", False, "mixed precision via torch autocast (see --half_type)")

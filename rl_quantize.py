@@ -32,6 +32,7 @@ from lib.search import (METHODS, STATE_FILE, Search, build_agent, build_env, bui
                         load_search_state, methods_help, output_folder, play_episode, run_search,
                         settle_from_pretrained)
 from lib.search.state import base_name
+from lib.quantize.options import add_flags as add_quant_flags
 from lib.simulator.hardware import list_hardware
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
@@ -152,6 +153,7 @@ def get_args_parser():
                    help="your own .npy table (n_layers, 8, 8), [layer, w-1, a-1]")
     p.add_argument("--cost_batch", default=16, type=cli.positive_int,
                    help="batch of the hardware cost table")
+    add_quant_flags(p, default=False)   # linear: quantizer options (lib.quantize.options)
     p.add_argument("--pretrained_path", default=None, type=str,
                    help="pretrained weights (default checkpoints/pretrained/<arch>[_<dataset>].pth.tar)")
     p.add_argument("--width_mult", default=None, type=cli.width_mult,

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from lib.quantize.kmeans import clustering_values, kmeans_centroids, kmeans_quantize_layer
 from lib.quantize.linear import calibrate
+from lib.quantize.options import calibrate_weight_with_options, needs_weight_recalibration
 from lib.utils.distributed import all_reduce_sum
 
 from .staged import StagedLoss, _device, _loss
@@ -130,23 +131,30 @@ class _FloatCalibration:
         env.unquantize()
         calibrate(self.model, self.inputs, _device(self.model))
         self.ranges = {m: (m.activation_range.detach().clone(), m.weight_range.detach().clone())
+                       + ((m.bias.detach().clone(),) if m.bias_correction else ())
                        for _, m in env.layers}
         self.recalibrated = False
 
     def set(self, module, w_bit=-1, a_bit=-1):
+        """Quantize ``module`` alone; its ranges (and corrected bias) as the env would set them:
+        the quantizer options' weight clip and bias correction depend on the width too."""
         module.set_bits(w_bit, a_bit)
-        if 0 < max(w_bit, a_bit) <= module.kl_max_bit:
+        if 0 < max(w_bit, a_bit) <= module.kl_max_bit or (w_bit > 0 and module.bias_correction):
             calibrate(self.model, self.inputs, _device(self.model))
             self.recalibrated = True
+        elif w_bit > 0 and needs_weight_recalibration(module):
+            calibrate_weight_with_options(module)   # no data needed: the weights alone
 
     def reset(self, module):
         """Float again; the float ranges back (every layer's if a calibration moved them)."""
         module.set_bits(-1, -1)
         with torch.no_grad():
             for m in self.ranges if self.recalibrated else [module]:
-                act, wr = self.ranges[m]
+                act, wr, *bias = self.ranges[m]
                 m.activation_range.copy_(act)
                 m.weight_range.copy_(wr)
+                if bias:
+                    m.bias.copy_(bias[0])
         self.recalibrated = False
 
 

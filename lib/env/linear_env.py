@@ -82,7 +82,8 @@ class LinearQuantizeEnv(QuantizeEnv):
             self._calibrate_or_reuse(reuse)
         if is_distributed():
             broadcast_tensors([t for m in quant_layers(self.model)
-                               for t in (m.weight_range, m.activation_range)])
+                               for t in (m.weight_range, m.activation_range)
+                               + ((m.bias,) if m.bias_correction else ())])
             check_ranks_agree(self.model, "calibration")
 
     def _calibrate_or_reuse(self, reuse):

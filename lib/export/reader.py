@@ -19,8 +19,9 @@ import torch
 
 from lib.export.bitpack import unpack_bits
 from lib.export.schema import (MAGIC, MAX_HEADER_BYTES, MAX_HEADER_JSON,
-                               check_fits_model, check_header, policy_layers)
+                               check_fits_model, check_header, policy_layers, quant_options)
 from lib.quantize.linear import n_steps
+from lib.quantize.options import prepare_model
 from lib.quantize.policy import apply_linear_policy
 from lib.utils.errors import UserError
 
@@ -182,8 +183,11 @@ def _model_of(header, path):
     """
     from models import get_model
     try:
-        return get_model(header["arch"], linear=header["mode"] == "linear",
-                         **header["model_kwargs"])
+        model = get_model(header["arch"], linear=header["mode"] == "linear",
+                          **header["model_kwargs"])
+        if header["mode"] == "linear":   # the structure the options give (folded BN, biases)
+            prepare_model(model, quant_options(header, path))
+        return model
     except UserError as exc:
         raise UserError(f"'{path}': {exc}") from None
 
@@ -218,13 +222,15 @@ def _decode(data, header, entry, path):
         codebook = _values(data, header, entry["codebook"], path, f"the codebook of {what}")
         values = codebook[_codes(data, header, entry, path, codebook.numel() - 1)]
     else:
-        scale = float(_values(data, header, entry["scale"], path, f"the scale of {what}")[0])
-        if scale < 0:
-            raise UserError(f"'{path}': the scale of {what} is {scale}; expected >= 0")
+        scale = _values(data, header, entry["scale"], path, f"the scale of {what}")
+        if bool((scale < 0).any()):
+            raise UserError(f"'{path}': the scale of {what} is {float(scale.min())}; "
+                            "expected >= 0")
         steps = n_steps(entry["bits"], signed=True)
         codes = _codes(data, header, entry, path, 1 if steps == 0 else 2 * steps)
         q = (2 * codes - 1) if steps == 0 else (codes - steps)
-        values = q.float() * torch.tensor(scale, dtype=torch.float32)
+        # one scale per layer or per output channel (rows of the weight)
+        values = q.float().reshape(scale.numel(), -1) * scale.reshape(-1, 1)
     return values.reshape(entry["shape"])
 
 

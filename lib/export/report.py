@@ -4,10 +4,12 @@ The prediction for the weights is the simulator's size cost of the policy
 (:class:`lib.simulator.SizeCost`: sum(bits_i * #weights_i), a float layer at 32 bits), the
 quantity the K-Means search budgets.  The other parts have no simulator counterpart; their
 expected sizes are counted from the model: a codebook of 2^b float32 centroids per K-Means
-layer, one float32 scale per linear layer, 4 bytes per float element elsewhere.
+layer, one float32 scale per linear layer (per output channel with --per_channel), 4 bytes per
+float element elsewhere.
 """
 from lib.export.packed import write_packed
 from lib.export.schema import PARTS
+from lib.quantize.options import QuantOptions, prepare_model
 from lib.quantize.policy import apply_linear_policy
 from lib.simulator import SizeCost
 from lib.utils.checkpoint import extract_state_dict, load_checkpoint
@@ -25,6 +27,9 @@ def model_from_checkpoint(ckpt):
                         "finetune.py")
     linear = ckpt["mode"] == "linear"
     model = get_model(ckpt["arch"], linear=linear, **ckpt["model_kwargs"])
+    options = checkpoint_options(ckpt)
+    if linear:   # the structure the fine-tune gave it (folded BN, added biases)
+        prepare_model(model, options)
     try:
         model.load_state_dict(extract_state_dict(ckpt), strict=True)
     except RuntimeError as exc:
@@ -41,7 +46,17 @@ def export_checkpoint(path, output):
     model = model_from_checkpoint(ckpt)
     policy = ckpt["policy"]
     return write_packed(output, model, ckpt["arch"], ckpt["model_kwargs"], ckpt["mode"],
-                        policy["strategy"], policy.get("layers"), source=str(path))
+                        policy["strategy"], policy.get("layers"), source=str(path),
+                        quant_options=checkpoint_options(ckpt).record())
+
+
+def checkpoint_options(ckpt):
+    """The linear quantizer options a finetune.py checkpoint's policy records (none: defaults)."""
+    try:
+        return QuantOptions.from_record(ckpt["policy"].get("quant_options"),
+                                        "the checkpoint's policy field quant_options")
+    except UserError as exc:
+        raise UserError(f"{exc}; expected a checkpoint written by finetune.py") from None
 
 
 def _weight_bits(mode, entry):
@@ -54,10 +69,15 @@ def predicted_sizes(header):
     from models import get_model
     mode, policy = header["mode"], header["policy"]
     model = get_model(header["arch"], linear=mode == "linear", **header["model_kwargs"])
+    options = QuantOptions.from_record(header.get("quant_options"))
+    if mode == "linear":
+        prepare_model(model, options)
     layers = quantizable_layers(model, linear=mode == "linear")
     bits = [_weight_bits(mode, e) for e in policy]
     weights_bits = SizeCost([m.weight.numel() for _, m in layers], FLOAT_BIT)(bits)
-    side = sum((2 ** b if mode == "kmeans" else 1) * 4 for b in bits if b != FLOAT_BIT)
+    scales = [m.weight.shape[0] if options.per_channel else 1 for _, m in layers]
+    side = sum((2 ** b if mode == "kmeans" else n) * 4
+               for b, n in zip(bits, scales) if b != FLOAT_BIT)
     weight_keys = {f"{n}.weight" for n, _ in layers}
     floats = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
                  if k not in weight_keys)

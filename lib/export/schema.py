@@ -14,6 +14,7 @@ where every key is used.
 import math
 
 from lib.export.bitpack import MAX_BITS, packed_nbytes
+from lib.quantize.options import QuantOptions
 from lib.quantize.policy import resolve_kmeans_policy, resolve_linear_policy
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
@@ -96,6 +97,10 @@ def check_header(header, path):
         f.string_list("layers", header["layers"])
     _check_half_wave(f, header["half_wave"], mode)
     f.string("source", header["source"], optional=True)
+    if "quant_options" in header:
+        if mode != "linear":
+            f.fail("quant_options", header["quant_options"], "no such field in kmeans mode")
+        quant_options(header, path)
     sizes = header["sizes"]
     if not isinstance(sizes, dict) or set(sizes) != set(PARTS):
         f.fail("sizes", sizes, f"an object with exactly the keys {', '.join(PARTS)}")
@@ -193,8 +198,12 @@ def _check_entry(f, i, entry, mode):
     f.object(where, entry, ("bits", "count", side, "indices"))
     bits = f.integer(f"{where}.bits", entry["bits"], 1, MAX_BITS)
     _length(f, f"{where}.count", entry["count"], count, f"the number of elements of {shape}")
-    most = 2 ** bits if mode == "kmeans" else 1
+    # linear: one scale, or one per output channel
+    most = 2 ** bits if mode == "kmeans" else max(1, shape[0] if shape else 1)
     side_block = _block(f, f"{where}.{side}", entry[side], ("float32",), (1, most))
+    if mode == "linear" and entry[side]["count"] not in (1, most):
+        f.fail(f"{where}.{side}.count", entry[side]["count"],
+               f"1 or {most} (one scale per layer or per output channel)")
     _length(f, f"{where}.{side}.nbytes", side_block[1], 4 * entry[side]["count"],
             "4 bytes per float32")
     indices = _block(f, f"{where}.indices", entry["indices"])
@@ -212,6 +221,14 @@ def _payload_size(f, blocks):
                    "blocks follow each other without gaps or overlaps)")
         end += nbytes
     return end
+
+
+def quant_options(header, path):
+    """The header's linear quantizer options (absent: the released quantizer's)."""
+    try:
+        return QuantOptions.from_record(header.get("quant_options"))
+    except UserError as exc:
+        raise UserError(f"'{path}': header field {exc}") from None
 
 
 # ------------------------------------------------------------------------ against the model

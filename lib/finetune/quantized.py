@@ -13,6 +13,7 @@ import time
 
 from lib.env import shared_training
 from lib.quantize import apply_kmeans_policy, apply_linear_policy, calibrate, load_codebooks
+from lib.quantize.options import prepare_model
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
@@ -43,6 +44,7 @@ class QuantizedPolicy:
         """Apply the policy to the float weights (linear: and calibrate the ranges)."""
         policy = self.setup.strategy["strategy"]
         if self.setup.mode == "linear":
+            prepare_model(self.model, self.setup.options)   # on the pretrained float weights
             apply_linear_policy(self.model, policy)
             calibrate(self.model, calib_loader, device, kl_max_bit=self.args.kl_max_bit)
             return
@@ -91,6 +93,7 @@ class QuantizedPolicy:
         ranges, which are then used as stored (by a rule not recorded there)."""
         if self.setup.mode != "linear":
             return
+        prepare_model(self.model, self.setup.options)
         apply_linear_policy(self.model, self.setup.strategy["strategy"])
         ranges = [m.weight_range for _, m in quantizable_layers(self.model, linear=True)]
         if all(float(r.max()) < 0 for r in ranges):   # never calibrated

@@ -3,6 +3,8 @@ strategy and any --resume checkpoint (refused early, as one UserError, when unde
 import logging
 from dataclasses import dataclass, field
 
+from lib.quantize.options import QuantOptions, prepare_model
+from lib.quantize.options import resolve as resolve_quant_options
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
@@ -29,6 +31,7 @@ class Setup:
     ckpt: dict = None           # a finetune.py checkpoint being resumed or evaluated
     foreign: dict = None        # other weights to evaluate (-e --resume of e.g. a released file)
     layer_names: list = field(default_factory=list)
+    options: QuantOptions = QuantOptions()   # linear mode's quantizer options
 
 
 def _arch_for_mode(arch, mode):
@@ -207,4 +210,30 @@ def build_model(setup, args, device):
             raise
         raise UserError(f"--resume '{args.resume}': its 'policy' does not fit: {exc}") from None
     setup.layer_names = names
+    setup.options = quant_options_of(setup, args)
+    if setup.options.is_default():
+        setup.strategy.pop("quant_options", None)
+    else:   # the checkpoints' policy records them: a resume or an export builds the same model
+        setup.strategy["quant_options"] = setup.options.record()
+    if setup.ckpt is not None:   # its state_dict is that of the prepared model
+        prepare_model(model, setup.options)
     return model
+
+
+def quant_options_of(setup, args):
+    """The run's quantizer options: the strategy's (or resumed checkpoint's) record, each
+    overridden by its flag when given; a resumed model keeps the ones it was prepared with."""
+    record, where = setup.strategy.get("quant_options"), "the strategy's 'quant_options'"
+    if setup.ckpt is not None:
+        where = f"--resume '{args.resume}': its policy's 'quant_options'"
+    options = resolve_quant_options(args, record, where)
+    if setup.ckpt is not None:
+        recorded = QuantOptions.from_record(record, where)
+        if options != recorded:
+            log.warning("quantizer option flags ignored: %s holds a model prepared with %s",
+                        args.resume, recorded.record())
+        return recorded
+    if setup.mode != "linear" and not options.is_default():
+        raise UserError("--per_channel, --weight_clip mse, --fold_bn and --bias_correction are "
+                        "linear-quantizer options; expected a linear-mode strategy with them")
+    return options

@@ -34,6 +34,14 @@ Linear fake quantization (:mod:`lib.quantize.linear`)::
     fake_quantize(x, r, bits, signed, clip_grad=True)   # the STE/PACT fake-quant op
     kl_clip(x, bits)                        # the released divergence clip (kl_max_bit's rule)
 
+Quantizer options beside the released linear quantizer (:mod:`lib.quantize.options`; all off
+by default)::
+
+    QuantOptions(per_channel=False, weight_clip="max", fold_bn=False, bias_correction=False)
+        .record() / QuantOptions.from_record(d)   # strategy.json's and the packed header's field
+    prepare_model(model, options)         # fold BN, per-channel ranges, biases; then calibrate()
+    mse_clip(weight, bits, per_channel=False)   # argmin_t ||Q(w; t) - w||^2 on a 100-step grid
+
 Linear mode for any model (:mod:`lib.quantize.swap`)::
 
     quantize_model(model, example_input=None, half_wave=None, method="auto")

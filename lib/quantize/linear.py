@@ -19,7 +19,8 @@
   computes exactly what the float layer does.
 
 State-dict entries beyond the float layer's: ``activation_range`` [1] and ``weight_range`` [1],
-the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet).
+the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet); with
+per-channel scales (lib.quantize.options) ``weight_range`` is [C, 1, 1, 1] / [C, 1].
 """
 import logging
 
@@ -92,7 +93,8 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def fake_quantize(x, r, bits, signed, clip_grad=True):
-    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (tensor [1]); see _FakeQuant.
+    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (a tensor that broadcasts to
+    ``x``: [1], or one range per output channel); see _FakeQuant.
 
     ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights).
     """
@@ -151,6 +153,12 @@ class _QuantMixin:
     # How code below lib/quantize (lib.utils.layers.quantizable_layers) tells a fake-quantized
     # layer from a float one without importing this module.
     fake_quantized = True
+    # Quantizer options (lib.quantize.options.prepare_model sets them; these are the released
+    # quantizer's): read by calibration only.
+    per_channel = False
+    weight_clip = "max"
+    bias_correction = False
+    weight_calibrator = None   # a function(layer) that sets weight_range in their stead
 
     def _init_quant(self, w_bit, a_bit, half_wave):
         ref = self.weight
@@ -181,6 +189,7 @@ class _QuantMixin:
         """The fake-quantized input; during calibration its range is set and x passes as is."""
         if self.calibrating:
             self._calibrate_activation(x)
+            self._calibration_input = x if self.bias_correction else None
             return x
         if self.a_bit <= 0:
             return x
@@ -209,6 +218,9 @@ class _QuantMixin:
 
     @torch.no_grad()
     def _calibrate_weight(self):
+        if self.weight_calibrator is not None:
+            self.weight_calibrator(self)
+            return
         if 0 < self.w_bit <= self.kl_max_bit:
             t = kl_clip(self.weight, self.w_bit)
         else:
@@ -267,23 +279,29 @@ def calibration_key(model, kl_max_bit=DEFAULT_KL_MAX_BIT):
     key = []
     for m in quant_layers(model):
         magnitude = m.a_bit if m.half_wave else m.a_bit - 1
-        key.append((m.w_bit if 0 < m.w_bit <= kl_max_bit else 0,
+        by_width = 0 < m.w_bit <= kl_max_bit or (
+            m.w_bit > 0 and (m.weight_clip != "max" or m.bias_correction))
+        key.append((m.w_bit if by_width else 0,
                     magnitude if 0 < m.a_bit and 0 < magnitude <= kl_max_bit else 0))
     return tuple(key)
 
 
 def get_ranges(model):
-    """Copies of every Q layer's (weight_range, activation_range), in :func:`quant_layers` order."""
+    """Copies of every Q layer's (weight_range, activation_range), in :func:`quant_layers` order;
+    a layer with bias correction adds its (corrected) bias, which calibration also sets."""
     return [(m.weight_range.detach().clone(), m.activation_range.detach().clone())
+            + ((m.bias.detach().clone(),) if m.bias_correction else ())
             for m in quant_layers(model)]
 
 
 @torch.no_grad()
 def set_ranges(model, ranges):
     """Put back ranges from :func:`get_ranges` (same model structure)."""
-    for m, (w, a) in zip(quant_layers(model), ranges, strict=True):
+    for m, (w, a, *bias) in zip(quant_layers(model), ranges, strict=True):
         m.weight_range.copy_(w)
         m.activation_range.copy_(a)
+        if bias:
+            m.bias.copy_(bias[0])
 
 
 @torch.no_grad()
@@ -296,7 +314,10 @@ def calibrate(model, loader, device=None, kl_max_bit=DEFAULT_KL_MAX_BIT):
     ``kl_max_bit`` bits or fewer, and inputs with that many magnitude bits or fewer, get the
     released divergence clip (:func:`kl_clip`), the rest max|.| (inputs: at most 6); 0 = max
     everywhere (see DEFAULT_KL_MAX_BIT for the default).  The ranges then stay fixed: weights'
-    for good, inputs' until training moves them (PACT).
+    for good, inputs' until training moves them (PAC
+    Layers prepared with quantizer options (lib.quantize.options) take their weight clips by
+    those, and with bias correction their biases absorb the mean output shift of their
+    quantized weights on this batch: call it on the float (uncorrected) weights.
     """
     layers = quant_layers(model)
     if not layers:
@@ -319,6 +340,11 @@ def calibrate(model, loader, device=None, kl_max_bit=DEFAULT_KL_MAX_BIT):
     finally:
         for m in layers:
             m.calibrating = False
+            m._calibration_input = None
         model.train(was_training)
+    for m in layers:
+        shift = m.__dict__.pop("_bias_shift", None)
+        if shift is not None:   # after the pass: every layer saw the float model's input
+            m.bias.add_(shift.to(m.bias.dtype))
     logger.debug("calibrated %d layers on a batch of %d", len(layers), inputs.shape[0])
     return model

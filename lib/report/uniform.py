@@ -75,6 +75,8 @@ def uniform_strategy(strategy, bits, cost=None, names=None):
                                           "min_bit", "max_bit")}
     if strategy.get("cost_table") is not None:
         out["cost_table"] = strategy["cost_table"]
+    if strategy.get("quant_options") is not None:   # the search's quantizer, to compare alike
+        out["quant_options"] = strategy["quant_options"]
     out.update(cost_ratio=cost(policy) / cost.reference(), layers=names, strategy=policy,
                uniform_bits=bits, accuracy=None, episode=None)
     return out

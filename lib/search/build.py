@@ -4,7 +4,9 @@ import os
 
 import torch
 
+from lib.quantize.options import QuantOptions, prepare_model
 from lib.utils.distributed import is_distributed
+from lib.utils.errors import UserError
 from lib.utils.run_utils import memory_format
 from lib.utils.train import autocast_dtype
 
@@ -51,7 +53,20 @@ def build_model(args, device):
     model = get_model(args.arch, num_classes=info.num_classes, input_size=args.input_size,
                       width_mult=args.width_mult, linear=args.linear_quantization)
     load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
+    options = search_quant_options(args)
+    if args.linear_quantization:   # before the env keeps the pretrained (now prepared) weights
+        prepare_model(model, options)
     return memory_format(model.to(device), args.channels_last), info
+
+
+def search_quant_options(args):
+    """The linear quantizer options of the search's flags; UserError when K-Means mode is asked
+    for any (they are options of the linear quantizer)."""
+    options = QuantOptions.from_args(args)
+    if not args.linear_quantization and not options.is_default():
+        raise UserError("--per_channel, --weight_clip mse, --fold_bn and --bias_correction are "
+                        "linear-quantizer options; expected --linear_quantization with them")
+    return options
 
 
 def build_cost(args, model):

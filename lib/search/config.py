@@ -38,6 +38,10 @@ class SearchConfig:
     method: str = "ddpg"
     sensitivity: str = "loss"
     n_update: int = 1
+    per_channel: bool = added_later(False)
+    weight_clip: str = added_later("max")
+    fold_bn: bool = added_later(False)
+    bias_correction: bool = added_later(False)
 
 
 CONFIGS = (SearchConfig, EnvConfig, DDPGConfig, FinetuneConfig)

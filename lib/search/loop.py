@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from lib.env.torchrun import release_followers, run_follower, sync_from_main
+from lib.quantize.options import QuantOptions
 from lib.utils.checkpoint import atomic_write_text, save_checkpoint
 from lib.utils.errors import UserError, error_reason
 
@@ -55,6 +56,8 @@ def strategy_meta(args, env):
             "num_classes": dataset_defaults(args.dataset, args.dataset_root).num_classes}
     if (table := cost_table_of(env)) is not None:
         meta["cost_table"] = table
+    if not (options := QuantOptions.from_args(args)).is_default():
+        meta["quant_options"] = options.record()
     return meta
 
 

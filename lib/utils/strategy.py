@@ -7,6 +7,9 @@ A strategy (docs/design.md section 9) is what the search writes and what finetun
      "layers": ["features.0.0", ...],     # module names, in policy order
      "strategy": [[8, -1], [7, 7], ...]}   # K-Means mode: [6, 6, 5, ...]
 
+plus, in linear mode when any is on, ``"quant_options": {"per_channel": ..., "weight_clip": ...,
+"fold_bn": ..., "bias_correction": ...}`` (lib.quantize.options; absent: the released quantizer).
+
 :func:`load_strategy` reads a file or a preset name; :func:`validate_strategy` checks it
 against the model's quantizable layers (length, names, bit ranges) and raises a
 :class:`~lib.utils.errors.UserError` that says what was expected.
@@ -73,6 +76,18 @@ def _finite_in(value, lo, hi):
     return is_real(value) and lo < value <= hi
 
 
+# linear mode's quantizer options (lib.quantize.options.QuantOptions.record); absent = off
+QUANT_OPTIONS_EXPECTED = ('an object {"per_channel": bool, "weight_clip": "max"|"mse", '
+                          '"fold_bn": bool, "bias_correction": bool}')
+
+
+def _quant_options_ok(value):
+    flags = ("per_channel", "fold_bn", "bias_correction")
+    return (isinstance(value, dict) and set(value) <= set(flags) | {"weight_clip"}
+            and all(isinstance(value.get(k, False), bool) for k in flags)
+            and value.get("weight_clip", "max") in ("max", "mse"))
+
+
 # min_bit and max_bit share one check
 _BIT_FIELD = (lambda v: is_int(v, 1, 8), "an integer in [1, 8]")
 
@@ -101,6 +116,7 @@ _FIELDS = {
                "difference in percent)"),
     "cost_table": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
                    and isinstance(v.get("sha256"), str), 'an object {"path", "sha256"}'),
+    "quant_options": (_quant_options_ok, QUANT_OPTIONS_EXPECTED),
 }
 
 
@@ -265,7 +281,7 @@ def strategy_record(best, layer_names, meta):
               "layers": list(layer_names), "strategy": best["policy"]}
     # Extra context (finetune.py needs only the fields above).
     for key in ("dataset", "width_mult", "input_size", "num_classes", "min_bit", "max_bit",
-                "original_accuracy", "method", "cost_table"):
+                "original_accuracy", "method", "cost_table", "quant_options"):
         if key in meta:
             record[key] = meta[key]
     if "original_accuracy" in meta:
