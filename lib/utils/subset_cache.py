@@ -96,7 +96,7 @@ class Store:
     """An open store: ``labels`` and ``sizes`` (tensors) and ``pixels`` (read-only memmap)."""
 
     def __init__(self, path, key):
-        self.path = path
+        self.path, self.key = path, key
         with open(path, "rb") as f:
             head = f.read(16)
             if len(head) < 16 or head[:8] != MAGIC:
@@ -164,6 +164,8 @@ def open_store(folder, label, key, decoded, side, n_worker=0):
     ``decoded[i]`` is ((uint8 tensor 3 x side, (w, h) of the original), label) of the
     subset's i-th image. ``store.built`` says whether this call decoded the images.
     """
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--data_cache '{folder}' is a file; expected a folder")
     path = store_path(folder, label, key)
     try:
         return Store(path, key)
@@ -171,8 +173,6 @@ def open_store(folder, label, key, decoded, side, n_worker=0):
         pass
     except CorruptStore as exc:
         log.warning("data cache '%s' not usable (%s); rebuilding it", path, exc)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"--data_cache '{folder}' is a file; expected a folder")
     try:
         lock = FolderLock(folder, "--data_cache", wait=True).acquire()
     except OSError as exc:
