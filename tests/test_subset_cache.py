@@ -175,7 +175,7 @@ def test_training_crops_keep_the_released_augmentation(tree, tmp_path):
     x, _ = next(iter(data.train))
     assert x.shape == (10, 3, 72, 72) and torch.isfinite(x).all()
     store = data.train.store
-    assert store.pixels.shape[-2:] == (82, 82)   # the whole image at the eval resize size
+    assert store.pixels.shape[1:] == (82, 82, 3)   # the whole image at the eval resize size
     assert (store.sizes.numpy() >= 40).all()     # the original sizes, for the crop boxes
     small = search_data(tree, tmp_path / "c", size=32, batch=10, shuffle=False)
     raw = torch.from_numpy(np.array(small.train.store.pixels[:10]))

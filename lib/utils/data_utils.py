@@ -638,17 +638,18 @@ class CacheSpec:
 
 
 class _StoreTransform:
-    """PIL steps, then the image as uint8 3 x H x W (ToTensor's array, before its / 255) and
-    the original (w, h)."""
+    """PIL steps, then the image as uint8 (ToTensor's array before its / 255: 3 x H x W, or
+    PIL's H x W x 3 with ``channels_last``) and the original (w, h)."""
 
-    def __init__(self, steps):
-        self.steps = list(steps)
+    def __init__(self, steps, channels_last=False):
+        self.steps, self.channels_last = list(steps), channels_last
 
     def __call__(self, image):
         wh = torch.tensor(image.size, dtype=torch.int32)
         for step in self.steps:
             image = step(image)
-        return torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1), wh
+        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True))
+        return (pixels if self.channels_last else pixels.permute(2, 0, 1)), wh
 
     def describe(self):
         import PIL
@@ -668,13 +669,14 @@ def _store_steps(input_size, kind):
 
 def _open_cached(spec, indices, kind):
     split = spec.split
-    transform = _StoreTransform(_store_steps(spec.input_size, kind))
+    transform = _StoreTransform(_store_steps(spec.input_size, kind), channels_last=kind == "full")
     decoded = copy.copy(split)
     decoded.transform = transform
-    side = (spec.input_size,) * 2 if kind == "eval" else (int(spec.input_size / 0.875),) * 2
-    key = store_key(split.root, kind, transform.describe(), side, indices, spec.seed,
+    side = int(spec.input_size / 0.875)
+    shape = (3, spec.input_size, spec.input_size) if kind == "eval" else (side, side, 3)
+    key = store_key(split.root, kind, transform.describe(), shape, indices, spec.seed,
                     file_list_digest(split.samples, indices))
-    return open_store(spec.folder, spec.label, key, Subset(decoded, indices), side, spec.n_worker)
+    return open_store(spec.folder, spec.label, key, Subset(decoded, indices), spec.n_worker)
 
 
 def _cached_search_data(spec, val_idx, train_idx, batch_size, shuffle, device, distributed,

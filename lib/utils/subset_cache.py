@@ -59,10 +59,11 @@ def file_list_digest(samples, indices):
     return h.hexdigest()
 
 
-def store_key(root, kind, transform, side, indices, seed, files):
-    """The key a store is built for (JSON-able); ``files`` is :func:`file_list_digest`."""
+def store_key(root, kind, transform, shape, indices, seed, files):
+    """The key a store is built for (JSON-able): ``shape`` is one image's stored shape,
+    ``files`` is :func:`file_list_digest`."""
     return {"format": FORMAT, "root": os.path.abspath(root), "kind": kind,
-            "transform": transform, "side": list(side), "seed": int(seed),
+            "transform": transform, "shape": list(shape), "seed": int(seed),
             "indices": hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest(),
             "files": files}
 
@@ -73,12 +74,12 @@ def store_path(folder, label, key):
     return os.path.join(folder, f"{label}_{key['kind']}_{digest}.subset")
 
 
-def _layout(head, n, side):
+def _layout(head, n, shape):
     """(labels, sizes, pixels, end) byte offsets of a store whose header ends at ``head``."""
     labels = _round_up(head)
     sizes = labels + 8 * n
     pixels = _round_up(sizes + 8 * n)
-    return labels, sizes, pixels, pixels + n * 3 * side[0] * side[1]
+    return labels, sizes, pixels, pixels + n * int(np.prod(shape))
 
 
 def _round_up(x):
@@ -104,12 +105,12 @@ class Store:
             (length,) = struct.unpack("<Q", head[8:])
             try:
                 header = json.loads(f.read(length).decode())
-                n, side = int(header["shape"][0]), tuple(header["shape"][2:])
+                n, shape = int(header["shape"][0]), tuple(int(v) for v in header["shape"][1:])
             except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
                 raise CorruptStore("unreadable header") from None
         if header.get("key") != key:
             raise CorruptStore("built for another key")
-        labels_at, sizes_at, pixels_at, end = _layout(16 + length, n, side)
+        labels_at, sizes_at, pixels_at, end = _layout(16 + length, n, shape)
         if os.path.getsize(path) != end:
             raise CorruptStore(f"{os.path.getsize(path)} bytes, expected {end} (truncated)")
         self.labels = torch.from_numpy(np.fromfile(path, np.int64, n, offset=labels_at))
@@ -118,7 +119,7 @@ class Store:
         index = self.labels.numpy().tobytes() + self.sizes.numpy().tobytes()
         if hashlib.sha256(index).hexdigest() != header.get("index_sha256"):
             raise CorruptStore("index checksum mismatch")
-        self.pixels = np.memmap(path, np.uint8, "r", pixels_at, (n, 3) + side)
+        self.pixels = np.memmap(path, np.uint8, "r", pixels_at, (n,) + shape)
         if _crc(self.pixels) != header.get("pixels_crc32"):
             raise CorruptStore("pixel checksum mismatch")
         self.built = False   # set by open_store when this call decoded the images
@@ -127,16 +128,16 @@ class Store:
         return len(self.labels)
 
 
-def _write(path, key, decoded, n, side, n_worker):
-    """Decode ``decoded`` (a dataset of ((uint8 CHW, (w, h)), label)) into a new store at ``path``."""
+def _write(path, key, decoded, n, shape, n_worker):
+    """Decode ``decoded`` (a dataset of ((uint8 image, (w, h)), label)) into a new store at ``path``."""
     loader = DataLoader(decoded, batch_size=64, num_workers=n_worker, shuffle=False)
     labels, sizes = np.empty(n, np.int64), np.empty((n, 2), np.int32)
-    probe = {"key": key, "shape": [n, 3, *side], "index_sha256": "0" * 64, "pixels_crc32": 0}
+    probe = {"key": key, "shape": [n, *shape], "index_sha256": "0" * 64, "pixels_crc32": 0}
     length = len(json.dumps(probe).encode()) + 64   # room for the real checksums' digits
-    labels_at, sizes_at, pixels_at, end = _layout(16 + length, n, side)
+    labels_at, sizes_at, pixels_at, end = _layout(16 + length, n, shape)
     with open(path, "wb") as f:
         f.truncate(end)
-    pixels = np.memmap(path, np.uint8, "r+", pixels_at, (n, 3) + tuple(side))
+    pixels = np.memmap(path, np.uint8, "r+", pixels_at, (n,) + tuple(shape))
     done = 0
     for (images, wh), target in loader:
         pixels[done:done + len(target)] = images.numpy()
@@ -158,11 +159,11 @@ def _write(path, key, decoded, n, side, n_worker):
         os.fsync(f.fileno())
 
 
-def open_store(folder, label, key, decoded, side, n_worker=0):
+def open_store(folder, label, key, decoded, n_worker=0):
     """The store of ``key`` in ``folder``, built from ``decoded`` when missing or corrupt.
 
-    ``decoded[i]`` is ((uint8 tensor 3 x side, (w, h) of the original), label) of the
-    subset's i-th image. ``store.built`` says whether this call decoded the images.
+    ``decoded[i]`` is ((uint8 tensor of shape ``key["shape"]``, (w, h) of the original),
+    label) of the subset's i-th image. ``store.built`` says whether this call decoded them.
     """
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--data_cache '{folder}' is a file; expected a folder")
@@ -186,7 +187,7 @@ def open_store(folder, label, key, decoded, side, n_worker=0):
         log.info("decoding %d images into the data cache '%s'", len(decoded), path)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            _write(tmp, key, decoded, len(decoded), side, n_worker)
+            _write(tmp, key, decoded, len(decoded), tuple(key["shape"]), n_worker)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -203,21 +204,23 @@ def normalise(batch, mean, std):
     the same float operations in the same order, so equal bits."""
     mean = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    return batch.to(torch.float32).div(255).sub_(mean).div_(std)
+    return batch.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """The released RandomResizedCrop + RandomHorizontalFlip, on stored uint8 images.
 
-    Each stored image is its whole original resized to ``batch``'s square; the crop box is
-    drawn on the original's (w, h) with torchvision's own parameters (torch's global RNG),
-    mapped to the stored pixels and resized to ``out`` (bilinear, antialiased like PIL).
+    Each stored image (N x H x W x 3, PIL's layout, which the CPU's uint8 resize reads
+    fastest) is its whole original resized to a square; the crop box is drawn on the
+    original's (w, h) with torchvision's own parameters (torch's global RNG), mapped to the
+    stored pixels and resized to ``out`` (bilinear, antialiased like PIL). Returns N x 3 x
+    out x out.
     """
     from torchvision import transforms
-    side_h, side_w = batch.shape[-2:]
+    side_h, side_w = batch.shape[1:3]
     work = batch if batch.device.type == "cpu" else batch.float()   # uint8 resize: CPU only
     crops = []
-    for image, (w, h) in zip(work, sizes.tolist()):
+    for image, (w, h) in zip(work.permute(0, 3, 1, 2), sizes.tolist()):
         i, j, ch, cw = transforms.RandomResizedCrop.get_params(
             torch.empty(()).expand(3, h, w), scale, ratio)
         top, left = round(i * side_h / h), round(j * side_w / w)
@@ -226,7 +229,8 @@ def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
         crop = F.interpolate(image[None, :, top:bottom, left:right], size=(out, out),
                              mode="bilinear", align_corners=False, antialias=True)[0]
         crops.append(crop.flip(-1) if torch.rand(1) < 0.5 else crop)
-    return torch.stack(crops).round_().clamp_(0, 255) if work is not batch else torch.stack(crops)
+    crops = torch.stack(crops).contiguous()
+    return crops.round_().clamp_(0, 255) if work is not batch else crops
 
 
 def padded_random_crop(batch, padding):
