@@ -204,7 +204,8 @@ def normalise(batch, mean, std):
     the same float operations in the same order, so equal bits."""
     mean = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32, device=batch.device).view(3, 1, 1)
-    return batch.to(torch.float32).div_(255).sub_(mean).div_(std)
+    return (batch.to(torch.float32, memory_format=torch.contiguous_format)
+            .div_(255).sub_(mean).div_(std))
 
 
 def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -214,23 +215,26 @@ def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     fastest) is its whole original resized to a square; the crop box is drawn on the
     original's (w, h) with torchvision's own parameters (torch's global RNG), mapped to the
     stored pixels and resized to ``out`` (bilinear, antialiased like PIL). Returns N x 3 x
-    out x out.
+    out x out in channels-last memory: :func:`normalise` reorders it in its float copy.
     """
     from torchvision import transforms
     side_h, side_w = batch.shape[1:3]
     work = batch if batch.device.type == "cpu" else batch.float()   # uint8 resize: CPU only
-    crops = []
-    for image, (w, h) in zip(work.permute(0, 3, 1, 2), sizes.tolist()):
+    crops = torch.empty((len(batch), out, out, 3), dtype=work.dtype, device=work.device)
+    for k, (image, (w, h)) in enumerate(zip(work.permute(0, 3, 1, 2), sizes.tolist())):
         i, j, ch, cw = transforms.RandomResizedCrop.get_params(
             torch.empty(()).expand(3, h, w), scale, ratio)
         top, left = round(i * side_h / h), round(j * side_w / w)
         bottom = max(top + 1, round((i + ch) * side_h / h))
         right = max(left + 1, round((j + cw) * side_w / w))
-        crop = F.interpolate(image[None, :, top:bottom, left:right], size=(out, out),
-                             mode="bilinear", align_corners=False, antialias=True)[0]
-        crops.append(crop.flip(-1) if torch.rand(1) < 0.5 else crop)
-    crops = torch.stack(crops).contiguous()
-    return crops.round_().clamp_(0, 255) if work is not batch else crops
+        # a channels-last copy of the crop: the resize's fast path, and a channels-last result
+        crop = image[None, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)
+        crop = F.interpolate(crop, size=(out, out), mode="bilinear", align_corners=False,
+                             antialias=True)[0].permute(1, 2, 0)
+        crops[k] = crop.flip(1) if torch.rand(1) < 0.5 else crop
+    if work is not batch:
+        crops.round_().clamp_(0, 255)
+    return crops.permute(0, 3, 1, 2)
 
 
 def padded_random_crop(batch, padding):
