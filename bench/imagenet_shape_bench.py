@@ -1,7 +1,7 @@
 """The search's data path at ImageNet shape: decoding JPEGs against the decoded-subset cache.
 
     python bench/imagenet_shape_bench.py [--data DIR | --build DIR --classes 20 --per_class 100]
-        [--train_size 512 --val_size 256] [--episode_train 128 --episode_val 128]
+        [--train_size 512 --val_size 256] [--episode_train 64 --episode_val 64]
         [--arch mobilenetv2 --width_mult 1.0] [--batch 32] [--rounds 2] [--threads 1]
 
 Builds (or takes, ``--data``) an ImageFolder tree of ~500x375 JPEG textures and, at 224 px:
@@ -171,8 +171,8 @@ def main(argv=None):
     p.add_argument("--cache", default=None, help="--data_cache folder (default: a fresh temporary one)")
     p.add_argument("--train_size", type=int, default=512)
     p.add_argument("--val_size", type=int, default=256)
-    p.add_argument("--episode_train", type=int, default=128)
-    p.add_argument("--episode_val", type=int, default=128)
+    p.add_argument("--episode_train", type=int, default=64)
+    p.add_argument("--episode_val", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--n_worker", type=int, default=0, help="DataLoader workers of the decoding path")
     p.add_argument("--arch", default="mobilenetv2")
