@@ -197,3 +197,41 @@ def test_flip_and_crop_draws_follow_torchs_seed(tree, tmp_path):
     c = batches(data.train)
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def _search_argv(tiny_pretrained, root, out, cache):
+    return ["--dataset", root, "--width_mult", "0.25", "--input_size", "32",
+            "--pretrained_path", tiny_pretrained[0], "--train_size", "16", "--val_size", "8",
+            "--data_bsize", "8", "--n_worker", "0", "--train_episode", "1", "--warmup", "1",
+            "--output", str(out), "--seed", "1", "--max_bit", "4", "--preserve_ratio", "0.2",
+            "--data_cache", str(cache)]
+
+
+@pytest.mark.slow   # two one-episode searches
+def test_the_search_cli_builds_then_reads_the_cache(tiny_pretrained, tmp_path, monkeypatch):
+    import rl_quantize
+    root = jpeg_tree(tmp_path / "ten", classes=[f"c{i}" for i in range(10)], per_class=3)
+    rl_quantize.main(_search_argv(tiny_pretrained, root, tmp_path / "o1", tmp_path / "c"))
+    built = sorted(os.listdir(tmp_path / "c"))
+    assert len(built) == 3 and all(f.endswith(".subset") for f in built)
+
+    def no_decode(path):
+        raise AssertionError(f"decoded {path} again")
+    monkeypatch.setattr(data_utils, "load_rgb", no_decode)
+    rl_quantize.main(_search_argv(tiny_pretrained, root, tmp_path / "o2", tmp_path / "c"))
+    assert sorted(os.listdir(tmp_path / "c")) == built
+
+
+def test_a_cache_flag_naming_a_file_ends_the_search_with_one_line(tiny_pretrained, tmp_path,
+                                                                   capsys):
+    import rl_quantize
+    from lib.utils.errors import run_cli
+    root = jpeg_tree(tmp_path / "ten", classes=[f"c{i}" for i in range(10)], per_class=3)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(rl_quantize.main, _search_argv(tiny_pretrained, root, tmp_path / "o",
+                                               tmp_path / "file"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == \
+        f"error: --data_cache '{tmp_path / 'file'}' is a file; expected a folder"
