@@ -77,6 +77,17 @@ def images_per_s(loader, limit):
     return n / (time.perf_counter() - start)
 
 
+def gather_per_s(store, batch, rounds=3):
+    """Images/s of reading shuffled uint8 batches from a store: the CPU's whole share of the
+    cached path when the crops and the normalisation run on a GPU."""
+    n, start = 0, time.perf_counter()
+    for _ in range(rounds):
+        order = np.random.permutation(len(store))
+        for i in range(0, len(order), batch):
+            n += len(torch.from_numpy(store.pixels[order[i:i + batch]]))
+    return n / (time.perf_counter() - start)
+
+
 class TimedLoader:
     """A loader whose iteration records the seconds spent waiting for each next batch."""
 
@@ -125,6 +136,10 @@ def bench_data_path(a, root, cache):
         rates["train cached"].append(images_per_s(cached.train, a.train_size))
         rates["val decode"].append(images_per_s(decoding.val, a.val_size))
         rates["val cached"].append(images_per_s(cached.val, a.val_size))
+    gather = gather_per_s(cached.train.store, a.batch)
+    print(f"  train uint8 batches read from the store alone (the CPU's share when the device is a "
+          f"GPU): {gather:.0f} images/s = {gather / statistics.median(rates['train decode']):.0f}x "
+          "decoding")
     for split in ("train", "val"):
         dec, cac = rates[f"{split} decode"], rates[f"{split} cached"]
         ratios = sorted(c / d for c, d in zip(cac, dec))
