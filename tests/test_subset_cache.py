@@ -235,3 +235,36 @@ def test_a_cache_flag_naming_a_file_ends_the_search_with_one_line(tiny_pretraine
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == \
         f"error: --data_cache '{tmp_path / 'file'}' is a file; expected a folder"
+
+
+def _cached_shards_on_rank(rank, world, init_file, root, cache, out_dir):
+    import json
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        data = search_data(root, cache, distributed=True)
+        data.train.sampler.set_epoch(1)
+        seen = {"built": [s.built for s in stores(data)],
+                "val": [int(i) for b in data.val.batch_sampler for i in b],
+                "train": [int(i) for b in data.train.batch_sampler for i in b],
+                "val_batches": [len(y) for _, y in data.val]}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(seen, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_one_cache_and_split_the_subsets(tree, tmp_path):
+    """torchrun's ranks: each store decoded once; validation indices split, none twice."""
+    import json
+    import torch.multiprocessing as mp
+    mp.start_processes(_cached_shards_on_rank, nprocs=2, start_method="fork",
+                       args=(2, str(tmp_path / "init"), tree, str(tmp_path / "c"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [sum(col) for col in zip(*(r["built"] for r in ranks))] == [1, 1, 1]
+    val = ranks[0]["val"] + ranks[1]["val"]
+    assert sorted(val) == list(range(SIZES["val_size"]))
+    assert all(max(r["val_batches"]) <= 2 for r in ranks)   # batch 4 over 2 ranks
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == SIZES["train_size"] // 2
