@@ -268,3 +268,12 @@ def test_ranks_share_one_cache_and_split_the_subsets(tree, tmp_path):
     assert sorted(val) == list(range(SIZES["val_size"]))
     assert all(max(r["val_batches"]) <= 2 for r in ranks)   # batch 4 over 2 ranks
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == SIZES["train_size"] // 2
+
+
+def test_a_store_that_cannot_be_written_is_a_user_error(tree, tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(subset_cache, "_write", full_disk)
+    with pytest.raises(UserError, match="could not be built .*No space left"):
+        search_data(tree, tmp_path / "c")
+    assert os.listdir(tmp_path) == ["ds"]   # no half-written store, no folder left behind

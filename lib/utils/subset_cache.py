@@ -184,19 +184,27 @@ def open_store(folder, label, key, decoded, n_worker=0):
             return Store(path, key)
         except (FileNotFoundError, CorruptStore):
             pass
-        log.info("decoding %d images into the data cache '%s'", len(decoded), path)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            _write(tmp, key, decoded, len(decoded), tuple(key["shape"]), n_worker)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        store = Store(path, key)
+        store = _build(path, key, decoded, n_worker)
         store.built = True
         return store
     finally:
         lock.release()
+
+
+def _build(path, key, decoded, n_worker):
+    """Write the store into a temporary file, rename it into place and open it."""
+    log.info("decoding %d images into the data cache '%s'", len(decoded), path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        _write(tmp, key, decoded, len(decoded), tuple(key["shape"]), n_worker)
+        os.replace(tmp, path)
+        return Store(path, key)
+    except (OSError, CorruptStore) as exc:   # a full disk, a store unreadable once written
+        raise UserError(f"data cache '{path}' could not be built ({exc}); expected a writable "
+                        "folder with room for it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def normalise(batch, mean, std):
