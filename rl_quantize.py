@@ -169,6 +169,10 @@ def get_args_parser():
     p.add_argument("--input_size", default=None, type=cli.input_size,
                    help="image size in pixels (default: the pretrained checkpoint's, else the "
                         "dataset's, 224 or 32 for mnist5k); the cost table is traced at it")
+    p.add_argument("--data_cache", default=None, metavar="DIR",
+                   help="folder ImageFolder datasets' search subsets are decoded into once and "
+                        "read from by every episode, run and rank (off by default: training "
+                        "crops are then drawn on stored tensors, not the JPEGs; docs/performance.md)")
     return p
 
 
@@ -234,7 +238,7 @@ def main(argv=None):
     device, rank, _ = init_distributed(args.device, gpu_index(args.gpu_id))
     check_same_args(args)
     setup_logging(verbose=args.debug, rank=rank)
-    loaders = build_loaders(args)
+    loaders = build_loaders(args, device)
     model, info = build_model(args, device)
     env = build_env(args, model, info, loaders, device)
     env.check_budget()

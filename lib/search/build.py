@@ -78,17 +78,19 @@ def build_cost(args, model):
                              input_size=args.input_size)
 
 
-def build_loaders(args):
+def build_loaders(args, device="cpu"):
     """The search's two disjoint subsets of the train split (missing data fails here, first).
 
-    Under torchrun each rank gets its shard (--data_bsize is the global batch).
+    Under torchrun each rank gets its shard (--data_bsize is the global batch). With
+    --data_cache the batches come out on ``device``.
     """
     from lib.utils.data_utils import get_search_data
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_worker = min(args.n_worker, cores or 1)
     return get_search_data(args.dataset, args.data_bsize, n_worker, val_size=args.val_size,
                            train_size=args.train_size, data_root=args.dataset_root,
-                           input_size=args.input_size, distributed=is_distributed())
+                           input_size=args.input_size, distributed=is_distributed(),
+                           data_cache=getattr(args, "data_cache", None), device=device)
 
 
 def build_env(args, model, info, loaders, device):

@@ -23,6 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 from .checkpoint import atomic_write
 from .distributed import ShardSampler, get_world_size
 from .errors import UserError
+from .subset_cache import (CachedLoader, file_list_digest, open_store, padded_random_crop,
+                           random_resized_crop, store_key)
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +585,7 @@ class SearchData:
 
 def get_search_data(dataset, batch_size, n_worker, val_size=10000, train_size=20000,
                     data_root=None, seed=SEARCH_SPLIT_SEED, shuffle=True, input_size=None,
-                    distributed=False):
+                    distributed=False, data_cache=None, device="cpu"):
     """The search's data: two disjoint subsets of the train split (docs/design.md section 3).
 
     The validation subset uses the evaluation transform. ``shuffle`` reshuffles the
@@ -592,12 +594,18 @@ def get_search_data(dataset, batch_size, n_worker, val_size=10000, train_size=20
     processes takes batch_size / N images per step from its DistributedSampler shard
     of the training subset (call ``train.sampler.set_epoch``), and validates its
     ShardSampler shard of the validation subset (no padding: counts are exact).
+    ``data_cache`` (a folder; ImageFolder datasets): read the subsets from decoded stores
+    there (lib/utils/subset_cache.py), batches coming out on ``device``.
     """
     info = dataset_defaults(dataset, data_root)
     size = input_size or info.input_size
     train_aug = build_datasets(dataset, data_root, train_transform=True, input_size=size)[0]
     train_eval = _eval_view(train_aug, size)
     val_idx, train_idx = split_indices(len(train_aug), val_size, train_size, seed)
+    if data_cache and isinstance(train_aug, ImageFolderSplit):
+        stores = CacheSpec(data_cache, dataset_label(dataset), train_aug, size, seed, n_worker)
+        return _cached_search_data(stores, val_idx, train_idx, batch_size, shuffle, device,
+                                   distributed, info.num_classes)
     train_set, val_set = Subset(train_aug, train_idx), Subset(train_eval, val_idx)
     calib = _loader(Subset(train_eval, train_idx[:batch_size]), batch_size, n_worker, False)
     if not distributed:
@@ -616,3 +624,91 @@ def get_split_train_dataset(dataset, batch_size, n_worker, val_size=10000, train
     data = get_search_data(dataset, batch_size, n_worker, val_size, train_size, data_root, seed,
                            shuffle, input_size)
     return data.train, data.val, data.n_class
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where and from what the search's stores are built (get_search_data's ``data_cache``)."""
+    folder: str
+    label: str
+    split: "ImageFolderSplit"
+    input_size: int
+    seed: int
+    n_worker: int
+
+
+class _StoreTransform:
+    """PIL steps, then the image as uint8 (ToTensor's array before its / 255: 3 x H x W, or
+    PIL's H x W x 3 with ``channels_last``) and the original (w, h)."""
+
+    def __init__(self, steps, channels_last=False):
+        self.steps, self.channels_last = list(steps), channels_last
+
+    def __call__(self, image):
+        wh = torch.tensor(image.size, dtype=torch.int32)
+        for step in self.steps:
+            image = step(image)
+        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True))
+        return (pixels if self.channels_last else pixels.permute(2, 0, 1)), wh
+
+    def describe(self):
+        import PIL
+        return f"PIL {PIL.__version__}: " + " ".join(repr(s) for s in self.steps)
+
+
+def _store_steps(input_size, kind):
+    """The PIL steps of a store: "eval" = the evaluation transform's resize and centre crop
+    (so the stored bytes are the PIL path's); "full" = the whole image resized to a square of
+    the evaluation resize size, from which training crops are cut (subset_cache)."""
+    from torchvision import transforms
+    if kind == "eval":
+        return _imagenet_transforms(input_size, train=False).transforms[:-2]
+    side = int(input_size / 0.875)
+    return [transforms.Resize((side, side))]
+
+
+def _open_cached(spec, indices, kind):
+    split = spec.split
+    transform = _StoreTransform(_store_steps(spec.input_size, kind), channels_last=kind == "full")
+    decoded = copy.copy(split)
+    decoded.transform = transform
+    side = int(spec.input_size / 0.875)
+    shape = (3, spec.input_size, spec.input_size) if kind == "eval" else (side, side, 3)
+    key = store_key(split.root, kind, transform.describe(), shape, indices, spec.seed,
+                    file_list_digest(split.samples, indices))
+    return open_store(spec.folder, spec.label, key, Subset(decoded, indices), spec.n_worker)
+
+
+def _cached_search_data(spec, val_idx, train_idx, batch_size, shuffle, device, distributed,
+                        n_class):
+    """get_search_data's loaders read from stores: validation and calibration batches are the
+    evaluation transform's bytes; training crops are drawn on the tensors (docs/performance.md)."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+    small = spec.input_size <= SMALL_INPUT_MAX
+    val = _open_cached(spec, val_idx, "eval")
+    train = _open_cached(spec, train_idx, "eval" if small else "full")
+    calib = _open_cached(spec, train_idx[:batch_size], "eval")
+    if small:
+        pad = max(1, spec.input_size // 8)
+        augment = functools.partial(_crop_small, padding=pad)
+    else:
+        augment = functools.partial(random_resized_crop, out=spec.input_size)
+    norm = (IMAGENET_MEAN, IMAGENET_STD)
+    calib_loader = CachedLoader(calib, batch_size, SequentialSampler(range(len(calib))), *norm,
+                                device=device)
+    if distributed:
+        per_rank = max(1, batch_size // get_world_size())
+        train_sampler = DistributedSampler(range(len(train)), shuffle=shuffle, seed=spec.seed)
+        return SearchData(
+            CachedLoader(train, per_rank, train_sampler, *norm, augment, device),
+            CachedLoader(val, per_rank, ShardSampler(range(len(val))), *norm, device=device),
+            calib_loader, n_class)
+    order = RandomSampler(range(len(train))) if shuffle else SequentialSampler(range(len(train)))
+    return SearchData(CachedLoader(train, batch_size, order, *norm, augment, device),
+                      CachedLoader(val, batch_size, SequentialSampler(range(len(val))), *norm,
+                                   device=device),
+                      calib_loader, n_class)
+
+
+def _crop_small(batch, sizes, padding):
+    return padded_random_crop(batch, padding)

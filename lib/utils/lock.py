@@ -21,11 +21,12 @@ LOCK_FILE = ".lock"
 class FolderLock:
     """Exclusive claim of ``folder`` (made if missing); a context manager.
 
-    ``flag`` names the option that chose the folder, for the refusal message.
+    ``flag`` names the option that chose the folder, for the refusal message. ``wait``:
+    block until the holder lets go instead of refusing (a shared cache's builders queue).
     """
 
-    def __init__(self, folder, flag="output folder"):
-        self.folder, self.flag = folder, flag
+    def __init__(self, folder, flag="output folder", wait=False):
+        self.folder, self.flag, self.wait = folder, flag, wait
         self.path = os.path.join(folder, LOCK_FILE)
         self.fd = None
         self.created = False
@@ -38,7 +39,7 @@ class FolderLock:
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
