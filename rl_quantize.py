@@ -32,6 +32,7 @@ from lib.search import (METHODS, STATE_FILE, Search, build_agent, build_env, bui
                         load_search_state, methods_help, output_folder, play_episode, run_search,
                         settle_from_pretrained)
 from lib.search.state import base_name
+from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.simulator.hardware import list_hardware
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
@@ -40,6 +41,7 @@ from lib.utils.errors import UserError, run_cli
 from lib.utils.lock import FolderLock
 from lib.utils.run_utils import seed_everything
 from lib.utils.train import HALF_TYPES
+from models import resolve_weights_flag, weights_help
 
 log = logging.getLogger("rl_quantize")
 
@@ -167,6 +169,12 @@ def get_args_parser():
     p.add_argument("--input_size", default=None, type=cli.input_size,
                    help="image size in pixels (default: the pretrained checkpoint's, else the "
                         "dataset's, 224 or 32 for mnist5k); the cost table is traced at it")
+    p.add_argument("--weights", default=None, metavar="NAME|PATH", help=weights_help())
+    p.add_argument("--kl_max_bit", default=DEFAULT_KL_MAX_BIT, type=cli.number(int, 0, 8),
+                   help="linear: calibrate weights/inputs of at most this many bits with the "
+                        f"released divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = "
+                        "the released rule (the paper's), 0 = max everywhere (default "
+                        "%(default)s); recorded in strategy.json, which finetune.py follows")
     return p
 
 
@@ -218,6 +226,7 @@ def check_args(args):
         raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
                         "reference model at least as wide as any policy")
     cli.check_output_dir(args.output, "--output")
+    resolve_weights_flag(args)
     settle_from_pretrained(args)
 
 

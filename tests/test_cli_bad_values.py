@@ -51,6 +51,7 @@ RL = {
     "--finetune_epoch": ((), []), "--finetune_gamma": ((), ["1.5"]), "--finetune_lr": ((), ["11"]),
     "--train_size": ((), []), "--val_size": ((), []), "--cost_batch": ((), []),
     "--width_mult": ((), ["9"]), "--input_size": ((), ["7", "1025"]), "--threads": ((), ["1025"]),
+    "--kl_max_bit": ({"0"}, ["9"]),
 }
 SIMULATOR = {
     "--batch": ((), []), "--input_size": ((), ["7", "1025"]), "--width_mult": ((), ["9"]),

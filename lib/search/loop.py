@@ -54,6 +54,10 @@ def strategy_meta(args, env):
             "num_classes": dataset_defaults(args.dataset, args.dataset_root).num_classes}
     if (table := cost_table_of(env)) is not None:
         meta["cost_table"] = table
+    if getattr(args, "weights_source", None) is not None:
+        meta["weights"] = args.weights_source
+    if args.linear_quantization:
+        meta["kl_max_bit"] = getattr(args, "kl_max_bit", 0)
     return meta
 
 
