@@ -11,6 +11,8 @@
 # (python pretrain.py --arch mobilenetv2 --dataset imagenet100) or --pretrained_path.
 # Extra arguments override/extend the flags, e.g. energy on BitFusion:
 #   bash run/run_linear_quantize_search.sh --cost energy --hardware bitfusion
+# --kl_max_bit 4: the released calibration (divergence clip below 5 bits), recorded in
+# strategy.json for the fine-tune.
 # Resume a stopped search with the same command plus --resume_search.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +38,5 @@ exec "${PYTHON:-python}" rl_quantize.py \
     --finetune_epoch 1 \
     --finetune_lr 0.001 \
     --seed 234 \
+    --kl_max_bit 4 \
     "$@"
