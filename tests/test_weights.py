@@ -120,6 +120,9 @@ def test_a_file_search_and_finetune_record_the_file(tiny_pretrained, tmp_path):
                          "--no-progress", "--no-eval_fp32"])
     assert res["weights"] == record
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["weights"] == record
+    from lib.report.__main__ import main as report_main
+    table = report_main(["runs", out, str(tmp_path / "ft"), "--out", str(tmp_path / "report")])
+    assert f"| {os.path.basename(weights)} ({sha[:8]}) |" in table
 
     other = tmp_path / "other.pth.tar"
     ck = load_checkpoint(weights)
