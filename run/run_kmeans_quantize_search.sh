@@ -7,7 +7,13 @@
 # Resume a stopped search with the same command plus --resume_search.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" rl_quantize.py \
+NPROC=${NPROC:-1}   # torchrun processes (--data_bsize is the global batch)
+if [ "$NPROC" -gt 1 ]; then
+    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+else
+    LAUNCH=("${PYTHON:-python}")
+fi
+exec "${LAUNCH[@]}" rl_quantize.py \
     --arch resnet50 \
     --dataset imagenet \
     --dataset_root data/imagenet \
