@@ -46,7 +46,7 @@ def world(tmp_path_factory):
     table = np.einsum("w,a->wa", np.arange(1, 9), np.arange(1, 9)).astype(np.float64)
     np.save(tmp / "table.npy", np.repeat(table[None], 53, axis=0) * 1e-3)
     return {"tmp": tmp,
-            "HAQ_IMAGENET": fake_imagenet(tmp / "imagenet", WNIDS, per_class=4, size=40),
+            "HAQ_IMAGENET": fake_imagenet(tmp / "imagenet", WNIDS, per_class=6, size=40),
             "HAQ_IMAGENET100": str(tmp / "imagenet100"), "HAQ_IMAGENET100_CLASSES": str(classes),
             "resnet50": model_file(tmp / "resnet50.pth.tar", "resnet50", "imagenet",
                                    input_size=32),
