@@ -192,8 +192,8 @@ def test_search_calibration_with_kl_max_bit_4_is_the_released_rule(tiny_pretrain
             w = layers[i].weight.detach()
             got = layers[i].weight_range.item()
             if kl_max_bit and layers[i].w_bit <= 4:
-                assert got == pytest.approx(_released_rule_by_hand(w.numpy().reshape(-1), layers[i].w_bit),
-                                            rel=1e-6)
+                reference = _released_rule_by_hand(w.numpy().reshape(-1), layers[i].w_bit)
+                assert got == pytest.approx(reference, rel=1e-6)
                 assert got != pytest.approx(w.abs().max().item())   # the rule, not max|w|
             else:
                 assert got == pytest.approx(w.abs().max().item())

@@ -52,8 +52,8 @@ def build_model(args, device):
     model = get_model(args.arch, num_classes=info.num_classes, input_size=args.input_size,
                       width_mult=args.width_mult, linear=args.linear_quantization)
     # recorded with the flags (search_state), in strategy.json and checked on resume
-    args.weights_source = load_pretrained_weights(model, args.arch, args.dataset,
-                                                  args.pretrained_path, getattr(args, "weights", None))
+    args.weights_source = load_pretrained_weights(
+        model, args.arch, args.dataset, args.pretrained_path, getattr(args, "weights", None))
     return memory_format(model.to(device), args.channels_last), info
 
 

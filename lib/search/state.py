@@ -77,7 +77,9 @@ def check_same_cost_table(path, recorded, current):
 
 
 def _weights_text(record):
-    return record["name"] if "name" in record else f"{record['path']} (sha256 {record['sha256'][:12]}...)"
+    if "name" in record:
+        return record["name"]
+    return f"{record['path']} (sha256 {record['sha256'][:12]}...)"
 
 
 def check_same_weights(path, file, recorded, current):
