@@ -102,6 +102,7 @@ def test_both_settings_run_end_to_end(world, setting, arch, published):
     (search,) = os.listdir(out / "search")
     strategy = json.loads((out / "search" / search / "strategy.json").read_text())
     assert _cell(table, "searched cost ratio")[1] == f"{strategy['cost_ratio']:.4f}"
+    assert _cell(table, "budget (preserve ratio)")[1] == f"{strategy['preserve_ratio']:g}"
     if arch == "resnet50":
         assert strategy["weights"] == results["weights"] and strategy["preserve_ratio"] == 0.1
         assert strategy["mode"] == "kmeans" and len(strategy["strategy"]) == 54

@@ -133,6 +133,33 @@ def test_a_file_search_and_finetune_record_the_file(tiny_pretrained, tmp_path):
         rl_quantize.main(argv[:argv.index("--weights")] + ["--weights", str(other)]
                          + argv[argv.index("--weights") + 2:]
                          + ["--train_episode", "2", "--resume_search", out])
+    # a state written before weights and kl_max_bit were recorded still resumes
+    del state["args"]["weights_source"], state["args"]["kl_max_bit"]
+    save_checkpoint(state, os.path.join(out, rl_quantize.STATE_FILE))
+    rl_quantize.main(argv + ["--train_episode", "2", "--resume_search", out])
+    assert len(open(os.path.join(out, "log.txt")).read().splitlines()) == 3   # header + 2
+
+
+@pytest.mark.parametrize("field,value,ok", [("weights", None, True),
+                                            ("weights", {"name": "IMAGENET1K_V1"}, True),
+                                            ("weights", {"path": "w.pth.tar", "sha256": "ab"}, True),
+                                            ("weights", {"name": 3}, False),
+                                            ("weights", "IMAGENET1K_V1", False),
+                                            ("weights", {"path": "w.pth.tar"}, False),
+                                            ("kl_max_bit", 4, True), ("kl_max_bit", 9, False),
+                                            ("kl_max_bit", True, False)])
+def test_strategy_files_may_lack_the_new_fields_but_not_mistype_them(tmp_path, field, value, ok):
+    from lib.utils.strategy import load_strategy
+    data = {"mode": "kmeans", "strategy": [4, 4]}
+    if value is not None:
+        data[field] = value
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    if ok:
+        assert load_strategy(str(path)).get(field) == value
+    else:
+        with pytest.raises(UserError, match=f"'{field}' is"):
+            load_strategy(str(path))
 
 
 def test_a_torchvision_search_and_finetune_record_the_name(torchvision_weights, tmp_path):
