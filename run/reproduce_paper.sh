@@ -71,18 +71,20 @@ export NPROC
 has_imagenet_layout() {
     [ -d "$1/train" ] && [ -d "$1/val" ] && [ -n "$(ls -A "$1/train" 2>/dev/null)" ]
 }
-has_imagenet_layout "$IMAGENET" || die "ImageNet not found at '$IMAGENET'; expected " \
+has_imagenet_layout "$IMAGENET" || die "ImageNet not found at '$IMAGENET'; expected" \
     "$IMAGENET/{train,val}/<wnid>/*.JPEG (or HAQ_IMAGENET=PATH)"
 case "$WEIGHTS" in
     IMAGENET1K_V1|IMAGENET1K_V2|DEFAULT)
         [ "$SETTING" = resnet50-kmeans-0.1 ] || die "HAQ_WEIGHTS=$WEIGHTS: the paper's" \
             "MobileNet-V2 is the released 150-epoch checkpoint; expected a file"
+        # fetched here (quietly, into torch's cache) so a missing network is one line now,
+        # not a failure after the search
         "$PY" -c "import sys, torchvision
 w = torchvision.models.get_model_weights('resnet50')['$WEIGHTS']
 try:
     w.get_state_dict(progress=False)
 except Exception as exc:
-    sys.exit(f'{type(exc).__name__}')" 2>/dev/null \
+    sys.exit(f'{type(exc).__name__}')" >/dev/null 2>&1 \
             || die "torchvision's $WEIGHTS weights for resnet50 could not be fetched; expected" \
                    "network access once (torch's cache keeps them) or HAQ_WEIGHTS=FILE" ;;
     *) [ -f "$WEIGHTS" ] || die "weights '$WEIGHTS' not found; expected the paper's starting" \
