@@ -83,7 +83,7 @@ def get_args_parser():
     # label smoothing or averaging
     p.add_argument("--lr_type", default="cos", choices=LR_TYPES,
                    help="lr schedule (as finetune.py's; step/exp take --gamma per milestone/epoch)")
-    p.add_argument("--schedule", type=cli.positive_int, nargs="+", default=[30, 60, 90],
+    p.add_argument("--schedule", type=cli.positive_int, nargs="+", default=[31, 61, 91],
                    help="epochs where --lr_type step multiplies the lr by --gamma")
     p.add_argument("--gamma", type=cli.fraction, default=0.1, help="lr factor of step/exp")
     cli.bool_flag(p, "--nesterov", True, "Nesterov momentum")
