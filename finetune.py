@@ -33,7 +33,7 @@ from lib.utils.lr_schedule import LR_TYPES
 from lib.utils.run_utils import seed_everything
 from lib.utils.strategy import list_presets
 from lib.utils.train import HALF_TYPES
-from models import list_models
+from models import list_models, resolve_weights_flag, weights_help
 
 log = logging.getLogger("finetune")
 # tests and scripts reach the run's pieces through this script
@@ -80,10 +80,11 @@ def get_args_parser():
                   "linear (weights + activations) instead of K-Means (unset: the strategy's mode)")
     cli.bool_flag(p, "--free_high_bit", True,
                   "K-Means: leave layers above 6 bits free, cluster them at the last epoch")
-    p.add_argument("--kl_max_bit", type=cli.number(int, 0, 8), default=DEFAULT_KL_MAX_BIT,
+    p.add_argument("--kl_max_bit", type=cli.number(int, 0, 8), default=None,
                    help="linear: calibrate weights/inputs of at most this many bits with the released "
                         f"divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = the released "
-                        "rule, 0 = max everywhere (default %(default)s; ranges are then fixed and saved)")
+                        "rule, 0 = max everywhere (default: the strategy's, as its search calibrated, "
+                        f"else {DEFAULT_KL_MAX_BIT}; ranges are then fixed and saved)")
     add_quant_flags(p, default=None)    # linear: quantizer options; unset = the strategy's
     cli.bool_flag(p, "--is_pruned", False,
                   "K-Means: zero weights are pruned (kept out of clustering, stay zero)")
@@ -122,12 +123,14 @@ def get_args_parser():
                    help="use only the first N images of each split (smoke tests)")
     cli.bool_flag(p, "--progress", True, "progress bars (shown only on a terminal)")
     cli.add_threads_argument(p)
+    p.add_argument("--weights", default=None, metavar="NAME|PATH", help=weights_help())
     return p
 
 
 def check_args(args):
     """Cross-flag checks the types cannot make; UserError before anything is loaded or written."""
     cli.check_bit_range(args.min_bit, args.max_bit)
+    resolve_weights_flag(args)
     if args.evaluate:
         return
     if args.start_epoch >= args.epochs:

@@ -33,7 +33,8 @@ from lib.utils.logger import setup_logging, trim_log
 from lib.utils.lr_schedule import make_lr_schedule
 from lib.utils.run_utils import (lr_setter, memory_format, model_kwargs_for, open_run_logs,
                                  seed_everything)
-from lib.utils.train import evaluate, train_one_epoch
+from lib.utils.lr_schedule import LR_TYPES
+from lib.utils.train import HALF_TYPES, autocast_dtype, evaluate, train_one_epoch
 from models import default_pretrained_path, get_model, list_models
 
 log = logging.getLogger("pretrain")
@@ -78,6 +79,19 @@ def get_args_parser():
     p.add_argument("--train_subset", type=cli.positive_int, default=None,
                    help="use only the first N images of each split (smoke tests)")
     cli.bool_flag(p, "--progress", True, "progress bars (shown only on a terminal)")
+    # the released ImageNet recipe (run/run_pretrain.sh): --lr_type cos --half, no warmup,
+    # label smoothing or averaging
+    p.add_argument("--lr_type", default="cos", choices=LR_TYPES,
+                   help="lr schedule (as finetune.py's; step/exp take --gamma per milestone/epoch)")
+    p.add_argument("--schedule", type=cli.positive_int, nargs="+", default=[31, 61, 91],
+                   help="epochs where --lr_type step multiplies the lr by --gamma")
+    p.add_argument("--gamma", type=cli.fraction, default=0.1, help="lr factor of step/exp")
+    cli.bool_flag(p, "--nesterov", True, "Nesterov momentum")
+    cli.bool_flag(p, "--half", False, "mixed precision via torch autocast (see --half_type); "
+                  "fp16 on a GPU uses a gradient scaler")
+    p.add_argument("--half_type", default="O1", choices=sorted(HALF_TYPES),
+                   help="with --half: as finetune.py's (O1-O3: fp16 on GPU, bf16 on CPU; or "
+                        "fp16, bf16)")
     return p
 
 
@@ -259,7 +273,7 @@ def train(args, output, device, rank, world):
                                               input_size=model_kwargs["input_size"])
     log_dir = log_folder(output)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd, nesterov=True)
+                                weight_decay=args.wd, nesterov=args.nesterov)
     # The average starts as a copy of the weights and is updated after every step.
     ema = (AveragedModel(model, multi_avg_fn=ema_update(args.ema_decay), use_buffers=True)
            if args.ema_decay > 0 else None)
@@ -273,7 +287,11 @@ def train(args, output, device, rank, world):
                         "written by an earlier pretrain.py run")
     net = nn.parallel.DistributedDataParallel(model) if is_distributed() else model
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    lr_at = make_lr_schedule("cos", args.lr, args.epochs, args.warmup_epochs)
+    lr_at = make_lr_schedule(args.lr_type, args.lr, args.epochs, args.warmup_epochs, args.gamma,
+                             args.schedule)
+    amp = autocast_dtype(args, torch.device(device))
+    scaler = (torch.amp.GradScaler("cuda") if amp == torch.float16
+              and torch.device(device).type == "cuda" else None)
     writer = logger = None
     if rank == 0:
         remove_stale_tmp(os.path.dirname(os.path.abspath(output)))
@@ -289,13 +307,14 @@ def train(args, output, device, rank, world):
         tr = train_one_epoch(net, train_loader, criterion, optimizer, device, epoch,
                              lr_fn=lr_setter(optimizer, lr_at, epoch),
                              step_hook=None if ema is None else lambda: ema.update_parameters(model),
-                             progress=args.progress and rank == 0)
+                             progress=args.progress and rank == 0, amp=amp, scaler=scaler)
         if tr["nonfinite"]:
             raise UserError(f"training diverged (NaN/inf loss) in epoch {epoch}; expected a "
                             "smaller --lr")
         sync_buffers(*kept)   # no-op outside torchrun
         scored = net if ema is None else ema.module
-        va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0)
+        va = evaluate(scored, val_loader, criterion, device, progress=args.progress and rank == 0,
+                      amp=amp)
         acc, best_acc = va["top1"], max(best_acc, va["top1"])
         rng = stream_states(train_loader)   # a collective: every rank sends its own
         if rank == 0:

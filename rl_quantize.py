@@ -33,6 +33,7 @@ from lib.search import (METHODS, STATE_FILE, Search, build_agent, build_env, bui
                         settle_from_pretrained)
 from lib.search.state import base_name
 from lib.quantize.options import add_flags as add_quant_flags
+from lib.quantize.linear import DEFAULT_KL_MAX_BIT, RELEASED_KL_MAX_BIT
 from lib.simulator.hardware import list_hardware
 from lib.utils import cli
 from lib.utils.cli import ArgumentParser
@@ -41,6 +42,7 @@ from lib.utils.errors import UserError, run_cli
 from lib.utils.lock import FolderLock
 from lib.utils.run_utils import seed_everything
 from lib.utils.train import HALF_TYPES
+from models import resolve_weights_flag, weights_help
 
 log = logging.getLogger("rl_quantize")
 
@@ -173,6 +175,12 @@ def get_args_parser():
                    help="folder ImageFolder datasets' search subsets are decoded into once and "
                         "read from by every episode, run and rank (off by default: training "
                         "crops are then drawn on stored tensors, not the JPEGs; docs/performance.md)")
+    p.add_argument("--weights", default=None, metavar="NAME|PATH", help=weights_help())
+    p.add_argument("--kl_max_bit", default=DEFAULT_KL_MAX_BIT, type=cli.number(int, 0, 8),
+                   help="linear: calibrate weights/inputs of at most this many bits with the "
+                        f"released divergence clip, the rest with max|x|; {RELEASED_KL_MAX_BIT} = "
+                        "the released rule (the paper's), 0 = max everywhere (default "
+                        "%(default)s); recorded in strategy.json, which finetune.py follows")
     return p
 
 
@@ -224,6 +232,7 @@ def check_args(args):
         raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
                         "reference model at least as wide as any policy")
     cli.check_output_dir(args.output, "--output")
+    resolve_weights_flag(args)
     settle_from_pretrained(args)
 
 

@@ -7,6 +7,7 @@
 #   NPROC=4 bash run/run_kmeans_quantize_finetune.sh                  # torchrun, 4 GPUs
 #   STRATEGY=save/resnet50_kmeans/strategy.json bash run/run_kmeans_quantize_finetune.sh
 #
+# The paper's ResNet-50 is torchvision's IMAGENET1K_V1 (76.15% top-1); WEIGHTS=PATH takes a file.
 # Extra arguments go to finetune.py (they override the ones here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +36,5 @@ exec "${LAUNCH[@]}" finetune.py \
     --workers 32 \
     --pretrained \
     --free_high_bit \
+    --weights "${WEIGHTS:-IMAGENET1K_V1}" \
     "$@"

@@ -3,10 +3,17 @@
 # ResNet-50 on ImageNet at 10% of the fp32 size, the released settings.
 # Extra arguments override/extend the flags, e.g.
 #   bash run/run_kmeans_quantize_search.sh --dataset mnist5k --arch mobilenetv2 --train_episode 40
+# The paper's ResNet-50 is torchvision's IMAGENET1K_V1 (76.15% top-1); WEIGHTS=PATH takes a file.
 # Resume a stopped search with the same command plus --resume_search.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" rl_quantize.py \
+NPROC=${NPROC:-1}   # torchrun processes (--data_bsize is the global batch)
+if [ "$NPROC" -gt 1 ]; then
+    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+else
+    LAUNCH=("${PYTHON:-python}")
+fi
+exec "${LAUNCH[@]}" rl_quantize.py \
     --arch resnet50 \
     --dataset imagenet \
     --dataset_root data/imagenet \
@@ -25,4 +32,5 @@ exec "${PYTHON:-python}" rl_quantize.py \
     --finetune_epoch 1 \
     --finetune_lr 0.001 \
     --seed 234 \
+    --weights "${WEIGHTS:-IMAGENET1K_V1}" \
     "$@"

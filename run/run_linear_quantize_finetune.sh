@@ -7,6 +7,8 @@
 #   NPROC=4 bash run/run_linear_quantize_finetune.sh                  # torchrun, 4 GPUs
 #   STRATEGY=save/qmobilenetv2_linear/strategy.json bash run/run_linear_quantize_finetune.sh
 #
+# Starts from checkpoints/pretrained/mobilenetv2.pth.tar: the released mobilenetv2-150.pth.tar,
+# or run/run_pretrain.sh imagenet. --kl_max_bit 4: the released calibration.
 # Extra arguments go to finetune.py (they override the ones here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +37,5 @@ exec "${LAUNCH[@]}" finetune.py \
     --test_batch 512 \
     --workers 32 \
     --pretrained \
+    --kl_max_bit 4 \
     "$@"

@@ -11,10 +11,18 @@
 # (python pretrain.py --arch mobilenetv2 --dataset imagenet100) or --pretrained_path.
 # Extra arguments override/extend the flags, e.g. energy on BitFusion:
 #   bash run/run_linear_quantize_search.sh --cost energy --hardware bitfusion
+# --kl_max_bit 4: the released calibration (divergence clip below 5 bits), recorded in
+# strategy.json for the fine-tune.
 # Resume a stopped search with the same command plus --resume_search.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" rl_quantize.py \
+NPROC=${NPROC:-1}   # torchrun processes (--data_bsize is the global batch)
+if [ "$NPROC" -gt 1 ]; then
+    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+else
+    LAUNCH=("${PYTHON:-python}")
+fi
+exec "${LAUNCH[@]}" rl_quantize.py \
     --arch qmobilenetv2 \
     --dataset imagenet100 \
     --dataset_root data/imagenet100 \
@@ -36,4 +44,5 @@ exec "${PYTHON:-python}" rl_quantize.py \
     --finetune_epoch 1 \
     --finetune_lr 0.001 \
     --seed 234 \
+    --kl_max_bit 4 \
     "$@"

@@ -50,3 +50,16 @@ def tiny_search_argv(weights, out, episodes):
             "--train_size", "32", "--val_size", "32", "--data_bsize", "32", "--n_worker", "0",
             "--warmup", "1", "--train_episode", str(episodes), "--output", str(out), "--seed", "1",
             "--max_bit", "4", "--preserve_ratio", "0.2"]
+
+
+def fake_imagenet(root, wnids, per_class=3, size=40):
+    """A tiny ImageNet tree: root/{train,val}/<wnid>/<wnid>_<i>.JPEG, small real JPEGs whose
+    colour depends on the class; returns root as str."""
+    for split in ("train", "val"):
+        for k, wnid in enumerate(wnids):
+            d = root / split / wnid
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), (60 * k % 256, 25 * i, 90)).save(
+                    d / f"{wnid}_{i}.JPEG", format="JPEG")
+    return str(root)

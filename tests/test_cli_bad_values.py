@@ -38,6 +38,7 @@ PRETRAIN = {
     "--ema_decay": ({"0"}, ["1"]), "--workers": ({"0"}, ["1025"]),
     "--seed": ({"0"}, ["4294967296"]), "--train_subset": ((), []),
     "--input_size": ((), ["7", "1025"]), "--threads": ((), ["1025"]),
+    "--schedule": ((), []), "--gamma": ((), ["1.5"]),
 }
 RL = {
     "--preserve_ratio": ((), ["1.5"]), "--min_bit": ((), ["9"]), "--max_bit": ((), ["9"]),
@@ -51,6 +52,7 @@ RL = {
     "--finetune_epoch": ((), []), "--finetune_gamma": ((), ["1.5"]), "--finetune_lr": ((), ["11"]),
     "--train_size": ((), []), "--val_size": ((), []), "--cost_batch": ((), []),
     "--width_mult": ((), ["9"]), "--input_size": ((), ["7", "1025"]), "--threads": ((), ["1025"]),
+    "--kl_max_bit": ({"0"}, ["9"]),
 }
 SIMULATOR = {
     "--batch": ((), []), "--input_size": ((), ["7", "1025"]), "--width_mult": ((), ["9"]),

@@ -349,7 +349,7 @@ def test_search_env_reuses_calibration_with_the_same_ranges_and_random_stream(mo
     layer.set_bits(w_bit=5 if layer.w_bit <= 4 else 4)   # crosses kl_max_bit 4: another clip
     assert linear.calibration_key(model, kl_max_bit=4) != key
     keys = iter(range(4))
-    monkeypatch.setattr(linear_env_module, "calibration_key", lambda m: next(keys))
+    monkeypatch.setattr(linear_env_module, "calibration_key", lambda m, *a: next(keys))
     env.reuse_calibration = True
     calls.clear()
     for policy in policies:

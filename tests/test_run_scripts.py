@@ -35,18 +35,19 @@ RELEASED = {
         suffix="ratio0556bit28", preserve_ratio=0.556, float_bit=8, max_bit=8, min_bit=2,
         n_worker=32, data_bsize=128, train_size=20000, val_size=10000, linear_quantization=True,
         warmup=20, train_episode=600, seed=234, finetune_epoch=1, finetune_lr=0.001,
-        cost_batch=16),
+        cost_batch=16, kl_max_bit=4),
     "run_kmeans_quantize_search.sh": dict(
         arch="resnet50", dataset="imagenet", suffix="ratio010", preserve_ratio=0.1, n_worker=32,
         data_bsize=256, train_size=20000, val_size=10000, min_bit=1, max_bit=8, float_bit=32,
         warmup=20, train_episode=600, seed=234, finetune_epoch=1, finetune_lr=0.001,
-        linear_quantization=False),
+        linear_quantization=False, weights="IMAGENET1K_V1"),
     "run_linear_quantize_finetune.sh": dict(
         arch="qmobilenetv2", data_name="imagenet", epochs=30, lr=0.01, train_batch=256, wd=4e-5,
-        workers=32, pretrained=True, linear_quantization=True, test_batch=512, lr_type="cos"),
+        workers=32, pretrained=True, linear_quantization=True, test_batch=512, lr_type="cos",
+        kl_max_bit=4),
     "run_kmeans_quantize_finetune.sh": dict(
         arch="resnet50", epochs=100, lr=0.01, train_batch=256, workers=32, pretrained=True,
-        wd=1e-5, test_batch=512, lr_type="cos", free_high_bit=True),
+        wd=1e-5, test_batch=512, lr_type="cos", free_high_bit=True, weights="IMAGENET1K_V1"),
     "run_linear_quantize_eval.sh": dict(
         arch="qmobilenetv2", workers=32, test_batch=512, linear_quantization=True, evaluate=True),
     "run_kmeans_quantize_eval.sh": dict(arch="resnet50", workers=32, test_batch=512,
@@ -59,3 +60,14 @@ def test_script_uses_the_released_settings(name):
     args = vars(parsed(name))
     wrong = {k: (args.get(k), v) for k, v in RELEASED[name].items() if args.get(k) != v}
     assert not wrong, f"{name}: (ours, released) {wrong}"
+
+
+def test_pretrain_script_uses_the_released_recipe():
+    """run/run_pretrain.sh: the released MobileNet-V2 recipe (150 epochs, lr 0.05 cosine, wd 4e-5,
+    batch 256, fp16, plain momentum SGD, nothing the release did not have)."""
+    from pretrain import get_args_parser
+    args = get_args_parser().parse_args(script_args("run_pretrain.sh"))
+    assert (args.arch, args.epochs, args.lr, args.lr_type, args.wd, args.batch_size) == (
+        "mobilenetv2", 150, 0.05, "cos", 4e-5, 256)
+    assert args.half and args.half_type == "O1" and not args.nesterov and args.momentum == 0.9
+    assert args.warmup_epochs == 0 and args.label_smoothing == 0 and args.ema_decay == 0

@@ -170,4 +170,4 @@ def test_resume_keys_are_the_config_fields_that_are_flags():
                        "debug", "resume_search", "device"}
     assert resume_defaults(args) == {"reuse_codebooks": False, "per_channel": False,
                                      "weight_clip": "max", "fold_bn": False,
-                                     "bias_correction": False}
+                                     "bias_correction": False, "kl_max_bit": 0}

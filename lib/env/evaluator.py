@@ -46,7 +46,8 @@ class ShortFinetune:
     """Scores a quantized model: optional short fine-tune, then validation.
 
     ``finetune(model, step_hook, scoring)`` returns the validation metrics of the
-    best epoch (released K-Means behaviour; identical to the last one at 1 epoch)
+    best epoch (this project's rule for --finetune_epoch > 1, docs/fidelity.md: the release
+    kept the best running *training* average; at the default 1 epoch there is one epoch)
     plus ``nonfinite`` when a NaN/inf loss cut the fine-tune short. A fine-tune that
     left non-finite weights scores 0% (the worst reward) instead of crashing.
     ``scoring`` (optional) returns a context manager that every validation after

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from lib.quantize.linear import calibrate, calibration_key, get_ranges, quant_layers, set_ranges
+from lib.quantize.linear import (DEFAULT_KL_MAX_BIT, calibrate, calibration_key, get_ranges,
+                                 quant_layers, set_ranges)
 from lib.quantize.policy import apply_linear_policy
 from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed
 from lib.utils.strategy import LINEAR_PIN_BIT
@@ -37,17 +38,20 @@ class LinearQuantizeEnv(QuantizeEnv):
     ``cost_model``: a callable ``policy -> cost`` with ``reference()`` (the all-8-bit
     cost), e.g. ``lib.simulator.costs.TableCost``. ``calib_loader``: batches for
     calibration (the search's training subset). ``device``: where calibration runs.
+    ``kl_max_bit``: calibration's divergence-clip threshold (lib.quantize.linear.calibrate;
+    --kl_max_bit 4 is the released rule).
     """
 
     linear = True
     actions_per_layer = 2
 
     def __init__(self, model, evaluator, config, cost_model, calib_loader, device,
-                 reuse_calibration=True):
+                 reuse_calibration=True, kl_max_bit=DEFAULT_KL_MAX_BIT):
         super().__init__(model, evaluator, config)
         self.cost_model = cost_model
         self.calib_loader, self.device = calib_loader, device
         self.reuse_calibration = reuse_calibration
+        self.kl_max_bit = kl_max_bit
         self._calibration = None   # (calibration_key, ranges) of the last calibration
         n = len(self.layers)
         self.pins = {0: PIN_BIT, 1: UNQUANTIZED}
@@ -92,18 +96,18 @@ class LinearQuantizeEnv(QuantizeEnv):
 
         Calibration runs the float model (the restored pretrained weights) on one fixed
         batch, so its ranges change with the policy only through :func:`calibration_key`
-        (none at the default kl_max_bit 0): the first episode's forward pass serves all
+        (none at kl_max_bit 0): the first episode's forward pass serves all
         (tests/test_linear_ranges.py compares with calibrating every episode). Not
         reading the batch must not shift the random stream the fine-tune shuffles with:
         creating a DataLoader iterator draws its base seed, so that draw is still made.
         """
-        key = calibration_key(self.model)
+        key = calibration_key(self.model, self.kl_max_bit)
         if reuse and self._calibration is not None and self._calibration[0] == key:
             if isinstance(self.calib_loader, torch.utils.data.DataLoader):
                 torch.empty((), dtype=torch.int64).random_(generator=self.calib_loader.generator)
             set_ranges(self.model, self._calibration[1])
             return
-        calibrate(self.model, self.calib_loader, self.device)
+        calibrate(self.model, self.calib_loader, self.device, kl_max_bit=self.kl_max_bit)
         if reuse:   # only a calibration of the pretrained weights may stand in for another
             self._calibration = (key, get_ranges(self.model))
 

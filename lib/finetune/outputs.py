@@ -155,6 +155,7 @@ class RunOutputs:
                "preserve_ratio": s.strategy.get("preserve_ratio"),
                "model_kwargs": s.model_kwargs,
                "kl_max_bit": kl_max_bit,
+               "weights": getattr(self.args, "weights_source", None),
                "fp32_top1": finite_or_none(r["fp32_top1"]),
                "quant_top1": finite_or_none(r["quant_top1"]),
                "best_top1": finite_or_none(r["best_top1"]),

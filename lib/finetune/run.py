@@ -82,8 +82,10 @@ class Finetune:
     def prepare_fresh(self):
         """Pretrained float weights -> fp32 accuracy -> quantize -> accuracy after quantization."""
         args, setup = self.args, self.setup
+        args.weights_source = None   # recorded in the checkpoint's args and results.json
         if args.pretrained:
-            load_pretrained_weights(self.model, setup.arch, setup.dataset, args.pretrained_path)
+            args.weights_source = load_pretrained_weights(
+                self.model, setup.arch, setup.dataset, args.pretrained_path, args.weights)
         else:
             log.warning("--no-pretrained: quantizing randomly initialised weights")
         if args.eval_fp32:
@@ -102,6 +104,7 @@ class Finetune:
         """Weights, bits and codebooks of a finetune.py checkpoint."""
         ckpt = self.setup.ckpt
         load_state_dict(self.model, extract_state_dict(ckpt), source=self.args.resume)
+        self.args.weights_source = (ckpt.get("args") or {}).get("weights_source")
         self.policy.restore(ckpt)
         for key in ("fp32_top1", "quant_top1"):
             self.results[key] = ckpt.get(key)

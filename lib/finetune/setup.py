@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from lib.quantize.options import QuantOptions, prepare_model
 from lib.quantize.options import resolve as resolve_quant_options
+from lib.quantize.linear import DEFAULT_KL_MAX_BIT
 from lib.utils.checkpoint import load_checkpoint
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
@@ -126,6 +127,7 @@ def setup_from_checkpoint(args, ckpt):
     for key in ("data", "train_subset"):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key))
+    settle_kl_max_bit(args, ckpt.get("kl_max_bit"), f"--resume '{args.resume}'")
     return Setup(ckpt["arch"], mode, dataset, ckpt["model_kwargs"], ckpt["policy"], ckpt=ckpt)
 
 
@@ -154,7 +156,19 @@ def resolve_setup(args):
     arch = settle("--arch", args.arch, strategy.get("arch"), src, same=_same_arch)
     arch = _arch_for_mode(arch or DEFAULT_ARCH[mode], mode)
     dataset, kwargs = settle_model_settings(args, arch, strategy, src)
+    settle_kl_max_bit(args, strategy.get("kl_max_bit"), src)
     return Setup(arch, mode, dataset, kwargs, strategy, foreign=ckpt)
+
+
+def settle_kl_max_bit(args, recorded, source):
+    """--kl_max_bit when not given: the rule the search calibrated with (its strategy.json, or
+    the resumed checkpoint's), else DEFAULT_KL_MAX_BIT; a given flag wins (a resumed
+    checkpoint's stored ranges still stand, lib.finetune.quantized)."""
+    if args.kl_max_bit is not None:
+        return
+    args.kl_max_bit = DEFAULT_KL_MAX_BIT if recorded is None else recorded
+    if recorded is not None:
+        log.info("--kl_max_bit %d (from %s)", recorded, source)
 
 
 def _same_arch(a, b):
@@ -177,7 +191,9 @@ def settle_model_settings(args, arch, strategy, src):
     record, weights = {}, None
     if args.pretrained:   # --no-pretrained: no weights, so nothing of theirs to agree with
         path = args.pretrained_path or default_pretrained_path(arch, dataset or "mnist5k")
-        record, weights = pretrained_record(path), f"the pretrained checkpoint '{path}'"
+        # torchvision's weights (--weights NAME) record nothing; a local file there is not used
+        record = {} if getattr(args, "weights", None) else pretrained_record(path)
+        weights = f"the pretrained checkpoint '{path}'"
     settle("--arch", arch, record.get("arch"), weights, same=_same_arch)
     dataset = settle("the dataset", dataset, record.get("dataset"), weights) or "mnist5k"
     width = settle("the width (--width_mult)", width, record.get("width_mult"), weights)

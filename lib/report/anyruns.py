@@ -19,6 +19,7 @@ import re
 
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text, read_json
 from lib.utils.errors import UserError
+from lib.utils.schema import is_weights_record
 
 from .plots import legend_below, plot_policy, pyplot, save, search_figure
 from .runs import (is_finetune, is_search, over_budget, policy_of, policy_sha256, read_log,
@@ -89,7 +90,23 @@ def row(name, strategy, search=None, finetune=None, finetune_name=None):
             "fp32_top1": _number(r.get("fp32_top1")),
             "search": search["folder"] if search else None,
             "finetune": finetune["folder"] if finetune else None, "finetune_run": finetune_name,
-            "policy_sha256": policy_sha256(policy_of(strategy))}
+            "policy_sha256": policy_sha256(policy_of(strategy)),
+            "weights": weights_label(strategy.get("weights"), r.get("weights"))}
+
+
+def weights_label(*records):
+    """The pretrained weights a run started from, for the table: a torchvision name, or a
+    file's name and the start of its sha256; a search's and its fine-tune's joined by " / "
+    when they differ (the linear setting searches on ImageNet-100 weights); None when no
+    record holds them (older runs)."""
+    labels = []
+    for rec in records:
+        if is_weights_record(rec):
+            label = rec["name"] if "name" in rec else (
+                f"{os.path.basename(rec['path'])} ({rec['sha256'][:8]})")
+            if label not in labels:
+                labels.append(label)
+    return " / ".join(labels) or None
 
 
 def pair(searches, finetunes, label):
@@ -130,13 +147,14 @@ def _f(v, spec=".2f"):
 
 def markdown(rows, notes):
     lines = ["| run | method | mode | budget | cost ratio | search top-1 (%) "
-             "| top-1 after fine-tune (%) | fine-tune |", "|---|---|---|---|---|---|---|---|"]
+             "| top-1 after fine-tune (%) | fine-tune | weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         over = " **over budget**" if r["over_budget"] else ""
         budget = f"{r['metric'] or 'cost'} <= {r['budget']:g}" if r["budget"] is not None else "-"
         lines.append(f"| {r['run']} | {r['method'] or '-'} | {r['mode'] or '-'} | {budget} "
                      f"| {_f(r['cost_ratio'], '.3f')}{over} | {_f(r['search_top1'])} "
-                     f"| {_f(r['top1'])} | {r['finetune_run'] or '-'} |")
+                     f"| {_f(r['top1'])} | {r['finetune_run'] or '-'} | {r['weights'] or '-'} |")
     if notes:
         lines += ["", "Left out:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

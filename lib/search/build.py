@@ -27,7 +27,8 @@ def settle_from_pretrained(args):
     from lib.utils.recorded import pretrained_record, settle
     from models import default_pretrained_path, float_twin
     path = args.pretrained_path or default_pretrained_path(args.arch, args.dataset or "imagenet")
-    record = pretrained_record(path)
+    # torchvision's weights (--weights NAME) record nothing; a local file there is not used
+    record = {} if getattr(args, "weights", None) else pretrained_record(path)
     source = f"the pretrained checkpoint '{path}'"
     settle("--arch", float_twin(args.arch), record.get("arch") and float_twin(record["arch"]),
            source)
@@ -52,7 +53,9 @@ def build_model(args, device):
     # linear mode: any model without a Q twin gets its layers swapped (lib/quantize/swap.py)
     model = get_model(args.arch, num_classes=info.num_classes, input_size=args.input_size,
                       width_mult=args.width_mult, linear=args.linear_quantization)
-    load_pretrained_weights(model, args.arch, args.dataset, args.pretrained_path)
+    # recorded with the flags (search_state), in strategy.json and checked on resume
+    args.weights_source = load_pretrained_weights(
+        model, args.arch, args.dataset, args.pretrained_path, getattr(args, "weights", None))
     options = search_quant_options(args)
     if args.linear_quantization:   # before the env keeps the pretrained (now prepared) weights
         prepare_model(model, options)
@@ -103,7 +106,7 @@ def build_env(args, model, info, loaders, device):
     cfg = config_from_args(EnvConfig, args)
     if args.linear_quantization:
         return LinearQuantizeEnv(model, evaluator, cfg, build_cost(args, model), loaders.calib,
-                                 device)
+                                 device, kl_max_bit=getattr(args, "kl_max_bit", 0))
     return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned,
                              free_high_bit=args.free_high_bit,
                              reuse_codebooks=args.reuse_codebooks)

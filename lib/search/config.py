@@ -42,6 +42,7 @@ class SearchConfig:
     weight_clip: str = added_later("max")
     fold_bn: bool = added_later(False)
     bias_correction: bool = added_later(False)
+    kl_max_bit: int = added_later(0)
 
 
 CONFIGS = (SearchConfig, EnvConfig, DDPGConfig, FinetuneConfig)

@@ -58,6 +58,10 @@ def strategy_meta(args, env):
         meta["cost_table"] = table
     if not (options := QuantOptions.from_args(args)).is_default():
         meta["quant_options"] = options.record()
+    if getattr(args, "weights_source", None) is not None:
+        meta["weights"] = args.weights_source
+    if args.linear_quantization:
+        meta["kl_max_bit"] = getattr(args, "kl_max_bit", 0)
     return meta
 
 

@@ -17,7 +17,7 @@ import torch
 from lib.env.base import REWARD_SCALE
 from lib.utils.checkpoint import load_checkpoint, remove_stale_tmp
 from lib.utils.errors import UserError
-from lib.utils.schema import is_int, is_real, shown
+from lib.utils.schema import is_int, is_real, is_weights_record, shown
 from lib.utils.run_utils import list_runs, new_run_folder
 
 from .config import resume_defaults, resume_fields
@@ -76,6 +76,31 @@ def check_same_cost_table(path, recorded, current):
                     f"table, got {got}")
 
 
+def _weights_text(record):
+    if "name" in record:
+        return record["name"]
+    return f"{record['path']} (sha256 {record['sha256'][:12]}...)"
+
+
+def check_same_weights(path, file, recorded, current):
+    """Refuse to continue a search from other pretrained weights than it started from.
+
+    ``recorded``/``current``: ``{"name"}`` or ``{"path", "sha256"}`` (models.load_pretrained_
+    weights); files are the same when their content is. A state written before weights were
+    recorded holds none, and is let through: what it started from cannot be known.
+    """
+    if recorded is None or current is None:
+        return
+    if not is_weights_record(recorded):
+        _bad(file, "args.weights_source", recorded, 'null, {"name"} or {"path", "sha256"}')
+    same = (recorded.get("name") == current.get("name") if "name" in recorded
+            else recorded["sha256"] == current.get("sha256"))
+    if not same:
+        raise UserError(f"--resume_search: '{path}' was searched from the weights "
+                        f"{_weights_text(recorded)}; expected the same --weights/--pretrained_path "
+                        f"(got {_weights_text(current)})")
+
+
 def _differs(saved, value):
     """``saved != value``, where a saved value of another kind (a tensor, say) differs."""
     try:
@@ -115,6 +140,8 @@ def load_search_state(path, args, env):
                                   and isinstance(table.get("sha256"), str)):
         _bad(file, "cost_table", table, 'null or {"path", "sha256"} of the user\'s table')
     check_same_cost_table(path, table, cost_table_of(env))
+    check_same_weights(path, file, state["args"].get("weights_source"),
+                       getattr(args, "weights_source", None))
     check_state_values(file, state, env)
     return state
 

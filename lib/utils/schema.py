@@ -34,3 +34,14 @@ def shown(value, limit=60):
     """``repr(value)`` cut to ``limit`` characters, for a one-line message."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def is_weights_record(value):
+    """``value`` says where pretrained weights came from (models.load_pretrained_weights):
+    ``{"name": str}`` (torchvision's) or ``{"path": str, "sha256": str}`` (a file)."""
+    if not isinstance(value, dict):
+        return False
+    if set(value) == {"name"}:
+        return isinstance(value["name"], str)
+    return (set(value) == {"path", "sha256"} and isinstance(value["path"], str)
+            and isinstance(value["sha256"], str))

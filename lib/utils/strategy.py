@@ -21,7 +21,8 @@ from numbers import Integral, Real
 
 from .checkpoint import atomic_write_json, finite_or_none, read_json
 from .errors import UserError
-from .schema import INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_real, is_str_list, shown
+from .schema import (INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_real, is_str_list,
+                     is_weights_record, shown)
 
 MODES = ("kmeans", "linear")
 UNQUANTIZED = -1   # linear mode: an activation left in floating point (the image input)
@@ -117,6 +118,9 @@ _FIELDS = {
     "cost_table": (lambda v: isinstance(v, dict) and isinstance(v.get("path"), str)
                    and isinstance(v.get("sha256"), str), 'an object {"path", "sha256"}'),
     "quant_options": (_quant_options_ok, QUANT_OPTIONS_EXPECTED),
+    "weights": (is_weights_record, 'an object {"name"} or {"path", "sha256"} (the pretrained '
+                "weights' source)"),
+    "kl_max_bit": (lambda v: is_int(v, 0, 8), "an integer in [0, 8] (--kl_max_bit)"),
 }
 
 
@@ -281,7 +285,8 @@ def strategy_record(best, layer_names, meta):
               "layers": list(layer_names), "strategy": best["policy"]}
     # Extra context (finetune.py needs only the fields above).
     for key in ("dataset", "width_mult", "input_size", "num_classes", "min_bit", "max_bit",
-                "original_accuracy", "method", "cost_table", "quant_options"):
+                "original_accuracy", "method", "cost_table", "quant_options",
+                "weights", "kl_max_bit"):
         if key in meta:
             record[key] = meta[key]
     if "original_accuracy" in meta:
