@@ -153,6 +153,28 @@ def test_kmeans_graph_gathers_the_shared_weights(kmeans_export):
         assert not any(t.name == f"{name}.weight" for t in proto.graph.initializer)
 
 
+def test_per_channel_ranges_give_per_axis_scales():
+    """A weight_range with one element per output channel: DequantizeLinear along axis 0."""
+    from lib.export.onnx_export import torch_to_onnx
+    from lib.export.onnx_graph import GraphEditor
+    torch.manual_seed(0)
+    model = Tiny(linear=False).eval()
+    proto = torch_to_onnx(model, SIZE)
+    w = model.pw.weight.detach()
+    scale = w.abs().amax((1, 2, 3)) / 127
+    codes = torch.round(w / scale.reshape(-1, 1, 1, 1))
+    editor = GraphEditor(proto)
+    q_name = editor.dequantized_weight("pw.weight", codes.to(torch.int32).numpy(),
+                                       scale.numpy(), TensorProto.INT8)
+    proto = editor.finish()
+    (node,) = [n for n in proto.graph.node if q_name in n.input]
+    assert [a.i for a in node.attribute if a.name == "axis"] == [0]
+    with torch.no_grad():
+        model.pw.weight.copy_(codes * scale.reshape(-1, 1, 1, 1))
+    diff, top, flips = compare(ort_session(proto.SerializeToString()), model, _images(64, 3))
+    assert flips == 0 and diff <= 1e-5 * top
+
+
 @pytest.fixture
 def tiny_cli(monkeypatch, tmp_path):
     """A linear checkpoint file of the tiny network; the CLI rebuilds it through the stub."""
@@ -205,3 +227,59 @@ def test_missing_onnxruntime_says_how_to_install(tiny_cli, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "\n" not in err
     assert "onnxruntime" in err and "pip install -r requirements-onnx.txt" in err
+
+
+def _linear_checkpoint(path, arch, kwargs, seed=0):
+    """A linear-mode checkpoint of ``arch`` in finetune.py's format, widths 2-8 across layers."""
+    from lib.quantize import quant_layers
+    from models import get_model
+    torch.manual_seed(seed)
+    model = get_model(arch, linear=True, **kwargs)
+    n = len(quant_layers(model))
+    policy = [[8, -1]] + [[2 + i % 7, 2 + (3 * i + 4) % 7] for i in range(n - 2)] + [[8, 8]]
+    apply_linear_policy(model, policy)
+    calibrate(model, torch.randn(32, 3, kwargs["input_size"], kwargs["input_size"]))
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch, "mode": "linear",
+                     "model_kwargs": kwargs, "epoch": 1,
+                     "policy": {"mode": "linear", "strategy": policy, "layers": None}}, path)
+    return str(path), policy
+
+
+def _agrees_on_the_test_split(ckpt_path, onnx_path):
+    """ONNX Runtime's top-1 equals PyTorch's on every one of mnist5k's 1,000 test images."""
+    from lib.export.report import model_from_checkpoint
+    from lib.utils.checkpoint import load_checkpoint
+    from lib.utils.data_utils import build_datasets
+    model = model_from_checkpoint(load_checkpoint(ckpt_path))
+    session = ort_session(open(onnx_path, "rb").read())
+    _, test_set = build_datasets("mnist5k", input_size=32)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=250)
+    seen = 0
+    for x, _ in loader:
+        diff, top, flips = compare(session, model, x)
+        assert flips == 0 and diff <= onnx_export.LOGIT_TOL * top
+        seen += len(x)
+    assert seen == 1000
+
+
+@pytest.mark.slow
+def test_embedded_model_both_modes_on_the_test_split(kmeans_finetune_checkpoint, tmp_path):
+    kw = dict(num_classes=10, input_size=32, width_mult=0.25)
+    lin, policy = _linear_checkpoint(tmp_path / "lin.pth.tar", "qmobilenetv2", kw)
+    km = kmeans_finetune_checkpoint(lambda i: 2 + i % 7)
+    for ckpt, name in ((lin, "lin.onnx"), (km, "km.onnx")):
+        out = str(tmp_path / name)
+        assert export_main(["--format", "onnx", "--resume", ckpt, "--output", out]) == 0
+        _agrees_on_the_test_split(ckpt, out)
+    assert read_metadata(str(tmp_path / "lin.onnx"))["policy"]["bits"] == policy
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_without_a_q_twin_exports(tmp_path):
+    kw = dict(num_classes=10, input_size=32, width_mult=None)
+    ckpt, _ = _linear_checkpoint(tmp_path / "mnas.pth.tar", "mnasnet0_5", kw)
+    out = str(tmp_path / "mnas.onnx")
+    assert export_main(["--format", "onnx", "--resume", ckpt, "--output", out]) == 0
+    meta = read_metadata(out)
+    assert meta["arch"] == "mnasnet0_5" and meta["check"]["images"] == 8
+    _agrees_on_the_test_split(ckpt, out)
