@@ -148,7 +148,9 @@ def test_kmeans_graph_gathers_the_shared_weights(kmeans_export):
             KMEANS_POLICY):
         idx = initializer_array(proto, f"{name}.weight_indices")
         codebook = initializer_array(proto, f"{name}.weight_codebook")
-        assert idx.dtype == np.uint8 and codebook.size <= 2 ** bits
+        stored = [t for t in proto.graph.initializer if t.name == f"{name}.weight_indices"][0]
+        assert stored.data_type == (TensorProto.UINT4 if bits <= 4 else TensorProto.UINT8)
+        assert codebook.size <= 2 ** bits and idx.max() < codebook.size
         assert np.array_equal(codebook[idx.astype(np.int64)], module.weight.detach().numpy())
         assert not any(t.name == f"{name}.weight" for t in proto.graph.initializer)
 

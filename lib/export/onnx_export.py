@@ -14,11 +14,11 @@ How (docs/design.md section 15 describes the packed file beside it):
    Clip to [0, r] (half-wave, s = r / (2^a - 1), uint8/uint16) or [-r, r] (full-wave,
    s = r / (2^(a-1) - 1), int8/int16), then QuantizeLinear and DequantizeLinear with zero point
    0: round(clip(x) / s) * s, the grid of :mod:`lib.quantize.linear`; the Clip keeps an a-bit
-   grid inside its 8- or 16-bit type.  K-Means mode: a layer's weight becomes uint8 (uint16
-   above 256 centroids) indices and its float codebook, gathered in the graph (Cast + Gather):
-   the file keeps one byte per weight instead of four, the gathered values are the checkpoint's
-   bit for bit, and ONNX Runtime folds these constant nodes once when it loads the model, so
-   inference runs the float graph at float speed;
+   grid inside its 8- or 16-bit type.  K-Means mode: a layer's weight becomes uint4 (<= 16
+   centroids), uint8 or uint16 indices and its float codebook, gathered in the graph (Cast +
+   Gather) rather than dequantized at load: the file keeps half a byte or a byte per weight
+   instead of four, the gathered values are the checkpoint's bit for bit, and ONNX Runtime
+   folds these constant nodes once when it loads the model, so inference runs the float graph;
 3. the graph runs in ONNX Runtime on a batch beside the PyTorch fake-quant model; a file whose
    logits differ by more than :data:`LOGIT_TOL` times the largest |logit|, or whose top-1
    differs on any image, is refused and nothing is written.

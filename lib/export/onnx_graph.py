@@ -37,14 +37,15 @@ def storage_type(bits, signed, allow_int4=True):
 def _int_tensor(name, values, dtype):
     """An initializer of integer ``values`` stored as ``dtype`` (int4 packed two to a byte)."""
     values = np.asarray(values)
-    if dtype == TensorProto.INT4:
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):
         return helper.make_tensor(name, dtype, values.shape, _pack_int4(values), raw=True)
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
     return numpy_helper.from_array(values.astype(np_dtype), name)
 
 
 def _pack_int4(values):
-    """Two's-complement nibbles, two to a byte, the first in the low nibble (ONNX's int4)."""
+    """Nibbles (two's complement for int4), two to a byte, the first in the low nibble (ONNX's
+    int4/uint4 layout)."""
     nibbles = (values.reshape(-1).astype(np.int64) & 0x0F).astype(np.uint8)
     if nibbles.size % 2:
         nibbles = np.append(nibbles, np.uint8(0))
@@ -106,8 +107,11 @@ class GraphEditor:
         return q_name
 
     def gathered_weight(self, name, indices, codebook):
-        """Weight ``name`` := Gather(codebook, Cast(indices)): the K-Means weight sharing."""
-        dtype = TensorProto.UINT8 if codebook.size <= 256 else TensorProto.UINT16
+        """Weight ``name`` := Gather(codebook, Cast(indices)): the K-Means weight sharing.
+
+        Indices are uint4 (<= 16 centroids), uint8 (<= 256) or uint16."""
+        dtype = next(t for n, t in ((16, TensorProto.UINT4), (256, TensorProto.UINT8),
+                                    (1 << 16, TensorProto.UINT16)) if codebook.size <= n)
         i_name, c_name = self.fresh(f"{name}_indices"), self.fresh(f"{name}_codebook")
         as_int, out = self.fresh(f"{name}_indices_int64"), self.fresh(f"{name}_shared")
         nodes = [helper.make_node("Cast", [i_name], [as_int], to=TensorProto.INT64,
@@ -205,7 +209,8 @@ def read_metadata(model_or_path):
 
 
 def initializer_array(model, name):
-    """An initializer as a numpy array (int4 unpacked to int8)."""
+    """An initializer as a numpy array (int4/uint4 unpacked to int8/uint8)."""
     (tensor,) = [t for t in model.graph.initializer if t.name == name]
     values = numpy_helper.to_array(tensor)
-    return values.astype(np.int8) if tensor.data_type == TensorProto.INT4 else values
+    widen = {TensorProto.INT4: np.int8, TensorProto.UINT4: np.uint8}.get(tensor.data_type)
+    return values.astype(widen) if widen else values
