@@ -29,6 +29,7 @@ from lib.export.__main__ import main as export_main  # noqa: E402
 from lib.export.onnx_export import (float_twin, ort_session, run_session,  # noqa: E402
                                     torch_to_onnx)
 from lib.export import export_checkpoint  # noqa: E402
+from lib.export.onnx_graph import GraphEditor  # noqa: E402
 from lib.export.report import model_from_checkpoint, predicted_sizes  # noqa: E402
 from lib.utils.checkpoint import load_checkpoint  # noqa: E402
 from lib.utils.data_utils import build_datasets  # noqa: E402
@@ -95,8 +96,11 @@ def main(argv=None):
     print(f"top-1 on {n} test images: ONNX Runtime {ort_top1:.2f}%, PyTorch {pt_top1:.2f}%; "
           f"top-1 differs on {flips}; max |logit difference| {worst:.3g}")
 
-    float_graph = torch_to_onnx(float_twin(model, ckpt["mode"]), size).SerializeToString()
+    # finish(): the same clean-up as the exported graph (no per-node export trace)
+    float_graph = GraphEditor(torch_to_onnx(float_twin(model, ckpt["mode"]), size)).finish()
+    float_graph = float_graph.SerializeToString()
     sessions = {"float ONNX": ort_session(float_graph), "exported": quantized}
+    print(f"float ONNX model of the same network: {len(float_graph):,d} B")
     for b in args.latency_batch:
         x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0))
         ms = latency(sessions, x, args.repeats)
