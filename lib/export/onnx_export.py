@@ -31,7 +31,6 @@ import logging
 import math
 import os
 
-import numpy as np
 import torch
 
 from lib.export.report import model_from_checkpoint
@@ -86,7 +85,8 @@ def linear_weight_codes(name, module):
         codes = torch.round(fq / per_row)
     if (codes.abs() > steps).any() or not torch.equal(codes * per_row, fq):
         raise UserError(f"layer '{name}': its quantized weights are not integers times "
-                        "weight_range / (2^(b-1) - 1); expected a fine-tuned linear-mode checkpoint")
+                        "weight_range / (2^(b-1) - 1); expected a fine-tuned linear-mode "
+                        "checkpoint")
     return codes.to(torch.int32).numpy(), scale.numpy()
 
 
@@ -170,18 +170,17 @@ def quantize_graph(proto, model, mode, policy_bits):
         key = f"{name}.weight" if name else "weight"
         if key not in editor.inits:
             raise UserError(f"layer '{name}': the exported graph has no initializer '{key}'")
-        k = _compute_node(editor, name, key)
         if mode == "kmeans":
             if policy_bits[name] is not None:
                 editor.gathered_weight(key, *kmeans_weight_codes(name, module.weight,
                                                                  policy_bits[name]))
             continue
         w_bit, a_bit = layer_bits(module)
+        if a_bit > 0:     # found by the float weight's name, before the weight is rewired
+            _quantize_input(editor, _compute_node(editor, name, key), name, module, a_bit)
         if w_bit > 0:
             codes, scale = linear_weight_codes(name, module)
             editor.dequantized_weight(key, codes, scale, storage_type(w_bit, signed=True))
-        if a_bit > 0:
-            _quantize_input(editor, k, name, module, a_bit)
     return editor.finish()
 
 

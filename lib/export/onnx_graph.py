@@ -26,7 +26,7 @@ _UNSIGNED = {8: TensorProto.UINT8, 16: TensorProto.UINT16}
 
 
 def storage_type(bits, signed, allow_int4=True):
-    """The narrowest ONNX integer type holding a ``bits``-bit code (int4 only for signed weights)."""
+    """The narrowest ONNX integer type of a ``bits``-bit code; int4 only if ``allow_int4``."""
     table = _SIGNED if signed else _UNSIGNED
     for width, dtype in sorted(table.items()):
         if bits <= width and (allow_int4 or width > 4):
