@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -110,6 +110,7 @@ def test_linear_graph_runs_as_the_fake_quant_model(linear_export):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 8
     assert proto.opset_import[0].version == 21
+    onnx.checker.check_model(proto, full_check=True)
 
 
 def test_linear_weights_hold_only_their_widths_integers(linear_export):
@@ -232,12 +233,26 @@ def test_missing_onnxruntime_says_how_to_install(tiny_cli, tmp_path, monkeypatch
     assert "onnxruntime" in err and "pip install -r requirements-onnx.txt" in err
 
 
+def _settle_batchnorm(model, size):
+    """BN statistics of a few random batches: at initialisation (mean 0, variance 1) a deep
+    network's activations shrink towards 0 layer after layer, and its logits (~1e-7) would be
+    all rounding."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None       # the plain average of the batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(32, 3, size, size))
+
+
 def _linear_model(arch, kwargs, seed=0):
     """``arch`` in linear mode at widths 2-8 across layers, calibrated: (model, policy)."""
     from lib.quantize import quant_layers
     from models import get_model
     torch.manual_seed(seed)
     model = get_model(arch, linear=True, **kwargs)
+    _settle_batchnorm(model, kwargs["input_size"])
     n = len(quant_layers(model))
     policy = [[8, -1]] + [[2 + i % 7, 2 + (3 * i + 4) % 7] for i in range(n - 2)] + [[8, 8]]
     apply_linear_policy(model, policy)
@@ -255,18 +270,21 @@ def _linear_checkpoint(path, arch, kwargs):
 
 
 def _agrees_on_the_test_split(model, onnx_bytes):
-    """ONNX Runtime's top-1 equals PyTorch's on every one of mnist5k's 1,000 test images, and
-    the logits agree within the exporter's tolerance on all but the few images where a float
-    sum sits on a rounding midpoint of an input grid (onnx_export.LOGIT_TOL's comment)."""
+    """ONNX Runtime against PyTorch on mnist5k's 1,000 test images: the logits agree within the
+    exporter's tolerance except on the few images where a float sum sits on a rounding midpoint
+    of an input grid (onnx_export.LOGIT_TOL's comment).  These untrained networks have
+    near-equal logits, so such a tie may change the top-1 of its image; the trained embedded
+    model's top-1 is the same on every image (docs/results.md, ONNX export)."""
     from lib.utils.data_utils import build_datasets
     _, test_set = build_datasets("mnist5k", input_size=32)
     x = torch.stack([test_set[i][0] for i in range(len(test_set))])
     got = onnx_export.run_session(ort_session(onnx_bytes), x)
     with torch.no_grad():
         want = model(x)
-    assert len(x) == 1000 and torch.equal(got.argmax(1), want.argmax(1))
     off = (got - want).abs().amax(1) > onnx_export.LOGIT_TOL * want.abs().max()
-    assert int(off.sum()) <= 20
+    flips = got.argmax(1) != want.argmax(1)
+    assert len(x) == 1000 and int(off.sum()) <= 20 and int(flips.sum()) <= 5
+    assert not (flips & ~off).any()      # a changed top-1 only where a tie moved the logits
 
 
 @pytest.mark.slow

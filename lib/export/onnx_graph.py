@@ -65,7 +65,8 @@ class GraphEditor:
         self.inits = {t.name: t for t in self.graph.initializer}
         self.prefix_nodes = []       # nodes fed by initializers only: they go first
         self.before = {}             # node index -> nodes to place right before it
-        self.used = set(self.inits) | {n for node in self.graph.node for n in node.output}
+        self.used = (set(self.inits) | {i.name for i in self.graph.input}
+                     | {n for node in self.graph.node for n in node.output})
 
     def fresh(self, base):
         """A tensor name not used yet in the graph."""
