@@ -210,10 +210,10 @@ def test_a_disagreeing_graph_is_refused_and_nothing_written(tiny_cli, tmp_path, 
     path, _ = tiny_cli
     real = onnx_export.linear_weight_codes
 
-    def off_by_one(name, module):
+    def wrong_scale(name, module):
         codes, scale = real(name, module)
         return codes, scale * 1.5
-    monkeypatch.setattr(onnx_export, "linear_weight_codes", off_by_one)
+    monkeypatch.setattr(onnx_export, "linear_weight_codes", wrong_scale)
     out = tmp_path / "bad.onnx"
     with pytest.raises(SystemExit) as exc:
         run_cli(export_main, ["--format", "onnx", "--resume", path, "--output", str(out)])
