@@ -3,12 +3,16 @@
     python -m lib.export --resume checkpoints/<run>/checkpoint.pth.tar --output model.haq
     python -m lib.export --load model.haq                      # rebuild, print the sizes
     python -m lib.export --load model.haq --resume CKPT        # ... and compare the logits
+    python -m lib.export --format onnx --resume CKPT --output model.onnx   # ONNX, checked in ORT
 
 Both print the file's size per part against the simulator's size prediction.  ``--load`` with
 ``--resume`` runs one batch (``--batch`` images of the dataset's size, standard normal) through
 the rebuilt model and the checkpoint's and prints the largest logit difference.
+``--format onnx`` (needs ``pip install -r requirements-onnx.txt``) writes an ONNX model that
+ONNX Runtime has run on such a batch beside the checkpoint's model (:mod:`lib.export.onnx_export`).
 """
 import logging
+import os
 import sys
 
 import torch
@@ -29,7 +33,24 @@ def get_args_parser():
     p.add_argument("--batch", type=cli.number(int, 1, 4096), default=8,
                    help="images of the logit comparison (1..4096)")
     p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the comparison batch")
+    p.add_argument("--format", choices=("packed", "onnx"), default="packed",
+                   help="what --output holds: the packed file, or an ONNX model checked in "
+                        "ONNX Runtime (needs requirements-onnx.txt)")
     return p
+
+
+def export_onnx_file(args):
+    """--format onnx: write the checked ONNX model and log what the check measured."""
+    from lib.export.onnx_export import export_onnx, require_onnx
+    require_onnx()
+    check_export_output(args.resume, args.output)
+    meta = export_onnx(args.resume, args.output, args.batch, args.seed)
+    check = meta["check"]
+    log.info("wrote %s (%s bytes); ONNX Runtime vs PyTorch on %d images: max |logit "
+             "difference| %.3g (tolerance %.3g), same top-1", args.output,
+             f"{os.path.getsize(args.output):,d}", check["images"], check["max_abs_logit_diff"],
+             check["tolerance"])
+    return 0
 
 
 def compare_logits(model, reference, header, batch, seed):
@@ -53,6 +74,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from lib.export import export_checkpoint, load_packed, model_from_checkpoint, size_report
     from lib.utils.checkpoint import load_checkpoint
+    if args.format == "onnx":
+        if args.load or not (args.resume and args.output):
+            raise UserError("--format onnx expected --resume CKPT --output FILE (--load reads "
+                            "packed files only)")
+        return export_onnx_file(args)
     if args.load:
         model, header = load_packed(args.load)
         log.info("rebuilt %s from %s", header["arch"], args.load)
