@@ -57,8 +57,9 @@ def build_model(args, device):
 def build_cost(args, model):
     """Linear mode's cost model: the simulator's table (cached) or the user's."""
     from lib.simulator import linear_cost_model
+    widest = max([args.max_bit, args.max_bit_a or 0] + (args.bits or []) + (args.bits_a or []))
     return linear_cost_model(model, args.arch, args.dataset, args.hardware, args.cost,
-                             batch=args.cost_batch, min_bit=args.min_bit, max_bit=args.max_bit,
+                             batch=args.cost_batch, min_bit=args.min_bit, max_bit=widest,
                              cost_table=args.cost_table, width_mult=args.width_mult,
                              input_size=args.input_size)
 

@@ -38,6 +38,7 @@ class SearchConfig:
     method: str = "ddpg"
     sensitivity: str = "loss"
     n_update: int = 1
+    refine: int = added_later(0)
 
 
 CONFIGS = (SearchConfig, EnvConfig, DDPGConfig, FinetuneConfig)

@@ -54,6 +54,12 @@ def strategy_meta(args, env):
             "num_classes": dataset_defaults(args.dataset, args.dataset_root).num_classes}
     if (table := cost_table_of(env)) is not None:
         meta["cost_table"] = table
+    # the width options beside the range, recorded only when given (older files stay as they were)
+    for key in ("min_bit_a", "max_bit_a", "bits", "bits_a", "refine"):
+        if getattr(args, key, None):
+            meta[key] = getattr(args, key)
+    if getattr(args, "pin", None):
+        meta["pins"] = list(args.pin)
     return meta
 
 
