@@ -168,4 +168,6 @@ def test_resume_keys_are_the_config_fields_that_are_flags():
     assert {"arch", "dataset", "method", "cost_batch", "finetune_lr", "rmsize"} <= keys
     assert not keys & {"train_episode", "progress", "output", "n_worker", "half", "suffix",
                        "debug", "resume_search", "device"}
-    assert resume_defaults(args) == {"reuse_codebooks": False}
+    assert resume_defaults(args) == {"reuse_codebooks": False, "refine": 0, "min_bit_a": None,
+                                     "max_bit_a": None, "bits": None, "bits_a": None,
+                                     "pin": None}

@@ -24,7 +24,9 @@ import logging
 import math
 import time
 
-from .staged import _loss
+import torch
+
+from .staged import StagedLoss, _device, _loss, _Tail
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +39,59 @@ class PolicyLoss:
 
     Each policy is measured once (cached); ``evaluations`` counts the measured ones. The
     model is quantized by ``env.quantize_policy``, so whatever quantizer options the env
-    holds are the ones measured.
+    holds are the ones measured. :meth:`anchor` keeps every stage's input under one policy
+    (a model with ``stages()``); a policy that differs from it only from some stage on is
+    then run from that stage's kept input (checked once against the whole pass).
     """
 
     def __init__(self, env, batches):
         self.env, self.batches = env, batches
         self.cache, self.evaluations = {}, 0
+        self.stages, self.stage_of = StagedLoss._split(env.model, [m for _, m in env.layers])
+        self.anchored, self.inputs, self.checked = None, None, False
+
+    def anchor(self, bits):
+        """Keep the stage inputs of ``bits`` (a no-op for a model without ``stages()``)."""
+        key = tuple(int(b) for b in bits)
+        if self.stages is None or key == self.anchored:
+            return
+        self._quantize(key)
+        inputs, device = [self.batches], _device(self.env.model)
+        with torch.no_grad():
+            for stage in self.stages[:-1]:
+                inputs.append([(stage(x.to(device)), y) for x, y in inputs[-1]])
+        self.anchored, self.inputs = key, inputs
+
+    def _quantize(self, key):
+        self.env.quantize_policy(self.env.policy_from_bits(list(key)))
+        self.env.model.eval()
 
     def __call__(self, bits):
         key = tuple(int(b) for b in bits)
         if key not in self.cache:
-            self.env.quantize_policy(self.env.policy_from_bits(list(key)))
-            loss = _loss(self.env.model, self.batches)
+            self._quantize(key)
+            loss = self._measure(key)
             self.cache[key] = loss if math.isfinite(loss) else math.inf
             self.evaluations += 1
         return self.cache[key]
+
+    def _measure(self, key):
+        k = self.env.actions_per_layer
+        changed = [] if self.anchored is None else [
+            self.stage_of[i // k] for i, (a, b) in enumerate(zip(key, self.anchored)) if a != b]
+        if not changed:
+            return _loss(self.env.model, self.batches)
+        first = min(changed)
+        loss = _loss(_Tail(self.stages[first:]), self.inputs[first], _device(self.env.model))
+        if not self.checked:
+            self.checked = True
+            whole = _loss(self.env.model, self.batches)
+            if not math.isclose(loss, whole, rel_tol=1e-4, abs_tol=1e-6):
+                log.warning("a stage of %s depends on more than its own widths; refining on "
+                            "whole passes", type(self.env.model).__name__)
+                self.stages = self.anchored = self.inputs = None
+                return whole
+        return loss
 
 
 def single_moves(env, bits):
@@ -120,11 +160,19 @@ def candidate_swaps(bits, measured, cost, budget):
 
 
 def refine_bits(env, bits, loss, max_evals):
-    """The refined flat bits (see the module's docstring); ``loss``: a :class:`PolicyLoss`."""
+    """The refined flat bits (see the module's docstring); ``loss``: a :class:`PolicyLoss`.
+
+    One round measures the single moves around the round's policy, then tries its swaps
+    best-predicted first; a kept swap becomes the current policy, and later swaps of the
+    round that touch other steps are tried on top of it (their predictions, made around
+    the round's policy, still rank them) until TRIES_PER_ROUND in a row fail.
+    """
     start, current = time.perf_counter(), [int(b) for b in bits]
     first = best = loss(current)
-    budget = env.budget()
+    budget, rounds = env.budget(), 0
     while loss.evaluations < max_evals:
+        rounds += 1
+        loss.anchor(current)
         measured = []
         for step, width, change in single_moves(env, current):
             if loss.evaluations >= max_evals:
@@ -132,17 +180,23 @@ def refine_bits(env, bits, loss, max_evals):
             trial = list(current)
             trial[step] = width
             measured.append((step, width, change, loss(trial) - best))
-        cost = env.cost(env.policy_from_bits(current))
-        improved = False
-        for trial in candidate_swaps(current, measured, cost, budget)[:TRIES_PER_ROUND]:
-            if loss.evaluations >= max_evals:
+        base, cost = list(current), env.cost(env.policy_from_bits(current))
+        touched, failures, kept = set(), 0, 0
+        for swap in candidate_swaps(base, measured, cost, budget):
+            if loss.evaluations >= max_evals or failures >= TRIES_PER_ROUND:
                 break
+            steps = {i for i, (a, b) in enumerate(zip(base, swap)) if a != b}
+            trial = [swap[i] if i in steps else b for i, b in enumerate(current)]
+            if steps & touched or env.cost(env.policy_from_bits(trial)) > budget:
+                continue
             value = loss(trial)
             if value < best - LOSS_TOL * max(1.0, abs(best)):
-                current, best, improved = trial, value, True
-                break
-        if not improved:
+                current, best, failures, kept = trial, value, 0, kept + 1
+                touched |= steps
+            else:
+                failures += 1
+        if not kept:
             break
-    log.info("refinement: loss %.4f -> %.4f in %d evaluations, %.1fs", first, best,
-             loss.evaluations, time.perf_counter() - start)
+    log.info("refinement: loss %.4f -> %.4f in %d evaluations (%d rounds), %.1fs", first, best,
+             loss.evaluations, rounds, time.perf_counter() - start)
     return current
