@@ -231,3 +231,28 @@ def test_refinement_lowers_the_measured_loss_within_budget_and_evaluations():
     assert all(refined[i] == b for i, b in env.pins.items())
     assert loss(refined) < loss(start)
     assert math.isfinite(loss(refined))
+
+
+# ------------------------------------------------------------------ recorded and resume-checked
+def test_width_flags_are_recorded_and_a_resume_refuses_a_change(tiny_pretrained, tmp_path, capsys):
+    import json
+    import os
+
+    from helpers import tiny_search_argv
+    from lib.utils.errors import run_cli
+    argv = tiny_search_argv(tiny_pretrained[0], tmp_path, 1) + [
+        "--bits", "2,4", "--pin", "features.0.0=4", "--preserve_ratio", "0.2"]
+    rl_quantize.main(argv)
+    (name,) = os.listdir(tmp_path)
+    with open(os.path.join(tmp_path, name, "strategy.json")) as f:
+        record = json.load(f)
+    assert record["bits"] == [2, 4] and record["pins"] == ["features.0.0=4"]
+    assert record["strategy"][0] == 4 and all(b in (2, 4) for b in record["strategy"])
+    folder = os.path.join(tmp_path, name)
+    for flag, value in (("--bits", "2,3"), ("--pin", "features.0.0=2")):
+        changed = [v for v in argv]
+        changed[changed.index(flag) + 1] = value
+        with pytest.raises(SystemExit):
+            run_cli(rl_quantize.main, changed + ["--train_episode", "2", "--resume_search", folder])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"was searched with {flag} " in err and "expected the same flags" in err

@@ -14,11 +14,12 @@ loss falls:
    loss per saved cost until the policy fits again, or lower one step and raise the steps of
    most gain per cost while it fits; each is ranked by its predicted change (the sum of its
    moves' d);
-3. swaps predicted to help are measured in that order and the first that lowers the measured
-   loss is kept; the single moves are then measured again around the new policy.
+3. swaps predicted to help are measured in that order and each that lowers the measured loss
+   is kept (later ones only where they touch other steps); the single moves are then measured
+   again around the new policy.
 
-It stops when no swap helps or after ``max_evals`` measured policies. Every measured policy
-is within budget, so the result is too.
+It stops when no swap helps or after ``max_evals`` measured policies. Only swaps within
+budget are kept, so a policy within budget stays within it.
 """
 import logging
 import math

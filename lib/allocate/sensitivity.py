@@ -13,7 +13,8 @@ fake quantization calibrated as the linear mode calibrates it):
   activations keep the ``loss`` score.
 
 Scores are arrays of shape (n_layers, n_widths), column j being the j-th allowed
-width of the kind (``bits``; activations ``bits_a`` where they differ); pinned steps (linear mode's first/last layers) score 0. The env
+width of the kind (``bits``; activations ``bits_a`` where they differ); pinned steps
+(linear mode's first/last layers) score 0. The env
 is used only for its model, layers, pretrained weights, loaders and quantizer
 settings; nothing here knows of RL.
 """

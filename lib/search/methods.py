@@ -92,8 +92,9 @@ def replay_bits(args, env):
     stray = [i for i, b in enumerate(flat) if i not in env.pins and b not in env.step_widths(i)]
     if stray:
         i = stray[0]
-        raise UserError(f"--policy {args.policy}: layer '{env.layer_names[i // env.actions_per_layer]}'"
-                        f" has {env.step_kind(i)} width {flat[i]}; expected one of "
+        name = env.layer_names[i // env.actions_per_layer]
+        raise UserError(f"--policy {args.policy}: layer '{name}' has {env.step_kind(i)} width "
+                        f"{flat[i]}; expected one of "
                         f"{env.step_widths(i)} (the search's widths)")
     ratio = env.cost(policy) / env.reference_cost()
     if ratio > args.preserve_ratio + 1e-9:
