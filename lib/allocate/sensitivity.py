@@ -39,7 +39,10 @@ NONFINITE_SCORE = 1e6   # a width whose loss is NaN/inf: worse than any real sco
 
 
 def bit_widths(env, kind="weight"):
-    """The widths a free step of ``kind`` may take: the columns of its score table."""
+    """The widths a free step of ``kind`` may take: the columns of its score table (an env-like
+    object without ``widths`` has its ``cfg.min_bit..max_bit`` for both kinds)."""
+    if not hasattr(env, "widths"):
+        return list(range(env.cfg.min_bit, env.cfg.max_bit + 1))
     return list(env.widths[kind])
 
 
