@@ -218,11 +218,12 @@ def test_staged_policy_loss_equals_the_whole_pass():
     assert staged.stages is not None
 
 
-def test_refinement_lowers_the_measured_loss_within_budget_and_evaluations():
-    env = toy_env(linear=True, ratio=0.35, min_bit=1, max_bit=8, trained=True, staged=True)
+@pytest.mark.parametrize("linear,ratio", [(True, 0.35), (False, 0.1)])
+def test_refinement_lowers_the_measured_loss_within_budget_and_evaluations(linear, ratio):
+    env = toy_env(linear=linear, ratio=ratio, min_bit=1, max_bit=8, trained=True, staged=True)
     batches = fixed_batches(env.evaluator.val_loader, 96)
     # a poor start within budget: every weight at its narrowest width, activations wide
-    start = env.action_wall([env.pins.get(i, 1 if i % 2 == 0 else 8)
+    start = env.action_wall([env.pins.get(i, 8 if linear and i % 2 else 1)
                              for i in range(env.n_steps)])
     loss = PolicyLoss(env, batches)
     refined = refine_bits(env, start, loss, max_evals=40)
