@@ -168,6 +168,7 @@ def get_args_parser():
     cli.bool_flag(p, "--progress", False, "progress bars of the fine-tune/validate passes")
     cli.add_threads_argument(p)
     add_method_args(p)
+    add_width_args(p)
     p.add_argument("--input_size", default=None, type=cli.input_size,
                    help="image size in pixels (default: the pretrained checkpoint's, else the "
                         "dataset's, 224 or 32 for mnist5k); the cost table is traced at it")
@@ -195,6 +196,66 @@ def add_method_args(p):
                    help="ilp: validation-subset images the scores are measured on")
     p.add_argument("--hessian_iters", default=16, type=cli.positive_int,
                    help="ilp --sensitivity hessian: Hutchinson samples of each trace")
+
+
+def width_set(text):
+    """argparse ``type=`` of --bits/--bits_a: comma-separated widths in 1..8, e.g. '2,4,8'."""
+    try:
+        widths = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        widths = []
+    if not widths or not all(1 <= w <= 8 for w in widths):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a width set; expected comma-separated "
+                                         "integers in [1, 8], e.g. 2,4,8")
+    return widths
+
+
+def pin_spec(text):
+    """argparse ``type=`` of --pin: 'NAME=W' or 'NAME=W,A' (the layer is checked by the env)."""
+    name, sep, value = text.partition("=")
+    parts = value.split(",")
+    if not (name and sep and 1 <= len(parts) <= 2
+            and all(re.fullmatch(r"-?\d+", v) for v in parts)):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a pin; expected NAME=W or NAME=W,A "
+                                         "(a named_modules() name, weight and activation bits)")
+    return f"{name}={','.join(str(int(v)) for v in parts)}"
+
+
+def add_width_args(p):
+    """The widths a search may give (beside --min_bit/--max_bit) and the integer program's
+    refinement (docs/design.md, allocators)."""
+    p.add_argument("--min_bit_a", default=None, type=cli.bit_width,
+                   help="linear mode: smallest activation width (default --min_bit)")
+    p.add_argument("--max_bit_a", default=None, type=cli.bit_width,
+                   help="linear mode: largest activation width (default --max_bit)")
+    p.add_argument("--bits", default=None, type=width_set,
+                   help="only these weight widths, e.g. 2,4,8 (every allocator; default the "
+                        "range --min_bit..--max_bit)")
+    p.add_argument("--bits_a", default=None, type=width_set,
+                   help="linear mode: only these activation widths (default the activation range)")
+    p.add_argument("--pin", default=None, type=pin_spec, action="append", metavar="LAYER=W[,A]",
+                   help="fix a layer's widths (named_modules() name; repeat for more layers); "
+                        "overrides linear mode's first/last-layer pins")
+    p.add_argument("--refine", default=0, type=cli.nonneg_int, metavar="N",
+                   help="--method ilp: up to N evaluations of a local search that swaps widths "
+                        "between layers while the loss of the whole quantized model falls")
+
+
+def check_width_args(args):
+    """The cross-flag rules of the width options (UserError)."""
+    linear_only = [f for f in ("min_bit_a", "max_bit_a", "bits_a")
+                   if getattr(args, f) is not None]
+    if linear_only and not args.linear_quantization:
+        raise UserError(f"--{linear_only[0]} sets activation widths; expected "
+                        "--linear_quantization with it")
+    lo_a = args.min_bit if args.min_bit_a is None else args.min_bit_a
+    hi_a = args.max_bit if args.max_bit_a is None else args.max_bit_a
+    if lo_a > hi_a:
+        raise UserError(f"activation range {lo_a}..{hi_a} (--min_bit_a/--max_bit_a, defaulting "
+                        "to --min_bit/--max_bit) is empty; expected min_bit_a <= max_bit_a")
+    if args.refine and args.method != "ilp":
+        raise UserError(f"--refine refines the integer program's policy; expected --method ilp "
+                        f"(got --method {args.method})")
 
 
 # ------------------------------------------------------------------ set-up
@@ -228,6 +289,7 @@ def check_args(args):
             log.info("linear quantization: using %s (the Q twin of %s)", "q" + args.arch, args.arch)
             args.arch = "q" + args.arch
     cli.check_bit_range(args.min_bit, args.max_bit)
+    check_width_args(args)
     if args.max_bit > args.float_bit:
         raise UserError(f"--max_bit {args.max_bit} > --float_bit {args.float_bit}; expected the "
                         "reference model at least as wide as any policy")

@@ -228,16 +228,18 @@ def test_torchrun_search_finetunes_on_shards_and_resumes(repo_root, tmp_path, tr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("linear,metric", [(True, "loss"), (False, "hessian")],
-                         ids=["linear-loss", "kmeans-hessian"])
+@pytest.mark.parametrize("linear,metric,refine", [(True, "loss", 0), (False, "hessian", 0),
+                                                  (True, "loss", 30)],
+                         ids=["linear-loss", "kmeans-hessian", "linear-loss-refine"])
 def test_torchrun_ilp_scores_on_shards_like_one_process(repo_root, tmp_path, trained, linear,
-                                                        metric):
+                                                        metric, refine):
     """--method ilp under torchrun: every rank scores its shard of the validation subset (all
     37 images between them), so the scores, the planned policy and its accuracy are the
-    1-process run's; rank 0 alone writes the score cache."""
+    1-process run's; rank 0 alone writes the score cache. With --refine the ranks measure
+    their shards' losses together and take the same swaps as one process."""
     import numpy as np
     extra = ["--method", "ilp", "--sensitivity", metric, "--sensitivity_images", "37",
-             "--hessian_iters", "4"]
+             "--hessian_iters", "4", "--refine", str(refine)]
     one, two = tmp_path / "one", tmp_path / "two"
     r = _run([sys.executable] + _search_args(trained, one, linear, False) + extra, repo_root)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -170,4 +170,6 @@ def test_resume_keys_are_the_config_fields_that_are_flags():
                        "debug", "resume_search", "device"}
     assert resume_defaults(args) == {"reuse_codebooks": False, "per_channel": False,
                                      "weight_clip": "max", "fold_bn": False,
-                                     "bias_correction": False, "kl_max_bit": 0}
+                                     "bias_correction": False, "kl_max_bit": 0,
+                                     "refine": 0, "min_bit_a": None, "max_bit_a": None,
+                                     "bits": None, "bits_a": None, "pin": None}

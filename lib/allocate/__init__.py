@@ -6,6 +6,7 @@ budget and quantizers::
     scores = cached_layer_scores(env, folder, metric="loss", n_images=100)  # sensitivity.json/.png
     flat_bits = allocate_bits(env, solver_scores(scores))   # exact integer program, env's budget
     flat_bits = plan_policy(env, folder, "loss")            # both of the above
+    flat_bits = plan_policy(env, folder, "loss", refine=200)   # then a measured local search
     FixedActions(min_bit, max_bit, flat_bits)   # replays it through the env like an episode
     UniformActions(seed)                        # random search: uniform actions on [0, 1]
 """
@@ -15,8 +16,10 @@ from lib.utils.distributed import broadcast_values, get_rank
 
 from .actions import FixedActions, UniformActions, bits_to_action
 from .ilp import allocate_bits, layer_options, solve_choices
+from .refine import PolicyLoss, refine_bits
 from .scores_io import CACHE_FILE, HEATMAP_FILE, load_scores, plot_scores, save_scores
-from .sensitivity import METRICS, bit_widths, hutchinson_traces, layer_scores, solver_scores
+from .sensitivity import (METRICS, activation_widths, bit_widths, fixed_batches,
+                          hutchinson_traces, layer_scores, solver_scores)
 
 
 def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
@@ -31,7 +34,8 @@ def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=
     main = get_rank() == 0
     scores = None
     if main:
-        expect = {"metric": metric, "bits": bit_widths(env), "layers": list(env.layer_names),
+        expect = {"metric": metric, "bits": bit_widths(env), **activation_widths(env),
+                  "layers": list(env.layer_names),
                   "requested_images": n_images,
                   "hessian_iters": hessian_iters if metric == "hessian" else None}
         kinds = ("weight", "activation") if env.linear else ("weight",)
@@ -45,17 +49,25 @@ def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=
     return scores
 
 
-def plan_policy(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
-    """Per-step bits of the exact integer program on the (cached) sensitivity scores.
+def plan_policy(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0, refine=0):
+    """Per-step bits of the exact integer program on the (cached) sensitivity scores, then
+    (``refine`` > 0) up to that many measured policies of :func:`refine_bits`.
 
     Under torchrun every rank calls it (see :func:`cached_layer_scores`); the bits are
-    returned on rank 0 and None elsewhere.
+    returned on rank 0 and None elsewhere. The refinement runs on every rank, each on its
+    shard of the scoring images with the losses all-reduced, so all ranks take the same steps.
     """
     scores = cached_layer_scores(env, folder, metric, n_images, hessian_iters, seed)
-    return allocate_bits(env, solver_scores(scores)) if get_rank() == 0 else None
+    bits = allocate_bits(env, solver_scores(scores)) if get_rank() == 0 else None
+    if refine > 0:
+        bits = [int(b) for b in broadcast_values(bits or [0] * env.n_steps)]
+        batches = fixed_batches(env.evaluator.val_loader, n_images)
+        bits = refine_bits(env, bits, PolicyLoss(env, batches), refine)
+        env.restore_weights()
+    return bits if get_rank() == 0 else None
 
 
 __all__ = ["FixedActions", "UniformActions", "bits_to_action", "allocate_bits", "layer_options",
            "solve_choices", "CACHE_FILE", "HEATMAP_FILE", "load_scores", "plot_scores",
            "save_scores", "METRICS", "bit_widths", "hutchinson_traces", "layer_scores",
-           "cached_layer_scores", "solver_scores", "plan_policy"]
+           "cached_layer_scores", "solver_scores", "plan_policy", "PolicyLoss", "refine_bits"]

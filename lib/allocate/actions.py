@@ -19,7 +19,9 @@ def bits_to_action(bits, min_bit, max_bit):
     """The centre of the action interval that ``action_to_bits`` maps to ``bits``.
 
     Widths outside [min_bit, max_bit] (pinned steps such as 8 or -1) are clipped: the
-    env overrides pinned steps whatever the action.
+    env overrides pinned steps whatever the action. On a width set spanning
+    ``min_bit..max_bit`` (``lib.env.action_to_width``) the action lands exactly on
+    ``bits``, so a member of the set maps back to itself.
     """
     b = min(max(int(bits), min_bit), max_bit)
     return (b - min_bit + 0.5) / (max_bit - min_bit + 1)
@@ -49,10 +51,13 @@ class FixedActions:
 
     The plan may be set after construction (:meth:`plan`), e.g. once sensitivity scores
     exist; the step counter restarts with each episode of ``len(flat_bits)`` steps.
+    ``step_ranges``: per step, the (narrowest, widest) width its actions span when the
+    steps differ (linear mode's separate activation range); default ``(min_bit, max_bit)``.
     """
 
-    def __init__(self, min_bit, max_bit, flat_bits=None):
+    def __init__(self, min_bit, max_bit, flat_bits=None, step_ranges=None):
         self.min_bit, self.max_bit = min_bit, max_bit
+        self.step_ranges = step_ranges
         self.flat_bits = None
         self._step = 0
         if flat_bits is not None:
@@ -65,9 +70,11 @@ class FixedActions:
     def select_action(self, state, episode):
         if self.flat_bits is None:
             raise RuntimeError("FixedActions: no plan; call plan(flat_bits) first")
+        lo, hi = (self.min_bit, self.max_bit) if self.step_ranges is None \
+            else self.step_ranges[self._step]
         bits = self.flat_bits[self._step]
         self._step = (self._step + 1) % len(self.flat_bits)
-        return np.array([bits_to_action(bits, self.min_bit, self.max_bit)])
+        return np.array([bits_to_action(bits, lo, hi)])
 
     def store_episode(self, transitions, reward):
         """Nothing to learn from an episode."""

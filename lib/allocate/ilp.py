@@ -86,10 +86,10 @@ def _milp(objective, constraints, n, time_limit=None):
 
 
 def step_options(env, step):
-    """The widths a step may take: its pin, else min_bit..max_bit."""
+    """The widths a step may take: its pin, else its kind's widths (range or set)."""
     if step in env.pins:
         return [env.pins[step]]
-    return bit_widths(env)
+    return env.step_widths(step)
 
 
 def layer_options(env, layer):
@@ -98,13 +98,15 @@ def layer_options(env, layer):
     return list(itertools.product(*(step_options(env, layer * k + i) for i in range(k))))
 
 
-def _score_of(scores, layer, option, min_bit):
-    """Summed score of one option: weight (+ activation, linear mode) score; pins score 0."""
+def _score_of(scores, layer, option, widths):
+    """Summed score of one option: weight (+ activation, linear mode) score; pins score 0.
+
+    ``widths``: {kind: the widths of that kind's score columns}."""
     total = 0.0
     for kind, bits in zip(("weight", "activation"), option):
         table = scores.get(kind)
-        if table is not None and min_bit <= bits < min_bit + table.shape[1]:
-            total += float(table[layer, bits - min_bit])
+        if table is not None and bits in widths[kind]:
+            total += float(table[layer, widths[kind].index(bits)])
     return total
 
 
@@ -118,6 +120,7 @@ def option_tables(env, scores):
     base = env.min_bits()
     base_cost = env.cost(env.policy_from_bits(base))
     k = env.actions_per_layer
+    widths = {kind: bit_widths(env, kind) for kind in ("weight", "activation")[:k]}
     all_options, score_arrays, cost_arrays = [], [], []
     for layer in range(len(env.layers)):
         options = layer_options(env, layer)
@@ -127,8 +130,7 @@ def option_tables(env, scores):
             bits[layer * k:(layer + 1) * k] = option
             costs.append(env.cost(env.policy_from_bits(bits)) - base_cost)
         all_options.append(options)
-        score_arrays.append(np.array([_score_of(scores, layer, o, env.cfg.min_bit)
-                                      for o in options]))
+        score_arrays.append(np.array([_score_of(scores, layer, o, widths) for o in options]))
         cost_arrays.append(np.array(costs))
     return all_options, score_arrays, cost_arrays, base_cost
 
@@ -137,7 +139,7 @@ def allocate_bits(env, scores):
     """The per-step bits of the policy with the lowest summed score within the env's budget.
 
     ``scores``: dict with ``weight`` (and in linear mode ``activation``) arrays of shape
-    (n_layers, max_bit - min_bit + 1), column j = width min_bit + j. Returns a flat list
+    (n_layers, n_widths), column j = the kind's j-th width. Returns a flat list
     (one width per env step, pins included) ready for the env.
     """
     env.check_budget()

@@ -34,8 +34,9 @@ def _check_record(record, expect, kinds):
     """ValueError naming the first field that does not hold what a scoring run writes."""
     if not isinstance(record, dict):
         raise ValueError(f"it holds a {type(record).__name__}, not the scores' object")
-    shape = (len(expect["layers"]), len(expect["bits"]))
     for kind in KINDS:
+        columns = expect.get("bits_a", expect["bits"]) if kind == "activation" else expect["bits"]
+        shape = (len(expect["layers"]), len(columns))
         value = record.get(kind)
         if value is None and kind in kinds:
             raise ValueError(f"it has no '{kind}' scores")

@@ -12,8 +12,9 @@ fake quantization calibrated as the linear mode calibrates it):
   Hessian block estimated by Hutchinson's method (E[v^T H v] over Rademacher v);
   activations keep the ``loss`` score.
 
-Scores are arrays of shape (n_layers, max_bit - min_bit + 1), column j being width
-``min_bit + j``; pinned steps (linear mode's first/last layers) score 0. The env
+Scores are arrays of shape (n_layers, n_widths), column j being the j-th allowed
+width of the kind (``bits``; activations ``bits_a`` where they differ); pinned steps
+(linear mode's first/last layers) score 0. The env
 is used only for its model, layers, pretrained weights, loaders and quantizer
 settings; nothing here knows of RL.
 """
@@ -38,8 +39,20 @@ METRICS = ("loss", "hessian")
 NONFINITE_SCORE = 1e6   # a width whose loss is NaN/inf: worse than any real score; strict JSON
 
 
-def bit_widths(env):
-    return list(range(env.cfg.min_bit, env.cfg.max_bit + 1))
+def bit_widths(env, kind="weight"):
+    """The widths a free step of ``kind`` may take: the columns of its score table (an env-like
+    object without ``widths`` has its ``cfg.min_bit..max_bit`` for both kinds)."""
+    if not hasattr(env, "widths"):
+        return list(range(env.cfg.min_bit, env.cfg.max_bit + 1))
+    return list(env.widths[kind])
+
+
+def activation_widths(env):
+    """``{"bits_a": widths}`` when the activation columns differ from the weight ones, else {}
+    (a cache written before separate ranges existed then still matches)."""
+    if env.linear and bit_widths(env, "activation") != bit_widths(env):
+        return {"bits_a": bit_widths(env, "activation")}
+    return {}
 
 
 def fixed_batches(loader, n_images):
@@ -159,20 +172,20 @@ class _FloatCalibration:
 
 
 def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
-    widths = bit_widths(env)
+    widths = {kind: bit_widths(env, kind) for kind in kinds}
 
     def changes():
         for layer, (_, module) in enumerate(env.layers):
             for kind in kinds:
                 if 2 * layer + (kind == "activation") in env.pins:
                     continue
-                for j, bits in enumerate(widths):
+                for j, bits in enumerate(widths[kind]):
                     calib.set(module, **{"w_bit" if kind == "weight" else "a_bit": bits})
                     yield (kind, layer, j), layer
                     calib.reset(module)
 
     found, base = _staged_scores(env, batches, changes())
-    scores = {k: np.zeros((len(env.layers), len(widths))) for k in kinds}
+    scores = {k: np.zeros((len(env.layers), len(widths[k]))) for k in kinds}
     for (kind, layer, j), score in found.items():
         scores[kind][layer, j] = score
     for layer, (name, _) in enumerate(env.layers):
@@ -302,6 +315,7 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
     log.info("%s sensitivity of %d layers x %d widths on %d images: %.1fs", metric,
              len(env.layers), len(widths), n_used, seconds)
     result = {"metric": metric, "bits": widths, "layers": list(env.layer_names),
+              **activation_widths(env),
               "n_images": n_used, "requested_images": n_images,
               "hessian_iters": hessian_iters if metric == "hessian" else None,
               "baseline_loss": float(base) if math.isfinite(base) else NONFINITE_SCORE,

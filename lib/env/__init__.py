@@ -5,11 +5,12 @@ the agent (the CLI connects them). Layer order is ``model.modules()`` order
 (lib.utils.layers).
 """
 from .budget import PolicyBudget
-from .base import EnvConfig, QuantizeEnv, action_to_bits, layer_features, normalize_columns
+from .base import (EnvConfig, QuantizeEnv, action_to_bits, action_to_width, layer_features,
+                   normalize_columns)
 from .evaluator import FinetuneConfig, ShortFinetune
 from .kmeans_env import KMeansQuantizeEnv, shared_training
 from .linear_env import LinearQuantizeEnv
 
-__all__ = ["PolicyBudget", "EnvConfig", "QuantizeEnv", "action_to_bits", "layer_features",
-           "normalize_columns", "FinetuneConfig", "ShortFinetune", "KMeansQuantizeEnv",
+__all__ = ["PolicyBudget", "EnvConfig", "QuantizeEnv", "action_to_bits", "action_to_width",
+           "layer_features", "normalize_columns", "FinetuneConfig", "ShortFinetune", "KMeansQuantizeEnv",
            "LinearQuantizeEnv", "shared_training"]

@@ -22,7 +22,8 @@ episodes (lib.env.torchrun).
 """
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from lib.simulator.shapes import extract_layer_shapes
 from lib.utils.distributed import get_rank, is_distributed
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
+from lib.utils.strategy import MAX_BIT as STRATEGY_MAX_BIT
 
 from .budget import PolicyBudget
 from .torchrun import send_episode
@@ -37,6 +39,7 @@ from .torchrun import send_episode
 log = logging.getLogger(__name__)
 
 REWARD_SCALE = 0.1   # lambda of the paper's reward (eq. 4)
+MAX_PIN_BIT = STRATEGY_MAX_BIT   # the widest width a strategy.json may hold
 
 
 @dataclass
@@ -49,6 +52,13 @@ class EnvConfig:
     input_size: int = 224        # for tracing the feature-map sizes of the state
     use_top5: bool = False       # reward on top-5 instead of top-1
     seed: int = 234              # seeds the env's own generator (K-Means seeding)
+    # Added after the first release (a saved search without them ran with None): activation
+    # range (None: min_bit/max_bit), width sets (None: the whole range) and layer pins.
+    min_bit_a: Optional[int] = field(default=None, metadata={"added_later": True})
+    max_bit_a: Optional[int] = field(default=None, metadata={"added_later": True})
+    bits: Optional[list] = field(default=None, metadata={"added_later": True})
+    bits_a: Optional[list] = field(default=None, metadata={"added_later": True})
+    pin: Optional[list] = field(default=None, metadata={"added_later": True})
 
 
 def action_to_bits(action, min_bit, max_bit):
@@ -59,10 +69,25 @@ def action_to_bits(action, min_bit, max_bit):
     a = 0 to min_bit - 1 by rounding half to even) and a = 1 lands on max_bit + 1,
     so the result is clipped to [min_bit, max_bit].
     """
+    return action_to_width(action, range(min_bit, max_bit + 1))
+
+
+def action_to_width(action, widths):
+    """The allowed width nearest to ``lb + a * (rb - lb)``, lb/rb = the widths' ends -/+ 0.5.
+
+    On a whole range this is :func:`action_to_bits`' rounding (halves go up); on a set
+    such as {2, 4, 8} the action's real-valued width goes to the nearest member.
+    """
+    widths = sorted(widths)
     a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
-    lb, rb = min_bit - 0.5, max_bit + 0.5
-    bits = math.floor(lb + a * (rb - lb) + 0.5)
-    return int(min(max(bits, min_bit), max_bit))
+    lb, rb = widths[0] - 0.5, widths[-1] + 0.5
+    x = min(max(math.floor(lb + a * (rb - lb) + 0.5), widths[0]), widths[-1])
+    return int(min(widths, key=lambda w: (abs(w - x), -w)))
+
+
+def width_choices(lo, hi, chosen):
+    """The sorted widths a step may take: the set ``chosen`` if given, else ``lo..hi``."""
+    return sorted({int(b) for b in chosen}) if chosen else list(range(lo, hi + 1))
 
 
 def normalize_columns(features):
@@ -125,6 +150,14 @@ class QuantizeEnv(PolicyBudget):
         if not 1 <= config.min_bit <= config.max_bit:
             raise UserError(f"--min_bit {config.min_bit} / --max_bit {config.max_bit}: "
                             "expected 1 <= min_bit <= max_bit")
+        lo_a = config.min_bit if config.min_bit_a is None else config.min_bit_a
+        hi_a = config.max_bit if config.max_bit_a is None else config.max_bit_a
+        if not 1 <= lo_a <= hi_a:
+            raise UserError(f"--min_bit_a {lo_a} / --max_bit_a {hi_a}: expected "
+                            "1 <= min_bit_a <= max_bit_a")
+        # the free widths of a weight step and of an activation step (linear mode)
+        self.widths = {"weight": width_choices(config.min_bit, config.max_bit, config.bits),
+                       "activation": width_choices(lo_a, hi_a, config.bits_a)}
         if not 0 < config.preserve_ratio:
             raise UserError(f"--preserve_ratio {config.preserve_ratio}: expected a positive ratio")
         self.layers = quantizable_layers(model, linear=self.linear)
@@ -139,7 +172,8 @@ class QuantizeEnv(PolicyBudget):
         self.rng = np.random.default_rng(config.seed)
         self.n_steps = len(self.layers) * self.actions_per_layer
         self.state_dim = self.static_features.shape[1] + self.actions_per_layer
-        self.pins = {}               # step index -> fixed bits (linear mode)
+        self.pins = self.default_pins()   # step index -> fixed bits
+        self.pins.update(self.user_pins(config.pin or []))
         self.org_acc = None
         self._bits = []
 
@@ -147,11 +181,57 @@ class QuantizeEnv(PolicyBudget):
         """Apply ``policy`` to the (restored) model, fine-tune, validate; return the metrics dict."""
         raise NotImplementedError
 
+    def quantize_policy(self, policy):
+        """Restore the pretrained weights and apply ``policy`` as an episode does, without
+        fine-tuning (the allocators measure a policy's loss through it)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------- widths and pins
+    def default_pins(self):
+        """The mode's own pins (step -> bits); ``--pin`` overrides them."""
+        return {}
+
+    def step_kind(self, step):
+        return "activation" if step % self.actions_per_layer == 1 else "weight"
+
+    def step_widths(self, step):
+        """The widths a free step may take (its kind's set or range)."""
+        return self.widths[self.step_kind(step)]
+
+    def max_width(self):
+        """The widest free width: the state's bit column is divided by it."""
+        kinds = ("weight", "activation")[:self.actions_per_layer]
+        return max(self.widths[k][-1] for k in kinds)
+
+    def user_pins(self, specs):
+        """``{step: bits}`` of ``--pin NAME=W[,A]`` strings (layers by ``named_modules()`` name)."""
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        pins = {}
+        for spec in specs:
+            name, _, value = str(spec).partition("=")
+            try:
+                widths = [int(v) for v in value.split(",")] if value else []
+            except ValueError:
+                widths = []
+            if name not in index:
+                shown = ", ".join(self.layer_names[:4]) + ", ..."
+                raise UserError(f"--pin {spec}: no quantizable layer '{name}'; expected one of "
+                                f"the model's named_modules() names ({shown})")
+            ok = 1 <= len(widths) <= self.actions_per_layer and 1 <= widths[0] <= MAX_PIN_BIT \
+                and all(a == -1 or 1 <= a <= MAX_PIN_BIT for a in widths[1:])
+            if not ok:
+                form = "NAME=W,A or NAME=W" if self.linear else "NAME=W (K-Means: weights only)"
+                raise UserError(f"--pin {spec}: expected {form} with widths in 1..{MAX_PIN_BIT} "
+                                "(an activation may be -1, unquantized)")
+            for k, bits in enumerate(widths):
+                pins[index[name] * self.actions_per_layer + k] = bits
+        return pins
+
     # ------------------------------------------------------------- episodes
     def embed(self, step, prev_bits):
         """State of ``step``: the layer's 8 static values, previous bits / max_bit, [is_weight]."""
         layer = step // self.actions_per_layer
-        row = list(self.static_features[layer]) + [prev_bits / self.cfg.max_bit]
+        row = list(self.static_features[layer]) + [prev_bits / self.max_width()]
         if self.actions_per_layer == 2:
             row.append(1.0 if step % 2 == 0 else 0.0)
         return np.asarray(row, dtype=np.float32)
@@ -159,7 +239,7 @@ class QuantizeEnv(PolicyBudget):
     def reset(self):
         """Start an episode; returns the first state (the 'previous' action counts as max_bit)."""
         self._bits = []
-        return self.embed(0, self.cfg.max_bit)
+        return self.embed(0, self.max_width())
 
     def step(self, action):
         """Take one action; returns ``(next_state, reward, done, info)``.
@@ -169,7 +249,7 @@ class QuantizeEnv(PolicyBudget):
         """
         if len(self._bits) >= self.n_steps:
             raise RuntimeError("episode is over; call reset()")
-        bits = action_to_bits(action, self.cfg.min_bit, self.cfg.max_bit)
+        bits = action_to_width(action, self.step_widths(len(self._bits)))
         self._bits.append(bits)
         step = len(self._bits)
         if step < self.n_steps:

@@ -9,12 +9,15 @@ import math
 
 from lib.utils.errors import UserError
 
+COST_TOL = 1e-12   # relative: a lowered width whose cost is not below this saves nothing
+
 
 class PolicyBudget:
     """Budget, cheapest policy and budget wall over the mode's ``policy_from_bits``/``cost``.
 
-    Needs ``cfg`` (preserve_ratio, min_bit), ``n_steps`` and ``pins`` (step -> fixed bits)
-    on the object; a mode implements the first three methods.
+    Needs ``cfg`` (preserve_ratio), ``n_steps``, ``pins`` (step -> fixed bits) and
+    ``step_widths(step)`` (the sorted widths a free step may take) on the object; a mode
+    implements the first three methods.
     """
 
     def policy_from_bits(self, flat_bits):
@@ -31,8 +34,8 @@ class PolicyBudget:
         return self.cfg.preserve_ratio * self.reference_cost()
 
     def min_bits(self):
-        """The cheapest reachable step bits: every free step at min_bit, pins kept."""
-        return [self.pins.get(i, self.cfg.min_bit) for i in range(self.n_steps)]
+        """The cheapest reachable step bits: every free step at its narrowest width, pins kept."""
+        return [self.pins.get(i, self.step_widths(i)[0]) for i in range(self.n_steps)]
 
     def min_cost_ratio(self):
         return self.cost(self.policy_from_bits(self.min_bits())) / self.reference_cost()
@@ -43,26 +46,51 @@ class PolicyBudget:
         if self.cfg.preserve_ratio < smallest - 1e-12:
             raise UserError(
                 f"--preserve_ratio {self.cfg.preserve_ratio} is unreachable: with every layer at "
-                f"--min_bit {self.cfg.min_bit} the cost ratio is {smallest:.4f}; expected a "
-                f"preserve ratio >= {math.ceil(smallest * 1e4) / 1e4:.4f}")
+                f"its narrowest width (--min_bit {self.cfg.min_bit}) the cost ratio is "
+                f"{smallest:.4f}; expected a preserve ratio >= "
+                f"{math.ceil(smallest * 1e4) / 1e4:.4f}")
+
+    def cheaper_width(self, bits, step, cost):
+        """``(width, cost)`` of the widest allowed width below ``bits[step]`` that lowers the
+        policy's cost, or None when no narrower width saves anything.
+
+        Under a size budget an activation width costs nothing, so an activation step never
+        qualifies; a table with equal entries is stepped over to the width that does save.
+        """
+        floor = cost - COST_TOL * max(1.0, abs(cost))
+        trial = list(bits)
+        for width in reversed(self.step_widths(step)):
+            if width >= bits[step]:
+                continue
+            trial[step] = width
+            lowered = self.cost(self.policy_from_bits(trial))
+            if lowered < floor:
+                return width, lowered
+        return None
 
     def action_wall(self, flat_bits):
         """Lower bits one step at a time, last step first, until within budget (paper 3.3).
 
         Sweeps from the last step backwards (linear mode: a layer's activation bits
-        before its weight bits), skipping pinned steps and steps at min_bit, and
-        repeats until ``cost <= preserve_ratio * reference`` or nothing can go lower.
+        before its weight bits), skipping pinned steps, and moves each step to the next
+        narrower allowed width that lowers the cost (:meth:`cheaper_width`: a width that
+        saves nothing is left alone, so the budget is not spent on nothing), and repeats
+        until ``cost <= preserve_ratio * reference`` or nothing can go lower.
         """
         bits = list(flat_bits)
         target = self.budget()
-        while self.cost(self.policy_from_bits(bits)) > target:
+        cost = self.cost(self.policy_from_bits(bits))
+        while cost > target:
             lowered = False
             for i in reversed(range(self.n_steps)):
-                if i in self.pins or bits[i] <= self.cfg.min_bit:
+                if i in self.pins:
                     continue
-                bits[i] -= 1
+                found = self.cheaper_width(bits, i, cost)
+                if found is None:
+                    continue
+                bits[i], cost = found
                 lowered = True
-                if self.cost(self.policy_from_bits(bits)) <= target:
+                if cost <= target:
                     return bits
             if not lowered:
                 break

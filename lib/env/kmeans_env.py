@@ -105,6 +105,13 @@ class KMeansQuantizeEnv(QuantizeEnv):
         self.timings["quantize"] += time.perf_counter() - start
         return self.evaluator.finetune(self.model, step_hook=sharer.step, scoring=scoring)
 
+    def quantize_policy(self, policy):
+        """The pretrained weights K-Means-quantized by ``policy`` with the search's seed (no
+        draw from the env's generator, so the episodes' seeds stay as they were)."""
+        self.restore_weights()
+        apply_kmeans_policy(self.model, policy, n_iter=self.n_iter, method=self.method,
+                            is_pruned=self.is_pruned, seed=self.cfg.seed)
+
     def cluster(self, policy, seed):
         """K-Means-quantize the (restored) pretrained weights by ``policy``; return the codebooks.
 

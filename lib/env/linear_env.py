@@ -53,11 +53,14 @@ class LinearQuantizeEnv(QuantizeEnv):
         self.reuse_calibration = reuse_calibration
         self.kl_max_bit = kl_max_bit
         self._calibration = None   # (calibration_key, ranges) of the last calibration
-        n = len(self.layers)
-        self.pins = {0: PIN_BIT, 1: UNQUANTIZED}
-        if n > 1:
-            self.pins.update({2 * n - 2: PIN_BIT, 2 * n - 1: PIN_BIT})
         self.timings = {"quantize": 0.0}
+
+    def default_pins(self):
+        n = len(self.layers)
+        pins = {0: PIN_BIT, 1: UNQUANTIZED}
+        if n > 1:
+            pins.update({2 * n - 2: PIN_BIT, 2 * n - 1: PIN_BIT})
+        return pins
 
     def policy_from_bits(self, flat_bits):
         return [[int(flat_bits[2 * i]), int(flat_bits[2 * i + 1])] for i in range(len(self.layers))]
@@ -69,12 +72,15 @@ class LinearQuantizeEnv(QuantizeEnv):
         return self.cost_model.reference()
 
     def evaluate_policy(self, policy):
-        self.restore_weights()
         start = time.perf_counter()
-        apply_linear_policy(self.model, policy)
-        self.calibrate(reuse=self.reuse_calibration)   # the weights are the pretrained ones
+        self.quantize_policy(policy)
         self.timings["quantize"] += time.perf_counter() - start
         return self.evaluator.finetune(self.model)
+
+    def quantize_policy(self, policy):
+        self.restore_weights()
+        apply_linear_policy(self.model, policy)
+        self.calibrate(reuse=self.reuse_calibration)   # the weights are the pretrained ones
 
     def calibrate(self, reuse=False):
         """Set the ranges on one batch: on rank 0, then broadcast (every rank the same ranges).

@@ -75,8 +75,11 @@ def search_quant_options(args):
 def build_cost(args, model):
     """Linear mode's cost model: the simulator's table (cached) or the user's."""
     from lib.simulator import linear_cost_model
+    # the table covers every width a step may take (activation range, width sets)
+    widest = max([args.max_bit, getattr(args, "max_bit_a", None) or 0,
+                  *(getattr(args, "bits", None) or []), *(getattr(args, "bits_a", None) or [])])
     return linear_cost_model(model, args.arch, args.dataset, args.hardware, args.cost,
-                             batch=args.cost_batch, min_bit=args.min_bit, max_bit=args.max_bit,
+                             batch=args.cost_batch, min_bit=args.min_bit, max_bit=widest,
                              cost_table=args.cost_table, width_mult=args.width_mult,
                              input_size=args.input_size)
 

@@ -43,6 +43,7 @@ class SearchConfig:
     fold_bn: bool = added_later(False)
     bias_correction: bool = added_later(False)
     kl_max_bit: int = added_later(0)
+    refine: int = added_later(0)
 
 
 CONFIGS = (SearchConfig, EnvConfig, DDPGConfig, FinetuneConfig)

@@ -62,6 +62,12 @@ def strategy_meta(args, env):
         meta["weights"] = args.weights_source
     if args.linear_quantization:
         meta["kl_max_bit"] = getattr(args, "kl_max_bit", 0)
+    # the width options beside the range, recorded only when given (older files stay as they were)
+    for key in ("min_bit_a", "max_bit_a", "bits", "bits_a", "refine"):
+        if getattr(args, key, None):
+            meta[key] = getattr(args, key)
+    if getattr(args, "pin", None):
+        meta["pins"] = list(args.pin)
     return meta
 
 

@@ -58,29 +58,44 @@ def random_agent(args, env, device):
     return UniformActions(args.seed)
 
 
+def step_ranges(env):
+    """Per step, the (narrowest, widest) free width: the span its actions map onto."""
+    return [(w[0], w[-1]) for w in map(env.step_widths, range(env.n_steps))]
+
+
 def planned_agent(args, env, device):
     """Fixed actions whose bits :func:`plan_ilp` sets before the first episode."""
     from lib.allocate import FixedActions
-    return FixedActions(args.min_bit, args.max_bit)
+    return FixedActions(args.min_bit, args.max_bit, step_ranges=step_ranges(env))
 
 
 def replay_agent(args, env, device):
     from lib.allocate import FixedActions
-    return FixedActions(args.min_bit, args.max_bit, replay_bits(args, env))
+    return FixedActions(args.min_bit, args.max_bit, replay_bits(args, env),
+                        step_ranges=step_ranges(env))
 
 
 def replay_bits(args, env):
     """Per-step bits of the ``--policy`` strategy, checked against the env's layers and budget."""
     from lib.utils.strategy import load_strategy, validate_strategy
     mode = "linear" if env.linear else "kmeans"
+    widths = [w for i in range(env.n_steps) for w in [env.pins.get(i)] + env.step_widths(i)
+              if w is not None and w > 0]
     strategy = validate_strategy(load_strategy(args.policy, "--policy"), env.layer_names, mode,
-                                 args.min_bit, args.max_bit)
+                                 min(widths), max(widths))
     policy = strategy["strategy"]
-    flat = [b for pair in policy for b in pair] if env.linear else list(policy)
-    flat = [env.pins.get(i, b) for i, b in enumerate(flat)]
+    given = [b for pair in policy for b in pair] if env.linear else list(policy)
+    flat = [env.pins.get(i, b) for i, b in enumerate(given)]
     if env.policy_from_bits(flat) != policy:
-        raise UserError(f"--policy {args.policy}: the first and last layers are pinned to "
-                        f"{env.pins} in linear mode; expected a policy that keeps them")
+        raise UserError(f"--policy {args.policy}: steps are pinned to {env.pins} (step: bits); "
+                        f"expected a policy that keeps them")
+    stray = [i for i, b in enumerate(flat) if i not in env.pins and b not in env.step_widths(i)]
+    if stray:
+        i = stray[0]
+        name = env.layer_names[i // env.actions_per_layer]
+        raise UserError(f"--policy {args.policy}: layer '{name}' has {env.step_kind(i)} width "
+                        f"{flat[i]}; expected one of "
+                        f"{env.step_widths(i)} (the search's widths)")
     ratio = env.cost(policy) / env.reference_cost()
     if ratio > args.preserve_ratio + 1e-9:
         raise UserError(f"--policy {args.policy} costs {ratio:.4f} of the reference {args.cost}; "
@@ -102,7 +117,8 @@ def plan_ilp(args, env, search=None):
     if search is not None:
         search._save_state(search.start)   # a kill while scoring can now be resumed
     bits = plan_policy(env, search.out if search else None, args.sensitivity,
-                       args.sensitivity_images, args.hessian_iters, args.seed)
+                       args.sensitivity_images, args.hessian_iters, args.seed,
+                       refine=args.refine)
     if search is not None:
         search.agent.plan(bits)
 

@@ -159,7 +159,7 @@ def _check_number(file, field, value, lo=-math.inf, hi=math.inf):
 
 
 def check_policy(file, field, policy, env):
-    """A policy of the env's length, each step within [min_bit, max_bit] or at its pin."""
+    """A policy of the env's length, each step one of its allowed widths or at its pin."""
     flat = policy
     if env.actions_per_layer == 2:
         if not isinstance(policy, list) or not all(
@@ -168,13 +168,13 @@ def check_policy(file, field, policy, env):
         flat = [b for pair in policy for b in pair]
     if not isinstance(flat, list) or len(flat) != env.n_steps:
         _bad(file, field, policy, f"{len(env.layers)} entries, one per quantizable layer")
-    lo, hi = env.cfg.min_bit, env.cfg.max_bit
     for step, bits in enumerate(flat):
-        if not (is_int(bits, lo, hi) or (step in env.pins and bits == env.pins[step]
-                                         and type(bits) is int)):
+        widths = env.step_widths(step)
+        if not ((is_int(bits) and bits in widths) or (step in env.pins and bits == env.pins[step]
+                                                      and type(bits) is int)):
             pin = f" or its pinned {env.pins[step]}" if step in env.pins else ""
             _bad(file, f"{field}[{step // env.actions_per_layer}]", bits,
-                 f"a width in [{lo}, {hi}] (the search's --min_bit/--max_bit){pin}")
+                 f"a width in {widths} (the search's --min_bit/--max_bit, --bits){pin}")
 
 
 def _check_episode(file, field, row, keys, org_acc):

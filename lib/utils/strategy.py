@@ -286,7 +286,8 @@ def strategy_record(best, layer_names, meta):
     # Extra context (finetune.py needs only the fields above).
     for key in ("dataset", "width_mult", "input_size", "num_classes", "min_bit", "max_bit",
                 "original_accuracy", "method", "cost_table", "quant_options",
-                "weights", "kl_max_bit"):
+                "weights", "kl_max_bit",
+                "min_bit_a", "max_bit_a", "bits", "bits_a", "pins", "refine"):
         if key in meta:
             record[key] = meta[key]
     if "original_accuracy" in meta:

@@ -1,0 +1,203 @@
+"""A local search that refines the integer program's policy on measured losses (docs/design.md,
+allocators).
+
+The integer program (lib.allocate.ilp) adds per-layer scores, each measured with only that
+layer quantized: loss(policy) ~ base + sum_l s_l(b_l). At a tight budget many layers sit at
+2-3 bits and their errors compound, so the sum misjudges the policy. The refinement measures
+the real loss of the whole quantized model (the env's own quantizer, as an episode applies
+it, without the fine-tune) on the scoring images and moves widths between layers while that
+loss falls:
+
+1. every one-width move of a free step (one up, one down) is measured in the context of the
+   current policy, giving its loss change d and cost change c;
+2. swaps are formed from them, within budget: raise one step and lower the steps of least
+   loss per saved cost until the policy fits again, or lower one step and raise the steps of
+   most gain per cost while it fits; each is ranked by its predicted change (the sum of its
+   moves' d);
+3. swaps predicted to help are measured in that order and each that lowers the measured loss
+   is kept (later ones only where they touch other steps); the single moves are then measured
+   again around the new policy.
+
+It stops when no swap helps or after ``max_evals`` measured policies. Only swaps within
+budget are kept, so a policy within budget stays within it.
+"""
+import logging
+import math
+import time
+
+import torch
+
+from .staged import StagedLoss, _device, _loss, _Tail
+
+log = logging.getLogger(__name__)
+
+LOSS_TOL = 1e-6        # relative: a swap must lower the loss by more than this to be kept
+TRIES_PER_ROUND = 6    # swaps measured around one policy before its moves are measured again
+
+
+class PolicyLoss:
+    """Cross-entropy on fixed batches of the env's model quantized by a flat-bits policy.
+
+    Each policy is measured once (cached); ``evaluations`` counts the measured ones. The
+    model is quantized by ``env.quantize_policy``, so whatever quantizer options the env
+    holds are the ones measured. :meth:`anchor` keeps every stage's input under one policy
+    (a model with ``stages()``); a policy that differs from it only from some stage on is
+    then run from that stage's kept input (checked once against the whole pass).
+    """
+
+    def __init__(self, env, batches):
+        self.env, self.batches = env, batches
+        self.cache, self.evaluations = {}, 0
+        self.stages, self.stage_of = StagedLoss._split(env.model, [m for _, m in env.layers])
+        self.anchored, self.inputs, self.checked = None, None, False
+
+    def anchor(self, bits):
+        """Keep the stage inputs of ``bits`` (a no-op for a model without ``stages()``)."""
+        key = tuple(int(b) for b in bits)
+        if self.stages is None or key == self.anchored:
+            return
+        self._quantize(key)
+        inputs, device = [self.batches], _device(self.env.model)
+        with torch.no_grad():
+            for stage in self.stages[:-1]:
+                inputs.append([(stage(x.to(device)), y) for x, y in inputs[-1]])
+        self.anchored, self.inputs = key, inputs
+
+    def _quantize(self, key):
+        self.env.quantize_policy(self.env.policy_from_bits(list(key)))
+        self.env.model.eval()
+
+    def __call__(self, bits):
+        key = tuple(int(b) for b in bits)
+        if key not in self.cache:
+            self._quantize(key)
+            loss = self._measure(key)
+            self.cache[key] = loss if math.isfinite(loss) else math.inf
+            self.evaluations += 1
+        return self.cache[key]
+
+    def _measure(self, key):
+        k = self.env.actions_per_layer
+        changed = [] if self.anchored is None else [
+            self.stage_of[i // k] for i, (a, b) in enumerate(zip(key, self.anchored)) if a != b]
+        if not changed:
+            return _loss(self.env.model, self.batches)
+        first = min(changed)
+        loss = _loss(_Tail(self.stages[first:]), self.inputs[first], _device(self.env.model))
+        if not self.checked:
+            self.checked = True
+            whole = _loss(self.env.model, self.batches)
+            if not math.isclose(loss, whole, rel_tol=1e-4, abs_tol=1e-6):
+                log.warning("a stage of %s depends on more than its own widths; refining on "
+                            "whole passes", type(self.env.model).__name__)
+                self.stages = self.anchored = self.inputs = None
+                return whole
+        return loss
+
+
+def single_moves(env, bits):
+    """``[(step, width, cost change)]``: each free step one allowed width up and one down."""
+    base = env.cost(env.policy_from_bits(bits))
+    moves = []
+    for step in range(env.n_steps):
+        if step in env.pins:
+            continue
+        widths = env.step_widths(step)
+        lower = [w for w in widths if w < bits[step]]
+        higher = [w for w in widths if w > bits[step]]
+        for width in ([lower[-1]] if lower else []) + ([higher[0]] if higher else []):
+            trial = list(bits)
+            trial[step] = width
+            change = env.cost(env.policy_from_bits(trial)) - base
+            if change != 0:   # a move that costs nothing (size: activations) trades nothing
+                moves.append((step, width, change))
+    return moves
+
+
+def _fill(lead, pool, bits, cost, budget, ratio):
+    """``lead`` then moves of ``pool`` in ``ratio`` order, one per step, while they are needed
+    (lowering: until within budget) or fit (raising: while within budget)."""
+    steps, moves, predicted = {lead[0]}, [lead], lead[3]
+    cost += lead[2]
+    for move in sorted(pool, key=ratio):
+        step, _, change, _ = move
+        if step in steps:
+            continue
+        lowering = change < 0
+        if lowering and cost <= budget:
+            break
+        if not lowering and cost + change > budget:
+            continue
+        steps.add(step)
+        moves.append(move)
+        cost += change
+        predicted += move[3]
+    if cost > budget:
+        return None
+    trial = list(bits)
+    for step, width, _, _ in moves:
+        trial[step] = width
+    return predicted, trial
+
+
+def candidate_swaps(bits, measured, cost, budget):
+    """Within-budget swaps built from ``measured`` moves ``(step, width, cost change, loss
+    change)``, best predicted first; only those predicted to lower the loss."""
+    ups = [m for m in measured if m[2] > 0]
+    downs = [m for m in measured if m[2] < 0]
+    swaps = []
+    for lead in ups:   # raise one, lower the cheapest losses per saved cost until it fits
+        swaps.append(_fill(lead, downs, bits, cost, budget, lambda m: m[3] / -m[2]))
+    gains = [m for m in ups if m[3] < 0]
+    for lead in downs:   # lower one, raise the largest gains per cost while they fit
+        swaps.append(_fill(lead, gains, bits, cost, budget, lambda m: m[3] / m[2]))
+    seen, ranked = set(), []
+    for swap in sorted(s for s in swaps if s is not None and s[0] < 0):
+        key = tuple(swap[1])
+        if key not in seen:
+            seen.add(key)
+            ranked.append(swap[1])
+    return ranked
+
+
+def refine_bits(env, bits, loss, max_evals):
+    """The refined flat bits (see the module's docstring); ``loss``: a :class:`PolicyLoss`.
+
+    One round measures the single moves around the round's policy, then tries its swaps
+    best-predicted first; a kept swap becomes the current policy, and later swaps of the
+    round that touch other steps are tried on top of it (their predictions, made around
+    the round's policy, still rank them) until TRIES_PER_ROUND in a row fail.
+    """
+    start, current = time.perf_counter(), [int(b) for b in bits]
+    first = best = loss(current)
+    budget, rounds = env.budget(), 0
+    while loss.evaluations < max_evals:
+        rounds += 1
+        loss.anchor(current)
+        measured = []
+        for step, width, change in single_moves(env, current):
+            if loss.evaluations >= max_evals:
+                break
+            trial = list(current)
+            trial[step] = width
+            measured.append((step, width, change, loss(trial) - best))
+        base, cost = list(current), env.cost(env.policy_from_bits(current))
+        touched, failures, kept = set(), 0, 0
+        for swap in candidate_swaps(base, measured, cost, budget):
+            if loss.evaluations >= max_evals or failures >= TRIES_PER_ROUND:
+                break
+            steps = {i for i, (a, b) in enumerate(zip(base, swap)) if a != b}
+            trial = [swap[i] if i in steps else b for i, b in enumerate(current)]
+            if steps & touched or env.cost(env.policy_from_bits(trial)) > budget:
+                continue
+            value = loss(trial)
+            if value < best - LOSS_TOL * max(1.0, abs(best)):
+                current, best, failures, kept = trial, value, 0, kept + 1
+                touched |= steps
+            else:
+                failures += 1
+        if not kept:
+            break
+    log.info("refinement: loss %.4f -> %.4f in %d evaluations (%d rounds), %.1fs", first, best,
+             loss.evaluations, rounds, time.perf_counter() - start)
+    return current
