@@ -44,8 +44,12 @@ _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
 
 
 def n_steps(bits, signed):
-    """Quantization steps above zero: 2^(b-1) - 1 for a signed grid, 2^b - 1 for [0, r]."""
-    return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    """Quantization steps above zero: 2^(b-1) - 1 for a signed grid, 2^b - 1 for [0, r].
+
+    ``bits`` >= 1, an int or an integer tensor; shifts, which torch.compile fuses into the
+    quantizer's kernel (a power of an integer tensor it leaves as a separate call).
+    """
+    return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
 
 
 class _FakeQuant(torch.autograd.Function):
