@@ -167,3 +167,27 @@ def test_search_with_compile_keeps_a_fixed_number_of_graphs(tiny_pretrained, tmp
     rl_quantize.main(argv)
     assert len(compiled) == 1 and len(seen) > 20
     assert counters["frames"]["ok"] == _graphs() == 3
+
+
+@pytest.mark.slow
+def test_finetune_compile_makes_one_graph_for_all_epochs(tiny_pretrained, tmp_path, monkeypatch):
+    """finetune.py --compile over two epochs of a linear policy: one training graph in all
+    (validation runs the plain model)."""
+    import json
+
+    import finetune
+    from lib.utils.layers import quantizable_layers
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda module, **kw: real_compile(module, backend="eager", **kw))
+    names = [n for n, _ in quantizable_layers(tiny_pretrained[1])]
+    strategy = tmp_path / "linear.json"
+    strategy.write_text(json.dumps({"mode": "linear", "layers": names,
+                                    "strategy": [[8, -1]] + [[3, 5]] * (len(names) - 1)}))
+    torch._dynamo.reset()
+    counters.clear()
+    finetune.main(["--strategy", str(strategy), "--pretrained_path", tiny_pretrained[0], "-c",
+                   str(tmp_path / "run"), "--epochs", "2", "--no-eval_fp32", "--compile",
+                   "--width_mult", "0.25", "--device", "cpu", "--no-progress", "--train_subset",
+                   "32", "--train_batch", "16", "--test_batch", "32"])
+    assert counters["frames"]["ok"] == _graphs() == 1
