@@ -19,7 +19,9 @@
   computes exactly what the float layer does.
 
 State-dict entries beyond the float layer's: ``activation_range`` [1] and ``weight_range`` [1],
-the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet).
+the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet).  The forward
+pass reads the bit widths from integer buffers outside the state_dict (``w_bit_tensor``,
+``a_bit_tensor``), so that torch.compile makes one graph for every policy.
 """
 import logging
 
@@ -101,7 +103,8 @@ class _FakeQuant(torch.autograd.Function):
 
 def fake_quantize(x, r, bits, signed, clip_grad=True):
     """Fake-quantize ``x`` to ``bits`` (>= 1; an int, or an integer tensor on x's device) on the
-    grid of range ``r`` (tensor [1]); see _FakeQuant.
+    grid of range ``r`` (a tensor that broadcasts against x: [1], or one range per channel);
+    see _FakeQuant.
 
     ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights).
     """
