@@ -191,3 +191,26 @@ def test_finetune_compile_makes_one_graph_for_all_epochs(tiny_pretrained, tmp_pa
                    "--width_mult", "0.25", "--device", "cpu", "--no-progress", "--train_subset",
                    "32", "--train_batch", "16", "--test_batch", "32"])
     assert counters["frames"]["ok"] == _graphs() == 1
+
+
+def test_a_range_per_channel_quantizes_each_channel_on_its_own_range():
+    """A range of shape [1, C, 1, 1] (or any shape that broadcasts against x): each channel is
+    quantized as with its own range [1], and the range gradient has the range's shape, each
+    entry that channel's PACT gradient."""
+    from lib.quantize.linear import fake_quantize
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5) * 3
+    g = torch.randn(x.shape)
+    r = torch.tensor([0.5, 1.5, 4.0]).reshape(1, 3, 1, 1).requires_grad_()
+    xg = x.clone().requires_grad_()
+    y = fake_quantize(xg, r, torch.tensor(3), signed=True)
+    y.backward(g)
+    assert r.grad.shape == r.shape
+    for c in range(3):
+        rc = r.detach()[0, c].reshape(1).clone().requires_grad_()
+        xc = x[:, c].clone().requires_grad_()
+        yc = fake_quantize(xc, rc, 3, signed=True)
+        yc.backward(g[:, c])
+        assert torch.equal(y[:, c], yc) and torch.equal(xg.grad[:, c], xc.grad)
+        torch.testing.assert_close(r.grad[0, c].reshape(1), rc.grad, rtol=1e-5, atol=1e-5)
+        assert rc.grad.abs().item() > 0
