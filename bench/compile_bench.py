@@ -84,7 +84,8 @@ def bench_kernels(args):
     x = torch.randn(8, 32, 28, 28) * 3
     w = torch.randn(64, 32, 3, 3)
     bits = torch.tensor(4)
-    cases = [("PACT input (half-wave)", _activation_quantizer, x, torch.tensor([2.0], requires_grad=True)),
+    cases = [("PACT input (half-wave)", _activation_quantizer, x,
+              torch.tensor([2.0], requires_grad=True)),
              ("weight (signed)", _weight_quantizer, w, torch.tensor([2.5]))]
     for label, fn, t, r in cases:
         eager = _kernels(fn, t, r, bits)
