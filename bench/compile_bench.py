@@ -8,7 +8,7 @@ docs/performance.md).
     trainable range) and one weight quantizer (signed, straight-through everywhere).
 (q) one QAT training step (forward + backward) of qmobilenetv2 at w4a4 over mobilenetv2 fp32,
     same batch: the ratio eager (both eager) and compiled (both compiled), steps interleaved;
-    plus the cold compile time of each model.  Then a new w4a4 policy (other widths, same
+    plus the compile time of each model (its first step).  Then a new w4a4 policy (other widths, same
     on/off pattern) runs through the compiled model: the graphs dynamo made for it (0 = the
     compiled graph served it).
 
@@ -145,7 +145,8 @@ def bench_qat(args):
         compiled.append(c)
     where = (f"MobileNet-V2, batch {args.qat_batch} at {args.qat_size}, CPU "
              f"x{torch.get_num_threads()} threads, median of {args.qat_steps}")
-    print(f"(q) cold compile (first training step): fp32 {cold[0]:.0f} s, w4a4 {cold[1]:.0f} s")
+    print(f"(q) compile (first training step; cold only the first time, inductor caches on "
+          f"disk): fp32 {cold[0]:.0f} s, w4a4 {cold[1]:.0f} s")
     for label, pair in (("eager", (fmodel, qmodel)), ("compiled", compiled)):
         tf, tq, lo, hi = _ratio(pair, x, y, args.qat_steps)
         print(f"(q) QAT step {label:8s} {where}: w4a4 {tq:.3f} s vs fp32 {tf:.3f} s -> "
