@@ -6,7 +6,7 @@ weight decay 4e-5, lr ``finetune_lr * finetune_gamma ** epoch``) and validated o
 the search's held-out validation subset. Both passes are the project's one
 training loop and one validation loop (lib.utils.train).
 
-With ``compile`` both passes run through one ``torch.compile`` of the model, made once
+With ``compiled`` both passes run through one ``torch.compile`` of the model, made once
 and kept for the whole search: the fake quantization reads its bit widths from tensors
 (lib.quantize.linear), so a new policy every episode reuses the compiled graphs (one for
 training, one for validation), and only switching a layer's quantizer on or off recompiles.
@@ -45,9 +45,9 @@ class FinetuneConfig:
     max_train_batches: int = None   # cap per epoch (benchmarks, smoke runs)
     progress: bool = field(default=False, metadata={"resume": False})
     amp: object = None              # autocast dtype of fine-tune and validation; None = fp32
-    # torch.compile of both passes: the same results up to float rounding, so a resumed
-    # search may change it
-    compile: bool = field(default=False, metadata={"resume": False})
+    # torch.compile of both passes (--compile): like amp, how it computes, not what, so not a
+    # flag a resumed search must repeat
+    compiled: bool = False
 
 
 class ShortFinetune:
@@ -96,9 +96,9 @@ class ShortFinetune:
         return self._ddp
 
     def _run(self, net):
-        """``net``, or with ``compile`` its torch.compile, made once per module and reused
+        """``net``, or with ``compiled`` its torch.compile, made once per module and reused
         (under torchrun: one of the model for validation, one of its DDP wrapper)."""
-        if not self.cfg.compile:
+        if not self.cfg.compiled:
             return net
         kept = self._compiled.get(id(net))
         if kept is None or kept[0] is not net:
