@@ -133,6 +133,10 @@ def get_args_parser():
                   "CPU an episode of the embedded default runs about 1.5x sooner "
                   "(bench/episode_bench.py --channels_last); off by default because convolutions "
                   "then round differently, so a search no longer repeats one run without it")
+    cli.bool_flag(p, "--compile", False,
+                  "run the episodes' fine-tune and validation through torch.compile, one graph "
+                  "for every policy (bit widths are tensors); off by default: compiling takes "
+                  "minutes, and the GPU speed-up is not measured yet (docs/performance.md)")
     cli.bool_flag(p, "--use_top5", False, "reward on top-5 instead of top-1 accuracy")
     p.add_argument("--train_size", default=20000, type=cli.positive_int,
                    help="search training subset size")

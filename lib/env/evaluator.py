@@ -6,6 +6,11 @@ weight decay 4e-5, lr ``finetune_lr * finetune_gamma ** epoch``) and validated o
 the search's held-out validation subset. Both passes are the project's one
 training loop and one validation loop (lib.utils.train).
 
+With ``compiled`` both passes run through one ``torch.compile`` of the model, made once
+and kept for the whole search: the fake quantization reads its bit widths from tensors
+(lib.quantize.linear), so a new policy every episode reuses the compiled graphs (one for
+training, one for validation), and only switching a layer's quantizer on or off recompiles.
+
 Under torchrun the fine-tune runs as DDP over each rank's shard of the training
 subset (DistributedSampler, reshuffled every pass) and validation counts each
 rank's shard once, all-reduced: every rank returns the same metrics.
@@ -40,6 +45,9 @@ class FinetuneConfig:
     max_train_batches: int = None   # cap per epoch (benchmarks, smoke runs)
     progress: bool = field(default=False, metadata={"resume": False})
     amp: object = None              # autocast dtype of fine-tune and validation; None = fp32
+    # torch.compile of both passes (--compile): like amp, how it computes, not what, so not a
+    # flag a resumed search must repeat
+    compiled: bool = False
 
 
 class ShortFinetune:
@@ -63,6 +71,7 @@ class ShortFinetune:
         self.timings = {"finetune": 0.0, "validate": 0.0}   # seconds, for bench/episode_bench.py
         self.passes = 0      # training passes so far: the DistributedSampler's epoch
         self._ddp = None
+        self._compiled = {}   # id(module): (module, torch.compile of it)
 
     def state_dict(self):
         return {"passes": self.passes}
@@ -89,6 +98,16 @@ class ShortFinetune:
                 model, find_unused_parameters=bool(skipped))
         return self._ddp
 
+    def _run(self, net):
+        """``net``, or with ``compiled`` its torch.compile, made once per module and reused
+        (under torchrun: one of the model for validation, one of its DDP wrapper)."""
+        if not self.cfg.compiled:
+            return net
+        kept = self._compiled.get(id(net))
+        if kept is None or kept[0] is not net:
+            kept = self._compiled[id(net)] = (net, torch.compile(net))
+        return kept[1]
+
     def _next_pass(self):
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -97,7 +116,7 @@ class ShortFinetune:
 
     def validate(self, model):
         start = time.perf_counter()
-        metrics = evaluate(model, self.val_loader, self.criterion, self.device,
+        metrics = evaluate(self._run(model), self.val_loader, self.criterion, self.device,
                            progress=self.cfg.progress, desc="search val", amp=self.cfg.amp)
         self.timings["validate"] += time.perf_counter() - start
         return metrics
@@ -115,7 +134,8 @@ class ShortFinetune:
                 group["lr"] = self.cfg.finetune_lr * self.cfg.finetune_gamma ** epoch
             start = time.perf_counter()
             self._next_pass()
-            stats = train_one_epoch(self._net(model), self.train_loader, self.criterion, optimizer,
+            net = self._run(self._net(model))
+            stats = train_one_epoch(net, self.train_loader, self.criterion, optimizer,
                                     self.device, epoch=epoch, step_hook=step_hook,
                                     max_batches=self.cfg.max_train_batches,
                                     progress=self.cfg.progress, desc="search finetune",

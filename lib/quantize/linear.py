@@ -21,6 +21,9 @@
 State-dict entries beyond the float layer's: ``activation_range`` [1] and ``weight_range`` [1],
 the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet); with
 per-channel scales (lib.quantize.options) ``weight_range`` is [C, 1, 1, 1] / [C, 1].
+The forward
+pass reads the bit widths from integer buffers outside the state_dict (``w_bit_tensor``,
+``a_bit_tensor``), so that torch.compile makes one graph for every policy.
 """
 import logging
 
@@ -45,8 +48,12 @@ _MIN_RANGE = 1e-8  # keeps a dead (all-zero) input from giving a zero scale
 
 
 def n_steps(bits, signed):
-    """Quantization steps above zero: 2^(b-1) - 1 for a signed grid, 2^b - 1 for [0, r]."""
-    return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+    """Quantization steps above zero: 2^(b-1) - 1 for a signed grid, 2^b - 1 for [0, r].
+
+    ``bits`` >= 1, an int or an integer tensor; shifts, which torch.compile fuses into the
+    quantizer's kernel (a power of an integer tensor it leaves as a separate call).
+    """
+    return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -57,8 +64,9 @@ class _FakeQuant(torch.autograd.Function):
     zero anyway); without it (weights, as released), dL/dx = dL/dy everywhere.  dL/dr = sum of
     dL/dy over x > r, minus the sum over x < -r when signed (PACT, Choi et al. 2018, eq. 3);
     weights' ``r`` is a buffer and gets none.  With ``steps == 0`` (1-bit signed) the output
-    is ``r * sign(x)``.  The range stays a tensor on x's device: no host read, so an
-    accelerator never waits and torch.compile keeps one graph.
+    is ``r * sign(x)``.  The range and ``steps`` stay tensors on x's device: no host read, so
+    an accelerator never waits, and torch.compile keeps one graph for every bit width (only
+    ``signed`` and ``clip_grad``, fixed per layer, are Python values).
     """
 
     @staticmethod
@@ -68,11 +76,13 @@ class _FakeQuant(torch.autograd.Function):
         if clip_grad or ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, r)
         lo = -r if signed else torch.zeros_like(r)
-        if steps == 0:
-            return torch.where(x >= 0, r, lo)
-        scale = r / steps
+        # unsigned grids have steps >= 1; a signed one has 0 at 1 bit, kept off the division
+        scale = r / steps.clamp(min=1)
         # one allocation, then in-place passes: activations are the big tensors here
-        return torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
+        q = torch.clamp(x, lo, r).div_(scale).round_().mul_(scale)
+        if signed:
+            q = torch.where(steps > 0, q, torch.where(x >= 0, r, lo))
+        return q
 
     @staticmethod
     def backward(ctx, grad):
@@ -85,19 +95,22 @@ class _FakeQuant(torch.autograd.Function):
             if want_x and ctx.clip_grad:
                 grad_x = torch.where((x > lo) & (x < r), grad, 0)
             if want_r:
-                grad_r = torch.where(x > r, grad, 0).sum()
+                grad_r = torch.where(x > r, grad, 0)
                 if ctx.signed:
-                    grad_r = grad_r - torch.where(x < lo, grad, 0).sum()
-                grad_r = grad_r.reshape(1)
+                    grad_r = grad_r - torch.where(x < lo, grad, 0)
+                # summed over the dimensions r was broadcast along (one value per range)
+                grad_r = grad_r.sum_to_size(r.shape)
         return grad_x, grad_r, None, None, None
 
 
 def fake_quantize(x, r, bits, signed, clip_grad=True):
-    """Fake-quantize ``x`` to ``bits`` on the grid of range ``r`` (a tensor that broadcasts to
-    ``x``: [1], or one range per output channel); see _FakeQuant.
+    """Fake-quantize ``x`` to ``bits`` (>= 1; an int, or an integer tensor on x's device) on the
+    grid of range ``r`` (a tensor that broadcasts against x: [1], or one range per channel);
+    see _FakeQuant.
 
     ``clip_grad=False`` passes the gradient of ``x`` straight through the clip too (weights).
     """
+    bits = torch.as_tensor(bits, device=x.device)
     return _FakeQuant.apply(x, r, n_steps(bits, signed), signed, clip_grad)
 
 
@@ -169,6 +182,12 @@ class _QuantMixin:
             torch.full((1,), ACT_RANGE_INIT, device=ref.device, dtype=ref.dtype))
         self.register_buffer("weight_range",
                              torch.full((1,), -1.0, device=ref.device, dtype=ref.dtype))
+        # The widths as the forward pass reads them: integer tensors on the layer's device,
+        # so that a new policy changes data, not a compiled graph.  Not in the state_dict
+        # (set_bits sets them; checkpoints keep the released entries).
+        for name in ("w_bit_tensor", "a_bit_tensor"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long, device=ref.device),
+                                 persistent=False)
         self.set_bits(w_bit, a_bit)
 
     def set_bits(self, w_bit=None, a_bit=None):
@@ -176,13 +195,19 @@ class _QuantMixin:
 
         Ranges stay as they are: :func:`calibrate` afterwards sets them for the new widths.
         An unquantized input makes ``activation_range`` frozen (requires_grad False) so that
-        DistributedDataParallel does not wait for a gradient it never gets.
+        DistributedDataParallel does not wait for a gradient it never gets.  The forward pass
+        reads the widths from tensors and whether each is quantized from a bool: under
+        torch.compile only switching a quantizer on or off recompiles, not a new width.
         """
         if w_bit is not None:
             self.w_bit = int(w_bit)
+            self.w_quantized = self.w_bit > 0
+            self.w_bit_tensor.fill_(max(self.w_bit, 0))
         if a_bit is not None:
             self.a_bit = int(a_bit)
-            self.activation_range.requires_grad_(self.a_bit > 0)
+            self.a_quantized = self.a_bit > 0
+            self.a_bit_tensor.fill_(max(self.a_bit, 0))
+            self.activation_range.requires_grad_(self.a_quantized)
         return self
 
     def quantized_input(self, x):
@@ -191,19 +216,20 @@ class _QuantMixin:
             self._calibrate_activation(x)
             self._calibration_input = x if self.bias_correction else None
             return x
-        if self.a_bit <= 0:
+        if not self.a_quantized:
             return x
-        return fake_quantize(x, self.activation_range, self.a_bit, signed=not self.half_wave)
+        return fake_quantize(x, self.activation_range, self.a_bit_tensor,
+                             signed=not self.half_wave)
 
     def quantized_weight(self):
         """The weight fake-quantized on the stored ``weight_range`` (float while calibrating)."""
         if self.calibrating:
             self._calibrate_weight()
             return self.weight
-        if self.w_bit <= 0:
+        if not self.w_quantized:
             return self.weight
         self._init_weight_range()
-        return fake_quantize(self.weight, self.weight_range, self.w_bit, signed=True,
+        return fake_quantize(self.weight, self.weight_range, self.w_bit_tensor, signed=True,
                              clip_grad=False)
 
     @torch.no_grad()

@@ -105,7 +105,8 @@ def build_env(args, model, info, loaders, device):
                          ShortFinetune)
     amp = autocast_dtype(args, torch.device(device))
     evaluator = ShortFinetune(loaders.train, loaders.val, device,
-                              config_from_args(FinetuneConfig, args, amp=amp))
+                              config_from_args(FinetuneConfig, args, amp=amp,
+                                               compiled=args.compile))
     cfg = config_from_args(EnvConfig, args)
     if args.linear_quantization:
         return LinearQuantizeEnv(model, evaluator, cfg, build_cost(args, model), loaders.calib,
