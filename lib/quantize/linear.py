@@ -20,9 +20,8 @@
 
 State-dict entries beyond the float layer's: ``activation_range`` [1] and ``weight_range`` [1],
 the names the released HAQ checkpoints use (``weight_range`` <= 0: not set yet); with
-per-channel scales (lib.quantize.options) ``weight_range`` is [C, 1, 1, 1] / [C, 1].
-The forward
-pass reads the bit widths from integer buffers outside the state_dict (``w_bit_tensor``,
+per-channel scales (lib.quantize.options) ``weight_range`` is [C, 1, 1, 1] / [C, 1].  The
+forward pass reads the bit widths from integer buffers outside the state_dict (``w_bit_tensor``,
 ``a_bit_tensor``), so that torch.compile makes one graph for every policy.
 """
 import logging
