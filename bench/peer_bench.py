@@ -129,8 +129,8 @@ def _fmt_ft(values):
 
 
 TABLE_HEAD = ["budget", "allocator", "weight bits (layers per width)", "size ratio",
-              "top-1 after quant., own quantizer", "top-1 after quant., ours",
-              "after 2-epoch fine-tune", "allocation s (1 thread)"]
+              "top-1 after quant., MCT's quantizer", "top-1 after quant., ours",
+              "after the demo's fine-tune (mean; spread: seeds)", "allocation s (1 thread)"]
 
 
 def format_table(rows):
@@ -138,7 +138,7 @@ def format_table(rows):
     lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
     for r in rows:
         cells = [f"{r['budget']:g}", r["allocator"], bits_summary(r["w_bits"]),
-                 _fmt(r["size_ratio"], 4), _fmt(r["own_quant_top1"]),
+                 _fmt(r["size_ratio"], 4), _fmt(r["mct_quant_top1"]),
                  _fmt(r["ours_quant_top1"]), _fmt_ft(r["finetune_top1"]),
                  _fmt(r["alloc_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -208,11 +208,25 @@ def _mct_platform(mct, bit_set):
                                mixed_precision_cfg_list=options, name="imx500_tpc_2to8")
 
 
-def run_mct(budget, bit_set, calib_images, calib_batch, mp_images, log_path):
+def _mct_bits(qmodel, names):
+    """Weight bits of MCT's quantized model, in our layer order."""
+    found = {n: int(m.weights_quantizers["weight"].num_bits) for n, m in qmodel.named_modules()
+             if hasattr(m, "weights_quantizers") and "weight" in m.weights_quantizers}
+    by_ours = {ours: found[m] for m, ours in map_layer_names(list(found), names).items()}
+    if sorted(by_ours) != sorted(names):
+        raise ValueError(f"MCT quantized {len(by_ours)} of our {len(names)} layers")
+    return [by_ours[n] for n in names]
+
+
+def run_mct(budget, bit_set, calib, log_path, policy=None):
     """MCT's mixed-precision PTQ at ``budget`` of the 8-bit weight memory (one thread).
 
-    Returns its weight bits (our layer order), size ratio, top-1 of its quantized model on the
-    test split and the wall seconds of the PTQ call (statistics, sensitivity, MILP, quantize).
+    ``calib``: (representative images, their batch, mixed-precision images). ``policy``: our
+    weight bits (layer order), each in ``bit_set``, that MCT then takes instead of searching
+    (its ``configuration_overwrite``: per configurable layer in graph order, the index of the
+    width among its options, widest first). Returns the weight bits (our layer order), size
+    ratio, top-1 of the quantized model on the test split and the wall seconds of the PTQ call
+    (statistics, sensitivity, MILP, quantization).
     """
     try:
         import model_compression_toolkit as mct
@@ -221,15 +235,16 @@ def run_mct(budget, bit_set, calib_images, calib_batch, mp_images, log_path):
     import torch
     torch.set_num_threads(1)
     model, names, numels = _float_model()
-    batches, test = _loaders(calib_images, calib_batch)
+    batches, test = _loaders(calib[0], calib[1])
 
     def data():
         for x in batches:
             yield [x]
 
     tpc = _mct_platform(mct, bit_set)
+    overwrite = None if policy is None else [sorted(bit_set, reverse=True).index(b) for b in policy]
     config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
-        num_of_images=mp_images))
+        num_of_images=calib[2], configuration_overwrite=overwrite))
     with _StdoutToFile(log_path):
         full = mct.core.pytorch_resource_utilization_data(model, data, config,
                                                           target_platform_capabilities=tpc)
@@ -239,12 +254,9 @@ def run_mct(budget, bit_set, calib_images, calib_batch, mp_images, log_path):
                 weights_memory=budget * full.weights_memory),
             core_config=config, target_platform_capabilities=tpc)
         seconds = time.perf_counter() - start
-    found = {n: int(m.weights_quantizers["weight"].num_bits) for n, m in qmodel.named_modules()
-             if hasattr(m, "weights_quantizers") and "weight" in m.weights_quantizers}
-    by_ours = {ours: found[m] for m, ours in map_layer_names(list(found), names).items()}
-    if sorted(by_ours) != sorted(names):
-        raise ValueError(f"MCT quantized {len(by_ours)} of our {len(names)} layers")
-    w_bits = [by_ours[n] for n in names]
+    w_bits = _mct_bits(qmodel, names)
+    if policy is not None and w_bits != list(policy):
+        raise ValueError("MCT did not take the given policy (its layer order differs from ours)")
     return {"w_bits": w_bits, "layers": names, "size_ratio": size_ratio(numels, w_bits),
             "own_quant_top1": _top1(qmodel, test), "alloc_seconds": seconds,
             "weights_memory_8bit": float(full.weights_memory)}
@@ -324,9 +336,9 @@ def run_budget(budget, args, names, numels):
     bit_set = MCT_BIT_SETS[args.mct_bits]
     mct_settings = {"budget": budget, "bits": list(bit_set), "calib_images": args.calib_images,
                     "calib_batch": args.calib_batch, "mp_images": args.mp_images}
+    calib = (args.calib_images, args.calib_batch, args.mp_images)
     mct = _cached(os.path.join(folder, "mct.json"), mct_settings,
-                  lambda: run_mct(budget, bit_set, args.calib_images, args.calib_batch,
-                                  args.mp_images, os.path.join(folder, "mct.log")))
+                  lambda: run_mct(budget, bit_set, calib, os.path.join(folder, "mct.log")))
     ours_args = shlex.split(args.ours_args)
 
     def search():
@@ -339,6 +351,12 @@ def run_budget(budget, args, names, numels):
     ours_w = [w for w, _a in template["strategy"]]
     if template["layers"] != names:
         raise ValueError("our search's layers differ from the float model's")
+    # ours in MCT's quantizer, where MCT offers every width ours takes
+    in_mct = None
+    if set(ours_w) <= set(bit_set):
+        in_mct = _cached(os.path.join(folder, "ours_in_mct.json"), dict(mct_settings, policy=ours_w),
+                         lambda: run_mct(budget, bit_set, calib, os.path.join(folder, "mct.log"),
+                                         policy=ours_w))["own_quant_top1"]
     policies = {"mct": (mct["w_bits"], f"MCT {{{args.mct_bits}}}", mct),
                 "ours": (ours_w, "our ILP" + (f" {args.ours_args}" if ours_args else ""), ours)}
     rows = []
@@ -354,6 +372,7 @@ def run_budget(budget, args, names, numels):
                      "size_ratio": ratio,
                      "own_quant_top1": mct["own_quant_top1"] if key == "mct" else ours_quant[0],
                      "ours_quant_top1": ours_quant[0],
+                     "mct_quant_top1": mct["own_quant_top1"] if key == "mct" else in_mct,
                      "finetune_top1": [b for _, b in runs],
                      "finetune_seeds": [FIRST_SEED + i for i in range(args.seeds)],
                      "alloc_seconds": source["alloc_seconds"]})
