@@ -26,7 +26,7 @@ reuses the installed torch, and run the bench with that venv's python:
     python -m venv --system-site-packages /work/mct-venv
     /work/mct-venv/bin/pip install model-compression-toolkit==2.6.1
     nice /work/mct-venv/bin/python bench/peer_bench.py --budgets 0.5 0.375 --seeds 1
-    nice /work/mct-venv/bin/python bench/peer_bench.py --seeds 3 --mct-bits 2..8 \\
+    nice /work/mct-venv/bin/python bench/peer_bench.py --seeds 3 --mct-bits 8,4,2 2..8 \\
         --ours-args "--refine 20"
 
 A rerun into the same ``--out`` reuses each finished stage (MCT, the ILP search, every
@@ -329,16 +329,33 @@ def _cached(path, settings, make):
     return result
 
 
+def _mct_rows(budget, args, folder, ours_w):
+    """MCT at each ``--mct-bits``: [(file tag, its bits, label, seconds, top-1 in its
+    quantizer)], and our policy's top-1 in MCT's quantizer (None where no set fits it)."""
+    calib = (args.calib_images, args.calib_batch, args.mp_images)
+    out, in_mct = [], None
+    for name in args.mct_bits:
+        bit_set = MCT_BIT_SETS[name]
+        tag = "mct" + name.replace(",", "").replace("..", "to")
+        settings = {"budget": budget, "bits": list(bit_set), "calib_images": calib[0],
+                    "calib_batch": calib[1], "mp_images": calib[2]}
+        log = os.path.join(folder, f"{tag}.log")
+        mct = _cached(os.path.join(folder, f"{tag}.json"), settings,
+                      lambda: run_mct(budget, bit_set, calib, log))
+        out.append((tag, mct["w_bits"], f"MCT {{{name}}}", mct["alloc_seconds"],
+                    mct["own_quant_top1"]))
+        if in_mct is None and set(ours_w) <= set(bit_set):
+            in_mct = _cached(os.path.join(folder, f"ours_in_{tag}.json"),
+                             dict(settings, policy=ours_w),
+                             lambda: run_mct(budget, bit_set, calib, log, policy=ours_w))
+            in_mct = in_mct["own_quant_top1"]
+    return out, in_mct
+
+
 def run_budget(budget, args, names, numels):
-    """The two rows (MCT, ours) of one budget."""
+    """The rows of one budget: MCT at each ``--mct-bits``, then ours."""
     folder = os.path.join(args.out, f"budget_{budget:g}")
     os.makedirs(folder, exist_ok=True)
-    bit_set = MCT_BIT_SETS[args.mct_bits]
-    mct_settings = {"budget": budget, "bits": list(bit_set), "calib_images": args.calib_images,
-                    "calib_batch": args.calib_batch, "mp_images": args.mp_images}
-    calib = (args.calib_images, args.calib_batch, args.mp_images)
-    mct = _cached(os.path.join(folder, "mct.json"), mct_settings,
-                  lambda: run_mct(budget, bit_set, calib, os.path.join(folder, "mct.log")))
     ours_args = shlex.split(args.ours_args)
 
     def search():
@@ -351,31 +368,22 @@ def run_budget(budget, args, names, numels):
     ours_w = [w for w, _a in template["strategy"]]
     if template["layers"] != names:
         raise ValueError("our search's layers differ from the float model's")
-    # ours in MCT's quantizer, where MCT offers every width ours takes
-    in_mct = None
-    if set(ours_w) <= set(bit_set):
-        in_mct = _cached(os.path.join(folder, "ours_in_mct.json"), dict(mct_settings, policy=ours_w),
-                         lambda: run_mct(budget, bit_set, calib, os.path.join(folder, "mct.log"),
-                                         policy=ours_w))["own_quant_top1"]
-    policies = {"mct": (mct["w_bits"], f"MCT {{{args.mct_bits}}}", mct),
-                "ours": (ours_w, "our ILP" + (f" {args.ours_args}" if ours_args else ""), ours)}
+    policies, in_mct = _mct_rows(budget, args, folder, ours_w)
+    policies.append(("ours", ours_w, "our ILP" + (f" {args.ours_args}" if ours_args else ""),
+                     ours["alloc_seconds"], in_mct))
     rows = []
-    for key, (w_bits, label, source) in policies.items():
+    for tag, w_bits, label, seconds, mct_top1 in policies:
         ratio = size_ratio(numels, w_bits)
-        path = os.path.join(folder, f"{key}_strategy.json")
-        atomic_write_json(path, strategy_with(template, w_bits, key, ratio))
-        runs = [finetune(path, os.path.join(folder, f"ft_{key}_seed{FIRST_SEED + i}"),
-                         FIRST_SEED + i, args.epochs, args.ft_threads, args.python)
-                for i in range(args.seeds)]
-        ours_quant = mean_spread([q for q, _ in runs])
+        path = os.path.join(folder, f"{tag}_strategy.json")
+        atomic_write_json(path, strategy_with(template, w_bits, tag, ratio))
+        seeds = [FIRST_SEED + i for i in range(args.seeds)]
+        runs = [finetune(path, os.path.join(folder, f"ft_{tag}_seed{seed}"), seed, args.epochs,
+                         args.ft_threads, args.python) for seed in seeds]
         rows.append({"budget": budget, "allocator": label, "layers": names, "w_bits": w_bits,
-                     "size_ratio": ratio,
-                     "own_quant_top1": mct["own_quant_top1"] if key == "mct" else ours_quant[0],
-                     "ours_quant_top1": ours_quant[0],
-                     "mct_quant_top1": mct["own_quant_top1"] if key == "mct" else in_mct,
-                     "finetune_top1": [b for _, b in runs],
-                     "finetune_seeds": [FIRST_SEED + i for i in range(args.seeds)],
-                     "alloc_seconds": source["alloc_seconds"]})
+                     "size_ratio": ratio, "mct_quant_top1": mct_top1,
+                     "ours_quant_top1": mean_spread([q for q, _ in runs])[0],
+                     "finetune_top1": [b for _, b in runs], "finetune_seeds": seeds,
+                     "alloc_seconds": seconds})
     return rows
 
 
@@ -400,8 +408,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budgets", type=_budget, nargs="+", default=[0.5, 0.375],
                    help="weights budgets as shares of the 8-bit weight size")
-    p.add_argument("--mct-bits", choices=sorted(MCT_BIT_SETS), default="8,4,2",
-                   help="MCT's weight width options (its IMX500 platform: 8,4,2)")
+    p.add_argument("--mct-bits", choices=sorted(MCT_BIT_SETS), nargs="+", default=["8,4,2"],
+                   help="MCT's weight width options, one MCT row each (its IMX500 platform: 8,4,2)")
     p.add_argument("--seeds", type=_positive, default=1, help="fine-tune seeds per policy")
     p.add_argument("--epochs", type=_positive, default=2, help="fine-tune epochs (the demo's 2)")
     p.add_argument("--ours-args", default="",
