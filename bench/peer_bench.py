@@ -202,7 +202,8 @@ def _mct_platform(mct, bit_set):
     from model_compression_toolkit.target_platform_capabilities.tpc_models.imx500_tpc.v1_0 import \
         tpc as imx500
     base, _, default = imx500.get_op_quantization_configs()
-    options = [base if b == 8 else base.clone_and_edit(attr_to_edit={KERNEL_ATTR: {WEIGHTS_N_BITS: b}})
+    options = [base if b == 8 else
+               base.clone_and_edit(attr_to_edit={KERNEL_ATTR: {WEIGHTS_N_BITS: b}})
                for b in bit_set]
     return imx500.generate_tpc(default_config=default, base_config=base,
                                mixed_precision_cfg_list=options, name="imx500_tpc_2to8")
@@ -443,7 +444,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "peer_bench.json"),
                       {"command": command, "date": stamp, "rows": rows})
-    atomic_write_text(os.path.join(args.out, "peer_bench.md"), f"`{command}` ({stamp})\n\n{table}\n")
+    atomic_write_text(os.path.join(args.out, "peer_bench.md"),
+                      f"`{command}` ({stamp})\n\n{table}\n")
     print(table)
 
 
