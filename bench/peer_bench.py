@@ -35,6 +35,7 @@ adds two seeds.
 """
 import argparse
 import json
+import logging
 import os
 import shlex
 import statistics
@@ -49,6 +50,7 @@ if ROOT not in sys.path:
 from lib.utils.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from lib.utils.errors import UserError  # noqa: E402
 
+log_bench = logging.getLogger("peer_bench")
 INSTALL_HINT = ("model-compression-toolkit is not installed; expected it in a venv beside the "
                 "tool: python -m venv --system-site-packages /work/mct-venv && "
                 "/work/mct-venv/bin/pip install model-compression-toolkit==2.6.1, then run "
@@ -246,6 +248,8 @@ def run_mct(budget, bit_set, calib, log_path, policy=None):
     overwrite = None if policy is None else [sorted(bit_set, reverse=True).index(b) for b in policy]
     config = mct.core.CoreConfig(mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(
         num_of_images=calib[2], configuration_overwrite=overwrite))
+    log_bench.info("budget %g: MCT, widths %s%s", budget, bit_set,
+                   "" if policy is None else ", our policy")
     with _StdoutToFile(log_path):
         full = mct.core.pytorch_resource_utilization_data(model, data, config,
                                                           target_platform_capabilities=tpc)
@@ -282,6 +286,7 @@ def run_ours(budget, ours_args, folder, python):
            "--cost", "size", "--preserve_ratio", str(budget), "--min_bit", "2", "--max_bit", "8",
            "--method", "ilp", *SEARCH_DATA, "--threads", "1", "--output",
            os.path.join(folder, "ilp_search"), *ours_args]
+    log_bench.info("budget %g: our ILP search", budget)
     start = time.perf_counter()
     out = _run(cmd, os.path.join(folder, "ilp_search.log"))
     seconds = time.perf_counter() - start
@@ -309,6 +314,7 @@ def finetune(strategy_path, folder, seed, epochs, threads, python):
             policy = json.load(f)["strategy"]
         if done.get("policy") == policy and done.get("epochs") == epochs:
             return done["quant_top1"], done["best_top1"]
+    log_bench.info("fine-tune %s, seed %d", os.path.basename(strategy_path), seed)
     _run([python, "finetune.py", "--strategy", strategy_path, "--epochs", str(epochs), *FT,
           "--manualSeed", str(seed), "--threads", str(threads), "-c", folder],
          folder.rstrip("/") + ".log")
@@ -346,10 +352,14 @@ def _mct_rows(budget, args, folder, ours_w):
         out.append((tag, mct["w_bits"], f"MCT {{{name}}}", mct["alloc_seconds"],
                     mct["own_quant_top1"]))
         if in_mct is None and set(ours_w) <= set(bit_set):
-            in_mct = _cached(os.path.join(folder, f"ours_in_{tag}.json"),
-                             dict(settings, policy=ours_w),
-                             lambda: run_mct(budget, bit_set, calib, log, policy=ours_w))
-            in_mct = in_mct["own_quant_top1"]
+            try:
+                in_mct = _cached(os.path.join(folder, f"ours_in_{tag}.json"),
+                                 dict(settings, policy=ours_w),
+                                 lambda: run_mct(budget, bit_set, calib, log, policy=ours_w))
+            except ValueError as exc:   # MCT's configurable layers in another order than ours
+                log_bench.warning("our policy in MCT's quantizer: %s", exc)
+            else:
+                in_mct = in_mct["own_quant_top1"]
     return out, in_mct
 
 
@@ -428,6 +438,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.out = os.path.abspath(args.out)
     try:
         import model_compression_toolkit  # noqa: F401
