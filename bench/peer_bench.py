@@ -448,15 +448,18 @@ def main(argv=None):
         raise UserError(f"no pretrained checkpoint at {CKPT}; expected the embedded default's "
                         "(python pretrain.py --arch mobilenetv2 --dataset mnist5k)")
     _, names, numels = _float_model()
+    load_before = os.getloadavg()[1]
     rows = [row for budget in args.budgets for row in run_budget(budget, args, names, numels)]
+    # the allocation times are wall times: what else the machine ran shows in its load
+    load = f"5-min load average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end"
     table = format_table(rows)
     command = "python bench/peer_bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "peer_bench.json"),
-                      {"command": command, "date": stamp, "rows": rows})
+                      {"command": command, "date": stamp, "load": load, "rows": rows})
     atomic_write_text(os.path.join(args.out, "peer_bench.md"),
-                      f"`{command}` ({stamp})\n\n{table}\n")
+                      f"`{command}` ({stamp}; {load})\n\n{table}\n")
     print(table)
 
 
