@@ -132,7 +132,8 @@ def _fmt_ft(values):
 
 TABLE_HEAD = ["budget", "allocator", "weight bits (layers per width)", "size ratio",
               "top-1 after quant., MCT's quantizer", "top-1 after quant., ours",
-              "after the demo's fine-tune (mean; spread: seeds)", "allocation s (1 thread)"]
+              "after the demo's fine-tune (mean; spread: seeds)",
+              "allocation s, 1 thread (1-min load average after it)"]
 
 
 def format_table(rows):
@@ -142,7 +143,8 @@ def format_table(rows):
         cells = [f"{r['budget']:g}", r["allocator"], bits_summary(r["w_bits"]),
                  _fmt(r["size_ratio"], 4), _fmt(r["mct_quant_top1"]),
                  _fmt(r["ours_quant_top1"]), _fmt_ft(r["finetune_top1"]),
-                 _fmt(r["alloc_seconds"])]
+                 _fmt(r["alloc_seconds"]) + ("" if r.get("alloc_load") is None
+                                             else f" (load {r['alloc_load']:.1f})")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -264,6 +266,7 @@ def run_mct(budget, bit_set, calib, log_path, policy=None):
         raise ValueError("MCT did not take the given policy (its layer order differs from ours)")
     return {"w_bits": w_bits, "layers": names, "size_ratio": size_ratio(numels, w_bits),
             "own_quant_top1": _top1(qmodel, test), "alloc_seconds": seconds,
+            "alloc_load": os.getloadavg()[0],
             "weights_memory_8bit": float(full.weights_memory)}
 
 
@@ -349,8 +352,8 @@ def _mct_rows(budget, args, folder, ours_w):
         log = os.path.join(folder, f"{tag}.log")
         mct = _cached(os.path.join(folder, f"{tag}.json"), settings,
                       lambda: run_mct(budget, bit_set, calib, log))
-        out.append((tag, mct["w_bits"], f"MCT {{{name}}}", mct["alloc_seconds"],
-                    mct["own_quant_top1"]))
+        out.append((tag, mct["w_bits"], f"MCT {{{name}}}",
+                    (mct["alloc_seconds"], mct.get("alloc_load")), mct["own_quant_top1"]))
         if in_mct is None and set(ours_w) <= set(bit_set):
             try:
                 in_mct = _cached(os.path.join(folder, f"ours_in_{tag}.json"),
@@ -371,7 +374,7 @@ def run_budget(budget, args, names, numels):
 
     def search():
         strategy, seconds = run_ours(budget, ours_args, folder, args.python)
-        return {"strategy": strategy, "alloc_seconds": seconds}
+        return {"strategy": strategy, "alloc_seconds": seconds, "alloc_load": os.getloadavg()[0]}
 
     ours = _cached(os.path.join(folder, "ours.json"), {"budget": budget, "ours_args": ours_args},
                    search)
@@ -381,9 +384,9 @@ def run_budget(budget, args, names, numels):
         raise ValueError("our search's layers differ from the float model's")
     policies, in_mct = _mct_rows(budget, args, folder, ours_w)
     policies.append(("ours", ours_w, "our ILP" + (f" {args.ours_args}" if ours_args else ""),
-                     ours["alloc_seconds"], in_mct))
+                     (ours["alloc_seconds"], ours.get("alloc_load")), in_mct))
     rows = []
-    for tag, w_bits, label, seconds, mct_top1 in policies:
+    for tag, w_bits, label, (seconds, load), mct_top1 in policies:
         ratio = size_ratio(numels, w_bits)
         path = os.path.join(folder, f"{tag}_strategy.json")
         atomic_write_json(path, strategy_with(template, w_bits, tag, ratio))
@@ -394,7 +397,7 @@ def run_budget(budget, args, names, numels):
                      "size_ratio": ratio, "mct_quant_top1": mct_top1,
                      "ours_quant_top1": mean_spread([q for q, _ in runs])[0],
                      "finetune_top1": [b for _, b in runs], "finetune_seeds": seeds,
-                     "alloc_seconds": seconds})
+                     "alloc_seconds": seconds, "alloc_load": load})
     return rows
 
 
@@ -448,18 +451,15 @@ def main(argv=None):
         raise UserError(f"no pretrained checkpoint at {CKPT}; expected the embedded default's "
                         "(python pretrain.py --arch mobilenetv2 --dataset mnist5k)")
     _, names, numels = _float_model()
-    load_before = os.getloadavg()[1]
     rows = [row for budget in args.budgets for row in run_budget(budget, args, names, numels)]
-    # the allocation times are wall times: what else the machine ran shows in its load
-    load = f"5-min load average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end"
     table = format_table(rows)
     command = "python bench/peer_bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "peer_bench.json"),
-                      {"command": command, "date": stamp, "load": load, "rows": rows})
+                      {"command": command, "date": stamp, "rows": rows})
     atomic_write_text(os.path.join(args.out, "peer_bench.md"),
-                      f"`{command}` ({stamp}; {load})\n\n{table}\n")
+                      f"`{command}` ({stamp})\n\n{table}\n")
     print(table)
 
 
