@@ -37,6 +37,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -133,7 +134,7 @@ def _fmt_ft(values):
 TABLE_HEAD = ["budget", "allocator", "weight bits (layers per width)", "size ratio",
               "top-1 after quant., MCT's quantizer", "top-1 after quant., ours",
               "after the demo's fine-tune (mean; spread: seeds)",
-              "allocation s, 1 thread (1-min load average after it)"]
+              "allocation s, 1 thread (1-min load average after it)", "allocation CPU s"]
 
 
 def format_table(rows):
@@ -144,12 +145,21 @@ def format_table(rows):
                  _fmt(r["size_ratio"], 4), _fmt(r["mct_quant_top1"]),
                  _fmt(r["ours_quant_top1"]), _fmt_ft(r["finetune_top1"]),
                  _fmt(r["alloc_seconds"]) + ("" if r.get("alloc_load") is None
-                                             else f" (load {r['alloc_load']:.1f})")]
+                                             else f" (load {r['alloc_load']:.1f})"),
+                 _fmt(r.get("alloc_cpu_seconds"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ MCT
+def _cpu_seconds():
+    """CPU seconds of this process and its waited-for children (MCT's solver, our CLIs): an
+    allocation's cost that other jobs on a shared machine move less than its wall time."""
+    own, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _float_model():
     """The float MobileNet-V2 with the pretrained weights, and our layer names and sizes."""
     from lib.utils.layers import quantizable_layers
@@ -255,18 +265,18 @@ def run_mct(budget, bit_set, calib, log_path, policy=None):
     with _StdoutToFile(log_path):
         full = mct.core.pytorch_resource_utilization_data(model, data, config,
                                                           target_platform_capabilities=tpc)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         qmodel, _ = mct.ptq.pytorch_post_training_quantization(
             model, data, target_resource_utilization=mct.core.ResourceUtilization(
                 weights_memory=budget * full.weights_memory),
             core_config=config, target_platform_capabilities=tpc)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     w_bits = _mct_bits(qmodel, names)
     if policy is not None and w_bits != list(policy):
         raise ValueError("MCT did not take the given policy (its layer order differs from ours)")
     return {"w_bits": w_bits, "layers": names, "size_ratio": size_ratio(numels, w_bits),
             "own_quant_top1": _top1(qmodel, test), "alloc_seconds": seconds,
-            "alloc_load": os.getloadavg()[0],
+            "alloc_load": os.getloadavg()[0], "alloc_cpu_seconds": cpu,
             "weights_memory_8bit": float(full.weights_memory)}
 
 
@@ -290,12 +300,12 @@ def run_ours(budget, ours_args, folder, python):
            "--method", "ilp", *SEARCH_DATA, "--threads", "1", "--output",
            os.path.join(folder, "ilp_search"), *ours_args]
     log_bench.info("budget %g: our ILP search", budget)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     out = _run(cmd, os.path.join(folder, "ilp_search.log"))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     path = out.strip().splitlines()[-1]
     with open(os.path.join(ROOT, path) if not os.path.isabs(path) else path) as f:
-        return json.load(f), seconds
+        return json.load(f), seconds, cpu
 
 
 def strategy_with(template, w_bits, method, ratio):
@@ -339,6 +349,13 @@ def _cached(path, settings, make):
     return result
 
 
+def _timing(stage):
+    """The allocation's wall seconds, CPU seconds and load of a (cached) stage's result."""
+    return {"alloc_seconds": stage["alloc_seconds"],
+            "alloc_cpu_seconds": stage.get("alloc_cpu_seconds"),
+            "alloc_load": stage.get("alloc_load")}
+
+
 def _mct_rows(budget, args, folder, ours_w):
     """MCT at each ``--mct-bits``: [(file tag, its bits, label, seconds, top-1 in its
     quantizer)], and our policy's top-1 in MCT's quantizer (None where no set fits it)."""
@@ -353,7 +370,7 @@ def _mct_rows(budget, args, folder, ours_w):
         mct = _cached(os.path.join(folder, f"{tag}.json"), settings,
                       lambda: run_mct(budget, bit_set, calib, log))
         out.append((tag, mct["w_bits"], f"MCT {{{name}}}",
-                    (mct["alloc_seconds"], mct.get("alloc_load")), mct["own_quant_top1"]))
+                    _timing(mct), mct["own_quant_top1"]))
         if in_mct is None and set(ours_w) <= set(bit_set):
             try:
                 in_mct = _cached(os.path.join(folder, f"ours_in_{tag}.json"),
@@ -373,8 +390,9 @@ def run_budget(budget, args, names, numels):
     ours_args = shlex.split(args.ours_args)
 
     def search():
-        strategy, seconds = run_ours(budget, ours_args, folder, args.python)
-        return {"strategy": strategy, "alloc_seconds": seconds, "alloc_load": os.getloadavg()[0]}
+        strategy, seconds, cpu = run_ours(budget, ours_args, folder, args.python)
+        return {"strategy": strategy, "alloc_seconds": seconds, "alloc_load": os.getloadavg()[0],
+                "alloc_cpu_seconds": cpu}
 
     ours = _cached(os.path.join(folder, "ours.json"), {"budget": budget, "ours_args": ours_args},
                    search)
@@ -384,9 +402,9 @@ def run_budget(budget, args, names, numels):
         raise ValueError("our search's layers differ from the float model's")
     policies, in_mct = _mct_rows(budget, args, folder, ours_w)
     policies.append(("ours", ours_w, "our ILP" + (f" {args.ours_args}" if ours_args else ""),
-                     (ours["alloc_seconds"], ours.get("alloc_load")), in_mct))
+                     _timing(ours), in_mct))
     rows = []
-    for tag, w_bits, label, (seconds, load), mct_top1 in policies:
+    for tag, w_bits, label, timing, mct_top1 in policies:
         ratio = size_ratio(numels, w_bits)
         path = os.path.join(folder, f"{tag}_strategy.json")
         atomic_write_json(path, strategy_with(template, w_bits, tag, ratio))
@@ -395,9 +413,9 @@ def run_budget(budget, args, names, numels):
                          args.ft_threads, args.python) for seed in seeds]
         rows.append({"budget": budget, "allocator": label, "layers": names, "w_bits": w_bits,
                      "size_ratio": ratio, "mct_quant_top1": mct_top1,
-                     "ours_quant_top1": mean_spread([q for q, _ in runs])[0],
+                     "ours_quant_top1": (mean_spread([q for q, _ in runs]) or [None])[0],
                      "finetune_top1": [b for _, b in runs], "finetune_seeds": seeds,
-                     "alloc_seconds": seconds, "alloc_load": load})
+                     **timing})
     return rows
 
 
@@ -412,9 +430,9 @@ def _budget(text):
     return value
 
 
-def _positive(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+def _positive(text, least=1):
+    if not text.isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got '{text}'")
     return int(text)
 
 
@@ -424,7 +442,8 @@ def parse_args(argv=None):
                    help="weights budgets as shares of the 8-bit weight size")
     p.add_argument("--mct-bits", choices=sorted(MCT_BIT_SETS), nargs="+", default=["8,4,2"],
                    help="MCT's weight width options, one MCT row each (its IMX500 platform: 8,4,2)")
-    p.add_argument("--seeds", type=_positive, default=1, help="fine-tune seeds per policy")
+    p.add_argument("--seeds", type=lambda t: _positive(t, 0), default=1,
+                   help="fine-tune seeds per policy (0: allocate and time only)")
     p.add_argument("--epochs", type=_positive, default=2, help="fine-tune epochs (the demo's 2)")
     p.add_argument("--ours-args", default="",
                    help="extra rl_quantize.py flags of our search, one quoted string")

@@ -72,15 +72,15 @@ def test_table_rows_carry_bits_sizes_and_seed_spread():
     rows = [{"budget": 0.375, "allocator": "MCT {8,4,2}", "w_bits": [8, 4, 4, 2],
              "size_ratio": 0.375, "mct_quant_top1": 97.7, "ours_quant_top1": 70.6,
              "finetune_top1": [98.0, 98.0, 98.3], "alloc_seconds": 41.25,
-             "alloc_load": 2.04},
+             "alloc_load": 2.04, "alloc_cpu_seconds": 40.0},
             {"budget": 0.5, "allocator": "our ILP", "w_bits": [8, 5], "size_ratio": 0.5,
              "mct_quant_top1": None, "ours_quant_top1": 96.9, "finetune_top1": [98.2],
              "alloc_seconds": 26.8}]
     lines = pb.format_table(rows).splitlines()
     assert len(lines) == 4 and lines[0].count("|") == len(pb.TABLE_HEAD) + 1
     assert lines[2] == ("| 0.375 | MCT {8,4,2} | 8x1 4x2 2x1 | 0.3750 | 97.7 | 70.6 | "
-                        "98.10 (spread 0.30: 98.0 / 98.0 / 98.3) | 41.2 (load 2.0) |")
-    assert lines[3] == "| 0.5 | our ILP | 8x1 5x1 | 0.5000 | - | 96.9 | 98.20 | 26.8 |"
+                        "98.10 (spread 0.30: 98.0 / 98.0 / 98.3) | 41.2 (load 2.0) | 40.0 |")
+    assert lines[3] == "| 0.5 | our ILP | 8x1 5x1 | 0.5000 | - | 96.9 | 98.20 | 26.8 | - |"
     assert pb.mean_spread([]) is None
 
 
