@@ -10,10 +10,11 @@ of the all-8-bit weight size; activations 8-bit):
   quantization in its own quantizer (BatchNorm folded, per-channel, its own clips);
 - ours: ``rl_quantize.py --linear_quantization --cost size --preserve_ratio X --method ilp``
   plus ``--ours-args "..."`` (e.g. the quantizer options, ``--refine``, ``--min_bit_a``);
-- both policies in our quantizer (MCT's policy cross-evaluated there) and after the demo's
+- both policies in our quantizer (MCT's policy cross-evaluated there), ours in MCT's where
+  MCT offers all its widths (MCT's ``configuration_overwrite``), and both after the demo's
   2-epoch fine-tune (finetune.py with run/embedded_settings.sh's FT flags), one run per seed;
-- one table (budget, allocator, bits, size ratio, top-1 after quantization in its own
-  quantizer and in ours, after fine-tune mean +- spread, allocation wall time at 1 thread),
+- one table (budget, allocator, bits, size ratio, top-1 after quantization in MCT's quantizer
+  and in ours, after fine-tune mean and spread, allocation wall and CPU time at 1 thread),
   printed and written to ``--out`` as peer_bench.json and peer_bench.md.
 
 Under the size cost activations cost nothing, so both policies run with every quantized
