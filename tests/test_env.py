@@ -135,7 +135,7 @@ def test_unreachable_budget_names_smallest_ratio():
 def _skip_calibration(monkeypatch):
     """Calibration (KL clips of 53 layers) is tested in tests/test_quantize*; here it only costs time."""
     import lib.env.linear_env as linear_env_module
-    monkeypatch.setattr(linear_env_module, "calibrate", lambda model, loader, device: model)
+    monkeypatch.setattr(linear_env_module, "calibrate", lambda model, loader, device, **kwargs: model)
 
 
 def linear_env(ratio=0.5, min_bit=2, evaluator=None):
