@@ -11,11 +11,10 @@ recipe), so the run scripts that reproduce it pass ``--weights IMAGENET1K_V1``. 
 returns where its weights came from, ``{"name": ...}`` or ``{"path": ..., "sha256": ...}``,
 which strategy.json, the search state and results.json record.
 """
-import hashlib
 import logging
 import os
 
-from lib.utils.checkpoint import load_pretrained, load_state_dict
+from lib.utils.checkpoint import file_sha256, load_pretrained, load_state_dict
 from lib.utils.errors import UserError
 
 from .registry import default_pretrained_path, float_twin
@@ -61,14 +60,6 @@ def resolve_weights_flag(args):
                         f"name; expected a checkpoint path or one of "
                         f"{', '.join(TORCHVISION_WEIGHTS)}")
     args.pretrained_path, args.weights = weights, None
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torchvision_weights(arch, name):

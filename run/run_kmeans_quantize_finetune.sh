@@ -16,11 +16,7 @@ DATA=${DATA:-data/imagenet}
 STRATEGY=${STRATEGY:-resnet50_kmeans_0.1}
 OUT=${OUT:-checkpoints/resnet50_kmeans_0.1}
 BATCH=$((256 / NPROC))   # --train_batch is per process; the paper's 256 in total
-if [ "$NPROC" -gt 1 ]; then
-    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
-else
-    LAUNCH=("${PYTHON:-python}")
-fi
+source run/launch.sh   # LAUNCH: python, or torchrun when NPROC > 1
 exec "${LAUNCH[@]}" finetune.py \
     -a resnet50 \
     --data_name imagenet \

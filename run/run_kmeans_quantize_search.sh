@@ -8,11 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-1}   # torchrun processes (--data_bsize is the global batch)
-if [ "$NPROC" -gt 1 ]; then
-    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
-else
-    LAUNCH=("${PYTHON:-python}")
-fi
+source run/launch.sh   # LAUNCH: python, or torchrun when NPROC > 1
 exec "${LAUNCH[@]}" rl_quantize.py \
     --arch resnet50 \
     --dataset imagenet \

@@ -17,11 +17,7 @@ DATA=${DATA:-data/imagenet}
 STRATEGY=${STRATEGY:-mobilenetv2_linear_0.6}
 OUT=${OUT:-checkpoints/qmobilenetv2_linear_0.6}
 BATCH=$((256 / NPROC))   # --train_batch is per process; the paper's 256 in total
-if [ "$NPROC" -gt 1 ]; then
-    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
-else
-    LAUNCH=("${PYTHON:-python}")
-fi
+source run/launch.sh   # LAUNCH: python, or torchrun when NPROC > 1
 exec "${LAUNCH[@]}" finetune.py \
     -a qmobilenetv2 \
     --linear_quantization \

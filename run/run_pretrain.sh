@@ -23,11 +23,7 @@ NPROC=${NPROC:-1}
 DATA=${DATA:-data/$DATASET}
 OUT=${OUT:-$("${PYTHON:-python}" -c "from models import default_pretrained_path as p; print(p('mobilenetv2', '$DATASET'))")}
 BATCH=$((256 / NPROC))   # --batch_size is per process; the released 256 in total
-if [ "$NPROC" -gt 1 ]; then
-    LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
-else
-    LAUNCH=("${PYTHON:-python}")
-fi
+source run/launch.sh   # LAUNCH: python, or torchrun when NPROC > 1
 exec "${LAUNCH[@]}" pretrain.py \
     --arch mobilenetv2 \
     --dataset "$DATASET" \

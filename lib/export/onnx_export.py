@@ -26,7 +26,6 @@ How (docs/design.md section 15 describes the packed file beside it):
 The policy and the checkpoint's SHA-256 go into the model's ``metadata_props`` (``haq.*``).
 """
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ import torch
 from lib.export.report import model_from_checkpoint
 from lib.export.schema import policy_layers
 from lib.quantize.linear import n_steps
-from lib.utils.checkpoint import atomic_write_bytes, load_checkpoint
+from lib.utils.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint
 from lib.utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -218,14 +217,6 @@ def check_agreement(model_bytes, model, x):
                         f"{flips} of {x.shape[0]} images); expected agreement, nothing written")
     return {"images": int(x.shape[0]), "max_abs_logit_diff": diff, "max_abs_logit": top,
             "tolerance": tol}
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finite(value):

@@ -11,6 +11,7 @@ read with ``torch.load(..., weights_only=True)``: loading a file never runs code
 (docs/design.md section 12).
 """
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -327,3 +328,12 @@ def load_pretrained(model, path, hint=None):
     ckpt = load_checkpoint(path)
     load_state_dict(model, extract_state_dict(ckpt), source=path)
     return ckpt if isinstance(ckpt, dict) else {}
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (weights files run to hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
