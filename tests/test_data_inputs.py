@@ -88,7 +88,7 @@ def test_float_tiff_with_nan_is_replaced_with_a_warning(tmp_path, caplog):
 
 def test_8_bit_images_load_as_torchvision_loads_them(tmp_path):
     from torchvision.datasets.folder import pil_loader
-    from lib.utils.data_utils import load_rgb
+    from lib.utils.image_folder import load_rgb
     rng = np.random.default_rng(0)
     images = {"rgb.png": Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)),
               "grey.png": Image.fromarray(rng.integers(0, 256, (5, 6), dtype=np.uint8)),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.utils import data_utils, subset_cache
+from lib.utils import data_utils, image_folder, subset_cache
 from lib.utils.errors import UserError
 
 SIZES = dict(val_size=6, train_size=10)
@@ -63,7 +63,7 @@ def test_second_build_reads_the_store_without_decoding(tree, tmp_path, monkeypat
 
     def no_decode(path):
         raise AssertionError(f"decoded {path} again")
-    monkeypatch.setattr(data_utils, "load_rgb", no_decode)
+    monkeypatch.setattr(image_folder, "load_rgb", no_decode)
     second = search_data(tree, tmp_path / "c")
     assert not any(s.built for s in stores(second))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(before, batches(second.val)))
@@ -217,7 +217,7 @@ def test_the_search_cli_builds_then_reads_the_cache(tiny_pretrained, tmp_path, m
 
     def no_decode(path):
         raise AssertionError(f"decoded {path} again")
-    monkeypatch.setattr(data_utils, "load_rgb", no_decode)
+    monkeypatch.setattr(image_folder, "load_rgb", no_decode)
     rl_quantize.main(_search_argv(tiny_pretrained, root, tmp_path / "o2", tmp_path / "c"))
     assert sorted(os.listdir(tmp_path / "c")) == built
 
