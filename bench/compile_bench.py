@@ -22,7 +22,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +31,7 @@ if ROOT not in sys.path:
 from lib.quantize.linear import calibrate, fake_quantize  # noqa: E402
 from lib.quantize.policy import apply_linear_policy  # noqa: E402
 from lib.utils.layers import quantizable_layers  # noqa: E402
+from quant_bench import _step  # noqa: E402  (one timed training step for both benches)
 
 # aten ops that only describe or allocate memory: no kernel runs for them
 _NO_KERNEL = ("empty", "view", "as_strided", "reshape", "expand", "detach", "alias", "t",
@@ -99,13 +99,6 @@ def bench_kernels(args):
 
 
 # ------------------------------------------------------------------------------------ (q)
-
-def _step(model, x, y):
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    nn.functional.cross_entropy(model(x), y).backward()
-    return time.perf_counter() - start
-
 
 def _qat_models(args):
     from models import get_model
