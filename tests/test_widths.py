@@ -44,13 +44,14 @@ def size_env(ratio=0.5, **widths):
     return env, n_weights
 
 
-def released_wall(env, bits):
-    """The released wall: every unpinned step above min_bit down by one, last first."""
+def released_wall(env, bits, steps=None):
+    """The released wall: every unpinned step above min_bit down by one, last first (only
+    ``steps`` when given)."""
     bits = list(bits)
     while env.cost(env.policy_from_bits(bits)) > env.budget():
         lowered = False
         for i in reversed(range(env.n_steps)):
-            if i in env.pins or bits[i] <= env.cfg.min_bit:
+            if i in env.pins or bits[i] <= env.cfg.min_bit or (steps and i not in steps):
                 continue
             bits[i] -= 1
             lowered = True
@@ -108,17 +109,20 @@ def test_wall_equals_the_released_wall_on_a_strictly_monotone_table():
         assert kenv.action_wall(bits) == released_wall(kenv, bits)
 
 
-def test_wall_steps_over_widths_that_save_nothing():
+def test_wall_takes_released_single_steps_through_equal_costs():
+    """Widths 5..8 cost the same: weights still go down one width per sweep, as released;
+    activations, which no width makes cheaper, stay as chosen."""
     env, _ = size_env(0.5)
     flat = np.ones((len(env.layers), 8, 8))
-    flat[:, 4:, :] = 2.0       # widths 5..8 cost the same: only 4 and below save
+    flat[:, 4:, :] = 2.0       # [layer, w - 1, a - 1]: only weights of 4 bits and below save
     env.cost_model = TableCost(flat, min_bit=2, max_bit=8)
     bits = [env.pins.get(i, 8) for i in range(env.n_steps)]
     env.cfg.preserve_ratio = (env.cost(env.policy_from_bits(bits)) - 1.5) / env.reference_cost()
     walled = env.action_wall(bits)
-    lowered = [i for i, (a, b) in enumerate(zip(walled, bits)) if a != b]
+    weight_steps = set(range(0, env.n_steps, 2))
+    assert walled == released_wall(env, bits, weight_steps)
     assert env.cost(env.policy_from_bits(walled)) <= env.budget()
-    assert len(lowered) == 2 and all(walled[i] == 4 for i in lowered)
+    assert all(walled[i] == bits[i] for i in range(1, env.n_steps, 2))
 
 
 # ------------------------------------------------------------------ width ranges and sets

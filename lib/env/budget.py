@@ -51,31 +51,34 @@ class PolicyBudget:
                 f"{math.ceil(smallest * 1e4) / 1e4:.4f}")
 
     def cheaper_width(self, bits, step, cost):
-        """``(width, cost)`` of the widest allowed width below ``bits[step]`` that lowers the
-        policy's cost, or None when no narrower width saves anything.
+        """``(width, cost)`` of the next narrower allowed width below ``bits[step]`` (the released
+        one-width step), or None when no narrower width would lower the policy's cost at all.
 
-        Under a size budget an activation width costs nothing, so an activation step never
-        qualifies; a table with equal entries is stepped over to the width that does save.
+        Only a step that cannot save anything is left alone: under a size budget an activation
+        width costs nothing, and lowering it would lose accuracy for no saving. A step that
+        saves only further down (equal table entries) still moves one width, as released.
         """
+        narrower = [w for w in self.step_widths(step) if w < bits[step]]
         floor = cost - COST_TOL * max(1.0, abs(cost))
         trial = list(bits)
-        for width in reversed(self.step_widths(step)):
-            if width >= bits[step]:
-                continue
+        for width in reversed(narrower):
             trial[step] = width
             lowered = self.cost(self.policy_from_bits(trial))
             if lowered < floor:
-                return width, lowered
+                if width != narrower[-1]:
+                    trial[step] = narrower[-1]
+                    lowered = self.cost(self.policy_from_bits(trial))
+                return narrower[-1], lowered
         return None
 
     def action_wall(self, flat_bits):
         """Lower bits one step at a time, last step first, until within budget (paper 3.3).
 
         Sweeps from the last step backwards (linear mode: a layer's activation bits
-        before its weight bits), skipping pinned steps, and moves each step to the next
-        narrower allowed width that lowers the cost (:meth:`cheaper_width`: a width that
-        saves nothing is left alone, so the budget is not spent on nothing), and repeats
-        until ``cost <= preserve_ratio * reference`` or nothing can go lower.
+        before its weight bits), skipping pinned steps and steps no narrower width can make
+        cheaper (:meth:`cheaper_width`: activations under a size budget), moves each other
+        step to its next narrower allowed width, and repeats until
+        ``cost <= preserve_ratio * reference`` or nothing can go lower.
         """
         bits = list(flat_bits)
         target = self.budget()
