@@ -50,50 +50,46 @@ class PolicyBudget:
                 f"{smallest:.4f}; expected a preserve ratio >= "
                 f"{math.ceil(smallest * 1e4) / 1e4:.4f}")
 
-    def cheaper_width(self, bits, step, cost):
-        """``(width, cost)`` of the next narrower allowed width below ``bits[step]`` (the released
-        one-width step), or None when no narrower width would lower the policy's cost at all.
+    def free_steps(self):
+        """The steps whose width the cost does not depend on (activations under a size budget).
 
-        Only a step that cannot save anything is left alone: under a size budget an activation
-        width costs nothing, and lowering it would lose accuracy for no saving. A step that
-        saves only further down (equal table entries) still moves one width, as released.
+        A step counts as free when moving it alone from its widest to its narrowest width,
+        every other step at its widest, leaves the cost unchanged (within ``COST_TOL``).
         """
-        narrower = [w for w in self.step_widths(step) if w < bits[step]]
-        floor = cost - COST_TOL * max(1.0, abs(cost))
-        trial = list(bits)
-        for width in reversed(narrower):
-            trial[step] = width
-            lowered = self.cost(self.policy_from_bits(trial))
-            if lowered < floor:
-                if width != narrower[-1]:
-                    trial[step] = narrower[-1]
-                    lowered = self.cost(self.policy_from_bits(trial))
-                return narrower[-1], lowered
-        return None
+        top = [self.pins.get(i, self.step_widths(i)[-1]) for i in range(self.n_steps)]
+        base = self.cost(self.policy_from_bits(top))
+        floor = base - COST_TOL * max(1.0, abs(base))
+        free = set()
+        for i in range(self.n_steps):
+            if i in self.pins:
+                continue
+            trial = list(top)
+            trial[i] = self.step_widths(i)[0]
+            if not self.cost(self.policy_from_bits(trial)) < floor:
+                free.add(i)
+        return free
 
     def action_wall(self, flat_bits):
         """Lower bits one step at a time, last step first, until within budget (paper 3.3).
 
-        Sweeps from the last step backwards (linear mode: a layer's activation bits
-        before its weight bits), skipping pinned steps and steps no narrower width can make
-        cheaper (:meth:`cheaper_width`: activations under a size budget), moves each other
-        step to its next narrower allowed width, and repeats until
-        ``cost <= preserve_ratio * reference`` or nothing can go lower.
+        Sweeps from the last step backwards (linear mode: a layer's activation bits before
+        its weight bits), moving each step to its next narrower allowed width, and repeats
+        until ``cost <= preserve_ratio * reference`` or nothing can go lower -- the released
+        wall, except that pinned steps and :meth:`free_steps` are left as chosen: lowering a
+        width the cost ignores would lose accuracy and save nothing.
         """
         bits = list(flat_bits)
         target = self.budget()
-        cost = self.cost(self.policy_from_bits(bits))
-        while cost > target:
+        skip = set(self.pins) | self.free_steps()
+        while self.cost(self.policy_from_bits(bits)) > target:
             lowered = False
             for i in reversed(range(self.n_steps)):
-                if i in self.pins:
+                narrower = [w for w in self.step_widths(i) if w < bits[i]]
+                if i in skip or not narrower:
                     continue
-                found = self.cheaper_width(bits, i, cost)
-                if found is None:
-                    continue
-                bits[i], cost = found
+                bits[i] = narrower[-1]
                 lowered = True
-                if cost <= target:
+                if self.cost(self.policy_from_bits(bits)) <= target:
                     return bits
             if not lowered:
                 break
