@@ -28,10 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from lib.quantize.linear import calibrate, fake_quantize  # noqa: E402
+from lib.quantize.linear import fake_quantize  # noqa: E402
 from lib.quantize.policy import apply_linear_policy  # noqa: E402
-from lib.utils.layers import quantizable_layers  # noqa: E402
-from quant_bench import _step  # noqa: E402  (one timed training step for both benches)
+from quant_bench import _step, qat_models  # noqa: E402  (the QAT benches' shared set-up)
 
 # aten ops that only describe or allocate memory: no kernel runs for them
 _NO_KERNEL = ("empty", "view", "as_strided", "reshape", "expand", "detach", "alias", "t",
@@ -100,20 +99,6 @@ def bench_kernels(args):
 
 # ------------------------------------------------------------------------------------ (q)
 
-def _qat_models(args):
-    from models import get_model
-    torch.manual_seed(0)
-    kw = dict(num_classes=1000, input_size=args.qat_size)
-    fmodel, qmodel = get_model("mobilenetv2", **kw), get_model("qmobilenetv2", **kw)
-    qmodel.load_state_dict(fmodel.state_dict(), strict=False)
-    n = len(quantizable_layers(qmodel, linear=True))
-    apply_linear_policy(qmodel, [[4, -1]] + [[4, 4]] * (n - 1))  # the image stays unquantized
-    x = torch.randn(args.qat_batch, 3, args.qat_size, args.qat_size)
-    y = torch.randint(0, 1000, (args.qat_batch,))
-    calibrate(qmodel, x[:4])
-    return fmodel.train(), qmodel.train(), x, y, n
-
-
 def _ratio(models, x, y, steps):
     """Median seconds per step of each model, interleaved; the per-step ratio spread."""
     for m in models:
@@ -128,7 +113,7 @@ def _ratio(models, x, y, steps):
 
 def bench_qat(args):
     from torch._dynamo.utils import counters
-    fmodel, qmodel, x, y, n = _qat_models(args)
+    fmodel, qmodel, x, y, _, n = qat_models(args.qat_size, args.qat_batch)
     compiled, cold = [], []
     for m in (fmodel, qmodel):
         c = torch.compile(m)

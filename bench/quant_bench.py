@@ -192,19 +192,24 @@ def _step(model, x, y):
     return time.perf_counter() - start
 
 
-def bench_qat(args):
+def qat_models(size, batch):
+    """fp32 and w4a4 MobileNet-V2 (same weights, calibrated) in train mode, a batch, the
+    weights' source and the number of quantizable layers: the QAT-step benches' set-up."""
     torch.manual_seed(0)
-    kw = dict(num_classes=1000, input_size=args.qat_size)
+    kw = dict(num_classes=1000, input_size=size)
     fmodel, source = build("mobilenetv2", **kw)
     qmodel, _ = build("qmobilenetv2", **kw)
     qmodel.load_state_dict(fmodel.state_dict(), strict=False)
     n = len(quantizable_layers(qmodel, linear=True))
     apply_linear_policy(qmodel, [[4, -1]] + [[4, 4]] * (n - 1))  # the image stays unquantized
-    x = torch.randn(args.qat_batch, 3, args.qat_size, args.qat_size)
-    y = torch.randint(0, 1000, (args.qat_batch,))
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
     calibrate(qmodel, x[:4])
-    fmodel.train()
-    qmodel.train()
+    return fmodel.train(), qmodel.train(), x, y, source, n
+
+
+def bench_qat(args):
+    fmodel, qmodel, x, y, source, _ = qat_models(args.qat_size, args.qat_batch)
     if args.compile:
         start = time.perf_counter()
         fmodel, qmodel = torch.compile(fmodel), torch.compile(qmodel)
