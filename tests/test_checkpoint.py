@@ -244,3 +244,41 @@ def test_trim_log_keeps_rows_before_the_saved_state(tmp_path):
     trim_log(path, 2)
     assert open(path).read().splitlines() == ["epoch\tacc", "0\t1.0", "1\t2.0"]
     json.dumps({})
+
+
+def test_a_model_that_checks_module_versions_loads_from_our_files(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without version metadata, which a checkpoint
+    saved through a plain dict has lost: the search's weights, finetune.py's checkpoint and the
+    packed file all load it back with the same weights and logits."""
+    from lib.export import export_checkpoint, load_packed
+    from lib.export.report import model_from_checkpoint
+    from lib.quantize import apply_linear_policy, calibrate, quant_layers
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10, "input_size": 32}
+    src = get_model("mnasnet0_5", linear=True, **kwargs)
+    n = len(quant_layers(src))
+    policy = [[8, -1]] + [[4, 8]] * (n - 2) + [[8, 8]]
+    apply_linear_policy(src, policy)
+    calibrate(src, torch.randn(8, 3, 32, 32))
+    src.eval()
+    plain = dict(src.state_dict())
+    with pytest.raises(ValueError, match="version"):   # what happened without the fix
+        get_model("mnasnet0_5", linear=True, **kwargs).load_state_dict(plain)
+    path = str(tmp_path / "mnas.pth.tar")
+    save_checkpoint({"state_dict": plain, "arch": "mnasnet0_5", "mode": "linear",
+                     "model_kwargs": kwargs, "epoch": 1,
+                     "policy": {"mode": "linear", "strategy": policy, "layers": None}}, path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = src(x)
+    dst = get_model("mnasnet0_5", linear=True, **kwargs)
+    load_state_dict(dst, load_checkpoint(path)["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), plain.values()))
+    restored = model_from_checkpoint(load_checkpoint(path))
+    with torch.no_grad():
+        assert torch.equal(restored(x), want)
+    packed = str(tmp_path / "mnas.haq")
+    export_checkpoint(path, packed)
+    unpacked, _ = load_packed(packed)
+    with torch.no_grad():
+        assert torch.allclose(unpacked(x), want, atol=1e-4 * float(want.abs().max()))

@@ -23,6 +23,7 @@ from lib.export.schema import (MAGIC, MAX_HEADER_BYTES, MAX_HEADER_JSON,
 from lib.quantize.linear import n_steps
 from lib.quantize.options import prepare_model
 from lib.quantize.policy import apply_linear_policy
+from lib.utils.checkpoint import with_module_versions
 from lib.utils.errors import UserError
 
 LENGTH = struct.Struct("<Q")
@@ -269,7 +270,8 @@ def load_packed(path):
             module.half_wave = header["half_wave"][name]
     own = model.state_dict()
     try:
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+        model.load_state_dict(with_module_versions(
+            model, {k: v.to(own[k].dtype) for k, v in state.items()}), strict=True)
     except RuntimeError as exc:
         raise UserError(f"'{path}' does not fit arch '{header['arch']}' "
                         f"({str(exc).splitlines()[0]})") from None

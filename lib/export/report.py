@@ -12,7 +12,7 @@ from lib.export.schema import PARTS
 from lib.quantize.options import QuantOptions, prepare_model
 from lib.quantize.policy import apply_linear_policy
 from lib.simulator import SizeCost
-from lib.utils.checkpoint import extract_state_dict, load_checkpoint
+from lib.utils.checkpoint import extract_state_dict, load_checkpoint, with_module_versions
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
@@ -31,7 +31,7 @@ def model_from_checkpoint(ckpt):
     if linear:   # the structure the fine-tune gave it (folded BN, added biases)
         prepare_model(model, options)
     try:
-        model.load_state_dict(extract_state_dict(ckpt), strict=True)
+        model.load_state_dict(with_module_versions(model, extract_state_dict(ckpt)), strict=True)
     except RuntimeError as exc:
         raise UserError(f"the checkpoint's weights do not fit arch '{ckpt['arch']}' "
                         f"({str(exc).splitlines()[0]})") from None

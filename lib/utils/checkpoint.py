@@ -10,6 +10,7 @@ Checkpoints hold only tensors, numbers, strings, lists, tuples and dicts, and ar
 read with ``torch.load(..., weights_only=True)``: loading a file never runs code
 (docs/design.md section 12).
 """
+from collections import OrderedDict
 import errno
 import hashlib
 import json
@@ -267,6 +268,21 @@ def _shape(value):
     return tuple(value.shape) if torch.is_tensor(value) else f"<{type(value).__name__}>"
 
 
+def with_module_versions(model, state_dict):
+    """``state_dict`` carrying ``model``'s module versions where it carries none.
+
+    A state_dict stored through a plain dict loses PyTorch's ``_metadata`` (each module's
+    ``_version``), and modules that check it on load refuse it (torchvision's MNASNet:
+    "version should be set to 1 or 2 instead of None"). Files without it come from this
+    code's own models, so the model's current versions are the right ones.
+    """
+    if getattr(state_dict, "_metadata", None) is not None:
+        return state_dict
+    fitted = OrderedDict(state_dict)
+    fitted._metadata = getattr(model.state_dict(), "_metadata", None)
+    return fitted
+
+
 def load_state_dict(model, state_dict, source="checkpoint"):
     """Load weights into ``model``, refusing any that do not fit; returns (missing, unexpected).
 
@@ -307,7 +323,7 @@ def load_state_dict(model, state_dict, source="checkpoint"):
     if nonfinite:
         raise UserError(f"{source} holds NaN/inf values in {_names(nonfinite)}; expected "
                         "finite weights (a diverged training run?)")
-    result = model.load_state_dict(state_dict, strict=False)
+    result = model.load_state_dict(with_module_versions(model, state_dict), strict=False)
     if missing:
         log.info("%s: %d optional buffers missing (kept as initialised): %s", source,
                  len(missing), ", ".join(missing[:6]))
