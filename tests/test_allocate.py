@@ -567,6 +567,29 @@ def test_replay_refuses_a_policy_over_budget_or_without_policy(cli_assets, tmp_p
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_replay_warns_when_the_policy_was_found_in_another_quantizer(caplog):
+    """A replayed strategy records the quantizer it was searched with; a replay with other flags
+    says which differ (it still runs: measuring a policy in another quantizer is allowed)."""
+    from types import SimpleNamespace
+    from lib.search.methods import warn_other_quantizer
+    args = SimpleNamespace(linear_quantization=True, policy="p.json", per_channel=False,
+                           weight_clip="max", fold_bn=False, bias_correction=False, kl_max_bit=0)
+    found = {"quant_options": {"per_channel": True, "weight_clip": "max", "fold_bn": False,
+                               "bias_correction": False}, "kl_max_bit": 4}
+    with caplog.at_level("WARNING"):
+        warn_other_quantizer(args, found)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "per_channel True (here False)" in message and "kl_max_bit 4 (here 0)" in message
+    caplog.clear()
+    args.per_channel, args.kl_max_bit = True, 4
+    with caplog.at_level("WARNING"):
+        warn_other_quantizer(args, found)
+        warn_other_quantizer(SimpleNamespace(**dict(vars(args), per_channel=False, kl_max_bit=0)),
+                             {"strategy": []})     # an older file: the released quantizer
+    assert not caplog.records
+
+
 # ---------------------------------------------------------------- --channels_last
 @pytest.mark.parametrize("mode", [KMEANS, LINEAR])
 def test_channels_last_search_plays_the_same_episodes(cli_assets, tmp_path, mode, monkeypatch):

@@ -83,6 +83,7 @@ def replay_bits(args, env):
               if w is not None and w > 0]
     strategy = validate_strategy(load_strategy(args.policy, "--policy"), env.layer_names, mode,
                                  min(widths), max(widths))
+    warn_other_quantizer(args, strategy)
     policy = strategy["strategy"]
     given = [b for pair in policy for b in pair] if env.linear else list(policy)
     flat = [env.pins.get(i, b) for i, b in enumerate(given)]
@@ -101,6 +102,25 @@ def replay_bits(args, env):
         raise UserError(f"--policy {args.policy} costs {ratio:.4f} of the reference {args.cost}; "
                         f"expected --preserve_ratio >= {ratio:.4f} so the budget wall keeps it")
     return flat
+
+
+def warn_other_quantizer(args, strategy):
+    """Warn when the replayed ``strategy`` was searched with other quantizer settings than this
+    run's flags: the replay then measures the policy in another quantizer than it was found in."""
+    from lib.quantize.options import QuantOptions
+    from lib.search.build import search_quant_options
+    if not args.linear_quantization:
+        return
+    recorded = QuantOptions.from_record(strategy.get("quant_options"),
+                                        f"--policy {args.policy}: quant_options")
+    ours, kl = search_quant_options(args), getattr(args, "kl_max_bit", 0)
+    differ = [f"{k} {v!r} (here {ours.record()[k]!r})" for k, v in recorded.record().items()
+              if v != ours.record()[k]]
+    if "kl_max_bit" in strategy and strategy["kl_max_bit"] != kl:
+        differ.append(f"kl_max_bit {strategy['kl_max_bit']} (here {kl})")
+    if differ:
+        log.warning("--policy %s was searched with %s: this replay's quantizer differs; pass "
+                    "the same flags to replay it as found", args.policy, ", ".join(differ))
 
 
 def plan_ilp(args, env, search=None):
