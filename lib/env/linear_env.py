@@ -11,6 +11,13 @@ every episode, and the budget wall never lowers them. The released code applied
 these pins only while its budget wall was lowering bits, so a policy already
 within budget kept the agent's bits there; pinning every episode is a deliberate
 difference (docs/fidelity.md, "The search").
+
+With ``bn_reestimate`` N > 0 (--bn_reestimate), each episode then measures the BatchNorm
+statistics again on the first N images of the fine-tune's training loader
+(lib.quantize.options.reestimate_batchnorm) before the short fine-tune. Only the scored
+episode does: ``quantize_policy``, which the integer program's refinement measures with, does
+not. Under torchrun each rank measures on its shard and rank 0's statistics are then copied to
+every rank.
 """
 import logging
 import time
@@ -19,8 +26,9 @@ import torch
 
 from lib.quantize.linear import (DEFAULT_KL_MAX_BIT, calibrate, calibration_key, get_ranges,
                                  quant_layers, set_ranges)
+from lib.quantize.options import reestimate_batchnorm
 from lib.quantize.policy import apply_linear_policy
-from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed
+from lib.utils.distributed import broadcast_tensors, get_rank, is_distributed, sync_buffers
 from lib.utils.strategy import LINEAR_PIN_BIT
 
 from .base import QuantizeEnv
@@ -39,19 +47,21 @@ class LinearQuantizeEnv(QuantizeEnv):
     cost), e.g. ``lib.simulator.costs.TableCost``. ``calib_loader``: batches for
     calibration (the search's training subset). ``device``: where calibration runs.
     ``kl_max_bit``: calibration's divergence-clip threshold (lib.quantize.linear.calibrate;
-    --kl_max_bit 4 is the released rule).
+    --kl_max_bit 4 is the released rule). ``bn_reestimate``: training images the BatchNorm
+    statistics are re-estimated on in each episode (0: off, as released).
     """
 
     linear = True
     actions_per_layer = 2
 
     def __init__(self, model, evaluator, config, cost_model, calib_loader, device,
-                 reuse_calibration=True, kl_max_bit=DEFAULT_KL_MAX_BIT):
+                 reuse_calibration=True, kl_max_bit=DEFAULT_KL_MAX_BIT, bn_reestimate=0):
         super().__init__(model, evaluator, config)
         self.cost_model = cost_model
         self.calib_loader, self.device = calib_loader, device
         self.reuse_calibration = reuse_calibration
         self.kl_max_bit = kl_max_bit
+        self.bn_reestimate = bn_reestimate
         self._calibration = None   # (calibration_key, ranges) of the last calibration
         self.timings = {"quantize": 0.0}
 
@@ -74,6 +84,10 @@ class LinearQuantizeEnv(QuantizeEnv):
     def evaluate_policy(self, policy):
         start = time.perf_counter()
         self.quantize_policy(policy)
+        if self.bn_reestimate:
+            reestimate_batchnorm(self.model, self.evaluator.train_loader, self.bn_reestimate,
+                                 self.device)
+            sync_buffers(self.model)
         self.timings["quantize"] += time.perf_counter() - start
         return self.evaluator.finetune(self.model)
 

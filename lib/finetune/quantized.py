@@ -5,7 +5,11 @@ train in float until the last epoch clusters them (as released). Only a fully qu
 model is scored or saved as the best: every measurement before then runs inside
 :meth:`QuantizedPolicy.all_quantized`, where the free layers are clustered as the last
 epoch will cluster them (lib.env's :func:`shared_training`, the search's own helper).
-Linear mode applies the bits and calibrates the ranges, or adopts recorded ones.
+Linear mode applies the bits and calibrates the ranges, or adopts recorded ones; with
+``--bn_reestimate N`` the BatchNorm statistics are then measured again on the first N images
+of the training loader (lib.quantize.options.reestimate_batchnorm), so the accuracy after
+quantization and the fine-tune start from them. Under torchrun each rank measures on its
+own shard and DDP's construction then gives every rank rank 0's statistics.
 """
 import contextlib
 import logging
@@ -13,7 +17,7 @@ import time
 
 from lib.env import shared_training
 from lib.quantize import apply_kmeans_policy, apply_linear_policy, calibrate, load_codebooks
-from lib.quantize.options import prepare_model
+from lib.quantize.options import prepare_model, reestimate_batchnorm
 from lib.utils.errors import UserError
 from lib.utils.layers import quantizable_layers
 
@@ -40,13 +44,14 @@ class QuantizedPolicy:
             self.model, self.codebooks, self.free_layers(), n_iter=KMEANS_ITERS,
             seed=self.args.manualSeed, is_pruned=self.args.is_pruned)
 
-    def quantize(self, calib_loader, device):
-        """Apply the policy to the float weights (linear: and calibrate the ranges)."""
+    def quantize(self, train_loader, device):
+        """Apply the policy to the float weights (linear: calibrate the ranges on the first
+        batch of ``train_loader``, then re-estimate the BatchNorm statistics when asked)."""
         policy = self.setup.strategy["strategy"]
         if self.setup.mode == "linear":
             prepare_model(self.model, self.setup.options)   # on the pretrained float weights
             apply_linear_policy(self.model, policy)
-            calibrate(self.model, calib_loader, device, kl_max_bit=self.args.kl_max_bit)
+            self._calibrate(train_loader, device)
             return
         start = time.time()
         # --evaluate scores the whole policy, so no layer is left free there
@@ -97,9 +102,14 @@ class QuantizedPolicy:
         apply_linear_policy(self.model, self.setup.strategy["strategy"])
         ranges = [m.weight_range for _, m in quantizable_layers(self.model, linear=True)]
         if all(float(r.max()) < 0 for r in ranges):   # never calibrated
-            calibrate(self.model, calib_loader, device, kl_max_bit=self.args.kl_max_bit)
+            self._calibrate(calib_loader, device)
         else:
             self.kl_max_bit = None
+
+    def _calibrate(self, train_loader, device):
+        """Linear mode: the ranges, then (--bn_reestimate) the BatchNorm statistics."""
+        calibrate(self.model, train_loader, device, kl_max_bit=self.args.kl_max_bit)
+        reestimate_batchnorm(self.model, train_loader, self.setup.options.bn_reestimate, device)
 
     def free_layers(self):
         """{name: bits} of the K-Means layers that --free_high_bit leaves float at this point."""

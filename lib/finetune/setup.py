@@ -250,6 +250,7 @@ def quant_options_of(setup, args):
                         args.resume, recorded.record())
         return recorded
     if setup.mode != "linear" and not options.is_default():
-        raise UserError("--per_channel, --weight_clip mse, --fold_bn and --bias_correction are "
-                        "linear-quantizer options; expected a linear-mode strategy with them")
+        raise UserError("--per_channel, --weight_clip mse, --fold_bn, --bias_correction and "
+                        "--bn_reestimate are linear-quantizer options; "
+                        "expected a linear-mode strategy with them")
     return options

@@ -12,7 +12,10 @@ after the quantized conv, float biases as trained) is what runs unless asked oth
   al. 2018, eq. 8 without the fake quantization), and becomes an identity;
 * ``bias_correction``: after calibration each quantized layer's bias absorbs the mean output
   shift on the calibration batch, b += E[W x] - E[Q(W) x] (Nagel et al. 2019, section 4.2,
-  measured empirically); layers without a bias get one.
+  measured empirically); layers without a bias get one;
+* ``bn_reestimate``: after calibration every BatchNorm's running statistics are measured
+  again on that many training images with the quantized model
+  (:func:`reestimate_batchnorm`); 0 (off) keeps the pretrained statistics.
 
 ``prepare_model`` gives a model the structure and the per-layer settings these imply; it is
 applied to the float model before any checkpoint of the prepared model is loaded into it,
@@ -20,7 +23,7 @@ so the state_dict keys and shapes match (a model prepared with all options off i
 untouched, and old checkpoints load as before).
 """
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -33,6 +36,7 @@ from lib.utils.layers import fold_batchnorm as folded_copy
 logger = logging.getLogger(__name__)
 
 WEIGHT_CLIPS = ("max", "mse")
+MAX_BN_IMAGES = 2 ** 31 - 1   # a C int, as the --bn_reestimate flag caps it
 MSE_GRID = 100              # candidate clips max|w| * k / MSE_GRID, k = 1..MSE_GRID
 _CHUNK_ELEMENTS = 1 << 22   # candidates x weights evaluated at once (32 MB of float64)
 
@@ -44,12 +48,18 @@ class QuantOptions:
     weight_clip: str = "max"
     fold_bn: bool = False
     bias_correction: bool = False
+    bn_reestimate: int = 0      # training images; 0 = off
 
     def is_default(self):
         return self == QuantOptions()
 
+    def changes_layers(self):
+        """Whether an option sets the Q layers' calibration or structure (BatchNorm
+        re-estimation runs after calibration and changes neither)."""
+        return replace(self, bn_reestimate=0) != QuantOptions()
+
     def record(self):
-        """The strategy.json / packed-header record: a JSON object of the four fields."""
+        """The strategy.json / packed-header record: a JSON object of the fields."""
         return asdict(self)
 
     @classmethod
@@ -69,6 +79,10 @@ class QuantOptions:
         if record.get("weight_clip", "max") not in WEIGHT_CLIPS:
             raise UserError(f"{where}.weight_clip is {record['weight_clip']!r}; expected one of "
                             + ", ".join(WEIGHT_CLIPS))
+        n = record.get("bn_reestimate", 0)   # records older than the option lack it: off
+        if type(n) is not int or not 0 <= n <= MAX_BN_IMAGES:
+            raise UserError(f"{where}.bn_reestimate is {n!r}; expected an integer in "
+                            f"[0, {MAX_BN_IMAGES}] (training images)")
         return cls(**record)
 
     @classmethod
@@ -77,11 +91,12 @@ class QuantOptions:
         return cls(per_channel=bool(getattr(args, "per_channel", False)),
                    weight_clip=getattr(args, "weight_clip", None) or "max",
                    fold_bn=bool(getattr(args, "fold_bn", False)),
-                   bias_correction=bool(getattr(args, "bias_correction", False)))
+                   bias_correction=bool(getattr(args, "bias_correction", False)),
+                   bn_reestimate=getattr(args, "bn_reestimate", None) or 0)
 
 
 def add_flags(parser, default):
-    """The four option flags (``default`` False for a search; None in the fine-tune, where
+    """The option flags (``default`` False for a search; None in the fine-tune, where
     unset means the strategy's record)."""
     from lib.utils import cli
     cli.bool_flag(parser, "--per_channel", default, FLAG_HELP["per_channel"])
@@ -89,6 +104,9 @@ def add_flags(parser, default):
                         choices=WEIGHT_CLIPS, help=FLAG_HELP["weight_clip"])
     cli.bool_flag(parser, "--fold_bn", default, FLAG_HELP["fold_bn"])
     cli.bool_flag(parser, "--bias_correction", default, FLAG_HELP["bias_correction"])
+    parser.add_argument("--bn_reestimate", default=None if default is None else 0,
+                        type=cli.number(int, 0, MAX_BN_IMAGES), metavar="N",
+                        help=FLAG_HELP["bn_reestimate"])
 
 
 def resolve(args, record, where):
@@ -110,6 +128,9 @@ FLAG_HELP = {
     "fold_bn": "linear: fold each BatchNorm into the conv before it before quantizing its weights",
     "bias_correction": "linear: correct each quantized layer's bias by its mean output shift on "
                        "the calibration batch",
+    "bn_reestimate": "linear: after calibration, measure every BatchNorm's running statistics "
+                     "again with the quantized model on the first N training images (whole "
+                     "batches); 0 = keep the pretrained ones (default, as released)",
 }
 
 
@@ -233,7 +254,7 @@ def prepare_model(model, options):
     for m in quant_layers(model):
         m.weight_clip = options.weight_clip
         m.bias_correction = options.bias_correction
-        if not options.is_default():
+        if options.changes_layers():
             m.weight_calibrator = calibrate_weight_with_options
         if options.per_channel:
             set_per_channel(m)
@@ -270,6 +291,74 @@ def needs_weight_recalibration(module):
     return module.weight_clip == "mse" or module.bias_correction
 
 
-__all__ = ["QuantOptions", "add_flags", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
+# ------------------------------------------------------------------ BatchNorm re-estimation
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _batches(loader, n_images):
+    """The input tensors of ``loader``'s first whole batches holding at least ``n_images``."""
+    seen = 0
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        yield x
+        seen += x.shape[0]
+        if seen >= n_images:
+            return
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model, loader, n_images, device=None):
+    """Measure every BatchNorm's running mean and variance again, with the quantized model.
+
+    The BatchNorm statistics were learnt on the float model's activations. Quantizing (and
+    clipping) the weights moves each layer's output distribution, so those means and
+    variances no longer centre and scale what the BatchNorms now receive; measuring them anew
+    on a few training images with the quantization in place is a known post-training fix
+    (BatchNorm re-estimation, e.g. Nagel et al. 2021, "A White Paper on Neural Network
+    Quantization").  Here every BatchNorm's statistics are reset and measured as a cumulative
+    average over the first whole batches of ``loader`` holding at least ``n_images`` images
+    (one batch at least): mean = (1/K) sum_k E_k[x], var = (1/K) sum_k Var_k[x] (unbiased), over
+    the K batches, with the BatchNorms in training mode (each normalises by its batch, as in
+    training) and every other module in eval mode (fixed quantization ranges, no dropout); no
+    gradients, no parameter changes.  Each module's mode and each BatchNorm's momentum are
+    restored.  Returns the number of images used (0 when the model has no BatchNorm that
+    tracks statistics, e.g. after --fold_bn, or ``n_images`` is 0: a no-op).
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
+    if not bns or n_images <= 0:
+        logger.debug("BatchNorm re-estimation skipped: %s",
+                     "no BatchNorm layers" if not bns else "0 images")
+        return 0
+    if device is None:
+        device = next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    kept = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None   # cumulative average over the batches
+        bn.train()
+    seen = 0
+    try:
+        for x in _batches(loader, n_images):
+            model(x.to(device))
+            seen += x.shape[0]
+    finally:
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+        for m, training in modes.items():
+            m.training = training
+    if seen == 0:   # an empty loader: the statistics as they were
+        for bn, state in zip(bns, kept):
+            bn.load_state_dict(state)
+        logger.warning("BatchNorm re-estimation skipped: the training loader gave no images")
+        return 0
+    logger.info("re-estimated %d BatchNorm layers' statistics on %d training images",
+                len(bns), seen)
+    return seen
+
+
+__all__ = ["QuantOptions", "add_flags", "reestimate_batchnorm", "MAX_BN_IMAGES", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
            "fold_batchnorm", "prepare_model", "output_shift", "add_bias",
            "set_per_channel", "needs_weight_recalibration", "calibrate_weight_with_options"]

@@ -67,8 +67,9 @@ def search_quant_options(args):
     for any (they are options of the linear quantizer)."""
     options = QuantOptions.from_args(args)
     if not args.linear_quantization and not options.is_default():
-        raise UserError("--per_channel, --weight_clip mse, --fold_bn and --bias_correction are "
-                        "linear-quantizer options; expected --linear_quantization with them")
+        raise UserError("--per_channel, --weight_clip mse, --fold_bn, --bias_correction and "
+                        "--bn_reestimate are linear-quantizer options; "
+                        "expected --linear_quantization with them")
     return options
 
 
@@ -110,7 +111,8 @@ def build_env(args, model, info, loaders, device):
     cfg = config_from_args(EnvConfig, args)
     if args.linear_quantization:
         return LinearQuantizeEnv(model, evaluator, cfg, build_cost(args, model), loaders.calib,
-                                 device, kl_max_bit=getattr(args, "kl_max_bit", 0))
+                                 device, kl_max_bit=getattr(args, "kl_max_bit", 0),
+                                 bn_reestimate=getattr(args, "bn_reestimate", 0) or 0)
     return KMeansQuantizeEnv(model, evaluator, cfg, is_pruned=args.is_pruned,
                              free_high_bit=args.free_high_bit,
                              reuse_codebooks=args.reuse_codebooks)

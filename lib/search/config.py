@@ -44,6 +44,7 @@ class SearchConfig:
     bias_correction: bool = added_later(False)
     kl_max_bit: int = added_later(0)
     refine: int = added_later(0)
+    bn_reestimate: int = added_later(0)
 
 
 CONFIGS = (SearchConfig, EnvConfig, DDPGConfig, FinetuneConfig)

@@ -8,7 +8,8 @@ A strategy (docs/design.md section 9) is what the search writes and what finetun
      "strategy": [[8, -1], [7, 7], ...]}   # K-Means mode: [6, 6, 5, ...]
 
 plus, in linear mode when any is on, ``"quant_options": {"per_channel": ..., "weight_clip": ...,
-"fold_bn": ..., "bias_correction": ...}`` (lib.quantize.options; absent: the released quantizer).
+"fold_bn": ..., "bias_correction": ..., "bn_reestimate": ...}`` (lib.quantize.options; absent: the
+released quantizer).
 
 :func:`load_strategy` reads a file or a preset name; :func:`validate_strategy` checks it
 against the model's quantizable layers (length, names, bit ranges) and raises a
@@ -79,14 +80,17 @@ def _finite_in(value, lo, hi):
 
 # linear mode's quantizer options (lib.quantize.options.QuantOptions.record); absent = off
 QUANT_OPTIONS_EXPECTED = ('an object {"per_channel": bool, "weight_clip": "max"|"mse", '
-                          '"fold_bn": bool, "bias_correction": bool}')
+                          '"fold_bn": bool, "bias_correction": bool, '
+                          '"bn_reestimate": integer >= 0}')
 
 
 def _quant_options_ok(value):
     flags = ("per_channel", "fold_bn", "bias_correction")
-    return (isinstance(value, dict) and set(value) <= set(flags) | {"weight_clip"}
+    known = set(flags) | {"weight_clip", "bn_reestimate"}
+    return (isinstance(value, dict) and set(value) <= known
             and all(isinstance(value.get(k, False), bool) for k in flags)
-            and value.get("weight_clip", "max") in ("max", "mse"))
+            and value.get("weight_clip", "max") in ("max", "mse")
+            and is_int(value.get("bn_reestimate", 0), 0, 2 ** 31 - 1))
 
 
 # min_bit and max_bit share one check
