@@ -8,6 +8,9 @@ w8a8, as the search pins them) and each --ilp strategy.json with its activations
 Each (policy, options) pair is one `finetune.py -e` process; the table is printed as markdown.
 
     python bench/quant_options_bench.py --ilp save/<ilp run>/strategy.json [--ilp ...] --out DIR
+
+``--bn_reestimate N`` swaps the columns for BatchNorm re-estimation on N training images, on
+per-channel scales with and without the MSE clip (docs/results.md, "Quantizer options").
 """
 import argparse
 import json
@@ -25,6 +28,18 @@ OPTIONS = {
     "--bias_correction": ["--bias_correction"],
     "all four": ["--per_channel", "--weight_clip", "mse", "--fold_bn", "--bias_correction"],
 }
+
+
+def bn_reestimate_options(n):
+    """The columns of --bn_reestimate N: per-channel, then with the MSE clip, each without and
+    with the re-estimation."""
+    bnre = ["--bn_reestimate", str(n)]
+    pc, mse = ["--per_channel"], ["--per_channel", "--weight_clip", "mse"]
+    return {"--per_channel": pc, f"--per_channel --bn_reestimate {n}": pc + bnre,
+            "--per_channel --weight_clip mse": mse,
+            f"--per_channel --weight_clip mse --bn_reestimate {n}": mse + bnre}
+
+
 FT = ["-e", "--train_batch", "64", "--test_batch", "500", "--device", "cpu", "--no-progress",
       "--no-eval_fp32", "--overwrite"]
 N_LAYERS = 53   # the embedded MobileNet-V2's quantizable layers
@@ -55,7 +70,11 @@ def main():
     p.add_argument("--out", required=True, help="folder for the strategies and -e run folders")
     p.add_argument("--widths", default="4,3,2",
                    help="weight widths of the uniform policies, comma-separated ('' for none)")
+    p.add_argument("--bn_reestimate", type=int, default=0, metavar="N",
+                   help="columns: BatchNorm re-estimation on N training images (with "
+                        "--per_channel, with and without --weight_clip mse); 0: the option table")
     args = p.parse_args()
+    options = bn_reestimate_options(args.bn_reestimate) if args.bn_reestimate > 0 else OPTIONS
     os.makedirs(args.out, exist_ok=True)
     policies = {f"w{b}a8": uniform(int(b)) for b in args.widths.split(",") if b}
     for i, path in enumerate(args.ilp):
@@ -68,13 +87,14 @@ def main():
             json.dump({"mode": "linear", "arch": "qmobilenetv2", "dataset": "mnist5k",
                        "strategy": policy}, f)
         row = []
-        for j, flags in enumerate(OPTIONS.values()):
+        for j, flags in enumerate(options.values()):
             folder = os.path.join(args.out, f"run_{slug}_{j}")
             row.append(top1_after_quantization(strategy, flags, folder))
-            print(f"{name} {list(OPTIONS)[j]}: {row[-1]:.1f}", file=sys.stderr, flush=True)
+            print(f"{name} {list(options)[j]}: {row[-1]:.1f}", file=sys.stderr, flush=True)
         rows.append((name, row))
-    print("| policy | " + " | ".join(OPTIONS) + " |")
-    print("|---" * (len(OPTIONS) + 1) + "|")
+    print("| policy | " + " | ".join(f"`{o}`" if o.startswith("--") else o for o in options)
+          + " |")
+    print("|---" * (len(options) + 1) + "|")
     for name, row in rows:
         print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
 

@@ -278,3 +278,43 @@ def test_the_checkpoint_and_the_packed_file_record_the_option(reestimated_finetu
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(packed.eval()(x), reference(x), atol=1e-5)
+
+
+def test_the_search_records_the_option(tiny_pretrained, tmp_path):
+    import rl_quantize
+    from tests.helpers import tiny_search_argv
+    weights, _ = tiny_pretrained
+    argv = tiny_search_argv(weights, tmp_path, 1) + [
+        "--arch", "qmobilenetv2", "--linear_quantization", "--cost", "size", "--min_bit", "2",
+        "--method", "random", "--no-finetune_flag", "--bn_reestimate", "16",
+        "--preserve_ratio", "0.5"]
+    result = rl_quantize.main(argv)
+    strategy = json.loads(open(f"{result['output']}/strategy.json").read())
+    assert strategy["quant_options"] == QuantOptions(bn_reestimate=16).record()
+
+
+@pytest.mark.slow
+def test_the_compiled_search_reestimates_without_new_graphs(tiny_pretrained, tmp_path,
+                                                            monkeypatch):
+    """--compile: the re-estimation runs the eager model and puts every mode and momentum
+    back, so the compiled search keeps its three graphs (tests/test_compile.py) over episodes."""
+    import rl_quantize
+    from torch._dynamo.utils import counters
+
+    from lib.quantize import options
+    from tests.helpers import tiny_search_argv
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda module, **kw: real_compile(module, backend="eager", **kw))
+    real = options.reestimate_batchnorm
+    used = []
+    monkeypatch.setattr("lib.env.linear_env.reestimate_batchnorm",
+                        lambda *a: used.append(real(*a)) or used[-1])
+    torch._dynamo.reset()
+    counters.clear()
+    rl_quantize.main(tiny_search_argv(tiny_pretrained[0], tmp_path, 3) + [
+        "--linear_quantization", "--arch", "qmobilenetv2", "--cost", "latency",
+        "--preserve_ratio", "0.5", "--min_bit", "2", "--max_bit", "8", "--compile",
+        "--device", "cpu", "--bn_reestimate", "16"])
+    assert used == [32] * 3      # whole batches of 32 (--data_bsize) in every episode
+    assert counters["frames"]["ok"] == counters["stats"]["unique_graphs"] == 3
