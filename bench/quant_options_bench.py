@@ -55,8 +55,10 @@ def with_8bit_activations(path):
     return [[policy[0][0], -1]] + [[w, 8] for w, _ in policy[1:]]
 
 
-def top1_after_quantization(strategy, flags, folder):
+def top1_after_quantization(strategy, flags, folder, seed=None):
     cmd = [sys.executable, "finetune.py", "--strategy", strategy, "-c", folder] + FT + flags
+    if seed is not None:   # another shuffle of the training split: other calibration images
+        cmd += ["--manualSeed", str(seed)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     found = re.search(r"acc after quantization: top1 ([0-9.]+)", run.stderr)
     if run.returncode != 0 or not found:
@@ -73,6 +75,9 @@ def main():
     p.add_argument("--bn_reestimate", type=int, default=0, metavar="N",
                    help="columns: BatchNorm re-estimation on N training images (with "
                         "--per_channel, with and without --weight_clip mse); 0: the option table")
+    p.add_argument("--seed", type=int, default=None,
+                   help="finetune.py --manualSeed (default: its own), which draws the "
+                        "calibration and re-estimation images")
     args = p.parse_args()
     options = bn_reestimate_options(args.bn_reestimate) if args.bn_reestimate > 0 else OPTIONS
     os.makedirs(args.out, exist_ok=True)
@@ -89,7 +94,7 @@ def main():
         row = []
         for j, flags in enumerate(options.values()):
             folder = os.path.join(args.out, f"run_{slug}_{j}")
-            row.append(top1_after_quantization(strategy, flags, folder))
+            row.append(top1_after_quantization(strategy, flags, folder, args.seed))
             print(f"{name} {list(options)[j]}: {row[-1]:.1f}", file=sys.stderr, flush=True)
         rows.append((name, row))
     print("| policy | " + " | ".join(f"`{o}`" if o.startswith("--") else o for o in options)

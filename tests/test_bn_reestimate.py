@@ -161,6 +161,14 @@ def test_the_option_alone_leaves_the_layers_as_released():
     assert QuantOptions(bn_reestimate=64).is_default() is False
 
 
+def test_kmeans_mode_refuses_the_option():
+    from types import SimpleNamespace
+
+    from lib.search.build import search_quant_options
+    with pytest.raises(UserError, match="--bn_reestimate are linear-quantizer options"):
+        search_quant_options(SimpleNamespace(linear_quantization=False, bn_reestimate=16))
+
+
 # ---------------------------------------------------------------- the search episode
 class _Recorder:
     """An evaluator that records the BN statistics the short fine-tune would start from."""

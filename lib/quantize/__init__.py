@@ -37,10 +37,12 @@ Linear fake quantization (:mod:`lib.quantize.linear`)::
 Quantizer options beside the released linear quantizer (:mod:`lib.quantize.options`; all off
 by default)::
 
-    QuantOptions(per_channel=False, weight_clip="max", fold_bn=False, bias_correction=False)
+    QuantOptions(per_channel=False, weight_clip="max", fold_bn=False, bias_correction=False,
+                 bn_reestimate=0)
         .record() / QuantOptions.from_record(d)   # strategy.json's and the packed header's field
     prepare_model(model, options)         # fold BN, per-channel ranges, biases; then calibrate()
     mse_clip(weight, bits, per_channel=False)   # argmin_t ||Q(w; t) - w||^2 on a 100-step grid
+    reestimate_batchnorm(model, loader, n_images, device)   # BN statistics of the quantized model
 
 Linear mode for any model (:mod:`lib.quantize.swap`)::
 

@@ -359,6 +359,7 @@ def reestimate_batchnorm(model, loader, n_images, device=None):
     return seen
 
 
-__all__ = ["QuantOptions", "add_flags", "reestimate_batchnorm", "MAX_BN_IMAGES", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
+__all__ = ["QuantOptions", "add_flags", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
            "fold_batchnorm", "prepare_model", "output_shift", "add_bias",
-           "set_per_channel", "needs_weight_recalibration", "calibrate_weight_with_options"]
+           "set_per_channel", "needs_weight_recalibration", "calibrate_weight_with_options",
+           "reestimate_batchnorm", "MAX_BN_IMAGES"]
