@@ -172,4 +172,5 @@ def test_resume_keys_are_the_config_fields_that_are_flags():
                                      "weight_clip": "max", "fold_bn": False,
                                      "bias_correction": False, "kl_max_bit": 0,
                                      "refine": 0, "min_bit_a": None, "max_bit_a": None,
-                                     "bits": None, "bits_a": None, "pin": None}
+                                     "bits": None, "bits_a": None, "pin": None,
+                                     "bn_reestimate": 0}
