@@ -130,7 +130,7 @@ FLAG_HELP = {
                        "the calibration batch",
     "bn_reestimate": "linear: after calibration, measure every BatchNorm's running statistics "
                      "again with the quantized model on the first N training images (whole "
-                     "batches); 0 = keep the pretrained ones (default, as released)",
+                     "batches); 0 = keep the pretrained ones (as released)",
 }
 
 
