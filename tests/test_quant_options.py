@@ -2,6 +2,7 @@
 BatchNorm folding and bias correction, against references, and their path through the
 search's strategy.json, the fine-tune and the packed export."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -237,6 +238,9 @@ def options_finetune(tiny_pretrained, tmp_path_factory):
 def test_finetune_uses_the_strategy_options(options_finetune):
     ckpt = load_checkpoint(options_finetune)
     assert ckpt["policy"]["quant_options"] == ALL_ON.record()
+    results = json.loads(open(os.path.join(os.path.dirname(options_finetune),
+                                           "results.json")).read())
+    assert results["quant_options"] == ALL_ON.record()                # what was measured
     state = ckpt["state_dict"]
     assert not any("running_mean" in k for k in state)                 # BN folded away
     assert state["features.1.conv.0.weight_range"].dim() == 4          # per channel

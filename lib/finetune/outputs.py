@@ -155,6 +155,9 @@ class RunOutputs:
                "preserve_ratio": s.strategy.get("preserve_ratio"),
                "model_kwargs": s.model_kwargs,
                "kl_max_bit": kl_max_bit,
+               # the linear quantizer the accuracies were measured with (None: K-Means mode)
+               "quant_options": (s.options.record() if s.mode == "linear"
+                                 and getattr(s, "options", None) is not None else None),
                "weights": getattr(self.args, "weights_source", None),
                "fp32_top1": finite_or_none(r["fp32_top1"]),
                "quant_top1": finite_or_none(r["quant_top1"]),
