@@ -29,6 +29,11 @@ reuses the installed torch, and run the bench with that venv's python:
     nice /work/mct-venv/bin/python bench/peer_bench.py --budgets 0.5 0.375 --seeds 1
     nice /work/mct-venv/bin/python bench/peer_bench.py --seeds 3 --mct-bits 8,4,2 2..8 \\
         --ours-args "--refine 20"
+    # our search's policy found with per-channel scales; every policy fine-tuned (and scored
+    # right after quantization) with the MSE clip and BatchNorm re-estimation on top
+    nice /work/mct-venv/bin/python bench/peer_bench.py --seeds 3 --mct-bits 8,4,2 2..8 \
+        --ours-args "--per_channel --refine 200" \
+        --ft-args "--per_channel --weight_clip mse --bn_reestimate 512"
 
 A rerun into the same ``--out`` reuses each finished stage (MCT, the ILP search, every
 fine-tune seed) recorded there with the same settings, so ``--seeds 3`` after ``--seeds 1``
@@ -318,22 +323,28 @@ def strategy_with(template, w_bits, method, ratio):
     return out
 
 
-def finetune(strategy_path, folder, seed, epochs, threads, python):
-    """The demo's fine-tune of one policy, one seed: (top-1 after quantization, best top-1)."""
-    results = os.path.join(folder, "results.json")
+def finetune(strategy_path, folder, seed, epochs, threads, python, ft_args=()):
+    """The demo's fine-tune of one policy, one seed: (top-1 after quantization, best top-1).
+
+    ``ft_args``: extra finetune.py flags (e.g. quantizer options over the strategy's); a
+    finished run is reused only for the same policy, epochs and flags."""
+    results, flags = os.path.join(folder, "results.json"), list(ft_args)
     if os.path.isfile(results):
         with open(results) as f:
             done = json.load(f)
         with open(strategy_path) as f:
             policy = json.load(f)["strategy"]
-        if done.get("policy") == policy and done.get("epochs") == epochs:
+        if (done.get("policy") == policy and done.get("epochs") == epochs
+                and done.get("bench_ft_args", []) == flags):
             return done["quant_top1"], done["best_top1"]
     log_bench.info("fine-tune %s, seed %d", os.path.basename(strategy_path), seed)
     _run([python, "finetune.py", "--strategy", strategy_path, "--epochs", str(epochs), *FT,
-          "--manualSeed", str(seed), "--threads", str(threads), "-c", folder],
+          "--manualSeed", str(seed), "--threads", str(threads), "-c", folder, *flags],
          folder.rstrip("/") + ".log")
     with open(results) as f:
         done = json.load(f)
+    if flags:   # remembered beside finetune.py's own record, for the reuse check above
+        atomic_write_json(results, dict(done, bench_ft_args=flags))
     return done["quant_top1"], done["best_top1"]
 
 
@@ -411,7 +422,8 @@ def run_budget(budget, args, names, numels):
         atomic_write_json(path, strategy_with(template, w_bits, tag, ratio))
         seeds = [FIRST_SEED + i for i in range(args.seeds)]
         runs = [finetune(path, os.path.join(folder, f"ft_{tag}_seed{seed}"), seed, args.epochs,
-                         args.ft_threads, args.python) for seed in seeds]
+                         args.ft_threads, args.python, shlex.split(args.ft_args))
+                for seed in seeds]
         rows.append({"budget": budget, "allocator": label, "layers": names, "w_bits": w_bits,
                      "size_ratio": ratio, "mct_quant_top1": mct_top1,
                      "ours_quant_top1": (mean_spread([q for q, _ in runs]) or [None])[0],
@@ -455,6 +467,9 @@ def parse_args(argv=None):
     p.add_argument("--mp-images", type=_positive, default=32,
                    help="MCT's mixed-precision sensitivity images (its default 32)")
     p.add_argument("--ft-threads", type=_positive, default=1, help="threads of each fine-tune")
+    p.add_argument("--ft-args", default="",
+                   help="extra finetune.py flags for every policy's fine-tune, MCT's included "
+                        "(e.g. quantizer options over the ones our search recorded)")
     p.add_argument("--python", default=sys.executable, help="python that runs our CLIs")
     return p.parse_args(argv)
 
