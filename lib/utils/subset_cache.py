@@ -209,16 +209,17 @@ def _build(path, key, decoded, n_worker):
 
 
 def normalise(batch, mean, std, fused=False):
-    """uint8 (or whole-valued float) N x 3 x H x W, in any memory layout -> contiguous float.
+    """uint8 (or whole-valued float) N x 3 x H x W, in any memory layout -> contiguous float
+    (in place when the batch already is a contiguous float32 tensor).
 
     Default: as ToTensor (x / 255) then Normalize ((x - mean) / std), the same float operations
     in the same order, so the PIL path's bits (validation and calibration batches). ``fused``
     (training batches, whose crops are not PIL's anyway): the same affine map as one
-    multiply-add per element, x * (1 / (255 std)) + (-mean / std), applied in place to each
-    channel of the contiguous float copy (two passes over the batch instead of four); equal
-    to the default within float rounding (a few ulp).
+    multiply-add per element, x * (1 / (255 std)) + (-mean / std), on each channel in place:
+    one pass over the float batch instead of three; equal to the default within float
+    rounding (a few ulp).
     """
-    out = batch.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    out = batch.to(torch.float32, memory_format=torch.contiguous_format)
     if fused:
         for c, (m, s) in enumerate(zip(mean, std)):
             shift = torch.tensor(-m / s, dtype=torch.float32)   # 0-dim: a scalar on any device
@@ -267,8 +268,10 @@ def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     fastest) is its whole original resized to a square; the crop box is drawn on the
     original's (w, h) (:func:`crop_boxes`, torchvision's law), mapped to the stored pixels
     (edges rounded to the stored grid) and resized to ``out`` (bilinear, antialiased like
-    PIL), then flipped with probability 1/2. Returns N x 3 x out x out in channels-last
-    memory: :func:`normalise` reorders it.
+    PIL); half the crops, drawn with probability 1/2 each, are mirrored, before the resize
+    (which is symmetric: the same as mirroring its result, up to the rounding of its
+    weights). Returns N x 3 x out x out float32 of whole values 0-255, contiguous: each
+    resized crop is converted into it while it is still in the cache.
     """
     side_h, side_w = batch.shape[1:3]
     top, left, h, w = crop_boxes(sizes, scale, ratio)
@@ -279,19 +282,20 @@ def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     y1 = torch.maximum(y0 + 1, ((top + h) * side_h / height).round().long())
     x1 = torch.maximum(x0 + 1, ((left + w) * side_w / width).round().long())
     work = batch if batch.device.type == "cpu" else batch.float()   # uint8 resize: CPU only
-    crops = torch.empty((len(batch), out, out, 3), dtype=work.dtype, device=work.device)
+    crops = torch.empty((len(batch), 3, out, out), dtype=torch.float32, device=batch.device)
     images = work.permute(0, 3, 1, 2)
     boxes = zip(y0.tolist(), x0.tolist(), y1.tolist(), x1.tolist(), flips)
     for k, (a, b, c, d, flip) in enumerate(boxes):
-        # a channels-last copy of the crop: the resize's fast path. (Sliced with its batch
-        # dimension: image[None] would get a stride that hides the channels-last layout.)
-        crop = images[k:k + 1, :, a:c, b:d].contiguous(memory_format=torch.channels_last)
-        crop = F.interpolate(crop, size=(out, out), mode="bilinear", align_corners=False,
-                             antialias=True)[0].permute(1, 2, 0)
-        crops[k] = crop.flip(1) if flip else crop
+        # a channels-last copy of the crop (a flip's copy keeps the layout): the resize's
+        # fast path. Sliced with its batch dimension: image[None] would get a stride that
+        # hides the channels-last layout.
+        crop = images[k:k + 1, :, a:c, b:d]
+        crop = crop.flip(3) if flip else crop.contiguous(memory_format=torch.channels_last)
+        crops[k] = F.interpolate(crop, size=(out, out), mode="bilinear", align_corners=False,
+                                 antialias=True)[0]
     if work is not batch:
         crops.round_().clamp_(0, 255)
-    return crops.permute(0, 3, 1, 2)
+    return crops
 
 
 def padded_random_crop(batch, padding):
@@ -313,6 +317,8 @@ class CachedLoader:
     ``sampler`` picks the order (RandomSampler, DistributedSampler, ShardSampler, ...;
     its ``set_epoch`` is reached as ``loader.sampler``); ``augment(uint8 batch, sizes)``
     (optional) runs on ``device``, so on a GPU the crops run there and only uint8 crosses.
+    Augmented (training) batches get :func:`normalise`'s fused form; the others its exact
+    one, so validation and calibration inputs are the PIL path's bits.
     """
 
     def __init__(self, store, batch_size, sampler, mean, std, augment=None, device="cpu"):
