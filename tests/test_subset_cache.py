@@ -372,3 +372,56 @@ def test_fused_normalisation_equals_the_exact_one_within_float_rounding(layout):
     whole = batch.float().contiguous()   # the crops' float form: normalised in place
     assert subset_cache.normalise(whole, mean, std, fused=True).data_ptr() == whole.data_ptr()
     assert torch.allclose(whole, exact, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("saved,current,refused", [
+    ({"cached_training": True}, {"cached_training": True, "data_cache": "/elsewhere"}, False),
+    ({"cached_training": True}, {"cached_training": False, "data_cache": None}, True),
+    ({"cached_training": False}, {"cached_training": True, "data_cache": "/c"}, True),
+    # written before cached_training was recorded: its --data_cache flag stands for it
+    ({"data_cache": "/c"}, {"cached_training": True, "data_cache": "/moved"}, False),
+    ({"data_cache": "/c"}, {"cached_training": False, "data_cache": None}, True),
+    ({"data_cache": None}, {"cached_training": True, "data_cache": "/c"}, True),
+    ({}, {"cached_training": False, "data_cache": None}, False),   # older than the flag
+    ({}, {"cached_training": True, "data_cache": "/c"}, True),
+])
+def test_a_resume_keeps_the_way_its_training_crops_were_made(saved, current, refused):
+    from argparse import Namespace
+
+    from lib.search.state import check_same_training_crops
+    args = Namespace(**current)
+    if not refused:
+        check_same_training_crops("out", "out/state", saved, args)
+        return
+    with pytest.raises(UserError, match="training crops"):
+        check_same_training_crops("out", "out/state", saved, args)
+
+
+def test_a_recorded_training_crop_source_that_is_not_a_bool_is_refused():
+    from argparse import Namespace
+
+    from lib.search.state import check_same_training_crops
+    with pytest.raises(UserError, match="'args.cached_training' is .*expected true or false"):
+        check_same_training_crops("out", "out/state", {"cached_training": "yes"},
+                                  Namespace(cached_training=True, data_cache="/c"))
+
+
+@pytest.mark.slow   # two one-episode searches
+def test_a_cached_search_records_it_and_resumes_only_cached(tiny_pretrained, tmp_path, capsys):
+    import rl_quantize
+    from lib.utils.checkpoint import load_checkpoint
+    from lib.utils.errors import run_cli
+    root = jpeg_tree(tmp_path / "ten", classes=[f"c{i}" for i in range(10)], per_class=3)
+    argv = _search_argv(tiny_pretrained, root, tmp_path / "o", tmp_path / "c")
+    out = rl_quantize.main(argv)["output"]
+    state = load_checkpoint(os.path.join(out, rl_quantize.STATE_FILE))
+    assert state["args"]["cached_training"] is True
+    plain = argv[:argv.index("--data_cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(rl_quantize.main, plain + ["--train_episode", "2", "--resume_search", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: --resume_search") and "training crops" in err[-1]
+    moved = argv[:-1] + [str(tmp_path / "c2")]   # another cache folder: the same crops
+    rl_quantize.main(moved + ["--train_episode", "2", "--resume_search", out])
+    assert load_checkpoint(os.path.join(out, rl_quantize.STATE_FILE))["episode"] == 2
