@@ -234,11 +234,11 @@ def crop_boxes(sizes, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
     """(top, left, height, width), int64 tensors, of a RandomResizedCrop box for each (w, h)
     row of ``sizes``: torchvision's ``RandomResizedCrop.get_params`` drawn for a whole batch.
 
-    The same law as get_params, one box at a time: up to ``tries`` draws of an area
-    fraction uniform in ``scale`` and a log aspect ratio uniform in log ``ratio``, rounded
-    to whole pixels; the first that fits the image is placed uniformly at random in it;
-    when none fits, the centred crop of the whole image with its aspect ratio clamped to
-    ``ratio``. The draws come from torch's global RNG, all images' tries at once.
+    Each box has get_params' law: up to ``tries`` draws of an area fraction uniform in
+    ``scale`` and a log aspect ratio uniform in log ``ratio``, rounded to whole pixels; the
+    first that fits the image is placed uniformly at random in it; when none fits, the
+    centred crop of the whole image with its aspect ratio clamped to ``ratio``. The draws
+    come from torch's global RNG, all images' tries at once.
     """
     width, height = sizes[:, 0].double(), sizes[:, 1].double()
     n = len(sizes)
@@ -268,10 +268,10 @@ def random_resized_crop(batch, sizes, out, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     fastest) is its whole original resized to a square; the crop box is drawn on the
     original's (w, h) (:func:`crop_boxes`, torchvision's law), mapped to the stored pixels
     (edges rounded to the stored grid) and resized to ``out`` (bilinear, antialiased like
-    PIL); half the crops, drawn with probability 1/2 each, are mirrored, before the resize
-    (which is symmetric: the same as mirroring its result, up to the rounding of its
-    weights). Returns N x 3 x out x out float32 of whole values 0-255, contiguous: each
-    resized crop is converted into it while it is still in the cache.
+    PIL). Each crop is mirrored with probability 1/2, before its resize (which is
+    symmetric: the same as mirroring its result, up to the rounding of its weights).
+    Returns N x 3 x out x out float32 of whole values 0-255, contiguous: each resized crop
+    is converted into it while it is still in the cache.
     """
     side_h, side_w = batch.shape[1:3]
     top, left, h, w = crop_boxes(sizes, scale, ratio)
