@@ -9,8 +9,9 @@ Builds (or takes, ``--data``) an ImageFolder tree of ~500x375 JPEG textures and,
 1. the data path alone: images/s of the search's training loader (random-resized crop + flip) and
    validation loader (resize + centre crop) decoding the JPEGs, against the same loaders reading the
    stores of ``--data_cache`` (lib/utils/subset_cache.py), in one process on the same cores, rounds
-   alternating, each path iterated for at least ``--min_s`` seconds, as images per wall-clock
-   second and per CPU second of this process; the one-time build is timed apart;
+   alternating after an untimed warm-up pass, each path iterated for at least ``--min_s`` seconds,
+   as images per wall-clock second and per CPU second of this process; the one-time build is timed
+   apart;
 2. one search episode (the short fine-tune + validation of lib/env/evaluator.py, float model, so the
    least compute an episode has) on each path, split into time waiting for the next batch and the rest.
 
@@ -138,10 +139,12 @@ def bench_data_path(a, root, cache):
     print(f"  cache build (decodes each subset image once): {built:.1f} s "
           f"({(a.train_size + a.val_size) / built:.0f} images/s)")
     rates = {k: [] for k in ("train decode", "train cached", "val decode", "val cached")}
-    for _ in range(a.rounds):
+    for r in range(a.rounds + 1):   # round 0 warms the allocator and the page cache: dropped
         for split, size in (("train", a.train_size), ("val", a.val_size)):
-            rates[f"{split} decode"].append(images_per_s(getattr(decoding, split), size, a.min_s))
-            rates[f"{split} cached"].append(images_per_s(getattr(cached, split), size, a.min_s))
+            for path, data in (("decode", decoding), ("cached", cached)):
+                rate = images_per_s(getattr(data, split), size, a.min_s if r else 0)
+                if r:
+                    rates[f"{split} {path}"].append(rate)
     gather = gather_per_s(cached.train.store, a.batch)
     decode_wall = statistics.median(w for w, _ in rates["train decode"])
     print(f"  train uint8 batches read from the store alone (the CPU's share when the device is a "
