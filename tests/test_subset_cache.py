@@ -277,3 +277,151 @@ def test_a_store_that_cannot_be_written_is_a_user_error(tree, tmp_path, monkeypa
     with pytest.raises(UserError, match="could not be built .*No space left"):
         search_data(tree, tmp_path / "c")
     assert os.listdir(tmp_path) == ["ds"]   # no half-written store, no folder left behind
+
+
+def _ramp_store(n, side):
+    """n stored squares whose red channel is the column index and green the row index
+    (side <= 256), so a crop's pixels say where in the stored image they came from."""
+    ramp = torch.arange(side, dtype=torch.uint8)
+    image = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side),
+                         torch.zeros(side, side, dtype=torch.uint8)], dim=-1)
+    return image.expand(n, side, side, 3).contiguous()
+
+
+def test_crop_boxes_draw_torchvisions_random_resized_crop_law():
+    """Boxes for a batch have get_params' distribution (area fraction, aspect ratio, place),
+    stay inside the image, and take its central fallback exactly when no try fits."""
+    from torchvision import transforms
+    n, (w, h) = 4000, (500, 375)
+    torch.manual_seed(0)
+    top, left, bh, bw = subset_cache.crop_boxes(torch.tensor([[w, h]] * n))
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + bh <= h).all() and (left + bw <= w).all() and (bh > 0).all() and (bw > 0).all()
+    torch.manual_seed(1)
+    ref = torch.tensor([transforms.RandomResizedCrop.get_params(
+        torch.empty(()).expand(3, h, w), (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]).T
+
+    def features(i, j, ch, cw):
+        return {"area": (ch * cw).double() / (w * h), "log aspect": (cw / ch).double().log(),
+                "centre x": (j + cw / 2).double() / w, "centre y": (i + ch / 2).double() / h}
+    ours, theirs = features(top, left, bh, bw), features(*ref)
+    for name in ours:   # two-sample Kolmogorov-Smirnov distance; 0.04 is p ~ 0.002 at n=4000
+        grid = torch.cat([ours[name], theirs[name]]).sort().values
+        cdf = [torch.searchsorted(x.sort().values, grid, right=True).double() / n
+               for x in (ours[name], theirs[name])]
+        assert (cdf[0] - cdf[1]).abs().max() < 0.04, name
+    # no try can fit a 1000 x 20 strip (or its transpose): get_params' centred fallback
+    for size in ([1000, 20], [20, 1000]):
+        box = [int(v) for v in subset_cache.crop_boxes(torch.tensor([size]))]
+        assert box == list(transforms.RandomResizedCrop.get_params(
+            torch.empty(()).expand(3, size[1], size[0]), (0.08, 1.0), (3 / 4, 4 / 3)))
+
+
+def test_training_crops_land_on_their_boxes_and_flip_half_the_time():
+    """Each crop covers the stored pixels its box maps to (the ramp's mean is the box's
+    centre, within a stored pixel), runs the ramp's way unless its flip was drawn, and
+    flips come out at the rate 1/2 (1,024 draws: 0.5 +- 0.06 is over 3.5 sigma)."""
+    n, side, out = 1024, 64, 24
+    sizes = torch.tensor([[500, 375], [375, 500]] * (n // 2), dtype=torch.int32)
+    torch.manual_seed(5)
+    top, left, h, w = subset_cache.crop_boxes(sizes)
+    flips = torch.rand(n) < 0.5
+    torch.manual_seed(5)
+    crops = subset_cache.random_resized_crop(_ramp_store(n, side), sizes, out)
+    assert crops.shape == (n, 3, out, out) and crops.is_contiguous()
+    assert crops.dtype == torch.float32 and torch.equal(crops, crops.round().clamp(0, 255))
+    width, height = sizes[:, 0].double(), sizes[:, 1].double()
+    x0, x1 = (left * side / width).round(), ((left + w) * side / width).round()
+    y0, y1 = (top * side / height).round(), ((top + h) * side / height).round()
+    assert ((crops[:, 0].mean((1, 2)) - (x0 + x1 - 1) / 2).abs() < 1).all()
+    assert ((crops[:, 1].mean((1, 2)) - (y0 + y1 - 1) / 2).abs() < 1).all()
+    slope = crops[:, 0, :, -1].mean(1) - crops[:, 0, :, 0].mean(1)
+    wide = (x1 - x0) >= 4   # a crop a few stored pixels wide has a visible slope
+    assert torch.equal((slope[wide] < 0), flips[wide])
+    assert abs(flips.double().mean().item() - 0.5) < 0.06
+
+
+def test_a_whole_image_crop_is_a_plain_resize():
+    """A box covering the whole square (scale 1, the image's own aspect): the antialiased
+    resize of the stored image, mirrored when flipped; within 1 grey level (uint8 rounding)
+    of PIL's bilinear resize of the same image, the stored training square's maker."""
+    rng = np.random.default_rng(0)
+    stored = torch.from_numpy(rng.integers(0, 256, (8, 82, 82, 3), dtype=np.uint8))
+    sizes = torch.tensor([[100, 100]] * 8, dtype=torch.int32)
+    torch.manual_seed(0)
+    crops = subset_cache.random_resized_crop(stored, sizes, 72, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    flipped = 0
+    for crop, image in zip(crops, stored):
+        pil = torch.from_numpy(np.array(Image.fromarray(image.numpy()).resize(
+            (72, 72), Image.BILINEAR))).permute(2, 0, 1).float()
+        if (crop - pil).abs().max() > 1:
+            crop, flipped = crop.flip(-1), flipped + 1
+        assert (crop - pil).abs().max() <= 1
+    assert 0 < flipped < 8
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_normalisation_equals_the_exact_one_within_float_rounding(layout):
+    mean, std = data_utils.IMAGENET_MEAN, data_utils.IMAGENET_STD
+    batch = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8).contiguous(
+        memory_format=layout)
+    exact = subset_cache.normalise(batch, mean, std)
+    fused = subset_cache.normalise(batch, mean, std, fused=True)
+    assert fused.is_contiguous() and fused.dtype == torch.float32
+    assert torch.allclose(fused, exact, rtol=0, atol=2e-6)   # values up to ~2.7: a few ulp
+    whole = batch.float().contiguous()   # the crops' float form: normalised in place
+    assert subset_cache.normalise(whole, mean, std, fused=True).data_ptr() == whole.data_ptr()
+    assert torch.allclose(whole, exact, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("saved,current,refused", [
+    ({"cached_training": True}, {"cached_training": True, "data_cache": "/elsewhere"}, False),
+    ({"cached_training": True}, {"cached_training": False, "data_cache": None}, True),
+    ({"cached_training": False}, {"cached_training": True, "data_cache": "/c"}, True),
+    # written before cached_training was recorded: its --data_cache flag stands for it
+    ({"data_cache": "/c"}, {"cached_training": True, "data_cache": "/moved"}, False),
+    ({"data_cache": "/c"}, {"cached_training": False, "data_cache": None}, True),
+    ({"data_cache": None}, {"cached_training": True, "data_cache": "/c"}, True),
+    ({}, {"cached_training": False, "data_cache": None}, False),   # older than the flag
+    ({}, {"cached_training": True, "data_cache": "/c"}, True),
+])
+def test_a_resume_keeps_the_way_its_training_crops_were_made(saved, current, refused):
+    from argparse import Namespace
+
+    from lib.search.state import check_same_training_crops
+    args = Namespace(**current)
+    if not refused:
+        check_same_training_crops("out", "out/state", saved, args)
+        return
+    with pytest.raises(UserError, match="training crops"):
+        check_same_training_crops("out", "out/state", saved, args)
+
+
+def test_a_recorded_training_crop_source_that_is_not_a_bool_is_refused():
+    from argparse import Namespace
+
+    from lib.search.state import check_same_training_crops
+    with pytest.raises(UserError, match="'args.cached_training' is .*expected true or false"):
+        check_same_training_crops("out", "out/state", {"cached_training": "yes"},
+                                  Namespace(cached_training=True, data_cache="/c"))
+
+
+@pytest.mark.slow   # two one-episode searches
+def test_a_cached_search_records_it_and_resumes_only_cached(tiny_pretrained, tmp_path, capsys):
+    import rl_quantize
+    from lib.utils.checkpoint import load_checkpoint
+    from lib.utils.errors import run_cli
+    root = jpeg_tree(tmp_path / "ten", classes=[f"c{i}" for i in range(10)], per_class=3)
+    argv = _search_argv(tiny_pretrained, root, tmp_path / "o", tmp_path / "c")
+    out = rl_quantize.main(argv)["output"]
+    state = load_checkpoint(os.path.join(out, rl_quantize.STATE_FILE))
+    assert state["args"]["cached_training"] is True
+    plain = argv[:argv.index("--data_cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(rl_quantize.main, plain + ["--train_episode", "2", "--resume_search", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: --resume_search") and "training crops" in err[-1]
+    moved = argv[:-1] + [str(tmp_path / "c2")]   # another cache folder: the same crops
+    rl_quantize.main(moved + ["--train_episode", "2", "--resume_search", out])
+    assert load_checkpoint(os.path.join(out, rl_quantize.STATE_FILE))["episode"] == 2

@@ -92,12 +92,16 @@ def build_loaders(args, device="cpu"):
     --data_cache the batches come out on ``device``.
     """
     from lib.utils.data_utils import get_search_data
+    from lib.utils.subset_cache import CachedLoader
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     n_worker = min(args.n_worker, cores or 1)
-    return get_search_data(args.dataset, args.data_bsize, n_worker, val_size=args.val_size,
+    data = get_search_data(args.dataset, args.data_bsize, n_worker, val_size=args.val_size,
                            train_size=args.train_size, data_root=args.dataset_root,
                            input_size=args.input_size, distributed=is_distributed(),
                            data_cache=getattr(args, "data_cache", None), device=device)
+    # the stores' training crops are not the JPEGs': recorded with the flags, checked on resume
+    args.cached_training = isinstance(data.train, CachedLoader)
+    return data
 
 
 def build_env(args, model, info, loaders, device):

@@ -4,8 +4,9 @@ The state is written after every episode, so ``--resume_search`` continues exact
 where a killed search stopped: the agent, the env's generator, the best policy, the
 history, every random generator and the flags it ran with. A resume is refused (one
 UserError, nothing written) when a flag that defines the search differs
-(lib.search.config), when the user's cost table changed, or when the state does not
-fit this search.
+(lib.search.config), when the user's cost table changed, when its training crops came
+from --data_cache's stores and now would not (or the reverse), or when the state does
+not fit this search.
 """
 import math
 import os
@@ -101,6 +102,30 @@ def check_same_weights(path, file, recorded, current):
                         f"(got {_weights_text(current)})")
 
 
+def _crops_text(cached):
+    return ("cut from its --data_cache stores" if cached
+            else "decoded from the dataset (no --data_cache)")
+
+
+def check_same_training_crops(path, file, saved_args, args):
+    """Refuse to continue a search whose training crops came the other way: --data_cache's
+    crops are drawn on stored tensors, not the JPEGs, so one search would mix two
+    augmentations. A state written before ``cached_training`` was recorded stands on its
+    --data_cache flag (given or not; a state older than that flag ran without it).
+    """
+    if "cached_training" in saved_args:
+        recorded, current = saved_args["cached_training"], getattr(args, "cached_training", False)
+        if not isinstance(recorded, bool):
+            _bad(file, "args.cached_training", recorded, "true or false")
+    else:
+        recorded = saved_args.get("data_cache") is not None
+        current = getattr(args, "data_cache", None) is not None
+    if recorded != current:
+        raise UserError(f"--resume_search: '{path}' was searched with its training crops "
+                        f"{_crops_text(recorded)}; expected the same (got them "
+                        f"{_crops_text(current)})")
+
+
 def _differs(saved, value):
     """``saved != value``, where a saved value of another kind (a tensor, say) differs."""
     try:
@@ -142,6 +167,7 @@ def load_search_state(path, args, env):
     check_same_cost_table(path, table, cost_table_of(env))
     check_same_weights(path, file, state["args"].get("weights_source"),
                        getattr(args, "weights_source", None))
+    check_same_training_crops(path, file, state["args"], args)
     check_state_values(file, state, env)
     return state
 
