@@ -19,7 +19,8 @@ from .ilp import allocate_bits, layer_options, solve_choices
 from .refine import PolicyLoss, refine_bits
 from .scores_io import CACHE_FILE, HEATMAP_FILE, load_scores, plot_scores, save_scores
 from .sensitivity import (METRICS, activation_widths, bit_widths, fixed_batches,
-                          hutchinson_traces, layer_scores, solver_scores)
+                          hutchinson_traces, layer_scores, solver_scores, unscored_names,
+                          unscored_steps)
 
 
 def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
@@ -39,7 +40,8 @@ def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=
                   "requested_images": n_images,
                   "hessian_iters": hessian_iters if metric == "hessian" else None}
         kinds = ("weight", "activation") if env.linear else ("weight",)
-        scores = load_scores(os.path.join(folder, CACHE_FILE), expect, kinds)
+        scores = load_scores(os.path.join(folder, CACHE_FILE), expect, kinds,
+                             unscored_names(env, unscored_steps(env)))
     if broadcast_values([scores is None])[0]:
         scores = layer_scores(env, metric, n_images, hessian_iters, seed)
         if main:
