@@ -15,11 +15,14 @@ loss falls:
    most gain per cost while it fits; each is ranked by its predicted change (the sum of its
    moves' d);
 3. swaps predicted to help are measured in that order and each that lowers the measured loss
-   is kept (later ones only where they touch other steps); the single moves are then measured
-   again around the new policy.
+   is kept (later ones only where they touch other steps); then the moves of the steps that
+   changed are measured around the new policy, the others keeping their changes as
+   predictions, and a round on such predictions that keeps nothing is followed by one that
+   measures every move again.
 
-It stops when no swap helps or after ``max_evals`` measured policies. Only swaps within
-budget are kept, so a policy within budget stays within it.
+It stops when a round that measured every move keeps nothing, or after ``max_evals``
+measured policies. Only swaps within budget are kept, so a policy within budget stays within
+it.
 """
 import logging
 import math
@@ -46,7 +49,7 @@ class PolicyLoss:
     channels-last copy of its stages (lib.allocate.folded) carrying the layer states the env
     gave: checked once against the model itself, within FOLD_TOL (the fold moves float
     rounding, and an activation that lands on the other side of a rounding step moves the
-    loss of a low-bit policy by about a thousandth of itself). :meth:`anchor` keeps every
+    loss of a low-bit policy by up to a few thousandths of itself). :meth:`anchor` keeps every
     stage's input under one policy; a policy that differs from it only from some stage on is
     then run from that stage's kept input (checked once against the whole pass). A check
     that fails falls back to the model itself, then to whole passes.
