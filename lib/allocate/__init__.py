@@ -10,7 +10,9 @@ budget and quantizers::
     FixedActions(min_bit, max_bit, flat_bits)   # replays it through the env like an episode
     UniformActions(seed)                        # random search: uniform actions on [0, 1]
 """
+import logging
 import os
+import time
 
 from lib.utils.distributed import broadcast_values, get_rank
 
@@ -19,7 +21,10 @@ from .ilp import allocate_bits, layer_options, solve_choices
 from .refine import PolicyLoss, refine_bits
 from .scores_io import CACHE_FILE, HEATMAP_FILE, load_scores, plot_scores, save_scores
 from .sensitivity import (METRICS, activation_widths, bit_widths, fixed_batches,
-                          hutchinson_traces, layer_scores, solver_scores)
+                          hutchinson_traces, layer_scores, solver_scores, unscored_names,
+                          unscored_steps)
+
+log = logging.getLogger(__name__)
 
 
 def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=16, seed=0):
@@ -39,7 +44,8 @@ def cached_layer_scores(env, folder, metric="loss", n_images=100, hessian_iters=
                   "requested_images": n_images,
                   "hessian_iters": hessian_iters if metric == "hessian" else None}
         kinds = ("weight", "activation") if env.linear else ("weight",)
-        scores = load_scores(os.path.join(folder, CACHE_FILE), expect, kinds)
+        scores = load_scores(os.path.join(folder, CACHE_FILE), expect, kinds,
+                             unscored_names(env, unscored_steps(env)))
     if broadcast_values([scores is None])[0]:
         scores = layer_scores(env, metric, n_images, hessian_iters, seed)
         if main:
@@ -57,6 +63,7 @@ def plan_policy(env, folder, metric="loss", n_images=100, hessian_iters=16, seed
     returned on rank 0 and None elsewhere. The refinement runs on every rank, each on its
     shard of the scoring images with the losses all-reduced, so all ranks take the same steps.
     """
+    start, cpu = time.perf_counter(), time.process_time()
     scores = cached_layer_scores(env, folder, metric, n_images, hessian_iters, seed)
     bits = allocate_bits(env, solver_scores(scores)) if get_rank() == 0 else None
     if refine > 0:
@@ -64,6 +71,10 @@ def plan_policy(env, folder, metric="loss", n_images=100, hessian_iters=16, seed
         batches = fixed_batches(env.evaluator.val_loader, n_images)
         bits = refine_bits(env, bits, PolicyLoss(env, batches), refine)
         env.restore_weights()
+    # CPU time beside the wall time: the allocation's own work on a shared machine
+    log.info("allocation (scores, integer program%s): %.1fs, %.1f CPU s of this process",
+             ", refinement" if refine > 0 else "", time.perf_counter() - start,
+             time.process_time() - cpu)
     return bits if get_rank() == 0 else None
 
 

@@ -85,17 +85,20 @@ def _milp(objective, constraints, n, time_limit=None):
     return np.round(res.x)
 
 
-def step_options(env, step):
-    """The widths a step may take: its pin, else its kind's widths (range or set)."""
+def step_options(env, step, free=()):
+    """The widths a step may take: its pin, else its kind's widths (range or set); a step in
+    ``free`` (its width costs nothing) only its widest: a narrower one could only lose."""
     if step in env.pins:
         return [env.pins[step]]
-    return env.step_widths(step)
+    widths = env.step_widths(step)
+    return widths[-1:] if step in free else widths
 
 
-def layer_options(env, layer):
-    """Every combination of the layer's step widths: (w,) in K-Means mode, (w, a) in linear mode."""
+def layer_options(env, layer, free=()):
+    """Every combination of the layer's step widths: (w,) in K-Means mode, (w, a) in linear mode
+    (``free``: see :func:`step_options`)."""
     k = env.actions_per_layer
-    return list(itertools.product(*(step_options(env, layer * k + i) for i in range(k))))
+    return list(itertools.product(*(step_options(env, layer * k + i, free) for i in range(k))))
 
 
 def _score_of(scores, layer, option, widths):
@@ -115,15 +118,18 @@ def option_tables(env, scores):
 
     A layer's cost is measured through ``env.cost`` as the change from the cheapest
     reachable policy (the base cost, also returned) when only that layer moves, which is
-    exact for the additive costs of the search (size and table sums).
+    exact for the additive costs of the search (size and table sums). Steps whose width
+    the cost ignores (the env's ``free_steps``) take their widest width only; their
+    scores may be left unmeasured (lib.allocate.sensitivity.unscored_steps).
     """
+    free = env.free_steps() if hasattr(env, "free_steps") else set()
     base = env.min_bits()
     base_cost = env.cost(env.policy_from_bits(base))
     k = env.actions_per_layer
     widths = {kind: bit_widths(env, kind) for kind in ("weight", "activation")[:k]}
     all_options, score_arrays, cost_arrays = [], [], []
     for layer in range(len(env.layers)):
-        options = layer_options(env, layer)
+        options = layer_options(env, layer, free)
         costs = []
         for option in options:
             bits = list(base)

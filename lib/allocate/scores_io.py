@@ -2,7 +2,8 @@
 
 The cache is strict JSON written atomically; a resumed run reuses it when it was
 made for the same layers, widths, metric and image count, and recomputes it
-otherwise. The heat map shows layers (by their ``named_modules()`` name) against
+otherwise. Scores skipped because the cost ignored their steps (``unscored``) are zeros
+in the tables: such a cache serves only a run whose cost ignores those steps too. The heat map shows layers (by their ``named_modules()`` name) against
 widths, one panel per kind (weights; activations in linear mode).
 """
 import logging
@@ -45,6 +46,11 @@ def _check_record(record, expect, kinds):
                 and all(is_real(v, -MAX_SCORE, MAX_SCORE) for v in row) for row in value)):
             raise ValueError(f"'{kind}' is not {shape[0]} rows of {shape[1]} numbers in "
                              f"[-{MAX_SCORE:g}, {MAX_SCORE:g}]")
+    unscored = record.get("unscored", {})
+    if not (isinstance(unscored, dict) and all(
+            kind in KINDS and isinstance(names, list) and all(n in expect["layers"] for n in names)
+            for kind, names in unscored.items())):
+        raise ValueError("'unscored' is not {kind: [layer names]}")
     most = expect.get("requested_images")
     for key, ok in (("n_images", lambda v: is_int(v, 1, most)),
                     ("baseline_loss", lambda v: is_real(v, 0, MAX_SCORE)),
@@ -53,13 +59,14 @@ def _check_record(record, expect, kinds):
             raise ValueError(f"'{key}' is {shown(record.get(key))}")
 
 
-def load_scores(path, expect, kinds=("weight",)):
+def load_scores(path, expect, kinds=("weight",), unscored_ok=None):
     """The cached scores at ``path`` if they match ``expect`` (metric, bits, layers, n_images).
 
-    ``kinds``: the score tables the caller needs. Returns None (and the caller scores
-    again) when the file is missing, unreadable, made for something else, or holds a value
-    no scoring run writes: a score that is not a finite number within +-MAX_SCORE, a
-    table of the wrong shape, a non-numeric count.
+    ``kinds``: the score tables the caller needs; ``unscored_ok``: ``{kind: layer names}``
+    whose scores it may do without (a cache that left out any other is scored again).
+    Returns None (and the caller scores again) when the file is missing, unreadable, made
+    for something else, or holds a value no scoring run writes: a score that is not a finite
+    number within +-MAX_SCORE, a table of the wrong shape, a non-numeric count.
     """
     if not os.path.isfile(path):
         return None
@@ -74,12 +81,26 @@ def load_scores(path, expect, kinds=("weight",)):
     except (UserError, ValueError) as exc:
         log.warning("ignoring %s (%s); scoring again", path, exc)
         return None
+    lacking = _lacking(record.get("unscored", {}), unscored_ok or {})
+    if lacking:
+        log.info("%s has no scores of %s, which this run's cost depends on; scoring again",
+                 path, lacking)
+        return None
     for kind in KINDS:
         if record.get(kind) is not None:
             record[kind] = np.asarray(record[kind], dtype=np.float64)
     log.info("sensitivity scores from %s (%s, %.1fs when computed)", path, record["metric"],
              record["seconds"])
     return record
+
+
+def _lacking(unscored, allowed):
+    """The first ``kind layer`` left unscored in a cache that the caller needs, or None."""
+    for kind, names in unscored.items():
+        for name in names:
+            if name not in allowed.get(kind, ()):
+                return f"{kind} {name}"
+    return None
 
 
 def heatmap_scale(values):
@@ -117,7 +138,7 @@ def scores_figure(scores):
     fig.subplots_adjust(left=left / width, right=1 - 0.75 / width, bottom=0.6 / height,
                         top=1 - 0.35 / height, wspace=0.45)
     for ax, kind in zip(axes[0], kinds):
-        values, norm, label = heatmap_scale(scores[kind])
+        values, norm, label = heatmap_scale(_masked(scores, kind))
         image = ax.imshow(values, aspect="auto", cmap="viridis", norm=norm,
                           interpolation="nearest")
         ax.set_xticks(range(len(bits)))
@@ -128,6 +149,16 @@ def scores_figure(scores):
     axes[0][0].set_yticks(range(len(layers)))
     axes[0][0].set_yticklabels(layers, fontsize=5)
     return plt, fig
+
+
+def _masked(scores, kind):
+    """The ``kind`` table with its unscored rows blank (NaN), not drawn as measured zeros."""
+    table = np.array(scores[kind], dtype=np.float64)
+    unscored = set(scores.get("unscored", {}).get(kind, ()))
+    for row, name in enumerate(scores["layers"]):
+        if name in unscored:
+            table[row] = np.nan
+    return table
 
 
 def plot_scores(path, scores):

@@ -14,7 +14,10 @@ fake quantization calibrated as the linear mode calibrates it):
 
 Scores are arrays of shape (n_layers, n_widths), column j being the j-th allowed
 width of the kind (``bits``; activations ``bits_a`` where they differ); pinned steps
-(linear mode's first/last layers) score 0. The env
+(linear mode's first/last layers) score 0, and so do the steps whose width the cost
+ignores (activations under a size budget, :func:`unscored_steps`): the integer program
+keeps those at their widest width, so no score of theirs could change its policy; the
+record names them under ``unscored``. The env
 is used only for its model, layers, pretrained weights, loaders and quantizer
 settings; nothing here knows of RL.
 """
@@ -53,6 +56,23 @@ def activation_widths(env):
     if env.linear and bit_widths(env, "activation") != bit_widths(env):
         return {"bits_a": bit_widths(env, "activation")}
     return {}
+
+
+def unscored_steps(env):
+    """The linear-mode steps not scored: those the env's budget calls free (``free_steps``: the
+    cost does not depend on their width, e.g. activations under ``--cost size``)."""
+    if not env.linear or not hasattr(env, "free_steps"):
+        return set()
+    return set(env.free_steps())
+
+
+def unscored_names(env, steps):
+    """``{kind: [layer names]}`` of linear-mode ``steps`` (step 2l: weight, 2l + 1: activation)."""
+    names = {}
+    for step in sorted(steps):
+        kind = "activation" if step % 2 else "weight"
+        names.setdefault(kind, []).append(env.layer_names[step // 2])
+    return names
 
 
 def fixed_batches(loader, n_images):
@@ -171,13 +191,15 @@ class _FloatCalibration:
         self.recalibrated = False
 
 
-def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation")):
+def _linear_loss_scores(env, batches, calib, kinds=("weight", "activation"), skip=()):
+    """Loss scores of ``kinds``; steps in ``skip`` (and pins) are not measured and score 0."""
     widths = {kind: bit_widths(env, kind) for kind in kinds}
 
     def changes():
         for layer, (_, module) in enumerate(env.layers):
             for kind in kinds:
-                if 2 * layer + (kind == "activation") in env.pins:
+                step = 2 * layer + (kind == "activation")
+                if step in env.pins or step in skip:
                     continue
                 for j, bits in enumerate(widths[kind]):
                     calib.set(module, **{"w_bit" if kind == "weight" else "a_bit": bits})
@@ -235,14 +257,15 @@ def _hessian_traces(env, batches, n_iter, seed):
     return weighted[:-1] / weighted[-1]
 
 
-def _hessian_weight_scores(env, traces, quantized_weight):
-    """Tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2 for every layer and width.
+def _hessian_weight_scores(env, traces, quantized_weight, skip=()):
+    """Tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2 for every layer and width (linear-mode steps in
+    ``skip`` and pins: 0).
 
     ``quantized_weight(layer, module, bits)``: Q_b of that layer's weight, a copy."""
     widths = bit_widths(env)
     scores = np.zeros((len(env.layers), len(widths)))
     for layer, (name, module) in enumerate(env.layers):
-        if env.linear and 2 * layer in env.pins:
+        if env.linear and (2 * layer in env.pins or 2 * layer in skip):
             continue
         w = module.weight.detach()
         for j, bits in enumerate(widths):
@@ -268,18 +291,19 @@ def solver_scores(scores):
     return out
 
 
-def _scores(env, metric, batches, hessian_iters, seed):
-    """(scores, baseline loss, Hessian traces or None) of ``metric``."""
+def _scores(env, metric, batches, hessian_iters, seed, skip=()):
+    """(scores, baseline loss, Hessian traces or None) of ``metric``; linear-mode steps in
+    ``skip`` are not scored."""
     if metric == "loss":
         if env.linear:
-            return _linear_loss_scores(env, batches, _FloatCalibration(env)) + (None,)
+            return _linear_loss_scores(env, batches, _FloatCalibration(env), skip=skip) + (None,)
         return _kmeans_loss_scores(env, batches) + (None,)
     if env.linear:
         calib = _FloatCalibration(env)   # one float calibration serves both kinds of score
-        scores, base = _linear_loss_scores(env, batches, calib, ("activation",))
+        scores, base = _linear_loss_scores(env, batches, calib, ("activation",), skip)
         traces = _hessian_traces(env, batches, hessian_iters, seed)
         scores["weight"] = _hessian_weight_scores(
-            env, traces, lambda _, m, b: _linear_weight(calib, m, b))
+            env, traces, lambda _, m, b: _linear_weight(calib, m, b), skip)
         return scores, base, traces
     base = _loss(env.model, batches)
     traces = _hessian_traces(env, batches, hessian_iters, seed)
@@ -294,16 +318,17 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
 
     Keys: ``metric``, ``bits`` (the widths of the columns), ``layers`` (names),
     ``weight`` and, in linear mode, ``activation`` (n_layers x n_widths arrays),
-    ``baseline_loss``, ``n_images`` (used; ``requested_images`` asked), ``hessian_iters``
-    and ``seconds``. The model is left holding its
-    pretrained weights (float).
+    ``baseline_loss``, ``n_images`` (used; ``requested_images`` asked), ``hessian_iters``,
+    ``seconds`` and ``unscored`` (``{kind: [layer names]}`` of the steps not measured,
+    :func:`unscored_steps`). The model is left holding its pretrained weights (float).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown sensitivity metric {metric!r}; expected one of {METRICS}")
     start = time.perf_counter()
     batches = fixed_batches(env.evaluator.val_loader, n_images)
     env.restore_weights()
-    scores, base, traces = _scores(env, metric, batches, hessian_iters, seed)
+    skip = unscored_steps(env)
+    scores, base, traces = _scores(env, metric, batches, hessian_iters, seed, skip)
     if traces is not None:
         log.info("Hessian traces / #weights: %s",
                  np.round(traces / [m.weight.numel() for _, m in env.layers], 6).tolist())
@@ -312,14 +337,15 @@ def layer_scores(env, metric="loss", n_images=100, hessian_iters=16, seed=0):
         env.unquantize()
     seconds = time.perf_counter() - start
     widths, n_used = bit_widths(env), sum(len(y) for _, y in batches)
-    log.info("%s sensitivity of %d layers x %d widths on %d images: %.1fs", metric,
-             len(env.layers), len(widths), n_used, seconds)
+    log.info("%s sensitivity of %d layers x %d widths on %d images: %.1fs%s", metric,
+             len(env.layers), len(widths), n_used, seconds,
+             f" ({len(skip)} steps the cost ignores not scored)" if skip else "")
     result = {"metric": metric, "bits": widths, "layers": list(env.layer_names),
               **activation_widths(env),
               "n_images": n_used, "requested_images": n_images,
               "hessian_iters": hessian_iters if metric == "hessian" else None,
               "baseline_loss": float(base) if math.isfinite(base) else NONFINITE_SCORE,
-              "seconds": seconds}
+              "seconds": seconds, "unscored": unscored_names(env, skip)}
     for kind, table in scores.items():
         result[kind] = _finite(table)
     return result

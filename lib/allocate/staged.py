@@ -93,16 +93,12 @@ class StagedLoss:
 
     def _fold(self, batches):
         """Use BN-folded channels-last copies of the float stages if they give the same loss."""
-        chain, scales = _Chain(self.stages), {}
-        folded = fold_batchnorm(chain, scales).to(memory_format=torch.channels_last)
+        stages, twins = fold_twins(self.stages, self.modules)
         fast = [(_channels_last(x), y) for x, y in batches]
-        loss = _loss(folded, fast)
+        loss = _loss(_Tail(stages), fast, self.device)
         if self._close(loss):
-            self.float_stages, self.batches = list(folded.stages), fast
+            self.float_stages, self.batches, self.twins = stages, fast, twins
             self.base = loss   # scores are differences along one path
-            # deepcopy keeps the module tree, so the walks pair each module with its copy
-            twin_of = {id(m): t for m, t in zip(chain.modules(), folded.modules())}
-            self.twins = [(twin_of[id(m)], scales.get(twin_of[id(m)])) for m in self.modules]
         else:
             log.warning("folding BatchNorm changes %s's loss; scoring without it",
                         type(self.model).__name__)
@@ -154,14 +150,10 @@ class StagedLoss:
         """The loss with layer ``layer``'s change carried into its twin in the folded copy:
         its effective weight times the BatchNorm factor, and its input quantization."""
         module, (twin, scale) = self.modules[layer], self.twins[layer]
-        folded_weight = twin.weight.detach().clone()
+        float_weight = twin.weight.detach().clone()
         a_bit = getattr(module, "a_bit", -1)
         with torch.no_grad():
-            weight = module.quantized_weight() if hasattr(module, "quantized_weight") \
-                else module.weight
-            if scale is not None:
-                weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
-            twin.weight.copy_(weight)
+            twin.weight.copy_(folded_weight(module, scale))
             if a_bit > 0:
                 twin.set_bits(a_bit=a_bit)
                 twin.activation_range.copy_(module.activation_range)
@@ -169,7 +161,7 @@ class StagedLoss:
             return _loss(self._folded_chain(k), self.inputs, self.device)
         finally:
             with torch.no_grad():
-                twin.weight.copy_(folded_weight)
+                twin.weight.copy_(float_weight)
             if hasattr(twin, "set_bits"):
                 twin.set_bits(a_bit=-1)
 
@@ -184,6 +176,27 @@ class StagedLoss:
                 stage = self.float_stages[self.k]
                 self.inputs = [(stage(x.to(self.device)), y) for x, y in self.inputs]
                 self.k += 1
+
+
+def fold_twins(stages, modules):
+    """A BatchNorm-folded, channels-last copy of the (eval-mode) ``stages`` and each of
+    ``modules``' twin in it: ``(folded stages, [(twin, scale)])``, ``scale`` the factor
+    g / sigma the twin's weight took (None where no BatchNorm follows it)."""
+    chain, scales = _Chain(stages), {}
+    folded = fold_batchnorm(chain, scales).to(memory_format=torch.channels_last)
+    # deepcopy keeps the module tree, so the walks pair each module with its copy
+    twin_of = {id(m): t for m, t in zip(chain.modules(), folded.modules())}
+    return list(folded.stages), [(twin_of[id(m)], scales.get(twin_of[id(m)])) for m in modules]
+
+
+def folded_weight(module, scale):
+    """``module``'s effective weight (quantized, if it quantizes) times the BatchNorm factor."""
+    with torch.no_grad():
+        weight = module.quantized_weight() if hasattr(module, "quantized_weight") \
+            else module.weight
+        if scale is not None:
+            weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
+    return weight
 
 
 def _channels_last(x):
