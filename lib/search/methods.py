@@ -113,9 +113,9 @@ def warn_other_quantizer(args, strategy):
         return
     recorded = QuantOptions.from_record(strategy.get("quant_options"),
                                         f"--policy {args.policy}: quant_options")
-    ours, kl = search_quant_options(args), getattr(args, "kl_max_bit", 0)
-    differ = [f"{k} {v!r} (here {ours.record()[k]!r})" for k, v in recorded.record().items()
-              if v != ours.record()[k]]
+    ours, kl = search_quant_options(args).record(), getattr(args, "kl_max_bit", 0)
+    differ = [f"{k} {v!r} (here {ours[k]!r})" for k, v in recorded.record().items()
+              if v != ours[k]]
     if "kl_max_bit" in strategy and strategy["kl_max_bit"] != kl:
         differ.append(f"kl_max_bit {strategy['kl_max_bit']} (here {kl})")
     if differ:
