@@ -92,3 +92,40 @@ def test_without_mct_the_bench_says_how_to_install_it():
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install model-compression-toolkit==2.6.1" in lines[0]
+
+
+def _peer_time():
+    spec = importlib.util.spec_from_file_location(
+        "peer_time", os.path.join(ROOT, "bench", "peer_time.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_process_bench_reads_the_allocation_time_our_search_logs(tmp_path, caplog):
+    """bench/peer_time.py finds the CPU seconds in the line plan_policy writes, not a copy."""
+    import logging
+    import time
+    from lib.allocate import plan_policy
+    from tests.test_allocate_unscored import size_env
+    pt = _peer_time()
+    env = size_env()
+    cpu = time.process_time()
+    with caplog.at_level(logging.INFO):
+        plan_policy(env, str(tmp_path), n_images=32, refine=4)
+    spent = time.process_time() - cpu
+    seconds = pt.allocation_cpu_seconds("other line\n" + caplog.text)
+    assert seconds is not None and 0.0 <= seconds <= spent + 0.1
+    assert pt.allocation_cpu_seconds("allocation done") is None
+
+
+def test_process_bench_summary_takes_medians_and_per_round_ratios():
+    pt = _peer_time()
+    rounds = [{"ours": {"process_cpu_s": o, "process_wall_s": o, "allocation_cpu_s": o / 2},
+               "mct": {"process_cpu_s": m, "process_wall_s": m, "allocation_cpu_s": m}}
+              for o, m in ((20.0, 40.0), (30.0, 30.0), (24.0, 32.0))]
+    s = pt.summarise(rounds)
+    assert s["process_cpu_s"]["ours"] == {"median": 24.0, "min": 20.0, "max": 30.0}
+    assert s["process_cpu_s"]["ratio_ours_mct"] == {"median": 0.75, "min": 0.5, "max": 1.0}
+    assert s["allocation_cpu_s"]["ratio_ours_mct"]["median"] == pytest.approx(0.375)
+    assert "0.75 (0.50-1.00)" in pt.format_summary(s)
