@@ -13,9 +13,8 @@ from models import get_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "peer_bench", os.path.join(ROOT, "bench", "peer_bench.py"))
+def _bench(name="peer_bench"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -84,22 +83,15 @@ def test_table_rows_carry_bits_sizes_and_seed_spread():
     assert pb.mean_spread([]) is None
 
 
-def test_without_mct_the_bench_says_how_to_install_it():
+@pytest.mark.parametrize("script", ["peer_bench.py", "peer_time.py"])
+def test_without_mct_the_bench_says_how_to_install_it(script):
     if importlib.util.find_spec("model_compression_toolkit") is not None:
         pytest.skip("MCT is installed here")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "peer_bench.py")],
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script)],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install model-compression-toolkit==2.6.1" in lines[0]
-
-
-def _peer_time():
-    spec = importlib.util.spec_from_file_location(
-        "peer_time", os.path.join(ROOT, "bench", "peer_time.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_process_bench_reads_the_allocation_time_our_search_logs(tmp_path, caplog):
@@ -108,7 +100,7 @@ def test_process_bench_reads_the_allocation_time_our_search_logs(tmp_path, caplo
     import time
     from lib.allocate import plan_policy
     from tests.test_allocate_unscored import size_env
-    pt = _peer_time()
+    pt = _bench("peer_time")
     env = size_env()
     cpu = time.process_time()
     with caplog.at_level(logging.INFO):
@@ -120,7 +112,7 @@ def test_process_bench_reads_the_allocation_time_our_search_logs(tmp_path, caplo
 
 
 def test_process_bench_summary_takes_medians_and_per_round_ratios():
-    pt = _peer_time()
+    pt = _bench("peer_time")
     rounds = [{"ours": {"process_cpu_s": o, "process_wall_s": o, "allocation_cpu_s": o / 2},
                "mct": {"process_cpu_s": m, "process_wall_s": m, "allocation_cpu_s": m}}
               for o, m in ((20.0, 40.0), (30.0, 30.0), (24.0, 32.0))]
