@@ -90,12 +90,14 @@ def run_round(args, folder, round_index):
             search_out = tempfile.mkdtemp(prefix=f"ours_round{round_index}_", dir=folder)
             cpu, wall, _, stderr = timed_process(ours_cmd + ["--output", search_out], log_path)
             phase = allocation_cpu_seconds(stderr)
+            if phase is None:
+                raise UserError(f"our search logged no allocation line; see {log_path}")
         else:
             cpu, wall, stdout, _ = timed_process(mct_cmd, log_path)
             phase = json.loads(stdout.strip().splitlines()[-1])["alloc_cpu_seconds"]
         out[tool] = {"process_cpu_s": cpu, "process_wall_s": wall, "allocation_cpu_s": phase}
         log_bench.info("round %d %s: process %.1f CPU s (%.1f s wall), allocation %.1f CPU s",
-                       round_index + 1, tool, cpu, wall, phase if phase is not None else -1)
+                       round_index + 1, tool, cpu, wall, phase)
     return out
 
 
