@@ -3,7 +3,7 @@ strategy and any --resume checkpoint (refused early, as one UserError, when unde
 import logging
 from dataclasses import dataclass, field
 
-from lib.quantize.options import QuantOptions, prepare_model
+from lib.quantize.options import LINEAR_ONLY, QuantOptions, prepare_model
 from lib.quantize.options import resolve as resolve_quant_options
 from lib.quantize.linear import DEFAULT_KL_MAX_BIT
 from lib.utils.checkpoint import load_checkpoint
@@ -250,7 +250,5 @@ def quant_options_of(setup, args):
                         args.resume, recorded.record())
         return recorded
     if setup.mode != "linear" and not options.is_default():
-        raise UserError("--per_channel, --weight_clip mse, --fold_bn, --bias_correction and "
-                        "--bn_reestimate are linear-quantizer options; "
-                        "expected a linear-mode strategy with them")
+        raise UserError(f"{LINEAR_ONLY}; expected a linear-mode strategy with them")
     return options

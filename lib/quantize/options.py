@@ -30,13 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.quantize.linear import fake_quantize, kl_clip, quant_layers
+from lib.utils.cli import INT_MAX
 from lib.utils.errors import UserError
 from lib.utils.layers import fold_batchnorm as folded_copy
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_CLIPS = ("max", "mse")
-MAX_BN_IMAGES = 2 ** 31 - 1   # a C int, as the --bn_reestimate flag caps it
+MAX_BN_IMAGES = INT_MAX      # a C int, as the --bn_reestimate flag caps it
 MSE_GRID = 100              # candidate clips max|w| * k / MSE_GRID, k = 1..MSE_GRID
 _CHUNK_ELEMENTS = 1 << 22   # candidates x weights evaluated at once (32 MB of float64)
 
@@ -93,6 +94,10 @@ class QuantOptions:
                    fold_bn=bool(getattr(args, "fold_bn", False)),
                    bias_correction=bool(getattr(args, "bias_correction", False)),
                    bn_reestimate=getattr(args, "bn_reestimate", None) or 0)
+
+
+LINEAR_ONLY = ("--per_channel, --weight_clip mse, --fold_bn, --bias_correction and --bn_reestimate "
+               "are linear-quantizer options")
 
 
 def add_flags(parser, default):
@@ -362,4 +367,4 @@ def reestimate_batchnorm(model, loader, n_images, device=None):
 __all__ = ["QuantOptions", "add_flags", "resolve", "WEIGHT_CLIPS", "MSE_GRID", "FLAG_HELP", "mse_clip", "weight_clip",
            "fold_batchnorm", "prepare_model", "output_shift", "add_bias",
            "set_per_channel", "needs_weight_recalibration", "calibrate_weight_with_options",
-           "reestimate_batchnorm", "MAX_BN_IMAGES"]
+           "reestimate_batchnorm", "MAX_BN_IMAGES", "LINEAR_ONLY"]

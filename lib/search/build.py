@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from lib.quantize.options import QuantOptions, prepare_model
+from lib.quantize.options import LINEAR_ONLY, QuantOptions, prepare_model
 from lib.utils.distributed import is_distributed
 from lib.utils.errors import UserError
 from lib.utils.run_utils import memory_format
@@ -67,9 +67,7 @@ def search_quant_options(args):
     for any (they are options of the linear quantizer)."""
     options = QuantOptions.from_args(args)
     if not args.linear_quantization and not options.is_default():
-        raise UserError("--per_channel, --weight_clip mse, --fold_bn, --bias_correction and "
-                        "--bn_reestimate are linear-quantizer options; "
-                        "expected --linear_quantization with them")
+        raise UserError(f"{LINEAR_ONLY}; expected --linear_quantization with them")
     return options
 
 

@@ -21,6 +21,7 @@ import os
 from numbers import Integral, Real
 
 from .checkpoint import atomic_write_json, finite_or_none, read_json
+from .cli import INT_MAX
 from .errors import UserError
 from .schema import (INPUT_SIZES, MAX_CLASSES, MAX_WIDTH_MULT, is_int, is_real, is_str_list,
                      is_weights_record, shown)
@@ -90,7 +91,7 @@ def _quant_options_ok(value):
     return (isinstance(value, dict) and set(value) <= known
             and all(isinstance(value.get(k, False), bool) for k in flags)
             and value.get("weight_clip", "max") in ("max", "mse")
-            and is_int(value.get("bn_reestimate", 0), 0, 2 ** 31 - 1))
+            and is_int(value.get("bn_reestimate", 0), 0, INT_MAX))
 
 
 # min_bit and max_bit share one check
